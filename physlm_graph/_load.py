@@ -1,0 +1,195 @@
+"""Stage 1, load: safe YAML to plain data plus the source position of every key and value.
+
+Only the YAML core types are accepted: an unknown tag (``!!python/object``, ``!foo``) is a
+``LoadError`` at its position. Duplicate keys are errors (PyYAML would keep the last one
+silently). Limits on size, nesting depth and node count protect against hostile files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from physlm_graph._errors import Diagnostic, LoadError, Loc
+
+__all__ = ["Document", "load_document", "MAX_BYTES", "MAX_DEPTH", "MAX_NODES"]
+
+MAX_BYTES = 2_000_000
+MAX_DEPTH = 48
+MAX_NODES = 200_000
+
+Path_ = tuple[str | int, ...]
+
+_STD_TAGS = {
+    "tag:yaml.org,2002:str",
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:null",
+    "tag:yaml.org,2002:map",
+    "tag:yaml.org,2002:seq",
+    "tag:yaml.org,2002:timestamp",
+}
+
+
+@dataclass
+class Document:
+    """A loaded blueprint: plain data and where each path came from."""
+
+    data: dict[str, Any]
+    file: str
+    pos: dict[Path_, Loc] = field(default_factory=dict)
+    text: str = ""
+
+    def loc(self, path: Path_) -> Loc | None:
+        """The position of ``path``, or of its nearest ancestor that has one."""
+        p = tuple(path)
+        while True:
+            if p in self.pos:
+                return self.pos[p]
+            if not p:
+                return Loc(self.file) if self.file else None
+            p = p[:-1]
+
+
+def _loc(file: str, mark: Any) -> Loc:
+    return Loc(file, mark.line + 1, mark.column + 1)
+
+
+class _Converter:
+    def __init__(self, file: str, loader: yaml.SafeLoader) -> None:
+        self.file = file
+        self.loader = loader
+        self.pos: dict[Path_, Loc] = {}
+        self.count = 0
+
+    def convert(self, node: yaml.Node, path: Path_, depth: int) -> Any:
+        self.count += 1
+        if self.count > MAX_NODES:
+            raise LoadError(
+                f"the document has more than {MAX_NODES} YAML nodes",
+                loc=_loc(self.file, node.start_mark),
+                fix="split it into smaller blueprints, or look for an alias that expands recursively",
+            )
+        if depth > MAX_DEPTH:
+            raise LoadError(
+                f"the document nests deeper than {MAX_DEPTH} levels",
+                loc=_loc(self.file, node.start_mark),
+                fix="flatten the structure; blueprints rarely need more than 6 levels",
+            )
+        if node.tag not in _STD_TAGS:
+            raise LoadError(
+                f"unknown or unsafe YAML tag {node.tag!r}",
+                loc=_loc(self.file, node.start_mark),
+                fix="blueprints are plain YAML: remove the tag (python objects are never constructed)",
+            )
+        self.pos.setdefault(path, _loc(self.file, node.start_mark))
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            self.loader.flatten_mapping(node)
+            for knode, vnode in node.value:
+                if not isinstance(knode, yaml.ScalarNode):
+                    raise LoadError("a mapping key must be a plain name", loc=_loc(self.file, knode.start_mark))
+                key = self.loader.construct_object(knode)
+                if not isinstance(key, (str, int, float, bool)) or key is None:
+                    raise LoadError(f"a mapping key must be a name, got {key!r}", loc=_loc(self.file, knode.start_mark))
+                key = str(key) if not isinstance(key, str) else key
+                if key in out:
+                    raise LoadError(
+                        f"duplicate key {key!r}",
+                        loc=_loc(self.file, knode.start_mark),
+                        fix=f"{key!r} first appears at line {self.pos[path + (key,)].line}; keep one",
+                    )
+                self.pos[path + (key,)] = _loc(self.file, knode.start_mark)
+                out[key] = self.convert(vnode, path + (key,), depth + 1)
+                self.pos.setdefault(path + (key, "__value__"), _loc(self.file, vnode.start_mark))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            items = []
+            for i, item in enumerate(node.value):
+                self.pos[path + (i,)] = _loc(self.file, item.start_mark)
+                items.append(self.convert(item, path + (i,), depth + 1))
+            return items
+        try:
+            value = self.loader.construct_object(node)
+        except yaml.YAMLError as exc:
+            raise LoadError(f"cannot read this value: {exc}", loc=_loc(self.file, node.start_mark)) from None
+        if hasattr(value, "isoformat"):  # timestamps: keep the text
+            value = str(node.value)
+        return value
+
+
+def _is_path_like(source: str) -> bool:
+    return "\n" not in source and (source.endswith((".yaml", ".yml")) or os.path.exists(source))
+
+
+def load_text(text: str, file: str) -> Document:
+    if len(text.encode("utf-8", "replace")) > MAX_BYTES:
+        raise LoadError(
+            f"the blueprint is larger than {MAX_BYTES // 1_000_000} MB",
+            loc=Loc(file),
+            fix="a blueprint describes a model; use `repeat` and `blocks` instead of writing layers out",
+        )
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise LoadError("the blueprint is empty", loc=Loc(file, 1, 1), fix="start from blueprints/baby-gpt.yaml")
+        if not isinstance(node, yaml.MappingNode):
+            raise LoadError(
+                "a blueprint must be a YAML mapping (name: ..., nodes: ...)",
+                loc=_loc(file, node.start_mark),
+                expected="a mapping",
+                got=type(loader.construct_object(node)).__name__ if node.tag in _STD_TAGS else node.tag,
+            )
+        conv = _Converter(file, loader)
+        data = conv.convert(node, (), 0)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        msg = f"YAML syntax error: {exc.problem or exc.context}"
+        raise LoadError(msg, loc=_loc(file, mark) if mark else Loc(file)) from None
+    except yaml.YAMLError as exc:
+        raise LoadError(f"YAML error: {exc}", loc=Loc(file)) from None
+    except RecursionError:
+        raise LoadError(f"the document nests too deeply", loc=Loc(file)) from None
+    finally:
+        loader.dispose()
+    return Document(data=data, file=file, pos=conv.pos, text=text)
+
+
+def load_document(source: str | os.PathLike[str] | dict[str, Any]) -> Document:
+    """Load a blueprint from a path, YAML text, or an already-parsed dict."""
+    if isinstance(source, dict):
+        import copy
+
+        return Document(data=copy.deepcopy(source), file="<dict>")
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and _is_path_like(source)):
+        path = Path(source)
+        if not path.exists():
+            raise LoadError(f"no such blueprint file: {path}", loc=Loc(str(path)), fix="check the path")
+        if path.is_dir():
+            raise LoadError(f"{path} is a folder, not a blueprint file", loc=Loc(str(path)))
+        raw = path.read_bytes()
+        if len(raw) > MAX_BYTES:
+            raise LoadError(f"the blueprint is larger than {MAX_BYTES // 1_000_000} MB", loc=Loc(str(path)))
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise LoadError(
+                f"the file is not UTF-8 text (bad byte at offset {exc.start})",
+                loc=Loc(str(path), line, 1),
+                fix="save the blueprint as UTF-8",
+            ) from None
+        if "\x00" in text:
+            raise LoadError("the file is binary, not a YAML blueprint", loc=Loc(str(path)))
+        return load_text(text, str(path))
+    if isinstance(source, str):
+        return load_text(source, "<string>")
+    raise LoadError(
+        Diagnostic(f"cannot load a blueprint from a {type(source).__name__}", expected="a path, YAML text or a dict")
+    )

@@ -1,0 +1,174 @@
+"""Pydantic models of the blueprint document (format v1).
+
+These check the document's structure; each component's parameters are checked by that
+component's own model, and the wiring by the graph checks in ``_validate``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "BlueprintDoc",
+    "BlockDoc",
+    "LossDoc",
+    "GrowthStage",
+    "ExitsDoc",
+    "ExtensionDoc",
+    "TrainConfig",
+    "NODE_KEYS",
+    "BLOCK_USE_KEYS",
+]
+
+# Keys of a node that are not component parameters.
+NODE_KEYS = frozenset({"use", "in", "tie", "allow_leak", "about"})
+BLOCK_USE_KEYS = frozenset({"use", "in", "repeat", "pattern", "about"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BlockDoc(_Strict):
+    """A reusable sub-graph. ``inputs`` names what it takes (``x`` by default); ``out`` is one
+    node (an output named like the first input) or a map of named outputs."""
+
+    about: str = ""
+    params: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[str] = Field(default_factory=lambda: ["x"])
+    nodes: dict[str, dict[str, Any]]
+    out: Union[str, dict[str, str]]
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes_have_use(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if not v:
+            raise ValueError("a block needs at least one node")
+        return v
+
+
+class LossDoc(_Strict):
+    """A named auxiliary loss: the port(s) it gathers (a glob over ``node.port`` paths, e.g.
+    ``trunk.*.attn.repulsion``), its weight, and how matches combine."""
+
+    from_: Union[str, list[str]] = Field(alias="from")
+    weight: float = 1.0
+    reduce: Literal["mean", "sum"] = "mean"
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+GrowOp = Literal["zero_init", "stack", "interpolate", "mask"]
+
+
+class GrowthStage(_Strict):
+    """One developmental stage: the params it sets, and how the model grows into it."""
+
+    until: int | None = Field(None, ge=1, description="the stage lasts until this training step")
+    until_tokens: int | None = Field(None, ge=1, description="or until this many training tokens")
+    params: dict[str, Any] = Field(default_factory=dict)
+    grow: GrowOp = "zero_init"
+    where: Union[Literal["end", "start", "interleave"], list[int]] = "end"
+    ramp_steps: int = Field(100, ge=1, description="mask operator: steps to ramp new structure in")
+    rewarmup: int = Field(0, ge=0, description="learning-rate re-warmup steps after growing")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "GrowthStage":
+        if self.until is not None and self.until_tokens is not None:
+            raise ValueError("give `until` (steps) or `until_tokens`, not both")
+        return self
+
+
+ExitRule = Literal["top1", "margin", "entropy", "saturation"]
+
+
+class ExitsDoc(_Strict):
+    """Early exits: after which nodes (or every k block instances), their head and norm, the
+    loss weighting in training, and the rule that decides to exit at inference."""
+
+    after: list[str] = Field(default_factory=list)
+    every: int | None = Field(None, ge=1)
+    block: str | None = Field(None, description="the repeated block node `every` counts in")
+    head: Union[Literal["tie", "own"], str] = "tie"
+    norm: bool = True
+    weighting: Union[Literal["uniform", "depth"], list[float]] = "depth"
+    weight: float = Field(1.0, ge=0.0, description="overall weight of the exit losses")
+    rule: ExitRule = "margin"
+    threshold: float = 0.9
+
+    @model_validator(mode="after")
+    def _where(self) -> "ExitsDoc":
+        if self.every is not None and not self.block:
+            raise ValueError("`every` needs `block`: the name of the repeated block node (e.g. trunk)")
+        return self
+
+
+class ExtensionDoc(BaseModel):
+    """A component inserted after every node matching ``at`` (a glob over node paths); its
+    other keys are the component's parameters."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    use: str
+    at: Union[str, list[str]]
+
+
+class TrainConfig(_Strict):
+    """Defaults for ``physlm-graph train``; the command line overrides them."""
+
+    data: str | None = None
+    tokenizer: str = "bytes"
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(12, ge=1)
+    seq_len: int | None = Field(None, ge=1, description="training window; default: the model's context")
+    accumulate: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    min_lr: float | None = Field(None, ge=0.0, description="default lr / 10")
+    warmup: int = Field(100, ge=0)
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = Field(1.0, ge=0.0)
+    eval_every: int = Field(250, ge=1)
+    eval_iters: int = Field(50, ge=1)
+    save_every: int | None = Field(None, ge=1, description="default: eval_every")
+    log_every: int = Field(10, ge=1)
+    seed: int = 1337
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    compile: bool = False
+    nan_policy: Literal["stop", "skip"] = "stop"
+    max_skips: int = Field(10, ge=0)
+
+
+class BlueprintDoc(_Strict):
+    """The whole document (after ``extends`` is merged)."""
+
+    physlm: Literal[1] = 1
+    name: str
+    about: str = ""
+    causal: bool = True
+    params: dict[str, Any] = Field(default_factory=dict)
+    inputs: dict[str, list[str]] = Field(default_factory=lambda: {"tokens": ["batch", "seq"]})
+    blocks: dict[str, BlockDoc] = Field(default_factory=dict)
+    nodes: dict[str, dict[str, Any]]
+    outputs: dict[str, str]
+    losses: dict[str, LossDoc] = Field(default_factory=dict)
+    growth: list[GrowthStage] = Field(default_factory=list)
+    exits: ExitsDoc | None = None
+    extensions: dict[str, ExtensionDoc] = Field(default_factory=dict)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("outputs")
+    @classmethod
+    def _has_logits(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("a blueprint needs at least one output (outputs: {logits: head})")
+        return v
+
+    @field_validator("exits", mode="before")
+    @classmethod
+    def _empty_exits(cls, v: Any) -> Any:
+        return None if v in ({}, None) else v

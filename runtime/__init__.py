@@ -1,0 +1,1 @@
+"""The runtime (``physlm_graph.runtime``): data, training, checkpoints, generation, evaluation."""
