@@ -62,11 +62,33 @@ class Diagnostic:
         if self.node:
             head.append(self.node)
         text = ": ".join(head + [self.message])
-        if self.expected is not None or self.got is not None:
+        if self.expected is not None and self.got is not None:
             text += f" (expected {self.expected}, got {self.got})"
+        elif self.expected is not None:
+            text += f" (expected {self.expected})"
+        elif self.got is not None:
+            text += f" (got {self.got})"
         if self.fix:
             text += f"\n  fix: {self.fix}"
         return text
+
+
+def _collapse(diags: list[Diagnostic]) -> list[Diagnostic]:
+    """Merge problems that differ only in the node (one block line repeated N times)."""
+    groups: dict[tuple, list[Diagnostic]] = {}
+    for d in diags:
+        key = (str(d.loc), d.message.replace(d.node or "\0", "<node>"), d.expected, d.got, d.fix)
+        groups.setdefault(key, []).append(d)
+    out = []
+    for same in groups.values():
+        first = same[0]
+        nodes = [d.node for d in same if d.node]
+        if len(nodes) > 1:
+            first = Diagnostic(first.message, loc=first.loc, node=f"{nodes[0]} (and {len(nodes) - 1} more: "
+                               f"{', '.join(nodes[1:3])}{', ...' if len(nodes) > 3 else ''})",
+                               expected=first.expected, got=first.got, fix=first.fix)
+        out.append(first)
+    return out
 
 
 class PhysLMError(Exception):
@@ -84,7 +106,7 @@ class PhysLMError(Exception):
             diags = list(message)
         else:
             diags = [Diagnostic(message, **kw)]  # type: ignore[arg-type]
-        self.diagnostics: list[Diagnostic] = diags
+        self.diagnostics: list[Diagnostic] = _collapse(diags)
         super().__init__(self.render())
 
     def render(self) -> str:

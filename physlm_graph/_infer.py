@@ -200,6 +200,11 @@ def infer_shapes(res: Resolved, checked: Checked) -> Inferred:
                 break
             except Exception as exc:  # a shape mismatch inside the component's forward
                 srcs = ", ".join(f"{r} {ins_spec.pretty()}" for (_, r), ins_spec in zip(node.inputs, ins.values()))
+                if info.function is not None:
+                    errors.append(Diagnostic(
+                        f"{info.name} cannot combine inputs of shapes {srcs}", loc=res.doc.loc(node.src + ("in",)),
+                        node=path, fix="the inputs must have the same shape (or broadcast); check the widths of the nodes feeding it"))
+                    break
                 errors.append(Diagnostic(
                     f"{info.name} failed on its inputs ({srcs}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                     loc=res.doc.loc(node.src + ("in",)), node=path,

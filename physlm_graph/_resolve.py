@@ -64,9 +64,16 @@ class _Lazy:
         self.text, self.scope, self.src = text, scope, src
 
 
+class _Poison:
+    """Stands for a name whose definition already failed, so its users add no more errors."""
+
+
+_POISON = _Poison()
+
+
 class _Scope:
     def __init__(self, parent: "_Scope | None" = None) -> None:
-        self.names: dict[str, Ref | _Lazy] = {}
+        self.names: dict[str, Ref | _Lazy | _Poison] = {}
         self.parent = parent
 
     def lookup(self, name: str) -> Ref | _Lazy | None:
@@ -103,9 +110,11 @@ class _Resolver:
         self.errors.append(Diagnostic(message, loc=self.doc.loc(src), **kw))
 
     # -- references ---------------------------------------------------------------
-    def deref(self, target: Ref | _Lazy, depth: int = 0) -> Ref | None:
+    def deref(self, target: Ref | _Lazy | _Poison, depth: int = 0) -> Ref | None:
         if isinstance(target, Ref):
             return target
+        if isinstance(target, _Poison):
+            return None
         if depth > 64:
             self.err(f"reference {target.text!r} loops through block outputs", target.src)
             return None
@@ -122,7 +131,7 @@ class _Resolver:
                 continue
             base = self.deref(t, depth)
             if base is None:
-                return None
+                return None  # the failing definition was already reported
             rest = parts[k:]
             if not rest:
                 return base
@@ -163,14 +172,18 @@ class _Resolver:
         use = raw.get("use")
         full = f"{prefix}{name}"
         if not isinstance(use, str):
-            self.err(f"node {full!r} has no `use:`", src, fix="add `use: <component or block name>`")
+            self.err("this node has no `use:`", src, node=full, fix="add `use: <component or block name>`")
+            scope.names[name] = _POISON
             return
         if len(self.nodes) > MAX_NODES_EXPANDED:
             if not any("expands to more than" in d.message for d in self.errors):
                 self.err(f"the graph expands to more than {MAX_NODES_EXPANDED} nodes", src)
             return
         if use in self.spec.blocks or "pattern" in raw or "repeat" in raw:
+            before = len(self.errors)
             self.expand_block(name, raw, scope, prefix, src, depth)
+            if len(self.errors) > before and scope.lookup(name) is None:
+                scope.names[name] = _POISON
             return
         unknown_meta = {"repeat", "pattern"} & set(raw)
         if unknown_meta:

@@ -24,7 +24,11 @@ Checked = dict[str, Any]  # node path -> its checked params model
 def _param_errors(exc: ValidationError, node: Any, res: Resolved, info: ComponentInfo) -> list[Diagnostic]:
     out = []
     fields = list(info.params.model_fields)
+    extras = [str(e["loc"][0]) for e in exc.errors() if e["type"] == "extra_forbidden" and e["loc"]]
     for e in exc.errors():
+        if e["type"] == "missing" and e["loc"] and difflib.get_close_matches(str(e["loc"][0]), extras, n=1):
+            continue  # reported once, as the misspelt key with "did you mean"
+
         loc = tuple(x for x in e["loc"] if isinstance(x, (str, int)))
         key = loc[0] if loc else None
         where = res.doc.loc(node.src + ((key,) if key is not None else ()))

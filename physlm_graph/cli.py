@@ -115,7 +115,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     failed = 0
     results = []
-    err = _console(stderr=True)
     for path in args.blueprints:
         try:
             cm = compile_blueprint(path, overrides=list(args.set or []), device="meta", build=False)
@@ -126,7 +125,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             failed += 1
             results.append({"blueprint": path, "ok": False, "errors": [d.render() for d in exc.diagnostics]})
             if not args.json:
-                err.print(str(exc), markup=False, highlight=False)
+                print(str(exc), file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
     return 2 if failed else 0
@@ -230,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.fn(args)
         return int(code or 0)
     except PhysLMError as exc:
-        _console(stderr=True).print(str(exc), markup=False, highlight=False)
+        print(str(exc), file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head`: not an error
         return 0
