@@ -1,0 +1,164 @@
+"""attention.causal: multi-head / grouped-query causal self-attention (GPT-2, LLaMA), with a KV cache."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from physlm_graph import ComponentError, ComponentParams, Example, Inputs, decode_context, register
+from physlm_graph.components._rope import apply_rope
+
+# SDPA learned to repeat key/value heads itself (enable_gqa) in torch 2.5.
+_HAS_ENABLE_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal self-attention (Vaswani et al. 2017; GPT-2; grouped-query: Ainslie et al. 2023).
+
+    ``q, k, v = split(qkv(x))`` with H query heads and H_kv key/value heads of width hd; with a
+    rope table, q and k are rotated (``apply_rope``); each group of H / H_kv query heads shares
+    one key/value head; ``y = softmax(q k^T / sqrt(hd) + causal mask) v``; ``out = proj(y)``.
+    H_kv = H is multi-head attention (GPT-2), H_kv < H grouped-query (LLaMA 2 70B, LLaMA 3).
+
+    Shapes: x (B, T, D), rope (1, T, 3, hd) or None -> (B, T, D). ``qkv`` is one fused Linear
+    D -> (H + 2 H_kv) hd laid out [q | k | v], heads contiguous inside each (as GPT-2's
+    ``c_attn``); ``proj`` is H hd -> D. ``dropout`` applies to the attention weights and to
+    the output, in training only.
+
+    Incremental decoding: inside ``physlm_graph.decoding()``, keys and values of every chunk
+    are appended to a cache kept in the decode context; the chunk's queries attend to all
+    cached keys, the causal mask shifted by the cached length.
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dropout = dropout
+        self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias)
+        self.proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def _extend_cache(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append this chunk's keys/values to the decode cache (if decoding); return all of them."""
+        ctx = decode_context()
+        if ctx is None:
+            return k, v
+        past = ctx.get(self)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, H_kv, S, hd)
+            v = torch.cat([past[1], v], dim=2)
+        ctx.set(self, (k, v))
+        return k, v
+
+    def forward(self, x: Tensor, rope: Tensor | None = None) -> Tensor:
+        B, T, _ = x.shape
+        H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, Hkv, hd).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = v.view(B, T, Hkv, hd).transpose(1, 2)  # (B, H_kv, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        k, v = self._extend_cache(k, v)  # (B, H_kv, S, hd), S = cached + T
+        S = k.shape[2]
+
+        # Query i of the chunk sits at absolute position S - T + i and sees keys 0 .. S - T + i.
+        mask, is_causal = None, True
+        if S != T:
+            is_causal = False
+            if T > 1:
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
+        kw = {}
+        if H != Hkv:
+            if _HAS_ENABLE_GQA:
+                kw["enable_gqa"] = True
+            else:
+                k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, hd)
+                v = v.repeat_interleave(H // Hkv, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0, **kw
+        )  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H hd)
+        return self.resid_drop(self.proj(y))  # (B, T, D)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dropout={self.dropout}"
+
+
+class CausalAttentionParams(ComponentParams):
+    num_heads: int = Field(gt=0, description="number of query heads")
+    num_kv_heads: int | None = Field(
+        None, gt=0, description="number of key/value heads, dividing num_heads (None: num_heads, i.e. MHA)"
+    )
+    head_dim: int | None = Field(None, gt=0, description="per-head width (None: input width // num_heads)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on attention weights and on the output, training only")
+    bias: bool = Field(True, description="biases on the qkv and output projections (GPT-2: yes, LLaMA: no)")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+@register(
+    "attention.causal",
+    params=CausalAttentionParams,
+    inputs=("x", "rope"),
+    optional_inputs=("rope",),
+    decode="cached",
+    examples=[
+        Example({"num_heads": 4}, {"x": (2, 8, 32)}),
+        Example({"num_heads": 4, "num_kv_heads": 2, "bias": False}, {"x": (2, 8, 32)}),
+        # With a rope input. The suite feeds random inputs; an integer table drawn from
+        # [0, head_dim) keeps its partner-index channel a valid index.
+        Example(
+            {"num_heads": 4, "num_kv_heads": 1, "head_dim": 6, "bias": False},
+            {"x": (2, 8, 32), "rope": ((1, 8, 3, 6), torch.long)},
+            int_high=6,
+        ),
+    ],
+)
+def build_causal_attention(p: CausalAttentionParams, ins: Inputs) -> CausalSelfAttention:
+    width = ins["x"].dim
+    if p.head_dim is None and width % p.num_heads:
+        raise ComponentError(
+            f"num_heads ({p.num_heads}) must divide the input width {width}",
+            param="num_heads",
+            expected=f"a divisor of the width {width}",
+            got=str(p.num_heads),
+            fix=f"use one of {_divisors(width)}, or set head_dim",
+        )
+    num_kv_heads = p.num_kv_heads if p.num_kv_heads is not None else p.num_heads
+    if p.num_heads % num_kv_heads:
+        raise ComponentError(
+            f"num_kv_heads ({num_kv_heads}) must divide num_heads ({p.num_heads})",
+            param="num_kv_heads",
+            expected=f"a divisor of num_heads {p.num_heads}",
+            got=str(num_kv_heads),
+            fix=f"use one of {_divisors(p.num_heads)}",
+        )
+    head_dim = p.head_dim if p.head_dim is not None else width // p.num_heads
+    rope = ins.get("rope")
+    if rope is not None and rope.dim != head_dim:
+        raise ComponentError(
+            f"the rope table is for head_dim {rope.dim} but the attention's head_dim is {head_dim}",
+            param=None,
+            expected=str(head_dim),
+            got=str(rope.dim),
+            fix=f"give embed.rope head_dim: {head_dim}",
+        )
+    return CausalSelfAttention(
+        embed_dim=width, num_heads=p.num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dropout=p.dropout, bias=p.bias
+    )

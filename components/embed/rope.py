@@ -1,0 +1,78 @@
+"""embed.rope: the rotary position table (RoPE) that attention components apply to q and k."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
+from physlm_graph.components._rope import RopeStyle, rope_table
+
+
+class RotaryTable(nn.Module):
+    """Rotary position embedding table (Su et al. 2021, RoFormer; LLaMA).
+
+    For absolute position ``p`` and channel pair ``i`` the angle is ``p * base ** (-2 i / d)``.
+    The output packs, per position and channel, ``[cos, sin_signed, partner]`` so that an
+    attention rotates q and k with ``apply_rope(x, table) = x * cos + x[..., partner] *
+    sin_signed`` whatever the style (see ``components/_rope.py``):
+
+    - ``half``: channel i pairs with i + d/2 (Hugging Face / GPT-NeoX ``rotate_half``);
+    - ``interleaved``: channel 2i pairs with 2i + 1 (RoFormer, Meta's LLaMA reference code).
+
+    Shapes: tokens (B, T) (only T is read) -> (1, T, 3, head_dim) float32. Positions start at
+    ``decode_context().offset`` during incremental generation, else 0. No parameters; the table
+    is computed on the fly (T x head_dim/2 cos/sin, negligible next to attention), so it is
+    right on any device the graph is moved to.
+    """
+
+    def __init__(self, *, head_dim: int, base: float = 10000.0, max_seq_len: int, style: RopeStyle = "half") -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.base = base
+        self.max_seq_len = max_seq_len
+        self.style = style
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        ctx = decode_context()
+        offset = ctx.offset if ctx is not None else 0
+        seq_len = tokens.shape[1]
+        if offset + seq_len > self.max_seq_len:
+            raise ValueError(
+                f"embed.rope: positions {offset}..{offset + seq_len - 1} do not fit "
+                f"max_seq_len {self.max_seq_len}; shorten the sequence or raise max_seq_len"
+            )
+        return rope_table(
+            offset, seq_len, head_dim=self.head_dim, base=self.base, style=self.style, device=tokens.device
+        )  # (1, T, 3, hd)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, base={self.base}, max_seq_len={self.max_seq_len}, style={self.style!r}"
+
+
+class RotaryTableParams(ComponentParams):
+    head_dim: int = Field(gt=0, description="per-head width of q and k (even)")
+    base: float = Field(10000.0, gt=1.0, description="frequency base theta (LLaMA 1/2: 10000, LLaMA 3: 500000)")
+    max_seq_len: int = Field(gt=0, description="longest sequence (context length) allowed")
+    style: RopeStyle = Field("half", description="channel pairing: 'half' (HF rotate_half) or 'interleaved'")
+
+    @model_validator(mode="after")
+    def _even_head_dim(self) -> RotaryTableParams:
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        return self
+
+
+@register(
+    "embed.rope",
+    params=RotaryTableParams,
+    inputs=("tokens",),
+    decode="cached",  # position-dependent: reads decode_context().offset
+    examples=[
+        Example({"head_dim": 8, "max_seq_len": 16}, {"tokens": ((2, 8), torch.long)}),
+        Example({"head_dim": 8, "max_seq_len": 16, "style": "interleaved", "base": 500000.0}, {"tokens": ((2, 8), torch.long)}),
+    ],
+)
+def build_rotary_table(p: RotaryTableParams, ins: Inputs) -> RotaryTable:
+    return RotaryTable(head_dim=p.head_dim, base=p.base, max_seq_len=p.max_seq_len, style=p.style)

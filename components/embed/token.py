@@ -1,0 +1,44 @@
+"""embed.token: the token embedding table (GPT-2 ``wte``, LLaMA ``tok_embeddings``)."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from physlm_graph import ComponentParams, Example, Inputs, register
+
+
+class TokenEmbedding(nn.Module):
+    """Token embedding: ``out[b, t] = weight[tokens[b, t]]``.
+
+    Shapes: tokens (B, T) integer -> (B, T, embed_dim). ``weight`` is (vocab_size, embed_dim),
+    initialised N(0, 0.02) as in GPT-2 / nanoGPT; it is the parameter ``tie:`` shares with
+    ``head.lm`` (weight tying, Press & Wolf 2017).
+    """
+
+    def __init__(self, *, vocab_size: int, embed_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, embed_dim))
+        nn.init.normal_(self.weight, mean=0.0, std=0.02)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.weight)  # (B, T, D)
+
+
+class TokenEmbeddingParams(ComponentParams):
+    vocab_size: int = Field(gt=0, description="number of token ids (rows of the table)")
+    embed_dim: int = Field(gt=0, description="width of each embedding vector")
+
+
+@register(
+    "embed.token",
+    params=TokenEmbeddingParams,
+    inputs=("tokens",),
+    decode="stateless",
+    tie_param="weight",
+    examples=[Example({"vocab_size": 50, "embed_dim": 16}, {"tokens": ((2, 8), torch.long)})],
+)
+def build_token_embedding(p: TokenEmbeddingParams, ins: Inputs) -> TokenEmbedding:
+    return TokenEmbedding(vocab_size=p.vocab_size, embed_dim=p.embed_dim)

@@ -1,0 +1,45 @@
+"""ffn.swiglu: the gated SiLU feed-forward block of LLaMA (SwiGLU)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from physlm_graph import ComponentParams, Example, Inputs, register
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020, "GLU Variants"; LLaMA): ``w2(silu(w1 x) * w3 x)``.
+
+    Shapes: x (B, T, D) -> (B, T, D); w1 and w3 map D -> hidden_dim, w2 maps hidden_dim -> D.
+    Names follow Meta's LLaMA code (w1 gate, w3 up, w2 down). LLaMA sizes hidden_dim as
+    about 8/3 D rounded up to a multiple of 256 and has no biases.
+    """
+
+    def __init__(self, *, embed_dim: int, hidden_dim: int, bias: bool = False) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(embed_dim, hidden_dim, bias=bias)
+        self.w3 = nn.Linear(embed_dim, hidden_dim, bias=bias)
+        self.w2 = nn.Linear(hidden_dim, embed_dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, D)
+
+
+class SwiGLUParams(ComponentParams):
+    hidden_dim: int = Field(gt=0, description="width of the gated hidden layer (LLaMA-7B: 11008 for D 4096)")
+    bias: bool = Field(False, description="biases in the three linear layers (LLaMA: none)")
+
+
+@register(
+    "ffn.swiglu",
+    params=SwiGLUParams,
+    decode="stateless",
+    examples=[
+        Example({"hidden_dim": 48}, {"x": (2, 8, 16)}),
+        Example({"hidden_dim": 48, "bias": True}, {"x": (2, 8, 16)}),
+    ],
+)
+def build_swiglu(p: SwiGLUParams, ins: Inputs) -> SwiGLU:
+    return SwiGLU(embed_dim=ins["x"].dim, hidden_dim=p.hidden_dim, bias=p.bias)

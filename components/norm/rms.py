@@ -1,0 +1,47 @@
+"""norm.rms: RMSNorm over the last dimension (LLaMA ``attention_norm``, ``ffn_norm``, ``norm``)."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from physlm_graph import ComponentParams, Example, Inputs, register
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation (Zhang & Sennrich 2019): ``x * rsqrt(mean(x^2) + eps) * weight``.
+
+    No centring and no bias. As in Hugging Face ``LlamaRMSNorm``, the normalisation runs in
+    float32 and is cast back to the input dtype before the weight multiplies it (bit for bit
+    HF's result when weight and x share a dtype); the output keeps the input dtype even when
+    the weight is float32 master weights under bf16 activations.
+    Shapes: x (B, T, D) -> (B, T, D). weight starts at 1.
+    """
+
+    def __init__(self, *, embed_dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(embed_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (B, T, D) fp32
+        return (self.weight * xf.to(x.dtype)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class RMSNormParams(ComponentParams):
+    eps: float = Field(1e-6, gt=0.0, description="added to the mean square for stability (LLaMA: 1e-6 or 1e-5)")
+
+
+@register(
+    "norm.rms",
+    params=RMSNormParams,
+    decode="stateless",
+    examples=[Example({}, {"x": (2, 8, 16)})],
+)
+def build_rms_norm(p: RMSNormParams, ins: Inputs) -> RMSNorm:
+    return RMSNorm(embed_dim=ins["x"].dim, eps=p.eps)
