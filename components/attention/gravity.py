@@ -1,0 +1,227 @@
+"""attention.gravity: the Newton Gravity Transformer's GravityAttention ("gravity kernel").
+
+Reproduces ``GravityAttention`` of ``leetae9yu/newton-gravity-transformer`` @ aa61083
+(``ngt_model.py``), specified in ``shared/reference/SEEDS.md`` §2.1.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from physlm_graph import ComponentParams, Example, Inputs, register
+from physlm_graph.components.attention._gravity_kernels import (
+    NEG,
+    GravityScore,
+    flex_available,
+    gravity_flex,
+    sq_dist,
+    sq_dist_exact,
+)
+
+Mode = Literal["faithful", "fixed"]
+Cutoff = Literal["hard", "soft", "none"]
+MassMode = Literal["score", "value"]
+
+
+class GravityAttention(nn.Module):
+    """Attention whose scores come from distances between tokens in a learned coordinate space.
+
+    Shapes: x (B, T, D) (the LayerNormed hidden state), z (B, T, c) or (1, T, c) coordinates,
+    mass (B, T, 1) -> out (B, T, D), z_next (B, T, c). With H heads, d = D/H, c_h =
+    ``head_coord_dim``::
+
+        V   = W_v x + b_v                              # (B, H, T, d)
+        Z   = W_z z + b_z                              # (B, H, T, c_h), per-head coordinates
+        d2  = |Z_i - Z_j|^2                            # (B, H, T, T), from Z_i.Z_j and norms
+        S   = score(d2, gamma_h, beta_h, m_i, m_j, r)  # see modes; causal mask j > i -> finfo.min
+        o   = dropout(softmax_j(S)) V                  # V_j *= m_j first in mass_mode "value"
+        out = W_o o + b_o ;  z_next = W_n out + b_n    # z_next sees only the attention output
+
+    gamma_h = softplus(gamma_raw_h) (init ``gamma_init``), beta_h init 0, one radius per layer
+    r = softplus(radius_raw) (init ``radius_init``: r ~ 4.018). No custom init (PyTorch
+    defaults), as in the seed.
+
+    Modes:
+
+    - ``faithful`` (default: the published numbers depend on it): the seed's
+      ``S = (-gamma_h / (d2 + eps) + beta_h) * m_i m_j`` (mass_mode "score"; beta is multiplied
+      by the masses too, the README has it outside), or ``-gamma_h / (d2 + eps) + beta_h`` with
+      ``V_j *= m_j`` (mass_mode "value"). Cutoffs: ``hard`` fills finfo.min where d2 > r^2,
+      ``soft`` multiplies by relu(1 - d2/r^2), ``none``. Flagged behaviour, all kept:
+      [README≠code] the sign makes softmax prefer *farther* in-radius tokens (an exclusion
+      kernel, not attraction) and heavier pairs get *less* attention; the self score is
+      -gamma m_i^2 / eps ~ -6.9e5, so the self weight is 0 except at t = 0; the hard cutoff
+      gives the radius no gradient; the soft cutoff is inverted (out-of-radius scores become
+      0, the maximum when beta <= 0, so far tokens get *more* weight). Causal.
+    - ``fixed``: what the README describes. Near, heavy tokens attract, with a Plummer-softened
+      inverse square: ``S = +gamma_h m_i m_j / (d2 + softening)`` (no beta: a per-head shift
+      cancels in softmax). Self-attention is allowed (the self score is the largest, finite).
+      Cutoffs: ``hard`` as above (radius gets no gradient), ``soft`` subtracts
+      softplus((d2 - r^2) / cutoff_width), which decays out-of-radius scores and is
+      differentiable in r; ``none``. Causal.
+
+    Implementation: the (B, H, T, T, c_h) difference tensor of the seed is never built; d2 is
+    rebuilt from a dot product and per-token norms (clamped at 0, diagonal exactly 0), so the CPU
+    path holds only (B, H, T, T) scores. ``exact=True`` (constructor only, for reference tests)
+    uses the seed's explicit differences. On CUDA, when attention dropout is inactive (eval or
+    dropout 0), a compiled FlexAttention kernel computes the same function (``gravity_flex``).
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        coord_dim: int,
+        num_heads: int,
+        head_coord_dim: int = 16,
+        gamma_init: float = 0.0,
+        radius_init: float = 4.0,
+        eps: float = 1e-6,
+        softening: float = 1.0,
+        cutoff_width: float = 1.0,
+        cutoff: Cutoff = "hard",
+        mass_mode: MassMode = "score",
+        use_rsqrt: bool = False,
+        dropout: float = 0.1,
+        mode: Mode = "faithful",
+        exact: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.head_coord_dim = num_heads, embed_dim // num_heads, head_coord_dim
+        self.exact = exact
+        self.spec = GravityScore(mode, cutoff, mass_mode, eps, softening, cutoff_width, use_rsqrt)
+        self.value = nn.Linear(embed_dim, embed_dim)
+        self.coord = nn.Linear(coord_dim, num_heads * head_coord_dim)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.coord_out = nn.Linear(embed_dim, coord_dim)
+        self.gamma_raw = nn.Parameter(torch.full((num_heads,), float(gamma_init)))
+        # faithful only: in fixed mode a per-head additive bias cancels in softmax
+        self.beta = nn.Parameter(torch.zeros(num_heads)) if mode == "faithful" else None
+        self.radius_raw = nn.Parameter(torch.tensor(float(radius_init)))
+        self.attn_drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, z: Tensor, mass: Tensor) -> tuple[Tensor, Tensor]:
+        B, T, D = x.shape
+        H, spec = self.num_heads, self.spec
+        v = self.value(x).view(B, T, H, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        zh = self.coords(z)  # (Bz, H, T, c_h)
+        m = mass.squeeze(-1).float()  # (B, T)
+        if spec.mass_mode == "value":
+            v = v * m[:, None, :, None].to(v.dtype)  # mass as a per-key gain
+        gamma = F.softplus(self.gamma_raw)  # (H,)
+        r2 = F.softplus(self.radius_raw).square()  # ()
+        use_flex = x.is_cuda and flex_available and not self.exact and not (self.training and self.attn_drop.p > 0)
+        if use_flex:
+            o = gravity_flex(
+                zh.expand(B, -1, -1, -1), v, spec, gamma, self.beta,
+                m if spec.mass_mode == "score" else None, r2,
+            )  # (B, H, T, d)
+        else:
+            p = self.probs(zh, m, gamma, r2)  # (B, H, T, T)
+            o = self.attn_drop(p).to(v.dtype) @ v  # (B, H, T, d)
+        out = self.proj(o.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        return out, self.coord_out(out)
+
+    def probs(self, zh: Tensor, m: Tensor, gamma: Tensor, r2: Tensor) -> Tensor:
+        """Attention weights before dropout, (B, H, T, T) fp32, from per-head coordinates
+        zh (Bz, H, T, c_h), masses m (B, T), gamma (H,) and r^2."""
+        T = zh.shape[-2]
+        d2 = sq_dist_exact(zh, zh) if self.exact else sq_dist(zh, zh)  # (Bz, H, T, T)
+        m_i = m[:, None, :, None] if self.spec.mass_mode == "score" else None  # (B, 1, T, 1)
+        m_j = m[:, None, None, :] if self.spec.mass_mode == "score" else None  # (B, 1, 1, T)
+        beta = self.beta[:, None, None] if self.beta is not None else None  # (H, 1, 1)
+        s = self.spec(d2, gamma[:, None, None], beta, m_i, m_j, r2)  # (B or Bz, H, T, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=s.device).triu(1)  # (T, T)
+        return torch.softmax(s.masked_fill(future, NEG), dim=-1)
+
+    def coords(self, z: Tensor) -> Tensor:
+        """Per-head coordinates W_z z + b_z: (Bz, T, c) -> (Bz, H, T, c_h), fp32."""
+        return self.coord(z).view(z.shape[0], z.shape[1], self.num_heads, self.head_coord_dim).transpose(1, 2).float()
+
+
+class GravityAttentionParams(ComponentParams):
+    num_heads: int = Field(gt=0, description="number of heads; must divide the width of x")
+    head_coord_dim: int = Field(16, gt=0, description="per-head coordinate width c_h (W_z: c -> H c_h)")
+    gamma_init: float = Field(0.0, description="initial raw gamma (per head; gamma = softplus(raw), ~0.693)")
+    radius_init: float = Field(4.0, description="initial raw radius (one per layer; r = softplus(raw), ~4.018)")
+    eps: float = Field(1e-6, gt=0.0, description="faithful only: added to d2 in -gamma / (d2 + eps)")
+    softening: float = Field(1.0, gt=0.0, description="fixed only: Plummer softening added to d2")
+    cutoff_width: float = Field(1.0, gt=0.0, description="fixed + soft cutoff only: width of the softplus decay")
+    cutoff: Cutoff = Field("hard", description="radius cutoff: hard (mask; radius gets no gradient), soft, none")
+    mass_mode: MassMode = Field("score", description="score: scores times m_i m_j; value: values times m_j")
+    use_rsqrt: bool = Field(False, description="compute 1/(d2+eps) as rsqrt(d2+eps)^2 (the seed's --use-rsqrt)")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on the attention weights")
+    mode: Mode = Field("faithful", description="faithful: the seed's exclusion kernel; fixed: softened attraction")
+
+    @model_validator(mode="after")
+    def _mode_specific(self) -> GravityAttentionParams:
+        set_ = self.model_fields_set
+        if self.mode == "fixed" and "eps" in set_:
+            raise ValueError("eps applies to mode: faithful only; mode: fixed uses softening")
+        if self.mode == "faithful" and {"softening", "cutoff_width"} & set_:
+            raise ValueError("softening and cutoff_width apply to mode: fixed only")
+        if "cutoff_width" in set_ and self.cutoff != "soft":
+            raise ValueError("cutoff_width applies to cutoff: soft only")
+        return self
+
+
+def _no_grad(mode: str, cutoff: str, mass_mode: str) -> tuple[tuple[str, ...], str]:
+    names, why = [], []
+    if cutoff != "soft":
+        names.append("radius_raw")
+        why.append("the hard cutoff is a boolean mask and 'none' ignores the radius")
+    if mode == "faithful" and mass_mode == "value" and cutoff != "soft":
+        names.append("beta")
+        why.append("without a mass product or soft cutoff beta is a per-row shift that softmax cancels")
+    return tuple(names), "; ".join(why)
+
+
+def _example(mode: str, cutoff: str, mass_mode: str, **extra: object) -> Example:
+    ng, why = _no_grad(mode, cutoff, mass_mode)
+    params = {"num_heads": 2, "head_coord_dim": 4, "mode": mode, "cutoff": cutoff, "mass_mode": mass_mode, **extra}
+    return Example(params, {"x": (2, 8, 16), "z": (2, 8, 6), "mass": (2, 8, 1)}, no_grad=ng, no_grad_why=why)
+
+
+@register(
+    "attention.gravity",
+    params=GravityAttentionParams,
+    inputs=("x", "z", "mass"),
+    outputs=("out", "z_next"),
+    flags=("faithful: repels near tokens, inverted soft cutoff (README≠code)",),
+    examples=[
+        _example("faithful", "hard", "score"),
+        _example("faithful", "soft", "score"),
+        _example("faithful", "none", "score"),
+        _example("faithful", "hard", "value", use_rsqrt=True),
+        _example("faithful", "soft", "value"),
+        _example("fixed", "hard", "score"),
+        _example("fixed", "soft", "score", cutoff_width=2.0),
+        _example("fixed", "none", "value"),
+        _example("fixed", "soft", "value", dropout=0.0),
+    ],
+)
+def build_gravity_attention(p: GravityAttentionParams, ins: Inputs) -> GravityAttention:
+    D = ins["x"].dim
+    if D % p.num_heads:
+        raise ValueError(f"attention.gravity: num_heads {p.num_heads} must divide the width of x ({D})")
+    return GravityAttention(
+        embed_dim=D,
+        coord_dim=ins["z"].dim,
+        num_heads=p.num_heads,
+        head_coord_dim=p.head_coord_dim,
+        gamma_init=p.gamma_init,
+        radius_init=p.radius_init,
+        eps=p.eps,
+        softening=p.softening,
+        cutoff_width=p.cutoff_width,
+        cutoff=p.cutoff,
+        mass_mode=p.mass_mode,
+        use_rsqrt=p.use_rsqrt,
+        dropout=p.dropout,
+        mode=p.mode,
+    )
