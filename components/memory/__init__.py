@@ -1,0 +1,1 @@
+"""Memory components: key-value stores read (and written) by the residual stream."""
