@@ -1,0 +1,1 @@
+"""Mixture-of-experts components: ``moe.category`` (Holographic top-1) and ``moe.topk``."""

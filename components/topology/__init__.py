@@ -1,0 +1,1 @@
+"""Topology components: ``topology.processor`` (Holographic LLM's EfficientTopologyProcessor)."""
