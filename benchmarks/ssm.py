@@ -1,0 +1,155 @@
+"""Benchmark the chunked SSD scan against a sequential time-step scan (and, on CUDA, SDPA).
+
+    python benchmarks/ssm.py [--T 1024] [--batch 2] [--embed-dim 256] [--runs 5] [--threads N]
+
+1. CPU (always; and on CUDA if present): the chunked SSD kernel (``ssm.ssd``'s scan) vs the
+   same recurrence as a Python loop over t, with identical inputs taken from an ``ssm.ssd``
+   module's projections; timings interleaved, median of ``--runs``; prints the speedup and
+   the max abs difference. Goal: >= 50x at T = 1024.
+2. CUDA only: the whole ``ssm.ssd`` mixer vs causal SDPA attention (qkv + out projections,
+   same width) at T = 1024, forward + backward in bf16, per token. Goal: SSD <= 2x attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from physlm_graph import Example  # noqa: E402
+from physlm_graph.components.ssm._ssd_kernels import ssd_chunked  # noqa: E402
+from physlm_graph.testing import build_example  # noqa: E402
+
+
+def sequential_scan(x, dt, A, B, C):
+    """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t, one Python step per token."""
+    b, T, H, P = x.shape
+    h = x.new_zeros(b, H, P, B.shape[-1])
+    B, C = B.expand(b, T, H, B.shape[-1]), C.expand(b, T, H, C.shape[-1])  # share the one group
+    ys = []
+    for t in range(T):
+        decay = torch.exp(dt[:, t] * A)  # (b, H)
+        h = h * decay[..., None, None] + (dt[:, t, :, None] * x[:, t]).unsqueeze(-1) * B[:, t].unsqueeze(-2)
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
+    return torch.stack(ys, 1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], runs: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each fn, alternating between them so drift hits all alike."""
+    for fn in fns.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def scan_inputs(T: int, batch: int, embed_dim: int, device: torch.device, dtype: torch.dtype = torch.float32):
+    """(x, dt, A, B, C) as an ``ssm.ssd`` module produces them for random input."""
+    ex = Example({}, {"x": (batch, T, embed_dim)})
+    m = build_example("ssm.ssd", ex, device=device)
+    u = torch.randn(batch, T, embed_dim, device=device)
+    H, P, N, Di = m.num_heads, m.head_dim, m.d_state, m.d_inner
+    with torch.no_grad():
+        _, xbc, dt = torch.split(m.in_proj(u), [Di, Di + 2 * N, H], dim=-1)
+        xbc, _ = m._conv(xbc, None)
+        x, B, C = torch.split(F.silu(xbc), [Di, N, N], dim=-1)
+        x = x.reshape(batch, T, H, P)
+        B = B.reshape(batch, T, 1, N)  # one group
+        C = C.reshape(batch, T, 1, N)
+        dt = F.softplus(dt + m.dt_bias)
+        A = -torch.exp(m.A_log)
+    return [t.to(dtype) for t in (x, dt, A, B, C)], m.chunk_size
+
+
+def bench_scan(T: int, batch: int, embed_dim: int, runs: int, device: torch.device) -> None:
+    (x, dt, A, B, C), chunk = scan_inputs(T, batch, embed_dim, device)
+    with torch.no_grad():
+        fns = {
+            "chunked SSD": lambda: ssd_chunked(x, dt, A, B, C, chunk_size=chunk),
+            "sequential": lambda: sequential_scan(x, dt, A, B, C),
+        }
+        med = time_interleaved(fns, runs, device)
+        diff = (ssd_chunked(x, dt, A, B, C, chunk_size=chunk)[0] - sequential_scan(x, dt, A, B, C)).abs().max().item()
+    H, P = x.shape[2], x.shape[3]
+    print(f"\nSSD scan, {device.type}, fp32, B={batch} T={T} D={embed_dim} (H={H}, P={P}, N={B.shape[-1]}, chunk={chunk}), median of {runs}")
+    print(f"{'method':<14}{'ms':>12}{'speedup':>10}")
+    for k, s in med.items():
+        print(f"{k:<14}{s * 1e3:>12.2f}{med['sequential'] / s:>9.1f}x")
+    print(f"max abs diff: {diff:.2e}   (goal: speedup >= 50x)")
+
+
+class CausalAttention(nn.Module):
+    """The attention mixer being compared: qkv projection, causal SDPA, output projection."""
+
+    def __init__(self, embed_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
+        self.proj = nn.Linear(embed_dim, embed_dim, bias=False)
+
+    def forward(self, x):
+        b, T, D = x.shape
+        q, k, v = self.qkv(x).view(b, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, nh, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(b, T, D))
+
+
+def bench_vs_attention(T: int, batch: int, embed_dim: int, runs: int, device: torch.device) -> None:
+    ssd = build_example("ssm.ssd", Example({}, {"x": (batch, T, embed_dim)}), device=device).to(torch.bfloat16)
+    attn = CausalAttention(embed_dim, max(1, embed_dim // 64)).to(device, torch.bfloat16)
+    x = torch.randn(batch, T, embed_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+    def step(m):
+        return lambda: m(x).float().square().mean().backward()
+
+    med = time_interleaved({"ssm.ssd": step(ssd), "causal SDPA": step(attn)}, runs, device)
+    tokens = batch * T
+    print(f"\nmixer fwd+bwd, {device.type} bf16, B={batch} T={T} D={embed_dim}, median of {runs}")
+    print(f"{'mixer':<14}{'us/token':>12}")
+    for k, s in med.items():
+        print(f"{k:<14}{s / tokens * 1e6:>12.3f}")
+    print(f"SSD / attention: {med['ssm.ssd'] / med['causal SDPA']:.2f}x   (goal: <= 2x)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--T", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--embed-dim", type=int, default=256)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    torch.manual_seed(0)
+    bench_scan(args.T, args.batch, args.embed_dim, args.runs, torch.device("cpu"))
+    if torch.cuda.is_available():
+        bench_scan(args.T, args.batch, args.embed_dim, args.runs, torch.device("cuda"))
+        bench_vs_attention(args.T, args.batch, args.embed_dim, args.runs, torch.device("cuda"))
+    else:
+        print("\n(no CUDA: skipping the GPU scan and the SSD vs attention comparison)")
+
+
+if __name__ == "__main__":
+    main()

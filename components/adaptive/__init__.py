@@ -1,0 +1,1 @@
+"""Adaptive-computation wrappers (``adaptive.*``)."""

@@ -1,0 +1,1 @@
+"""Layers from the QLLM (sschepis/qllm) HEAD architecture (``layer.*``)."""

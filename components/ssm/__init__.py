@@ -1,0 +1,1 @@
+"""State-space and convolutional sequence mixers (``ssm.*``)."""
