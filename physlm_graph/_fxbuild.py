@@ -8,6 +8,7 @@ loss terms by name. The generated code starts with a banner naming the blueprint
 
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Any
 
@@ -16,8 +17,10 @@ from torch import fx, nn
 
 from physlm_graph._errors import BuildError
 from physlm_graph._infer import build_modules
+from physlm_graph._init import apply_init
 from physlm_graph._ir import Inferred, Ref
 from physlm_graph._registry import REGISTRY
+from physlm_graph._resolve import exit_heads
 from physlm_graph._validate import Checked, topo_order
 
 __all__ = ["build_graph_module", "mean_of", "sum_of", "set_submodule"]
@@ -67,6 +70,8 @@ def build_graph_module(inf: Inferred, checked: Checked, *, device: str | torch.d
     order = topo_order(res)
     torch.manual_seed(seed)
     modules = build_modules(res, checked, inf.specs, device, order)
+    if str(device) != "meta":
+        apply_init(res, modules, res.spec.init.scheme, res.spec.init.std)
     root = nn.Module()
     for path in order:
         if path in modules:
@@ -128,16 +133,37 @@ def build_graph_module(inf: Inferred, checked: Checked, *, device: str | torch.d
         aux[loss.name] = graph.create_node("call_function", fn, tuple(value(r) for r in loss.refs),
                                            name=_safe_name(f"aux_{loss.name}"))
     result["aux"] = aux
-    hidden: dict[str, Any] = {}
-    for p in res.exit_points:
-        outs = res.instance_outputs.get(p)
-        ref = next(iter(outs.values())) if outs else Ref(p)
-        hidden[p] = value(ref)
-    if hidden:
-        result["exit_hidden"] = hidden
+    if res.exit_points:
+        result["exit_hidden"], result["exit_logits"] = _exit_outputs(graph, root, modules, res, value)
     graph.output(result)
     try:
         graph.lint()
     except Exception as exc:  # an internal invariant: the checked graph must lint
         raise BuildError(f"the generated fx graph is malformed: {exc}") from exc
     return fx.GraphModule(root, graph, class_name=_safe_name(res.name) or "Blueprint")
+
+
+def _exit_outputs(graph: fx.Graph, root: nn.Module, modules: dict[str, nn.Module], res: Any,
+                  value: Any) -> tuple[dict[str, fx.Node], dict[str, fx.Node]]:
+    """Each exit point's hidden state and its logits. Shared (``head: tie`` or a node) exits call
+    the final norm and head modules again; ``own`` exits get copies of them at ``exits.<i>.norm``
+    and ``exits.<i>.head`` (initialised as the final ones are, then trained on their own)."""
+    plan, problems = exit_heads(res.spec, res.nodes, res.outputs)
+    assert plan is not None and not problems, problems  # resolve reported these
+    hidden: dict[str, fx.Node] = {}
+    logits: dict[str, fx.Node] = {}
+    for i, p in enumerate(res.exit_points):
+        outs = res.instance_outputs.get(p)
+        ref = next(iter(outs.values())) if outs else Ref(p)
+        h = hidden[p] = value(ref)
+        norm, head = plan.norm, plan.head
+        if plan.own:
+            if norm is not None:
+                set_submodule(root, f"exits.{i}.norm", copy.deepcopy(modules[norm]))
+                norm = f"exits.{i}.norm"
+            set_submodule(root, f"exits.{i}.head", copy.deepcopy(modules[head]))
+            head = f"exits.{i}.head"
+        if norm is not None:
+            h = graph.create_node("call_module", norm, (h,), {}, name=_safe_name(f"exit_{p}_norm"))
+        logits[p] = graph.create_node("call_module", head, (h,), {}, name=_safe_name(f"exit_{p}_logits"))
+    return hidden, logits

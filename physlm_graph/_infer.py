@@ -8,6 +8,8 @@ the symbolic axes (``[batch, seq, 384]``). FLOPs per token come from
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -120,7 +122,7 @@ def build_modules(res: Resolved, checked: Checked, specs: dict[str, list[TensorS
             continue
         ins = node_input_specs(res, path, specs)
         try:
-            with torch.device(device):
+            with torch.device(device), (no_init() if str(device) == "meta" else contextlib.nullcontext()):
                 modules[path] = info.builder(checked[path], ins)
         except ComponentError as exc:
             raise _located(res, path, exc, ValidateError) from None
@@ -150,7 +152,7 @@ def infer_shapes(res: Resolved, checked: Checked) -> Inferred:
         module = None
         if info.builder is not None:
             try:
-                with torch.device("meta"):
+                with torch.device("meta"), no_init():
                     module = info.builder(checked[path], ins)
             except ComponentError as exc:
                 err = _located(res, path, exc, ShapeError)
@@ -232,3 +234,24 @@ def infer_shapes(res: Resolved, checked: Checked) -> Inferred:
                 total += p.numel()
     return Inferred(resolved=res, specs=specs, reports=reports, total_params=total,
                     flops_per_token=sum(r.flops_per_token for r in reports), sample={"batch": _B1, "seq": t1})
+
+
+_INIT_FNS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+             "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+
+
+@contextlib.contextmanager
+def no_init() -> Iterator[None]:
+    """Skip ``torch.nn.init`` fills while building on the meta device: there is nothing to
+    fill, and meta fills route through PyTorch's Python reference kernels, whose first use
+    imports torch._dynamo (seconds). Transformers' ``no_init_weights`` does the same."""
+    from torch.nn import init
+
+    saved = {name: getattr(init, name) for name in _INIT_FNS}
+    try:
+        for name in _INIT_FNS:
+            setattr(init, name, lambda tensor, *a, **k: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)

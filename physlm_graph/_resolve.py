@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -23,7 +24,7 @@ from physlm_graph._load import Document
 from physlm_graph._registry import REGISTRY
 from physlm_graph._schema import BLOCK_USE_KEYS, NODE_KEYS, BlueprintDoc
 
-__all__ = ["resolve", "glob_to_regex", "MAX_REPEAT", "MAX_NODES_EXPANDED"]
+__all__ = ["resolve", "glob_to_regex", "exit_heads", "ExitHeads", "MAX_REPEAT", "MAX_NODES_EXPANDED"]
 
 MAX_REPEAT = 4096
 MAX_NODES_EXPANDED = 100_000
@@ -326,7 +327,7 @@ class _Resolver:
                     for p, outs in self.instance_outputs.items()}
         self.insert_extensions(outputs, inst_out)
         losses = self.resolve_losses()
-        exit_points = self.resolve_exits()
+        exit_points = self.resolve_exits(outputs)
         if self.errors:
             raise ResolveError(self.errors)
         return Resolved(doc=self.doc, spec=self.spec, params=self.params, nodes=self.nodes, inputs=inputs,
@@ -393,7 +394,7 @@ class _Resolver:
             losses.append(LossSpec(name=name, refs=refs, weight=ldoc.weight, reduce=ldoc.reduce, src=src))
         return losses
 
-    def resolve_exits(self) -> list[str]:
+    def resolve_exits(self, outputs: dict[str, Ref]) -> list[str]:
         ex = self.spec.exits
         if ex is None:
             return []
@@ -412,7 +413,61 @@ class _Resolver:
                          fix=f"did you mean {', '.join(near)}?" if near else "e.g. trunk.1")
             else:
                 points.append(p)
+        if len(set(points)) != len(points):
+            dup = sorted({p for p in points if points.count(p) > 1})
+            self.err(f"exit point(s) {', '.join(dup)} given twice", ("exits",),
+                     fix="list each exit once (`every` already includes its instances)")
+        if isinstance(ex.weighting, list) and len(ex.weighting) != len(points):
+            self.err(f"exits.weighting lists {len(ex.weighting)} weights for {len(points)} exit points",
+                     ("exits", "weighting"), fix=f"give one weight per exit ({', '.join(points)}), or use depth")
+        if points and ex.head == "own" and "exits" in self.nodes:
+            self.err("a node named `exits` clashes with the own exit heads (exits.<i>.head)", ("nodes", "exits"),
+                     fix="rename the node")
+        if points:
+            _, problems = exit_heads(self.spec, self.nodes, outputs)
+            for msg, src, fix in problems:
+                self.err(msg, src, fix=fix)
         return points
+
+
+@dataclass(frozen=True)
+class ExitHeads:
+    """How every exit reads out logits: ``head`` (and ``norm`` before it, None for no norm) are
+    the final head's node paths; ``own`` heads are copies of them (``exits.<i>.norm`` and
+    ``exits.<i>.head``), shared ones call the very same modules."""
+
+    norm: str | None
+    head: str
+    own: bool
+
+
+def exit_heads(spec: BlueprintDoc, nodes: dict[str, NodeSpec],
+               outputs: dict[str, Ref]) -> tuple[ExitHeads | None, list[tuple[str, tuple, str | None]]]:
+    """The exit readout plan and the problems with it (message, document path, fix)."""
+    ex = spec.exits
+    assert ex is not None
+    if ex.head in ("tie", "own"):
+        ref = outputs.get("logits")
+        if ref is None:
+            return None, [("exits need a final head to tie or copy, but the blueprint has no `logits` output",
+                           ("exits", "head"), "name the head node: exits.head: <node>")]
+        head = ref.node
+    elif ex.head in nodes:
+        head = ex.head
+    else:
+        near = difflib.get_close_matches(ex.head, list(nodes), n=3)
+        return None, [(f"exits.head {ex.head!r} is not tie, own or a node", ("exits", "head"),
+                       f"did you mean {', '.join(near)}?" if near else "use tie, own or the head node's name")]
+    norm = None
+    if ex.norm:
+        srcs = nodes[head].inputs
+        before = srcs[0][1].node if len(srcs) == 1 else None
+        if before is None or before not in nodes or not nodes[before].use.startswith("norm."):
+            got = ", ".join(str(r) for _, r in srcs) or "nothing"
+            return None, [(f"exits.norm is true, but the head {head!r} reads {got}, not a norm node",
+                           ("exits", "norm"), "set exits.norm: false, or put a norm.* node right before the head")]
+        norm = before
+    return ExitHeads(norm=norm, head=head, own=ex.head == "own"), []
 
 
 def _eval_params(raw: dict[str, Any], doc: Document, src: tuple = ("params",)) -> dict[str, Any]:
@@ -480,7 +535,7 @@ def _substitute_sections(data: dict[str, Any], params: dict[str, Any], doc: Docu
             return v
 
     out = dict(data)
-    for key in ("train", "losses", "exits", "extensions", "inputs", "outputs"):
+    for key in ("train", "losses", "exits", "extensions", "inputs", "outputs", "init"):
         if key in out:
             out[key] = sub(out[key], (key,))
     if isinstance(out.get("growth"), list):

@@ -143,6 +143,13 @@ class TrainConfig(_Strict):
     max_skips: int = Field(10, ge=0)
 
 
+class InitDoc(_Strict):
+    """How weights start: each component's own init (``default``) or GPT-2's (``gpt2``)."""
+
+    scheme: Literal["default", "gpt2"] = "default"
+    std: float = Field(0.02, gt=0.0)
+
+
 class BlueprintDoc(_Strict):
     """The whole document (after ``extends`` is merged)."""
 
@@ -160,6 +167,7 @@ class BlueprintDoc(_Strict):
     exits: ExitsDoc | None = None
     extensions: dict[str, ExtensionDoc] = Field(default_factory=dict)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    init: InitDoc = Field(default_factory=InitDoc)
 
     @field_validator("outputs")
     @classmethod
