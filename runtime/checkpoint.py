@@ -1,0 +1,447 @@
+"""Checkpoints: one folder, safetensors and JSON only, written atomically.
+
+    ckpt/
+      model.safetensors        weights (tied tensors stored once: safetensors' save_model)
+      blueprint.yaml           the merged blueprint: the model is rebuilt from it, never from flags
+      config.json              model_type "physlm", Hugging Face-style fields, a "physlm" block
+      tokenizer/               the tokenizer, written by its save()
+      optimizer.safetensors    optimizer state tensors, flattened ("state.<name>.<key>")
+      optimizer.json           param groups, parameter names, non-tensor state
+      trainer_state.json       step, tokens seen, best val loss, RNG states, the batcher's state
+      manifest.json            sha256 of every other file, written last
+
+``save_checkpoint`` builds the folder next to its target (``.last.tmp-<pid>``), fsyncs it,
+moves the old folder aside (``.last.old``), renames the new one in, and deletes the old one,
+so a crash at any moment leaves the old or the new checkpoint. ``find_checkpoint`` accepts a
+leftover aside folder. ``load_checkpoint`` verifies the manifest and never unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file, save_model
+
+from physlm_graph._errors import CheckpointError, Loc, PhysLMError
+
+__all__ = [
+    "Checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "find_checkpoint",
+    "restore_optimizer",
+    "load_weights",
+    "write_manifest",
+    "model_context",
+    "FORMAT",
+]
+
+FORMAT = 1
+MODEL, BLUEPRINT, CONFIG, MANIFEST = "model.safetensors", "blueprint.yaml", "config.json", "manifest.json"
+OPTIM, OPTIM_META, STATE, TOKENIZER = "optimizer.safetensors", "optimizer.json", "trainer_state.json", "tokenizer"
+REQUIRED = (MODEL, BLUEPRINT, CONFIG)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the rebuilt model with its weights, and everything saved beside it."""
+
+    path: Path
+    model: Any  # CompiledModel, weights loaded, in eval mode
+    config: dict[str, Any]
+    tokenizer: Any | None
+    trainer_state: dict[str, Any] | None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model.module
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def model_context(cm: Any) -> int | None:
+    """The longest sequence the model takes: params ``context``/``max_seq_len``/``block_size``,
+    else the smallest ``max_seq_len`` of a position node (learned positions, rope)."""
+    params = (cm.blueprint.get("params") or {}) if isinstance(cm.blueprint, dict) else {}
+    for key in ("context", "max_seq_len", "block_size"):
+        if isinstance(params.get(key), int):
+            return int(params[key])
+    found = [getattr(p, "max_seq_len", None) for p in cm.checked.values()]
+    found = [int(v) for v in found if isinstance(v, int)]
+    return min(found) if found else None
+
+
+def model_vocab(cm: Any) -> int | None:
+    """The number of logits: the last dimension of the ``logits`` output."""
+    ref = cm.resolved.outputs.get("logits")
+    specs = cm.inferred.specs.get(ref.node) if ref is not None else None
+    if not specs:
+        return None
+    idx = 0
+    if ref.port is not None:
+        from physlm_graph._registry import REGISTRY
+
+        info = REGISTRY.get(cm.resolved.nodes[ref.node].use)
+        idx = info.outputs.index(ref.port) if info is not None and ref.port in info.outputs else 0
+    return int(specs[idx].shape[-1])  # one spec per output port
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder
+    finally:
+        os.close(fd)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: str | Path) -> dict[str, Any]:
+    """Write ``manifest.json``: the sha256 and size of every file in the folder."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in _files(folder)}
+    manifest = {"format": FORMAT, "files": files}
+    _write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError("file missing from the checkpoint", loc=Loc(file=str(path)),
+                              fix="the checkpoint is incomplete: use another one (last or best)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"not valid JSON: {err}", loc=Loc(file=str(path)),
+                              fix="the file is damaged: use another checkpoint") from None
+
+
+# ---------------------------------------------------------------- optimizer state
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state as tensors keyed by parameter name, plus JSON metadata (no pickle)."""
+    sd = opt.state_dict()
+    names: list[str] = []
+    for g in opt.param_groups:
+        names.extend(g.get("names") or [f"param{len(names) + i}" for i in range(len(g["params"]))])
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"state.{names[idx]}.{key}"] = val.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(names[idx], {})[key] = val
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    meta = {"format": FORMAT, "class": type(opt).__name__, "names": names, "param_groups": groups, "scalars": scalars}
+    return tensors, meta
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, folder: str | Path) -> None:
+    """Load ``optimizer.safetensors`` + ``optimizer.json`` into ``opt``, matching parameters by name."""
+    folder = Path(folder)
+    meta = _read_json(folder / OPTIM_META)
+    tensors = _load_tensors(folder / OPTIM)
+    mine: list[str] = []
+    for g in opt.param_groups:
+        mine.extend(g.get("names") or [f"param{len(mine) + i}" for i in range(len(g["params"]))])
+    if meta.get("names") != mine or len(meta.get("param_groups", [])) != len(opt.param_groups):
+        missing = sorted(set(mine) - set(meta.get("names", [])))
+        extra = sorted(set(meta.get("names", [])) - set(mine))
+        raise CheckpointError(
+            "the optimizer state was saved for other parameters"
+            + (f"; missing: {', '.join(missing[:5])}" if missing else "")
+            + (f"; unexpected: {', '.join(extra[:5])}" if extra else ""),
+            loc=Loc(file=str(folder / OPTIM_META)),
+            fix="resume with the same blueprint and --set overrides, or start a new run (--out)",
+        )
+    state: dict[int, dict[str, Any]] = {}
+    for i, name in enumerate(mine):
+        entry = dict(meta.get("scalars", {}).get(name, {}))
+        prefix = f"state.{name}."
+        entry.update({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        if entry:
+            state[i] = entry
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ---------------------------------------------------------------- saving
+
+
+def _config(cm: Any, tokenizer: Any | None) -> dict[str, Any]:
+    params = cm.blueprint.get("params") or {}
+    cfg: dict[str, Any] = {
+        "model_type": "physlm",
+        "architectures": ["PhysLMForCausalLM"],
+        "vocab_size": model_vocab(cm),
+    }
+    ctx = model_context(cm)
+    if ctx is not None:
+        cfg["max_position_embeddings"] = ctx
+    for hf, ours in (("hidden_size", "dim"), ("num_hidden_layers", "layers"), ("num_attention_heads", "heads")):
+        if isinstance(params.get(ours), int):
+            cfg[hf] = params[ours]
+    cfg["torch_dtype"] = "float32"
+    cfg["physlm"] = {
+        "format": FORMAT,
+        "blueprint": cm.name,
+        "hash": cm.hash,
+        "num_params": cm.num_params,
+        "flops_per_token": cm.flops_per_token,
+        "blueprint_file": BLUEPRINT,
+        "tokenizer": None if tokenizer is None else {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint(),
+                                                     "vocab_size": tokenizer.vocab_size},
+    }
+    return cfg
+
+
+def _fill(folder: Path, cm: Any, module: torch.nn.Module, tokenizer: Any | None, optimizer: Any | None,
+          trainer_state: dict[str, Any] | None, extra_tensors: dict[str, torch.Tensor] | None) -> None:
+    folder.mkdir(parents=True)
+    save_model(module, str(folder / MODEL), metadata={"format": "pt", "physlm_hash": cm.hash})
+    (folder / BLUEPRINT).write_text(cm.blueprint_text, encoding="utf-8")
+    _write_json(folder / CONFIG, _config(cm, tokenizer))
+    if tokenizer is not None:
+        tokenizer.save(folder / TOKENIZER)
+    if optimizer is not None:
+        tensors, meta = _flatten_optimizer(optimizer)
+        save_file(tensors, str(folder / OPTIM))
+        _write_json(folder / OPTIM_META, meta)
+    if trainer_state is not None:
+        _write_json(folder / STATE, trainer_state)
+    if extra_tensors:  # for tests and callers that store more (e.g. a padding tensor)
+        save_file({k: v.contiguous() for k, v in extra_tensors.items()}, str(folder / "extra.safetensors"))
+    write_manifest(folder)
+    for p in [*_files(folder), folder / MANIFEST]:
+        _fsync_file(p)
+    for d in sorted({p.parent for p in folder.rglob("*")}, key=lambda p: -len(p.parts)):
+        _fsync_dir(d)
+
+
+def _recover(target: Path) -> None:
+    """Tidy after a crashed save: bring an aside folder back if the target is gone, drop temps."""
+    aside = target.parent / f".{target.name}.old"
+    if not target.exists() and aside.is_dir():
+        os.replace(aside, target)
+    elif aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    cm: Any,
+    module: torch.nn.Module | None = None,
+    tokenizer: Any | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a checkpoint folder at ``path`` atomically; returns ``path``.
+
+    ``module`` defaults to ``cm.module`` (pass the uncompiled module, not a ``torch.compile``
+    wrapper). One writer per folder at a time.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _recover(target)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    aside = target.parent / f".{target.name}.old"
+    try:
+        _fill(tmp, cm, module if module is not None else cm.module, tokenizer, optimizer, trainer_state, extra_tensors)
+        if target.exists():
+            os.replace(target, aside)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        shutil.rmtree(aside, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.exists() and aside.is_dir():
+            os.replace(aside, target)
+        raise CheckpointError(f"could not write the checkpoint: {err.strerror or err}", loc=Loc(file=str(target)),
+                              fix="check free disk space and permissions; the previous checkpoint is kept") from None
+    return target
+
+
+# ---------------------------------------------------------------- loading
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from a checkpoint or a run folder (``last``, then ``best``), accepting
+    a folder left aside by a save that crashed before its rename."""
+    path = Path(path)
+    if (path / MANIFEST).is_file() or (path / MODEL).is_file():
+        return path
+    aside = path.parent / f".{path.name}.old"
+    if not path.exists() and aside.is_dir():
+        return aside
+    for name in ("last", "best"):
+        sub = path / name
+        if sub.is_dir():
+            return sub
+        if (path / f".{name}.old").is_dir():
+            return path / f".{name}.old"
+    what = "does not exist" if not path.exists() else "holds no checkpoint (no manifest.json, last/ or best/)"
+    raise CheckpointError(f"no checkpoint here: the folder {what}", loc=Loc(file=str(path)),
+                          fix="pass a checkpoint folder, or a run folder written by `physlm-graph train --out`")
+
+
+def _verify(folder: Path) -> None:
+    manifest = _read_json(folder / MANIFEST)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointError("the manifest lists no files", loc=Loc(file=str(folder / MANIFEST)),
+                              fix="the checkpoint is damaged: use another one")
+    for name in REQUIRED:
+        if name not in files:
+            raise CheckpointError("required file not listed in the manifest", loc=Loc(file=str(folder / name)),
+                                  fix="the checkpoint is incomplete: use another one")
+    for rel, entry in files.items():
+        p = folder / rel
+        if not p.is_file():
+            raise CheckpointError("file missing from the checkpoint", loc=Loc(file=str(p)),
+                                  fix="the checkpoint is incomplete: use another one (last or best)")
+        if p.stat().st_size != entry.get("bytes", p.stat().st_size):
+            raise CheckpointError(f"file is truncated or grown: {p.stat().st_size} bytes, the manifest says "
+                                  f"{entry['bytes']}", loc=Loc(file=str(p)), fix="the file is damaged: use another checkpoint")
+        if _sha256(p) != entry.get("sha256"):
+            raise CheckpointError("checksum mismatch: the file changed since the checkpoint was written",
+                                  loc=Loc(file=str(p)), fix="the file is damaged or was edited: use another checkpoint")
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError("file missing from the checkpoint", loc=Loc(file=str(path)),
+                              fix="the checkpoint is incomplete: use another one")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"not a readable safetensors file (truncated or corrupt): {err}", loc=Loc(file=str(path)),
+                              fix="the file is damaged: use another checkpoint") from None
+
+
+def _check_weights(module: torch.nn.Module, path: Path) -> None:
+    """Name every key the stored weights and the rebuilt model disagree on."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"not a readable safetensors file (truncated or corrupt): {err}", loc=Loc(file=str(path)),
+                              fix="the file is damaged: use another checkpoint") from None
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    # A tied tensor is stored under one of its names; the others are not missing.
+    shared: dict[int, list[str]] = {}
+    for k, v in module.state_dict().items():
+        shared.setdefault(v.data_ptr() if v.numel() else id(v), []).append(k)
+    missing = [k for k in want if k not in stored and not any(a in stored for a in _aliases(k, shared))]
+    unexpected = [k for k in stored if k not in want]
+    mismatched = [f"{k} (stored {list(stored[k])}, model {list(want[k])})" for k in stored if k in want and stored[k] != want[k]]
+    problems = []
+    if missing:
+        problems.append("missing " + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+    if unexpected:
+        problems.append("unexpected " + ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
+    if mismatched:
+        problems.append("shape mismatch " + ", ".join(mismatched[:8]))
+    if problems:
+        raise CheckpointError(
+            "the weights do not match the model its blueprint builds: " + "; ".join(problems),
+            loc=Loc(file=str(path)),
+            fix="blueprint.yaml or a component changed since the checkpoint was written; "
+            "use the version of physlm-graph that wrote it",
+        )
+
+
+def _aliases(key: str, shared: dict[int, list[str]]) -> list[str]:
+    return next((names for names in shared.values() if key in names), [])
+
+
+def load_weights(module: torch.nn.Module, path: str | Path, *, verify: bool = True) -> Path:
+    """Load a checkpoint's weights into an existing module (resume); returns the checkpoint folder."""
+    folder = find_checkpoint(path)
+    if verify:
+        _verify(folder)
+    _check_weights(module, folder / MODEL)
+    try:
+        from safetensors.torch import load_model
+
+        load_model(module, str(folder / MODEL), strict=True, device=str(next(module.parameters()).device))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"the weights could not be loaded: {err}", loc=Loc(file=str(folder / MODEL)),
+                              fix="the file is damaged: use another checkpoint") from None
+    return folder
+
+
+def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True,
+                    tokenizer: bool = True) -> Checkpoint:
+    """Load a checkpoint (or a run folder's last/best): rebuild the model from its blueprint and
+    load its weights. Every problem is a ``CheckpointError`` naming the file."""
+    from physlm_graph._compile import compile_blueprint
+
+    folder = find_checkpoint(path)
+    if verify:
+        _verify(folder)
+    for name in REQUIRED:
+        if not (folder / name).is_file():
+            raise CheckpointError("file missing from the checkpoint", loc=Loc(file=str(folder / name)),
+                                  fix="the checkpoint is incomplete: use another one")
+    config = _read_json(folder / CONFIG)
+    try:
+        cm = compile_blueprint(str(folder / BLUEPRINT), device="cpu")
+    except PhysLMError as err:
+        raise CheckpointError(f"the stored blueprint no longer compiles:\n{err}", loc=Loc(file=str(folder / BLUEPRINT)),
+                              fix="use the version of physlm-graph that wrote the checkpoint") from None
+    load_weights(cm.module, folder, verify=False)
+    cm.module.to(device).eval()
+    tok = None
+    if tokenizer and (folder / TOKENIZER).is_dir():
+        from .tokenizers import load_tokenizer
+
+        tok = load_tokenizer(folder / TOKENIZER)
+    state = _read_json(folder / STATE) if (folder / STATE).is_file() else None
+    return Checkpoint(path=folder, model=cm, config=config, tokenizer=tok, trainer_state=state)

@@ -1,0 +1,191 @@
+"""The ``train``, ``generate`` and ``eval`` subcommands of ``physlm-graph``.
+
+``physlm_graph.cli`` calls ``add_commands(subparsers)``; each subcommand's handler (stored as
+``func`` on the parsed arguments) returns an exit code. ``PhysLMError``s are raised, not
+caught: the top level prints them and exits with 2. ``python -m physlm_graph.runtime.commands``
+runs the three subcommands on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_commands", "cmd_train", "cmd_generate", "cmd_eval", "main"]
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add ``train``, ``generate`` and ``eval`` to an argparse subparsers object."""
+    p = subparsers.add_parser("train", help="train a blueprint on a text", description="Train a blueprint. "
+                              "The blueprint's train: section gives the defaults; these options override them.")
+    p.add_argument("blueprint", help="blueprint YAML file")
+    p.add_argument("--data", help="training text: a file, a folder, or hf:NAME (default: train.data)")
+    p.add_argument("--tokenizer", help="bytes, chars, bpe:N or a tokenizer folder (default: train.tokenizer)")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=V",
+                   help="override a blueprint value (repeatable), e.g. --set layers=4 or --set train.warmup=50")
+    p.add_argument("--out", help="run folder for checkpoints and metrics (default: runs/<blueprint name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last (or best) checkpoint")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    g = subparsers.add_parser("generate", help="sample text from a checkpoint")
+    g.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its last, else best)")
+    how = g.add_mutually_exclusive_group(required=True)
+    how.add_argument("--prompt", help="the text to continue")
+    how.add_argument("--interactive", action="store_true", help="read prompts from the terminal until EOF")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (no KV cache)")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.set_defaults(func=cmd_generate)
+
+    e = subparsers.add_parser("eval", help="perplexity of a checkpoint on a text")
+    e.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its last, else best)")
+    e.add_argument("--data", required=True, help="the text: a file, a folder, or hf:NAME")
+    e.add_argument("--seq-len", type=int, help="window length (default: the model's context)")
+    e.add_argument("--stride", type=int, help="distance between windows (default: seq-len)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .train import train
+
+    out = args.out or str(Path("runs") / Path(args.blueprint).stem)
+    extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
+    result = train(args.blueprint, data=args.data, tokenizer=args.tokenizer, steps=args.steps,
+                   overrides=args.overrides or None, out_dir=out, resume=args.resume, device=args.device,
+                   compile=args.compile, seed=args.seed, progress=not args.no_progress, **extra)
+    best = result["best_val_loss"]
+    Console().print(f"done: {result['steps']} steps, {result['tokens_seen']:,} tokens in {result['wall_s']:.0f} s; "
+                    f"best val loss {best:.4f}" if best is not None else "done", highlight=False)
+    Console().print(f"checkpoints: {result['last']}" + (f", {result['best']}" if result["best"] else ""), highlight=False)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from physlm_graph._errors import CheckpointError, Loc
+
+    from .checkpoint import load_checkpoint
+    from .generate import can_cache, generate
+
+    ck = load_checkpoint(args.checkpoint, device=_device(args.device))
+    tok = ck.tokenizer
+    if tok is None:
+        raise CheckpointError("the checkpoint holds no tokenizer/ folder, so text cannot be encoded",
+                              loc=Loc(file=str(ck.path)), fix="use a checkpoint written by `physlm-graph train`")
+    use_cache = False if args.no_cache else "auto"
+    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, use_cache=use_cache, eos_id=tok.eos_id)
+
+    def run(prompt: str, seed: int | None) -> int:
+        ids = tok.encode(prompt)
+        new: list[int] = []
+        shown = [0]
+
+        def stream(step_ids: list[int]) -> None:
+            new.append(step_ids[0])
+            if args.json:
+                return
+            text = tok.decode(new)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[shown[0]:])
+                sys.stdout.flush()
+                shown[0] = len(text)
+
+        if not args.json:
+            sys.stdout.write(prompt)
+        t0 = time.perf_counter()
+        generate(ck, ids, seed=seed, on_token=stream, **opts)
+        seconds = time.perf_counter() - t0
+        if args.json:
+            print(json.dumps({"prompt": prompt, "completion": tok.decode(new), "prompt_ids": ids, "ids": new,
+                              "new_tokens": len(new), "seconds": seconds, "tokens_per_s": len(new) / max(seconds, 1e-9),
+                              "cache": bool(use_cache) and can_cache(ck.model), "checkpoint": str(ck.path)}))
+        else:
+            text = tok.decode(new)
+            sys.stdout.write(text[shown[0]:] + "\n")
+            sys.stdout.flush()
+        return 0
+
+    if not args.interactive:
+        return run(args.prompt, args.seed)
+    seed = args.seed
+    while True:
+        try:
+            prompt = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if prompt.strip():
+            run(prompt.replace("\\n", "\n"), seed)
+            seed = None if seed is None else seed + 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    report = evaluate(args.checkpoint, args.data, seq_len=args.seq_len, stride=args.stride,
+                      batch_size=args.batch_size, device=_device(args.device))
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"eval {report['checkpoint']}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    t.add_row("data", report["data"])
+    t.add_row("loss (nats/token)", f"{report['loss']:.4f}")
+    t.add_row("perplexity", f"{report['perplexity']:.3f}")
+    t.add_row("bits per byte", f"{report['bits_per_byte']:.4f}")
+    t.add_row("tokens scored", f"{report['tokens_scored']:,}")
+    t.add_row("windows", f"{report['windows']:,} x {report['seq_len']} (stride {report['stride']})")
+    t.add_row("tokens/s", f"{report['tokens_per_s']:,.0f}")
+    t.add_row("peak memory", f"{report['peak_memory_bytes'] / 2**20:,.1f} MiB ({report['device']})")
+    Console().print(t)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a ``PhysLMError`` becomes a message on stderr and exit code 2."""
+    from physlm_graph._errors import PhysLMError
+
+    parser = argparse.ArgumentParser(prog="physlm-graph")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except PhysLMError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

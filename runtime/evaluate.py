@@ -1,0 +1,106 @@
+"""Perplexity over a whole text with strided windows (each token scored exactly once).
+
+    report = evaluate("runs/baby", "data/valid.txt", seq_len=256, stride=128)
+    report["perplexity"], report["tokens_per_s"], report["peak_memory_bytes"]
+
+Windows of ``seq_len`` tokens start every ``stride`` tokens; in each, only the targets no
+earlier window scored count, so every target after the first window is predicted with at
+least ``seq_len - stride`` tokens of context (Hugging Face's strided perplexity). ``stride``
+defaults to ``seq_len`` (disjoint windows, the fastest and the most pessimistic).
+
+Per-token losses go through ``score_batch``; early-exit evaluation will override that one
+method (exits, thresholds) and report extra fields, leaving the loop as it is.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from physlm_graph._errors import RuntimeDataError
+
+from .checkpoint import Checkpoint, load_checkpoint, model_context
+from .data import load_text, strided_windows, window_batch
+
+__all__ = ["evaluate", "score_batch", "peak_memory_bytes"]
+
+IGNORE = -100
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA ``max_memory_allocated``, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
+def score_batch(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """Summed cross-entropy (nats) over the scored targets of one batch, and their count."""
+    logits = module(x)["logits"]  # (N, T, V)
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+    return float(loss), int((y != IGNORE).sum())
+
+
+@torch.inference_mode()
+def evaluate(
+    ckpt: str | os.PathLike[str] | Checkpoint,
+    data: str | os.PathLike[str],
+    *,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Loss, perplexity, bits per byte, tokens/s and peak memory of a checkpoint on a text."""
+    dev = torch.device("cuda" if str(device) == "auto" and torch.cuda.is_available() else
+                       ("cpu" if str(device) == "auto" else device))
+    ck = ckpt if isinstance(ckpt, Checkpoint) else load_checkpoint(Path(ckpt), device=dev)
+    module = ck.model.module.to(dev).eval()
+    if ck.tokenizer is None:
+        raise RuntimeDataError("the checkpoint holds no tokenizer, so the text cannot be encoded",
+                               fix="evaluate a checkpoint written by `physlm-graph train`")
+    text = load_text(data)
+    tokens = torch.tensor(ck.tokenizer.encode(text), dtype=torch.long).numpy()
+    context = model_context(ck.model)
+    T = seq_len or context or 1024
+    if context is not None and T > context:
+        raise RuntimeDataError(f"seq_len {T} is longer than the model's context {context}", fix=f"use --seq-len {context} or less")
+    windows = strided_windows(tokens, T, stride or T)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    nll, count = 0.0, 0
+    t0 = time.perf_counter()
+    for i in range(0, len(windows), batch_size):
+        x, y = window_batch(tokens, windows[i : i + batch_size], ignore_index=IGNORE, device=dev)  # (N, T) each
+        s, n = score_batch(module, x, y)
+        nll, count = nll + s, count + n
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t0
+    loss = nll / max(count, 1)
+    n_bytes = len(text.encode("utf-8"))
+    return {
+        "checkpoint": str(ck.path),
+        "data": str(data),
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "bits_per_byte": nll / math.log(2) / n_bytes,  # every target but the first token is scored
+        "tokens_scored": count,
+        "windows": len(windows),
+        "seq_len": T,
+        "stride": stride or T,
+        "seconds": seconds,
+        "tokens_per_s": sum(w.length for w in windows) / max(seconds, 1e-9),
+        "peak_memory_bytes": peak_memory_bytes(dev),
+        "device": str(dev),
+    }

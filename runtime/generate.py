@@ -1,0 +1,181 @@
+"""Text generation: sampling with a KV cache, or by recomputing the context each step.
+
+    ids = generate(load_checkpoint("runs/baby"), tok.encode("ROMEO:"), max_new_tokens=200)
+
+With ``use_cache="auto"`` the cache is used when every node of the graph can decode
+incrementally (its component's decode kind is ``stateless`` or ``cached``): the prompt is run
+once inside a ``DecodeContext`` and then one token per step, ``ctx.offset`` advanced by each
+chunk's length. Otherwise every step runs the whole (cropped) context. When the sequence
+outgrows the model's context, the cache is reset and the last ``context`` tokens are run
+again, so both paths see exactly the same tokens and greedy decoding agrees between them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from physlm_graph._context import DecodeContext, decoding
+from physlm_graph._errors import PhysLMError
+from physlm_graph._registry import REGISTRY
+
+from .checkpoint import Checkpoint, load_checkpoint, model_context
+
+__all__ = ["generate", "can_cache", "sample_next"]
+
+
+def can_cache(cm: Any) -> bool:
+    """True when every node decodes incrementally (decode kind ``stateless`` or ``cached``)."""
+    for path, node in cm.resolved.nodes.items():
+        info = REGISTRY.get(node.use)
+        if info is None or info.decode_kind(cm.checked[path]) not in ("stateless", "cached"):
+            return False
+    return True
+
+
+def _as_compiled(model_or_ckpt: Any, device: str | torch.device | None) -> Any:
+    if isinstance(model_or_ckpt, (str, os.PathLike)):
+        return load_checkpoint(Path(model_or_ckpt), device=device or "cpu").model
+    if isinstance(model_or_ckpt, Checkpoint):
+        return model_or_ckpt.model
+    if hasattr(model_or_ckpt, "resolved") and hasattr(model_or_ckpt, "module"):
+        return model_or_ckpt
+    raise TypeError(f"generate() takes a CompiledModel, a Checkpoint or a checkpoint path, got {type(model_or_ckpt).__name__}")
+
+
+def sample_next(
+    logits: Tensor,
+    seen: Tensor,
+    *,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Pick the next token of each row from ``logits`` (B, V); ``seen`` (B, S) is the sequence so far."""
+    logits = logits.float().clone()  # (B, V)
+    if repetition_penalty != 1.0:  # CTRL (Keskar et al. 2019): shrink the logits of seen tokens
+        prev = logits.gather(1, seen)  # (B, S)
+        logits.scatter_(1, seen, torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty))
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix reaching top_p (always >= 1)
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+
+
+@torch.inference_mode()
+def generate(
+    model_or_ckpt: Any,
+    prompt_ids: list[int] | Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    use_cache: bool | Literal["auto"] = "auto",
+    eos_id: int | None = None,
+    on_token: Callable[[list[int]], None] | None = None,
+    device: str | torch.device | None = None,
+) -> list[int] | Tensor:
+    """Continue ``prompt_ids``; returns prompt + new ids (a list for a list or 1-D prompt, else (B, T + n)).
+
+    ``temperature=0`` is greedy. ``top_k``/``top_p`` filter before sampling, ``repetition_penalty``
+    > 1 discourages tokens already in the sequence. ``seed`` makes sampling reproducible.
+    ``eos_id`` stops when every row has emitted it; ``on_token`` receives each step's new ids.
+    """
+    if temperature < 0:
+        raise PhysLMError(f"temperature must be >= 0, got {temperature}", fix="use 0 for greedy decoding")
+    if top_k is not None and top_k < 1:
+        raise PhysLMError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise PhysLMError(f"top_p must be in (0, 1], got {top_p}")
+    cm = _as_compiled(model_or_ckpt, device)
+    module = cm.module
+    dev = next(module.parameters()).device if device is None else torch.device(device)
+    module.to(dev)
+    flat = not isinstance(prompt_ids, Tensor) or prompt_ids.dim() == 1
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=dev).reshape(1, -1) if flat else prompt_ids.to(dev).long()
+    if ids.size(1) == 0:
+        raise PhysLMError("the prompt is empty", fix="give at least one token (e.g. a newline)")
+    cached = can_cache(cm) if use_cache == "auto" else bool(use_cache)
+    if cached and not can_cache(cm):
+        bad = sorted({n.use for p, n in cm.resolved.nodes.items()
+                      if REGISTRY.get(n.use).decode_kind(cm.checked[p]) not in ("stateless", "cached")})
+        raise PhysLMError(f"use_cache=True, but these components cannot decode incrementally: {', '.join(bad)}",
+                          fix="use use_cache='auto' or False")
+    context = model_context(cm) or 1 << 62
+    gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
+    pick = lambda logits: sample_next(logits, ids, temperature=temperature, top_k=top_k, top_p=top_p,  # noqa: E731
+                                      repetition_penalty=repetition_penalty, generator=gen)
+    was_training = module.training
+    module.eval()
+    try:
+        if cached:
+            ids = _run_cached(module, ids, max_new_tokens, context, pick, eos_id, on_token)
+        else:
+            ids = _run_full(module, ids, max_new_tokens, context, pick, eos_id, on_token)
+    finally:
+        module.train(was_training)
+    return ids[0].tolist() if flat else ids
+
+
+def _last_logits(module: torch.nn.Module, x: Tensor) -> Tensor:
+    return module(x)["logits"][:, -1, :]  # (B, V)
+
+
+def _done(ids: Tensor, start: int, eos_id: int | None) -> bool:
+    return eos_id is not None and bool((ids[:, start:] == eos_id).any(dim=1).all())
+
+
+def _run_full(module, ids, n, context, pick, eos_id, on_token) -> Tensor:
+    start = ids.size(1)
+    for _ in range(n):
+        nxt = pick(_last_logits(module, ids[:, -context:]))  # (B,)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        if on_token is not None:
+            on_token(nxt.tolist())
+        if _done(ids, start, eos_id):
+            break
+    return ids
+
+
+def _run_cached(module, ids, n, context, pick, eos_id, on_token) -> Tensor:
+    start = ids.size(1)
+    ctx = DecodeContext()
+    with decoding(ctx):
+        window = ids[:, -context:]
+        logits = _last_logits(module, window)
+        ctx.offset = window.size(1)
+        for i in range(n):
+            nxt = pick(logits)  # (B,)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if on_token is not None:
+                on_token(nxt.tolist())
+            if i == n - 1 or _done(ids, start, eos_id):
+                break
+            if ctx.offset + 1 > context:  # the next position does not fit: crop and re-prefill
+                ctx.clear()
+                window = ids[:, -context:]
+                logits = _last_logits(module, window)
+                ctx.offset = window.size(1)
+            else:
+                logits = _last_logits(module, nxt[:, None])
+                ctx.offset += 1
+    return ids

@@ -1,0 +1,546 @@
+"""The training loop.
+
+    result = train("blueprints/baby-gpt.yaml", steps=2000, out_dir="runs/baby")
+
+The blueprint's ``train:`` section gives the defaults; arguments override them. Each step
+draws ``accumulate`` micro-batches of random windows, adds the blueprint's weighted auxiliary
+losses to the cross-entropy, clips the gradient and takes one AdamW step at ``lr_at(step)``.
+Every ``eval_every`` steps the mean loss over ``eval_iters`` validation batches is measured (the
+same windows each time, so evaluations compare); ``last`` is saved every ``save_every`` steps
+and at the end, ``best`` whenever the validation loss improves.
+
+``Trainer`` keeps model construction, the step, evaluation and checkpointing in separate
+methods so that growth and early-exit training can subclass it (and rebuild the model mid-run:
+call ``set_model``). Resuming restores weights, optimizer, step, the batcher and the RNGs: the
+same seed gives bit-identical weights on CPU whether or not the run was interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+from torch.nn import functional as F
+
+from physlm_graph._errors import CheckpointError, Loc, TrainingError
+from physlm_graph._schema import TrainConfig
+
+from .checkpoint import find_checkpoint, load_weights, model_context, model_vocab, restore_optimizer, save_checkpoint
+from .data import RandomWindows, TokenCache, load_text, split
+from .optim import lr_at, make_optimizer, node_components
+from .tokenizers import load_tokenizer, make_tokenizer
+
+__all__ = ["Trainer", "train", "resolve_device"]
+
+TOKENIZER_KINDS = ("bytes", "chars")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _normalize_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
+    from physlm_graph._merge import parse_override
+
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    return dict(parse_override(o) for o in overrides)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every RNG the loop may draw from, as JSON-able lists of ints."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch_cpu": torch.get_rng_state().tolist(),
+        "numpy": {"kind": np_state[0], "keys": np_state[1].tolist(), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if device.type == "cuda":
+        state["torch_cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(torch.tensor(state["torch_cpu"], dtype=torch.uint8))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "python" in state:
+        p = state["python"]
+        random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if device.type == "cuda" and state.get("torch_cuda"):
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["torch_cuda"]])
+
+
+class Trainer:
+    """One training run. ``fit()`` runs it; the methods are the seams for subclasses."""
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | dict[str, Any],
+        *,
+        out_dir: str | os.PathLike[str],
+        data: str | None = None,
+        tokenizer: str | None = None,
+        steps: int | None = None,
+        overrides: dict[str, Any] | list[str] | None = None,
+        resume: bool = False,
+        device: str | torch.device = "auto",
+        compile: bool | None = None,
+        seed: int | None = None,
+        progress: bool = True,
+        stop_after: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        console: Any = None,
+        **train_overrides: Any,
+    ) -> None:
+        from rich.console import Console
+
+        self.source = source
+        self.out_dir = Path(out_dir)
+        self.data_arg, self.tokenizer_arg = data, tokenizer
+        self.overrides = _normalize_overrides(overrides)
+        self.resume = resume
+        self.device = resolve_device(device)
+        self.show_progress = progress
+        self.stop_after = stop_after
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.out_dir / "cache"
+        self.console = console or Console()
+        self.notes: list[str] = []
+        updates = {"steps": steps, "compile": compile, "seed": seed, **train_overrides}
+        self.updates = {k: v for k, v in updates.items() if v is not None}
+        self.step = 0
+        self.tokens_seen = 0
+        self.best_val: float | None = None
+        self.last_val: float | None = None
+        self.skipped = 0
+        self.elapsed = 0.0
+
+    # ------------------------------------------------------------ configuration
+    def resolve_config(self) -> TrainConfig:
+        """The blueprint's train section with this run's overrides applied."""
+        from physlm_graph._compile import compile_blueprint
+
+        self.base = compile_blueprint(self.source, overrides=self.overrides, build=False)
+        unknown = sorted(set(self.updates) - set(TrainConfig.model_fields))
+        if unknown:
+            raise TrainingError(f"unknown training option(s): {', '.join(unknown)}",
+                                fix=f"use {', '.join(TrainConfig.model_fields)}")
+        try:
+            cfg = TrainConfig.model_validate({**self.base.train_config.model_dump(), **self.updates})
+        except ValidationError as err:
+            msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise TrainingError(f"invalid training option: {msgs}") from None
+        return cfg
+
+    def _blueprint_dir(self) -> Path | None:
+        src = self.source
+        if isinstance(src, (str, os.PathLike)) and "\n" not in str(src) and Path(src).is_file():
+            return Path(src).resolve().parent
+        return None
+
+    def data_path(self) -> str:
+        """``--data`` as given (relative to the working folder), else ``train.data`` relative to
+        the blueprint file."""
+        if self.data_arg is not None:
+            return str(self.data_arg)
+        spec = self.cfg.data
+        if spec is None:
+            raise TrainingError("no training data", loc=Loc(file=str(self.source) if self._blueprint_dir() else "<blueprint>"),
+                                fix="pass --data PATH, or set train.data in the blueprint")
+        base = self._blueprint_dir()
+        if spec.startswith("hf:") or Path(spec).expanduser().is_absolute() or base is None:
+            return spec
+        if not (base / spec).exists() and Path(spec).exists():
+            self.notes.append(f"train.data {spec!r} is not found next to the blueprint; using it relative to the "
+                              "working folder")
+            return spec
+        return os.path.normpath(base / spec)
+
+    def tokenizer_spec(self) -> str:
+        spec = self.tokenizer_arg or self.cfg.tokenizer
+        base = self._blueprint_dir()
+        if self.tokenizer_arg is None and base is not None and spec not in TOKENIZER_KINDS and not spec.startswith("bpe:"):
+            if (base / spec).is_dir():
+                return str(base / spec)
+        return spec
+
+    # ------------------------------------------------------------ setup
+    def setup(self) -> None:
+        self.cfg = self.resolve_config()
+        self.resume_from_path = self.find_resume() if self.resume else None
+        if not self.resume and (self.out_dir / "last").exists():
+            raise TrainingError("the output folder already holds a run", loc=Loc(file=str(self.out_dir)),
+                                fix="pass --resume to continue it, another --out, or delete the folder")
+        self.load_data()
+        self.set_model(self.build_model())
+        self.optimizer = self.build_optimizer()
+        self.batches = RandomWindows(self.train_tokens, batch_size=self.cfg.batch_size, seq_len=self.seq_len,
+                                     seed=self.cfg.seed, device=self.device)
+        torch.manual_seed(self.cfg.seed)  # dropout; the model's init used its own seed
+        if self.resume_from_path is not None:
+            self.restore(self.resume_from_path)
+
+    def find_resume(self) -> Path:
+        try:
+            return find_checkpoint(self.out_dir)
+        except CheckpointError:
+            raise CheckpointError("--resume: no checkpoint to resume (no last/ or best/ here)",
+                                  loc=Loc(file=str(self.out_dir)), fix="drop --resume to start a new run") from None
+
+    def load_data(self) -> None:
+        self.data = self.data_path()
+        text = load_text(self.data)
+        if self.resume_from_path is not None and (self.resume_from_path / "tokenizer").is_dir():
+            self.tokenizer = load_tokenizer(self.resume_from_path / "tokenizer")
+        else:
+            self.tokenizer = make_tokenizer(self.tokenizer_spec(), train_text=text, cache_dir=self.cache_dir)
+        tokens = TokenCache(self.cache_dir).tokens(text, self.tokenizer)
+        self.train_tokens, self.val_tokens = split(tokens, self.cfg.val_fraction)
+
+    def build_model(self) -> Any:
+        """Compile the blueprint with the tokenizer's vocabulary; returns the CompiledModel."""
+        from physlm_graph._compile import compile_blueprint
+
+        overrides = dict(self.overrides)
+        vocab = self.tokenizer.vocab_size
+        params = self.base.blueprint.get("params") or {}
+        if "vocab" in params and params["vocab"] != vocab:
+            overrides["params.vocab"] = vocab
+            self.notes.append(f"params.vocab set to {vocab} (the tokenizer's vocabulary; the blueprint said {params['vocab']})")
+        cm = compile_blueprint(self.source, overrides=overrides, seed=self.cfg.seed, device="cpu")
+        mv = model_vocab(cm)
+        if mv is not None and mv < vocab:
+            raise TrainingError(
+                f"the tokenizer has {vocab} tokens but the model's logits cover {mv}",
+                loc=Loc(file=str(self.source) if self._blueprint_dir() else "<blueprint>"),
+                fix=f"add `vocab: {vocab}` to params and use ${{vocab}} in the embedding and head, or --set the "
+                "vocab_size of both",
+            )
+        return cm
+
+    def set_model(self, cm: Any) -> None:
+        """Install a (re)built model; a growth subclass calls this mid-run, then rebuilds the optimizer."""
+        self.cm = cm
+        self.model = cm.module.to(self.device)
+        self.model.train()
+        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+        ctx = model_context(cm)
+        self.seq_len = self.cfg.seq_len or ctx
+        if self.seq_len is None:
+            raise TrainingError("no sequence length: the blueprint has no context param and train.seq_len is unset",
+                                fix="pass --set train.seq_len=N")
+        if ctx is not None and self.seq_len > ctx:
+            raise TrainingError(f"seq_len {self.seq_len} is longer than the model's context {ctx}",
+                                fix=f"use seq_len <= {ctx}, or raise the context param")
+        use_bf16 = self.cfg.dtype == "bfloat16" or (
+            self.cfg.dtype == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        self.dtype_name = "bfloat16 autocast" if use_bf16 else "float32"
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        c = self.cfg
+        return make_optimizer(self.model, lr=c.lr, weight_decay=c.weight_decay, betas=c.betas, owners=node_components(self.cm))
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.seq_len * self.cfg.accumulate
+
+    def describe(self) -> None:
+        """Print what the run will do before it starts."""
+        from rich.table import Table
+
+        c = self.cfg
+        t = Table(title=f"train {self.cm.name}", show_header=False, title_justify="left")
+        t.add_column(style="bold")
+        t.add_column()
+        t.add_row("model", f"{self.cm.name} (hash {self.cm.hash})")
+        t.add_row("params", f"{self.cm.num_params:,}")
+        t.add_row("FLOPs/token", f"{self.cm.flops_per_token:,.0f}")
+        t.add_row("tokens/step", f"{self.tokens_per_step:,} (batch {c.batch_size} x seq {self.seq_len} x accumulate {c.accumulate})")
+        t.add_row("steps", f"{c.steps:,}" + (f" (resuming at {self.step:,})" if self.step else ""))
+        t.add_row("total tokens", f"{c.steps * self.tokens_per_step:,}")
+        t.add_row("optimizer", f"AdamW lr {c.lr:g} -> {c.min_lr if c.min_lr is not None else c.lr / 10:g} ({c.schedule}, "
+                  f"warmup {c.warmup}), wd {c.weight_decay:g}, clip {c.grad_clip:g}")
+        t.add_row("device", f"{self.device} ({self.dtype_name}{', torch.compile' if c.compile else ''})")
+        t.add_row("data", f"{self.data} ({len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens)")
+        t.add_row("tokenizer", f"{self.tokenizer.name} ({self.tokenizer.vocab_size:,} tokens)")
+        t.add_row("output", str(self.out_dir) + (f" (resumed from {self.resume_from_path})" if self.resume_from_path else ""))
+        self.console.print(t)
+        for note in self.notes:
+            self.console.print(f"[yellow]note:[/] {note}")
+
+    # ------------------------------------------------------------ the step
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        return lr_at(step, lr=c.lr, min_lr=c.min_lr, warmup=c.warmup, steps=c.steps, schedule=c.schedule)
+
+    def compute_loss(self, out: dict[str, Any], y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """CE(logits, y) + sum of weight * aux; returns the total and each unweighted term."""
+        logits = out["logits"]
+        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-100)
+        total, parts = ce, {"ce": ce}
+        for name, term in (out.get("aux") or {}).items():
+            parts[name] = term
+            total = total + self.cm.loss_weights.get(name, 1.0) * term
+        return total, parts
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One optimizer step (``step`` is 0-based); returns its metrics."""
+        c = self.cfg
+        lr = self.lr_at(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum: dict[str, torch.Tensor] = {}
+        for _ in range(c.accumulate):
+            x, y = next(self.batches)
+            with self.autocast():
+                loss, parts = self.compute_loss(self.forward(x), y)
+            (loss / c.accumulate).backward()
+            loss_sum += loss.detach() / c.accumulate
+            for k, v in parts.items():
+                aux_sum[k] = aux_sum.get(k, 0.0) + v.detach().float() / c.accumulate
+        self.tokens_seen += self.tokens_per_step
+        loss_val = float(loss_sum)
+        finite = math.isfinite(loss_val)
+        gnorm = None
+        if finite and c.grad_clip > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
+            finite = math.isfinite(gnorm)
+        record: dict[str, Any] = {"step": step + 1, "loss": loss_val, "lr": lr}
+        record.update({k: float(v) for k, v in aux_sum.items() if k != "ce"})
+        if gnorm is not None:
+            record["grad_norm"] = gnorm
+        if not finite:
+            self.on_nonfinite(step + 1, loss_val, gnorm)
+            record["skipped"] = True
+            return record
+        self.optimizer.step()
+        return record
+
+    def on_nonfinite(self, step: int, loss: float, gnorm: float | None) -> None:
+        what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {gnorm}"
+        kept = f"; the last good checkpoint is kept in {self.out_dir / 'last'}" if (self.out_dir / "last").exists() else ""
+        if self.cfg.nan_policy == "stop":
+            raise TrainingError(f"{what} at step {step}{kept}",
+                                fix="lower lr, raise warmup, or set train.nan_policy: skip to skip such batches")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1
+        if self.skipped > self.cfg.max_skips:
+            raise TrainingError(f"{what} at step {step}: {self.skipped} batches skipped, more than max_skips "
+                                f"{self.cfg.max_skips}{kept}", fix="lower lr or raise warmup")
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over ``eval_iters`` validation batches (the same windows every time)."""
+        self.model.eval()
+        batches = RandomWindows(self.val_tokens, batch_size=self.cfg.batch_size, seq_len=self.seq_len,
+                                seed=self.cfg.seed + 1, device=self.device)
+        total = 0.0
+        for _ in range(self.cfg.eval_iters):
+            x, y = next(batches)
+            with self.autocast():
+                logits = self.forward(x)["logits"]
+            total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1)))
+        self.model.train()
+        return total / self.cfg.eval_iters
+
+    # ------------------------------------------------------------ checkpoints
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "best_val_loss": self.best_val,
+            "last_val_loss": self.last_val,
+            "skipped": self.skipped,
+            "elapsed_s": self.elapsed,
+            "growth_stage": None,
+            "blueprint_hash": self.cm.hash,
+            "config": self.cfg.model_dump(mode="json"),
+            "data": self.data,
+            "rng": rng_state(self.device),
+            "batcher": self.batches.state_dict(),
+        }
+
+    def save(self, name: str) -> Path:
+        return save_checkpoint(self.out_dir / name, cm=self.cm, module=self.model, tokenizer=self.tokenizer,
+                               optimizer=self.optimizer, trainer_state=self.trainer_state())
+
+    def restore(self, folder: Path) -> None:
+        """Continue from a checkpoint: weights, optimizer, step, batcher, RNGs."""
+        state_path = folder / "trainer_state.json"
+        if not state_path.is_file():
+            raise CheckpointError("no trainer state: this checkpoint cannot be resumed", loc=Loc(file=str(state_path)),
+                                  fix="start a new run from it instead")
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        if state.get("blueprint_hash") != self.cm.hash:
+            raise CheckpointError(
+                f"the checkpoint holds another model (graph {state.get('blueprint_hash')}; this run builds {self.cm.hash})",
+                loc=Loc(file=str(folder)), fix="resume with the same blueprint and --set overrides, or use another --out")
+        load_weights(self.model, folder)
+        restore_optimizer(self.optimizer, folder)
+        self.batches.load_state_dict(state["batcher"])
+        set_rng_state(state["rng"], self.device)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.best_val, self.last_val = state.get("best_val_loss"), state.get("last_val_loss")
+        self.skipped, self.elapsed = state.get("skipped", 0), state.get("elapsed_s", 0.0)
+
+    # ------------------------------------------------------------ the run
+    def fit(self) -> dict[str, Any]:
+        self.setup()
+        self.describe()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        c = self.cfg
+        save_every = c.save_every or c.eval_every
+        end = min(c.steps, self.stop_after) if self.stop_after is not None else c.steps
+        logger = _Metrics(self.out_dir, tensorboard=True)
+        bar = _Progress(self.console, enabled=self.show_progress, total=c.steps, start=self.step)
+        start_step, t_run = self.step, time.perf_counter()
+        t_log, tok_log = time.perf_counter(), self.tokens_seen
+        last: dict[str, Any] = {}
+        try:
+            with bar:
+                while self.step < end:
+                    last = self.train_step(self.step)
+                    self.step += 1
+                    now = time.perf_counter()
+                    tps = (self.tokens_seen - tok_log) / max(now - t_log, 1e-9)
+                    evaluated = self.step % c.eval_every == 0 or self.step == end
+                    if evaluated:
+                        self.last_val = last["val_loss"] = self.evaluate()
+                        if self.best_val is None or self.last_val < self.best_val:
+                            self.best_val = self.last_val
+                            self.save("best")
+                        bar.log(f"step {self.step}: train loss {last['loss']:.4f}, val loss {self.last_val:.4f}"
+                                f" (best {self.best_val:.4f})")
+                    if self.step % c.log_every == 0 or evaluated:
+                        logger.write({**last, "tokens": self.tokens_seen, "tokens_per_s": tps})
+                        t_log, tok_log = now, self.tokens_seen
+                    if self.step % save_every == 0 or self.step == end:
+                        self.elapsed += time.perf_counter() - t_run
+                        t_run = time.perf_counter()
+                        self.save("last")
+                    bar.update(self.step, last["loss"], tps)
+        except KeyboardInterrupt:
+            if self.step > start_step:
+                self.save("last")
+            raise
+        finally:
+            logger.close()
+        self.elapsed += time.perf_counter() - t_run
+        return {
+            "out_dir": str(self.out_dir),
+            "steps": self.step,
+            "tokens_seen": self.tokens_seen,
+            "final_loss": last.get("loss"),
+            "val_loss": self.last_val,
+            "best_val_loss": self.best_val,
+            "skipped": self.skipped,
+            "wall_s": self.elapsed,
+            "params": self.cm.num_params,
+            "last": str(self.out_dir / "last"),
+            "best": str(self.out_dir / "best") if (self.out_dir / "best").exists() else None,
+        }
+
+
+class _Metrics:
+    """metrics.jsonl (one JSON object per logged step) and TensorBoard when it is installed."""
+
+    def __init__(self, out_dir: Path, *, tensorboard: bool) -> None:
+        self.file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class _Progress:
+    """A rich progress bar (loss, tokens/s, ETA) on a terminal; plain lines otherwise."""
+
+    def __init__(self, console: Any, *, enabled: bool, total: int, start: int) -> None:
+        self.console = console
+        self.enabled = enabled and console.is_terminal
+        self.bar = None
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                                TimeRemainingColumn(), console=console)
+            self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"), tps=0.0)
+
+    def __enter__(self) -> _Progress:
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def update(self, step: int, loss: float, tps: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=loss, tps=tps)
+
+    def log(self, line: str) -> None:
+        (self.bar.console if self.bar is not None else self.console).print(line)
+
+
+def train(
+    source: str | os.PathLike[str] | dict[str, Any],
+    *,
+    data: str | None = None,
+    tokenizer: str | None = None,
+    steps: int | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    out_dir: str | os.PathLike[str],
+    resume: bool = False,
+    device: str | torch.device = "auto",
+    compile: bool | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+    **train_overrides: Any,
+) -> dict[str, Any]:
+    """Train a blueprint; returns a summary (steps, tokens, losses, wall time, checkpoint paths).
+
+    ``train_overrides`` are ``train:`` keys (``batch_size=8``, ``lr=3e-4``, ...);
+    ``stop_after=N`` stops after step N of the full schedule (as if interrupted, saving ``last``).
+    """
+    return Trainer(source, data=data, tokenizer=tokenizer, steps=steps, overrides=overrides, out_dir=out_dir,
+                   resume=resume, device=device, compile=compile, seed=seed, progress=progress, **train_overrides).fit()

@@ -1,0 +1,159 @@
+"""The training loop: exact resume, metrics, NaN policies, vocabulary fitting, the CLI commands."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from physlm_graph import CheckpointError, TrainingError
+from physlm_graph.runtime.checkpoint import load_checkpoint
+from physlm_graph.runtime.commands import main
+from physlm_graph.runtime.optim import lr_at
+from physlm_graph.runtime.train import Trainer, train
+
+ROOT = Path(__file__).resolve().parents[2]
+BLUEPRINT = ROOT / "blueprints" / "baby-gpt.yaml"
+SHAKESPEARE = Path("/work/shared/data/tinyshakespeare/input.txt")
+TINY = {"params.layers": 1, "params.dim": 32, "params.heads": 2, "params.context": 32, "train.seq_len": 32,
+        "params.dropout": 0.1}
+FAST = dict(batch_size=4, eval_every=50, eval_iters=2, log_every=10, warmup=20, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "shakespeare-slice.txt"
+    if SHAKESPEARE.is_file():
+        path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    else:  # the project must not need the shared data at run time
+        path.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 400, encoding="utf-8")
+    return path
+
+
+def _run(out: Path, data: Path, **kw):
+    return train(BLUEPRINT, data=str(data), overrides=TINY, out_dir=out, device="cpu", **{**FAST, **kw})
+
+
+def test_resume_is_bit_identical(tmp_path, text_file):
+    straight = _run(tmp_path / "a", text_file, steps=200)
+    first = _run(tmp_path / "b", text_file, steps=200, stop_after=100)
+    assert first["steps"] == 100
+    second = _run(tmp_path / "b", text_file, steps=200, resume=True)
+    assert second["steps"] == 200 and straight["steps"] == 200
+    a = load_file(str(tmp_path / "a" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert straight["best_val_loss"] == second["best_val_loss"]
+    sa = json.loads((tmp_path / "a" / "last" / "trainer_state.json").read_text())
+    sb = json.loads((tmp_path / "b" / "last" / "trainer_state.json").read_text())
+    assert sa["batcher"] == sb["batcher"] and sa["rng"] == sb["rng"] and sa["tokens_seen"] == sb["tokens_seen"]
+
+
+def test_metrics_and_checkpoints(tmp_path, text_file):
+    result = _run(tmp_path / "r", text_file, steps=20, eval_every=10)
+    lines = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [10, 20]
+    assert {"step", "loss", "lr", "tokens_per_s", "val_loss", "grad_norm"} <= set(lines[-1])
+    assert result["best"] and result["last"] and math.isfinite(result["best_val_loss"])
+    ck = load_checkpoint(tmp_path / "r")
+    assert ck.trainer_state["step"] == 20
+    # vocab was fitted to the slice's characters, and the stored blueprint says so
+    assert ck.config["vocab_size"] == ck.tokenizer.vocab_size == yaml.safe_load((ck.path / "blueprint.yaml").read_text())["params"]["vocab"]
+
+
+def test_existing_run_needs_resume(tmp_path, text_file):
+    _run(tmp_path / "r", text_file, steps=2)
+    with pytest.raises(TrainingError, match="the output folder already holds a run"):
+        _run(tmp_path / "r", text_file, steps=4)
+    with pytest.raises(CheckpointError, match="--resume: no checkpoint to resume"):
+        _run(tmp_path / "empty", text_file, steps=4, resume=True)
+
+
+class _NaNAt(Trainer):
+    """Returns a NaN loss at the given (1-based) steps."""
+
+    bad: tuple[int, ...] = ()
+
+    def compute_loss(self, out, y):
+        loss, parts = super().compute_loss(out, y)
+        return (loss * float("nan"), parts) if self.step + 1 in self.bad else (loss, parts)
+
+
+def test_nan_stop_names_the_step_and_keeps_the_last_checkpoint(tmp_path, text_file):
+    t = _NaNAt(BLUEPRINT, data=str(text_file), overrides=TINY, out_dir=tmp_path / "r", steps=10, save_every=2,
+               device="cpu", **FAST)
+    t.bad = (5,)
+    with pytest.raises(TrainingError, match=r"the loss is nan at step 5; the last good checkpoint is kept in"):
+        t.fit()
+    assert load_checkpoint(tmp_path / "r").trainer_state["step"] == 4
+
+
+def test_nan_skip_until_max_skips(tmp_path, text_file):
+    t = _NaNAt(BLUEPRINT, data=str(text_file), overrides=TINY, out_dir=tmp_path / "r", steps=8, device="cpu",
+               nan_policy="skip", max_skips=2, **FAST)
+    t.bad = (3, 4)
+    assert t.fit()["skipped"] == 2
+    t = _NaNAt(BLUEPRINT, data=str(text_file), overrides=TINY, out_dir=tmp_path / "s", steps=8, device="cpu",
+               nan_policy="skip", max_skips=2, **FAST)
+    t.bad = (3, 4, 6)
+    with pytest.raises(TrainingError, match="at step 6: 3 batches skipped, more than max_skips 2"):
+        t.fit()
+
+
+def test_a_model_without_a_vocab_param_must_fit_the_tokenizer(tmp_path, text_file):
+    doc = yaml.safe_load(BLUEPRINT.read_text())
+    doc = copy.deepcopy(doc)
+    del doc["params"]["vocab"]
+    doc["nodes"]["tok"]["vocab_size"] = 10
+    doc["nodes"]["head"]["vocab_size"] = 10
+    with pytest.raises(TrainingError, match="the tokenizer has .* tokens but the model's logits cover 10"):
+        train(doc, data=str(text_file), overrides=TINY, out_dir=tmp_path / "r", steps=2, device="cpu", **FAST)
+
+
+def test_unknown_training_option(tmp_path, text_file):
+    with pytest.raises(TrainingError, match="unknown training option"):
+        _run(tmp_path / "r", text_file, steps=2, bogus=1)
+
+
+def test_lr_schedule_is_a_function_of_the_step():
+    kw = dict(lr=1e-3, min_lr=1e-4, warmup=10, steps=100)
+    assert lr_at(0, **kw) == pytest.approx(1e-3 / 11)
+    assert lr_at(10, **kw) == pytest.approx(1e-3)
+    assert lr_at(100, **kw) == pytest.approx(1e-4)
+    assert lr_at(55, **kw) == pytest.approx(5.5e-4)
+    assert lr_at(50, **kw, schedule="constant") == 1e-3
+    assert lr_at(55, **kw, schedule="linear") == pytest.approx(5.5e-4)
+    assert lr_at(50, lr=1e-3, min_lr=None, warmup=0, steps=50) == pytest.approx(1e-4)
+
+
+def test_cli_train_generate_eval(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    args = ["train", str(BLUEPRINT), "--data", str(text_file), "--steps", "4", "--out", str(out), "--device", "cpu",
+            "--batch-size", "4", "--no-progress", "--set", "train.eval_every=2", "--set", "train.eval_iters=1"]
+    args += [f"--set={k}={v}" for k, v in TINY.items()]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--seed", "1", "--json"]) == 0
+    gen = json.loads(capsys.readouterr().out)
+    assert gen["new_tokens"] == 5 and gen["cache"] is True and len(gen["completion"]) == 5
+    assert main(["eval", str(out), "--data", str(text_file), "--json", "--batch-size", "16"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens_scored"] == len(text_file.read_text()) - 1 and report["perplexity"] > 1
+    assert main(["eval", str(tmp_path / "nothing"), "--data", str(text_file)]) == 2
+    assert "no checkpoint here" in capsys.readouterr().err
