@@ -48,6 +48,13 @@ from physlm_graph._registry import (  # noqa: E402
 )
 from physlm_graph._context import DecodeContext, decode_context, decoding  # noqa: E402
 
+try:  # register model_type "physlm" with transformers' Auto classes when transformers loads
+    from physlm_graph.hf import install_import_hook as _install_hf_hook
+
+    _install_hf_hook()
+except Exception:  # pragma: no cover - a broken transformers must not break the compiler
+    pass
+
 if TYPE_CHECKING:
     from physlm_graph._compile import CompiledModel, compile_blueprint
 

@@ -211,6 +211,9 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_components)
 
+    for mod in ("physlm_graph._schema_export", "physlm_graph._viz", "physlm_graph._plot", "physlm_graph._viz_coords"):
+        __import__(mod, fromlist=["add_commands"]).add_commands(sub)  # schema, viz, plot, viz-coords
+
     for mod in ("physlm_graph.runtime.commands", "physlm_graph._study_commands"):
         try:
             m = __import__(mod, fromlist=["add_commands"])
