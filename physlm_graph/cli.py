@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     try:
-        code = args.fn(args)
+        code = (getattr(args, "fn", None) or args.func)(args)
         return int(code or 0)
     except PhysLMError as exc:
         print(str(exc), file=sys.stderr)

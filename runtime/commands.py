@@ -36,6 +36,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--gpus", type=int, help="train on N GPUs of this machine (launches torchrun)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                   help="with several GPUs: DDP (replicated) or FSDP2 (sharded, for models that do not fit)")
     p.set_defaults(func=cmd_train)
 
     g = subparsers.add_parser("generate", help="sample text from a checkpoint")
@@ -76,11 +79,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .train import train
 
+    import os
+    import sys
+
+    if args.gpus is not None and args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        from .distributed import launch_torchrun
+
+        argv = list(sys.argv[1:])
+        i = argv.index("--gpus")
+        del argv[i : i + 2]
+        return launch_torchrun(args.gpus, argv)
     out = args.out or str(Path("runs") / Path(args.blueprint).stem)
     extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     result = train(args.blueprint, data=args.data, tokenizer=args.tokenizer, steps=args.steps,
                    overrides=args.overrides or None, out_dir=out, resume=args.resume, device=args.device,
-                   compile=args.compile, seed=args.seed, progress=not args.no_progress, **extra)
+                   compile=args.compile, seed=args.seed, progress=not args.no_progress, strategy=args.strategy,
+                   **extra)
+    if "RANK" in os.environ and os.environ["RANK"] != "0":
+        return 0
     best = result["best_val_loss"]
     Console().print(f"done: {result['steps']} steps, {result['tokens_seen']:,} tokens in {result['wall_s']:.0f} s; "
                     f"best val loss {best:.4f}" if best is not None else "done", highlight=False)

@@ -36,6 +36,7 @@ from physlm_graph._schema import TrainConfig
 
 from .checkpoint import find_checkpoint, load_weights, model_context, model_vocab, restore_optimizer, save_checkpoint
 from .data import RandomWindows, TokenCache, load_text, split
+from .distributed import barrier, full_state_dict, init_distributed, wrap_model
 from .optim import lr_at, make_optimizer, node_components
 from .tokenizers import load_tokenizer, make_tokenizer
 
@@ -107,6 +108,7 @@ class Trainer:
         stop_after: int | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         console: Any = None,
+        strategy: str = "ddp",
         **train_overrides: Any,
     ) -> None:
         from rich.console import Console
@@ -116,11 +118,17 @@ class Trainer:
         self.data_arg, self.tokenizer_arg = data, tokenizer
         self.overrides = _normalize_overrides(overrides)
         self.resume = resume
+        self.dist = init_distributed()
+        self.strategy = strategy
+        if strategy not in ("ddp", "fsdp"):
+            raise TrainingError(f"unknown strategy {strategy!r}", expected="ddp or fsdp")
         self.device = resolve_device(device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.show_progress = progress
         self.stop_after = stop_after
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.out_dir / "cache"
-        self.console = console or Console()
+        self.console = console or Console(quiet=not self.dist.main)
         self.notes: list[str] = []
         updates = {"steps": steps, "compile": compile, "seed": seed, **train_overrides}
         self.updates = {k: v for k, v in updates.items() if v is not None}
@@ -190,8 +198,9 @@ class Trainer:
         self.load_data()
         self.set_model(self.build_model())
         self.optimizer = self.build_optimizer()
+        # each rank samples its own windows: the data are sharded by sampling
         self.batches = RandomWindows(self.train_tokens, batch_size=self.cfg.batch_size, seq_len=self.seq_len,
-                                     seed=self.cfg.seed, device=self.device)
+                                     seed=self.cfg.seed + self.dist.rank, device=self.device)
         torch.manual_seed(self.cfg.seed)  # dropout; the model's init used its own seed
         if self.resume_from_path is not None:
             self.restore(self.resume_from_path)
@@ -239,7 +248,16 @@ class Trainer:
         self.cm = cm
         self.model = cm.module.to(self.device)
         self.model.train()
-        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+        blocks = [p for paths in cm.resolved.instances.values() for p in paths]
+        self.wrapped = wrap_model(self.model, self.dist, self.strategy, blocks)
+        self.forward = torch.compile(self.wrapped) if self.cfg.compile else self.wrapped
+
+        def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            return self.compute_loss(self.wrapped(x), y)
+
+        # with compile, the loss joins the compiled region: the log-softmax fuses into the head's
+        # output instead of materialising fp32 logits (GPT-2 on an H100: 31.5% -> 41.7% MFU)
+        self.forward_loss = torch.compile(forward_loss) if self.cfg.compile else forward_loss
         ctx = model_context(cm)
         self.seq_len = self.cfg.seq_len or ctx
         if self.seq_len is None:
@@ -259,7 +277,8 @@ class Trainer:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.cfg.batch_size * self.seq_len * self.cfg.accumulate
+        """Tokens per optimizer step over all ranks."""
+        return self.cfg.batch_size * self.seq_len * self.cfg.accumulate * self.dist.world
 
     def describe(self) -> None:
         """Print what the run will do before it starts."""
@@ -277,7 +296,8 @@ class Trainer:
         t.add_row("total tokens", f"{c.steps * self.tokens_per_step:,}")
         t.add_row("optimizer", f"AdamW lr {c.lr:g} -> {c.min_lr if c.min_lr is not None else c.lr / 10:g} ({c.schedule}, "
                   f"warmup {c.warmup}), wd {c.weight_decay:g}, clip {c.grad_clip:g}")
-        t.add_row("device", f"{self.device} ({self.dtype_name}{', torch.compile' if c.compile else ''})")
+        t.add_row("device", f"{self.device} ({self.dtype_name}{', torch.compile' if c.compile else ''})"
+                  + (f", {self.dist.world} processes ({self.strategy})" if self.dist.enabled else ""))
         t.add_row("data", f"{self.data} ({len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens)")
         t.add_row("tokenizer", f"{self.tokenizer.name} ({self.tokenizer.vocab_size:,} tokens)")
         t.add_row("output", str(self.out_dir) + (f" (resumed from {self.resume_from_path})" if self.resume_from_path else ""))
@@ -312,7 +332,7 @@ class Trainer:
         for _ in range(c.accumulate):
             x, y = next(self.batches)
             with self.autocast():
-                loss, parts = self.compute_loss(self.forward(x), y)
+                loss, parts = self.forward_loss(x, y)
             (loss / c.accumulate).backward()
             loss_sum += loss.detach() / c.accumulate
             for k, v in parts.items():
@@ -382,8 +402,22 @@ class Trainer:
         }
 
     def save(self, name: str) -> Path:
-        return save_checkpoint(self.out_dir / name, cm=self.cm, module=self.model, tokenizer=self.tokenizer,
-                               optimizer=self.optimizer, trainer_state=self.trainer_state())
+        """Rank 0 writes the full weights; with FSDP2 they are gathered first (every rank joins)."""
+        path = self.out_dir / name
+        module, optimizer = self.model, self.optimizer
+        if self.dist.enabled and self.strategy == "fsdp":
+            full = full_state_dict(self.model, self.strategy)
+            optimizer = None  # sharded optimizer state is not gathered: a resumed FSDP run restarts the moments
+            if self.dist.main:
+                from physlm_graph._compile import compile_blueprint
+
+                module = compile_blueprint(self.cm.blueprint, device="cpu").module
+                module.load_state_dict(full)
+        if self.dist.main:
+            save_checkpoint(path, cm=self.cm, module=module, tokenizer=self.tokenizer,
+                            optimizer=optimizer, trainer_state=self.trainer_state())
+        barrier(self.dist)
+        return path
 
     def restore(self, folder: Path) -> None:
         """Continue from a checkpoint: weights, optimizer, step, batcher, RNGs."""
@@ -412,8 +446,8 @@ class Trainer:
         c = self.cfg
         save_every = c.save_every or c.eval_every
         end = min(c.steps, self.stop_after) if self.stop_after is not None else c.steps
-        logger = _Metrics(self.out_dir, tensorboard=True)
-        bar = _Progress(self.console, enabled=self.show_progress, total=c.steps, start=self.step)
+        logger = _Metrics(self.out_dir, tensorboard=True, enabled=self.dist.main)
+        bar = _Progress(self.console, enabled=self.show_progress and self.dist.main, total=c.steps, start=self.step)
         start_step, t_run = self.step, time.perf_counter()
         t_log, tok_log = time.perf_counter(), self.tokens_seen
         last: dict[str, Any] = {}
@@ -465,10 +499,10 @@ class Trainer:
 class _Metrics:
     """metrics.jsonl (one JSON object per logged step) and TensorBoard when it is installed."""
 
-    def __init__(self, out_dir: Path, *, tensorboard: bool) -> None:
-        self.file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+    def __init__(self, out_dir: Path, *, tensorboard: bool, enabled: bool = True) -> None:
+        self.file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
         self.tb = None
-        if tensorboard:
+        if tensorboard and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -477,6 +511,8 @@ class _Metrics:
                 self.tb = None
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -485,7 +521,8 @@ class _Metrics:
                     self.tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -535,6 +572,7 @@ def train(
     compile: bool | None = None,
     seed: int | None = None,
     progress: bool = True,
+    strategy: str = "ddp",
     **train_overrides: Any,
 ) -> dict[str, Any]:
     """Train a blueprint; returns a summary (steps, tokens, losses, wall time, checkpoint paths).
@@ -543,4 +581,5 @@ def train(
     ``stop_after=N`` stops after step N of the full schedule (as if interrupted, saving ``last``).
     """
     return Trainer(source, data=data, tokenizer=tokenizer, steps=steps, overrides=overrides, out_dir=out_dir,
-                   resume=resume, device=device, compile=compile, seed=seed, progress=progress, **train_overrides).fit()
+                   resume=resume, device=device, compile=compile, seed=seed, progress=progress, strategy=strategy,
+                   **train_overrides).fit()

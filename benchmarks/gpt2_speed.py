@@ -1,0 +1,160 @@
+"""GPT-2 124M training speed on one GPU: the compiled blueprint against an independent
+hand-written GPT-2, in the same run, both bf16 + torch.compile + fused AdamW.
+
+MFU as nanoGPT counts it: FLOPs/token = 6 N + 12 L H Q T (N without the position table),
+divided by the peak (989 TFLOP/s dense bf16 for H100 SXM / H200, ANCHORS.md).
+
+The two models alternate in rounds of --round steps (A, B, A, B, ...) after their warm-up, and
+the table reports each one's median step time, tokens/s and MFU, and the ratio.
+
+    python benchmarks/gpt2_speed.py [--batch 32] [--seq 1024] [--rounds 4] [--round 10]
+        [--variants default:auto:model,default:cudnn:loss,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _handgpt import HandGPT  # noqa: E402
+
+from physlm_graph import compile_blueprint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PEAK = 989e12
+
+
+def sdpa_context(kind: str):
+    if kind == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[kind])
+
+
+def make_step(model, opt, physlm: bool, compile_mode: str | None, loss_in_compile: bool):
+    """One training step. With ``loss_in_compile`` the loss is inside the compiled region, so
+    inductor fuses the log-softmax into the head's output instead of materialising fp32 logits."""
+
+    def forward_loss(x, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+            logits = out["logits"] if physlm else out
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+
+    if compile_mode is None:
+        fwd = forward_loss
+    elif loss_in_compile:
+        fwd = torch.compile(forward_loss, mode=None if compile_mode == "default" else compile_mode)
+    else:
+        cmod = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+
+        def fwd(x, y):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = cmod(x)
+                logits = out["logits"] if physlm else out
+                return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+
+    def step(x, y):
+        loss = fwd(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def optimizer(model):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=6e-4, betas=(0.9, 0.95), fused=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--vocab", type=int, default=50304)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--round", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--variants", default="default:auto:model",
+                    help="comma list of COMPILE_MODE:SDPA:SCOPE, COMPILE_MODE in default|max-autotune-no-cudagraphs|"
+                         "reduce-overhead|none, SDPA in auto|flash|cudnn, SCOPE model|loss (loss: loss inside compile)")
+    args = ap.parse_args()
+    for variant in args.variants.split(","):
+        run_variant(args, *variant.split(":"))
+
+
+def run_variant(args, compile_mode: str, sdpa: str, scope: str) -> None:
+    torch._dynamo.reset()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    dev = "cuda"
+    torch.manual_seed(0)
+    cm = compile_blueprint(ROOT / "blueprints/gpt2-124m.yaml", overrides={"params.vocab": args.vocab}, device=dev)
+    p = cm.resolved.params
+    L, H, D, ctx = p["layers"], p["heads"], p["dim"], p["context"]
+    hand = HandGPT(args.vocab, ctx, D, H, L, bias=True).to(dev)
+    n_params = cm.num_params - ctx * D
+    flops_tok = 6 * n_params + 12 * L * H * (D // H) * args.seq
+    models = {"physlm-graph gpt2-124m": (cm.module, True), "hand-written GPT-2": (hand, False)}
+    steps = {}
+    for name, (m, is_physlm) in models.items():
+        m.train()
+        steps[name] = make_step(m, optimizer(m), is_physlm, None if compile_mode == "none" else compile_mode,
+                                scope == "loss")
+    x = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
+    y = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    with sdpa_context(sdpa):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(args.warmup):
+                step(x, y)
+            torch.cuda.synchronize()
+            print(f"warm-up {name}: {time.perf_counter() - t0:.1f} s (includes compilation)", flush=True)
+        for r in range(args.rounds):
+            order = list(steps.items()) if r % 2 == 0 else list(reversed(steps.items()))
+            for name, step in order:
+                for _ in range(args.round):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    step(x, y)
+                    torch.cuda.synchronize()
+                    times[name].append(time.perf_counter() - t0)
+    tokens = args.batch * args.seq
+    print()
+    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch} x {args.seq}, "
+          f"vocab {args.vocab}, bf16 autocast, compile={compile_mode} ({scope}), "
+          f"sdpa={sdpa}, fused AdamW; N={n_params:,} (no wpe), {flops_tok / 1e9:.3f} GFLOP/token, peak 989 TFLOP/s")
+    print()
+    print("| model | median step (ms) | tokens/s | MFU |")
+    print("|---|---:|---:|---:|")
+    res = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        tps = tokens / med
+        mfu = tps * flops_tok / PEAK
+        res[name] = tps
+        print(f"| {name} | {med * 1e3:.1f} | {tps:,.0f} | {100 * mfu:.1f}% |")
+    ratio = res["physlm-graph gpt2-124m"] / res["hand-written GPT-2"]
+    print()
+    print(f"tokens/s ratio physlm-graph / hand-written: {ratio:.3f} (goal >= 0.98)")
+    mfu = res["physlm-graph gpt2-124m"] * flops_tok / PEAK
+    print(f"physlm-graph MFU: {100 * mfu:.1f}% (goal >= 45%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Training on several GPUs and machines through torchrun: DDP, or FSDP2 for large models.
+
+    torchrun --nproc-per-node 2 -m physlm_graph train BLUEPRINT --data PATH ...
+    physlm-graph train BLUEPRINT --data PATH --gpus 2          # launches the line above
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m physlm_graph train BLUEPRINT --data PATH            # several machines
+
+Each rank draws its own random windows (seed + rank), so the data are sharded by sampling;
+gradients are averaged by DDP (or reduce-scattered by FSDP2); only rank 0 prints, logs and
+writes checkpoints. A checkpoint always holds the full, unsharded weights, so it loads on any
+number of GPUs, or on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["DistInfo", "init_distributed", "wrap_model", "full_state_dict", "launch_torchrun", "barrier", "all_mean"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group torchrun describes in the environment (or run alone)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return DistInfo(rank=rank, world=world, local_rank=local)
+
+
+def wrap_model(model: nn.Module, info: DistInfo, strategy: str, block_paths: list[str]) -> nn.Module:
+    """DDP (the default) or FSDP2 (``fully_shard`` on every block instance, then the root)."""
+    if not info.enabled:
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for path in block_paths:
+            fully_shard(model.get_submodule(path))
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dev = [info.local_rank] if torch.cuda.is_available() else None
+    return DDP(model, device_ids=dev)
+
+
+def full_state_dict(model: nn.Module, strategy: str) -> dict[str, torch.Tensor] | None:
+    """The unsharded weights (on every rank for DDP; gathered to CPU for FSDP2)."""
+    if strategy != "fsdp":
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_mean(value: float, info: DistInfo, device: torch.device) -> float:
+    if not info.enabled:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / info.world
+
+
+def launch_torchrun(gpus: int, argv: list[str]) -> int:
+    """Re-run this command under torchrun with ``gpus`` processes on this machine."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+           "-m", "physlm_graph", *argv]
+    return subprocess.call(cmd)
