@@ -17,8 +17,11 @@ from physlm_graph import ComponentParams, Example, Inputs, register
 from physlm_graph.components.attention._gravity_kernels import (
     NEG,
     GravityScore,
+    compiled_materialised,
     flex_available,
     gravity_flex,
+    gravity_gaussian_sdpa,
+    gravity_materialised,
     sq_dist,
     sq_dist_exact,
 )
@@ -26,6 +29,7 @@ from physlm_graph.components.attention._gravity_kernels import (
 Mode = Literal["faithful", "fixed"]
 Cutoff = Literal["hard", "soft", "none"]
 MassMode = Literal["score", "value"]
+Kernel = Literal["inverse_square", "gaussian"]
 
 
 class GravityAttention(nn.Module):
@@ -63,13 +67,27 @@ class GravityAttention(nn.Module):
       cancels in softmax). Self-attention is allowed (the self score is the largest, finite).
       Cutoffs: ``hard`` as above (radius gets no gradient), ``soft`` subtracts
       softplus((d2 - r^2) / cutoff_width), which decays out-of-radius scores and is
-      differentiable in r; ``none``. Causal.
+      differentiable in r; ``none``. Causal. That is ``kernel: inverse_square`` (the default).
+    - ``fixed`` with ``kernel: gaussian``: the same claim ("near, heavy tokens attract, within a
+      learnable radius") with a gaussian kernel, ``S = -gamma_h d2 / r^2 + log m_j``
+      (mass_mode "score": softmax weight proportional to m_j exp(-gamma_h d2 / r^2); "value":
+      no log-prior, V_j *= m_j). The radius is the kernel's length scale r / sqrt(gamma_h): a
+      soft, decaying, differentiable cutoff (``cutoff: soft``, the default for this kernel;
+      ``none`` drops r; ``hard`` is refused). Self-attention is allowed and the nearest token
+      wins. It is a dot product of augmented vectors (``gaussian_qk``), so it runs in SDPA
+      (flash / cuDNN on CUDA, dropout included) at the speed of causal attention. Differences
+      from inverse_square: the per-query mass m_i plays no role (a per-row factor), and the
+      decay is exp(-d2) instead of 1/(d2 + softening).
 
     Implementation: the (B, H, T, T, c_h) difference tensor of the seed is never built; d2 is
     rebuilt from a dot product and per-token norms (clamped at 0, diagonal exactly 0), so the CPU
     path holds only (B, H, T, T) scores. ``exact=True`` (constructor only, for reference tests)
-    uses the seed's explicit differences. On CUDA, when attention dropout is inactive (eval or
-    dropout 0), a compiled FlexAttention kernel computes the same function (``gravity_flex``).
+    uses the seed's explicit differences. Paths: gaussian -> SDPA (every device). Otherwise on
+    CUDA: with gradients, ``torch.compile`` of the materialised path (one fused elementwise +
+    softmax pass over fp32 (B, H, T, T) scores; FlexAttention would have to capture the
+    learnable gamma, beta and masses in ``score_mod``, whose backward is ~50x slower); without
+    gradients and attention dropout, FlexAttention (``gravity_flex``). On CPU, the eager
+    materialised path.
     """
 
     def __init__(
@@ -89,12 +107,13 @@ class GravityAttention(nn.Module):
         use_rsqrt: bool = False,
         dropout: float = 0.1,
         mode: Mode = "faithful",
+        kernel: Kernel = "inverse_square",
         exact: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.head_coord_dim = num_heads, embed_dim // num_heads, head_coord_dim
         self.exact = exact
-        self.spec = GravityScore(mode, cutoff, mass_mode, eps, softening, cutoff_width, use_rsqrt)
+        self.spec = GravityScore(mode, cutoff, mass_mode, eps, softening, cutoff_width, use_rsqrt, kernel)
         self.value = nn.Linear(embed_dim, embed_dim)
         self.coord = nn.Linear(coord_dim, num_heads * head_coord_dim)
         self.proj = nn.Linear(embed_dim, embed_dim)
@@ -115,12 +134,15 @@ class GravityAttention(nn.Module):
             v = v * m[:, None, :, None].to(v.dtype)  # mass as a per-key gain
         gamma = F.softplus(self.gamma_raw)  # (H,)
         r2 = F.softplus(self.radius_raw).square()  # ()
-        use_flex = x.is_cuda and flex_available and not self.exact and not (self.training and self.attn_drop.p > 0)
-        if use_flex:
-            o = gravity_flex(
-                zh.expand(B, -1, -1, -1), v, spec, gamma, self.beta,
-                m if spec.mass_mode == "score" else None, r2,
-            )  # (B, H, T, d)
+        p_drop = self.attn_drop.p if self.training else 0.0
+        mq = m if spec.mass_mode == "score" else None  # (B, T) or None
+        if spec.kernel == "gaussian" and not self.exact:
+            zc = zh - self.coord.bias.view(H, 1, self.head_coord_dim).float()  # b_z cancels in d2; better conditioned
+            o = gravity_gaussian_sdpa(zc, v, gamma, r2 if spec.cutoff == "soft" else None, mq, p_drop)  # (B, H, T, d)
+        elif x.is_cuda and not self.exact and flex_available and p_drop == 0.0 and not torch.is_grad_enabled():
+            o = gravity_flex(zh.expand(B, -1, -1, -1), v, spec, gamma, self.beta, mq, r2)  # (B, H, T, d)
+        elif x.is_cuda and not self.exact:
+            o = compiled_materialised(zh, v, spec, gamma, self.beta, mq, r2, p_drop)  # (B, H, T, d)
         else:
             p = self.probs(zh, m, gamma, r2)  # (B, H, T, T)
             o = self.attn_drop(p).to(v.dtype) @ v  # (B, H, T, d)
@@ -157,10 +179,32 @@ class GravityAttentionParams(ComponentParams):
     use_rsqrt: bool = Field(False, description="compute 1/(d2+eps) as rsqrt(d2+eps)^2 (the seed's --use-rsqrt)")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on the attention weights")
     mode: Mode = Field("faithful", description="faithful: the seed's exclusion kernel; fixed: softened attraction")
+    kernel: Kernel = Field(
+        "inverse_square",
+        description="fixed only: inverse_square (+gamma m_i m_j / (d2 + softening)) or gaussian "
+        "(-gamma d2 / r^2 + log m_j, a dot product: runs in SDPA / flash; cutoff soft (default) or none)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gaussian_cutoff_default(cls, data: object) -> object:
+        # the gaussian kernel *is* a soft radius: default its cutoff to soft, not hard
+        if isinstance(data, dict) and data.get("kernel") == "gaussian" and "cutoff" not in data:
+            return {**data, "cutoff": "soft"}
+        return data
 
     @model_validator(mode="after")
     def _mode_specific(self) -> GravityAttentionParams:
         set_ = self.model_fields_set
+        if self.mode == "faithful" and "kernel" in set_:
+            raise ValueError("kernel applies to mode: fixed only (faithful is the seed's inverse-distance kernel)")
+        if self.kernel == "gaussian":
+            bad = {"softening", "cutoff_width", "use_rsqrt"} & set_
+            if bad:
+                raise ValueError(f"{', '.join(sorted(bad))} apply to kernel: inverse_square only")
+            if self.cutoff == "hard":
+                raise ValueError("kernel: gaussian takes cutoff soft (r is the kernel width) or none; "
+                                 "a hard radius mask is not a dot product")
         if self.mode == "fixed" and "eps" in set_:
             raise ValueError("eps applies to mode: faithful only; mode: fixed uses softening")
         if self.mode == "faithful" and {"softening", "cutoff_width"} & set_:
@@ -170,8 +214,11 @@ class GravityAttentionParams(ComponentParams):
         return self
 
 
-def _no_grad(mode: str, cutoff: str, mass_mode: str) -> tuple[tuple[str, ...], str]:
+def _no_grad(mode: str, cutoff: str, mass_mode: str, kernel: str = "inverse_square") -> tuple[tuple[str, ...], str]:
     names, why = [], []
+    if kernel == "gaussian":
+        names.append("coord.bias")
+        why.append("gaussian: d2 is translation invariant, so the SDPA path drops b_z (its exact gradient is 0)")
     if cutoff != "soft":
         names.append("radius_raw")
         why.append("the hard cutoff is a boolean mask and 'none' ignores the radius")
@@ -182,7 +229,7 @@ def _no_grad(mode: str, cutoff: str, mass_mode: str) -> tuple[tuple[str, ...], s
 
 
 def _example(mode: str, cutoff: str, mass_mode: str, **extra: object) -> Example:
-    ng, why = _no_grad(mode, cutoff, mass_mode)
+    ng, why = _no_grad(mode, cutoff, mass_mode, str(extra.get("kernel", "inverse_square")))
     params = {"num_heads": 2, "head_coord_dim": 4, "mode": mode, "cutoff": cutoff, "mass_mode": mass_mode, **extra}
     return Example(params, {"x": (2, 8, 16), "z": (2, 8, 6), "mass": (2, 8, 1)}, no_grad=ng, no_grad_why=why)
 
@@ -203,6 +250,9 @@ def _example(mode: str, cutoff: str, mass_mode: str, **extra: object) -> Example
         _example("fixed", "soft", "score", cutoff_width=2.0),
         _example("fixed", "none", "value"),
         _example("fixed", "soft", "value", dropout=0.0),
+        _example("fixed", "soft", "score", kernel="gaussian"),
+        _example("fixed", "soft", "value", kernel="gaussian", dropout=0.0),
+        _example("fixed", "none", "score", kernel="gaussian", dropout=0.0),
     ],
 )
 def build_gravity_attention(p: GravityAttentionParams, ins: Inputs) -> GravityAttention:
@@ -224,4 +274,5 @@ def build_gravity_attention(p: GravityAttentionParams, ins: Inputs) -> GravityAt
         use_rsqrt=p.use_rsqrt,
         dropout=p.dropout,
         mode=p.mode,
+        kernel=p.kernel,
     )
