@@ -45,6 +45,9 @@ class PhysLMConfig(PretrainedConfig):
 
     def __init__(self, blueprint: str | None = None, vocab_size: int | None = None,
                  max_position_embeddings: int | None = None, **kwargs: Any) -> None:
+        physlm = kwargs.get("physlm")
+        if blueprint is None and isinstance(physlm, dict):
+            blueprint = physlm.get("blueprint_text")  # a runtime checkpoint's config.json
         self.blueprint = blueprint
         self.vocab_size = vocab_size
         self.max_position_embeddings = max_position_embeddings

@@ -232,6 +232,7 @@ def _config(cm: Any, tokenizer: Any | None) -> dict[str, Any]:
         "num_params": cm.num_params,
         "flops_per_token": cm.flops_per_token,
         "blueprint_file": BLUEPRINT,
+        "blueprint_text": cm.blueprint_text,  # so AutoConfig alone knows the model
         "tokenizer": None if tokenizer is None else {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint(),
                                                      "vocab_size": tokenizer.vocab_size},
     }
@@ -246,6 +247,10 @@ def _fill(folder: Path, cm: Any, module: torch.nn.Module, tokenizer: Any | None,
     _write_json(folder / CONFIG, _config(cm, tokenizer))
     if tokenizer is not None:
         tokenizer.save(folder / TOKENIZER)
+        # Hugging Face's AutoTokenizer looks at the top of the folder
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (folder / TOKENIZER / name).is_file():
+                shutil.copyfile(folder / TOKENIZER / name, folder / name)
     if optimizer is not None:
         tensors, meta = _flatten_optimizer(optimizer)
         save_file(tensors, str(folder / OPTIM))

@@ -138,3 +138,18 @@ def test_registration_works_in_either_import_order(ckpt, code):
     res = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == "PhysLMForCausalLM"
+
+
+def test_autoconfig_alone_reads_the_blueprint_from_a_runtime_checkpoint(tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from physlm_graph import compile_blueprint
+    from physlm_graph.runtime.checkpoint import save_checkpoint
+    from physlm_graph.runtime.tokenizers import ByteTokenizer
+
+    cm = compile_blueprint(Path(__file__).parent / "assets/blueprints/valid/tiny.yaml", overrides={"params.vocab": 256})
+    save_checkpoint(tmp_path / "ck", cm=cm, tokenizer=ByteTokenizer())
+    cfg = AutoConfig.from_pretrained(tmp_path / "ck")
+    assert cfg.model_type == "physlm" and "name: tiny" in cfg.blueprint
+    tok = AutoTokenizer.from_pretrained(tmp_path / "ck")
+    assert tok("hi")["input_ids"] == [104, 105]
