@@ -48,6 +48,8 @@ def _mod(a: Any, b: Any) -> Any:
 
 
 def _pow(a: Any, b: Any) -> Any:
+    if a == 0 and b < 0:
+        raise ExprError("0 cannot be raised to a negative power")
     if abs(b) > 64 or (abs(a) > 1 and abs(b) * math.log2(abs(a) + 1) > 60):
         raise ExprError(f"{a} ** {b} is too large")
     return a**b
@@ -83,6 +85,8 @@ _FUNCS = {
 
 
 def _check(value: Any) -> Any:
+    if isinstance(value, complex):  # (-8) ** 0.5
+        raise ExprError("the result is not a real number")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):
             raise ExprError("the result is not a finite number")
@@ -96,7 +100,7 @@ def _eval(node: ast.AST, names: Mapping[str, Any]) -> Any:
         return _eval(node.body, names)
     if isinstance(node, ast.Constant):
         if isinstance(node.value, (int, float, bool)):
-            return node.value
+            return _check(node.value)  # 1e999 is inf
         raise ExprError(f"only numbers are allowed, not {node.value!r}")
     if isinstance(node, ast.Name):
         if node.id in ("true", "True"):
@@ -114,17 +118,28 @@ def _eval(node: ast.AST, names: Mapping[str, Any]) -> Any:
         left, right = _eval(node.left, names), _eval(node.right, names)
         if not all(isinstance(v, (int, float)) for v in (left, right)):
             raise ExprError("arithmetic needs numbers")
-        return _check(_BINOPS[type(node.op)](left, right))
+        try:
+            return _check(_BINOPS[type(node.op)](left, right))
+        except (ArithmeticError, TypeError, ValueError) as exc:  # 0 ** -1
+            if isinstance(exc, ExprError):
+                raise
+            raise ExprError(f"{exc}") from None
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd, ast.Not)):
         v = _eval(node.operand, names)
         if isinstance(node.op, ast.Not):
             return not v
+        if not isinstance(v, (int, float)):
+            raise ExprError("arithmetic needs numbers")
         return -v if isinstance(node.op, ast.USub) else +v
     if isinstance(node, ast.Compare) and all(type(o) in _CMPOPS for o in node.ops):
         left = _eval(node.left, names)
         for op, comp in zip(node.ops, node.comparators):
             right = _eval(comp, names)
-            if not _CMPOPS[type(op)](left, right):
+            try:
+                holds = _CMPOPS[type(op)](left, right)
+            except TypeError:
+                raise ExprError(f"cannot compare {type(left).__name__} with {type(right).__name__}") from None
+            if not holds:
                 return False
             left = right
         return True

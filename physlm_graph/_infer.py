@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from physlm_graph._errors import ComponentError, Diagnostic, ShapeError, ValidateError
+from physlm_graph._errors import BuildError, ComponentError, Diagnostic, ShapeError, ValidateError
 from physlm_graph._ir import Inferred, NodeReport, Ref, Resolved
 from physlm_graph._registry import REGISTRY, TensorSpec
 from physlm_graph._validate import Checked, topo_order
@@ -111,6 +111,12 @@ def _located(res: Resolved, path: str, exc: ComponentError, kind: type) -> Excep
     return kind(Diagnostic(exc.message, loc=res.doc.loc(src), node=path, expected=exc.expected, got=exc.got, fix=exc.fix))
 
 
+def _unbuildable(res: Resolved, path: str, name: str, exc: Exception) -> Diagnostic:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return Diagnostic(f"{name} could not be built: {first}", loc=res.doc.loc(res.nodes[path].src), node=path,
+                      fix="check its sizes: they may be far too large")
+
+
 def build_modules(res: Resolved, checked: Checked, specs: dict[str, list[TensorSpec]], device: str | torch.device,
                   order: list[str]) -> dict[str, nn.Module]:
     """Call every builder on ``device`` (used by inference on meta and by the fx build)."""
@@ -126,6 +132,8 @@ def build_modules(res: Resolved, checked: Checked, specs: dict[str, list[TensorS
                 modules[path] = info.builder(checked[path], ins)
         except ComponentError as exc:
             raise _located(res, path, exc, ValidateError) from None
+        except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:  # e.g. out of memory
+            raise BuildError(_unbuildable(res, path, info.name, exc)) from None
     return modules
 
 
@@ -157,6 +165,9 @@ def infer_shapes(res: Resolved, checked: Checked) -> Inferred:
             except ComponentError as exc:
                 err = _located(res, path, exc, ShapeError)
                 errors.extend(err.diagnostics)  # type: ignore[attr-defined]
+                break
+            except Exception as exc:  # torch refuses the module (a width of 2**31 overflows even on meta)
+                errors.append(_unbuildable(res, path, info.name, exc))
                 break
             module.eval()
             modules[path] = module

@@ -67,6 +67,14 @@ class _Converter:
         self.pos: dict[Path_, Loc] = {}
         self.count = 0
 
+    def construct(self, node: yaml.Node) -> Any:
+        """A scalar's value; a value its tag cannot hold (``!!float add``) is a located error."""
+        try:
+            return self.loader.construct_object(node)
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+            what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise LoadError(f"cannot read this value: {what}", loc=_loc(self.file, node.start_mark)) from None
+
     def convert(self, node: yaml.Node, path: Path_, depth: int) -> Any:
         self.count += 1
         if self.count > MAX_NODES:
@@ -94,7 +102,7 @@ class _Converter:
             for knode, vnode in node.value:
                 if not isinstance(knode, yaml.ScalarNode):
                     raise LoadError("a mapping key must be a plain name", loc=_loc(self.file, knode.start_mark))
-                key = self.loader.construct_object(knode)
+                key = self.construct(knode)
                 if not isinstance(key, (str, int, float, bool)) or key is None:
                     raise LoadError(f"a mapping key must be a name, got {key!r}", loc=_loc(self.file, knode.start_mark))
                 key = str(key) if not isinstance(key, str) else key
@@ -114,13 +122,20 @@ class _Converter:
                 self.pos[path + (i,)] = _loc(self.file, item.start_mark)
                 items.append(self.convert(item, path + (i,), depth + 1))
             return items
-        try:
-            value = self.loader.construct_object(node)
-        except yaml.YAMLError as exc:
-            raise LoadError(f"cannot read this value: {exc}", loc=_loc(self.file, node.start_mark)) from None
+        value = self.construct(node)
         if hasattr(value, "isoformat"):  # timestamps: keep the text
             value = str(node.value)
         return value
+
+
+def _type_name(loader: yaml.SafeLoader, node: yaml.Node) -> str:
+    """The Python type a root node would load as (its tag when that cannot be constructed)."""
+    if node.tag not in _STD_TAGS:
+        return node.tag
+    try:
+        return type(loader.construct_object(node)).__name__
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError):
+        return node.tag
 
 
 def _is_path_like(source: str) -> bool:
@@ -134,7 +149,13 @@ def load_text(text: str, file: str) -> Document:
             loc=Loc(file),
             fix="a blueprint describes a model; use `repeat` and `blocks` instead of writing layers out",
         )
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:  # a control character: the reader checks the whole text first
+        before = text[: exc.position]
+        line, col = before.count("\n") + 1, exc.position - (before.rfind("\n") + 1) + 1
+        raise LoadError(f"YAML cannot hold the control character #x{exc.character:04x}",
+                        loc=Loc(file, line, col), fix="remove it; a blueprint is plain text") from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -144,7 +165,7 @@ def load_text(text: str, file: str) -> Document:
                 "a blueprint must be a YAML mapping (name: ..., nodes: ...)",
                 loc=_loc(file, node.start_mark),
                 expected="a mapping",
-                got=type(loader.construct_object(node)).__name__ if node.tag in _STD_TAGS else node.tag,
+                got=_type_name(loader, node),
             )
         conv = _Converter(file, loader)
         data = conv.convert(node, (), 0)
@@ -169,11 +190,16 @@ def load_document(source: str | os.PathLike[str] | dict[str, Any]) -> Document:
         return Document(data=copy.deepcopy(source), file="<dict>")
     if isinstance(source, os.PathLike) or (isinstance(source, str) and _is_path_like(source)):
         path = Path(source)
-        if not path.exists():
-            raise LoadError(f"no such blueprint file: {path}", loc=Loc(str(path)), fix="check the path")
-        if path.is_dir():
-            raise LoadError(f"{path} is a folder, not a blueprint file", loc=Loc(str(path)))
-        raw = path.read_bytes()
+        try:
+            if not path.exists():
+                raise LoadError(f"no such blueprint file: {path}", loc=Loc(str(path)), fix="check the path")
+            if path.is_dir():
+                raise LoadError(f"{path} is a folder, not a blueprint file", loc=Loc(str(path)))
+            with open(path, "rb") as f:
+                raw = f.read(MAX_BYTES + 1)  # never more: the path may be a device or a huge file
+        except (OSError, ValueError) as exc:  # no permission, a name too long, a NUL byte
+            raise LoadError(f"cannot read the blueprint: {getattr(exc, 'strerror', None) or exc}",
+                            loc=Loc(str(path))) from None
         if len(raw) > MAX_BYTES:
             raise LoadError(f"the blueprint is larger than {MAX_BYTES // 1_000_000} MB", loc=Loc(str(path)))
         try:

@@ -122,10 +122,15 @@ def merge_extends(doc: Document, _depth: int = 0, _seen: tuple[str, ...] = ()) -
     if _depth >= MAX_EXTENDS_DEPTH:
         raise ResolveError(f"`extends` chains deeper than {MAX_EXTENDS_DEPTH} files", loc=loc)
     base_dir = Path(doc.file).parent if doc.file not in ("<string>", "<dict>") else Path.cwd()
-    base_path = (base_dir / ext).resolve()
+    try:
+        base_path = (base_dir / ext).resolve()
+        exists = base_path.exists()
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+        raise ResolveError(f"the base blueprint cannot be opened: {getattr(exc, 'strerror', None) or exc}", loc=loc,
+                           got=repr(ext) if len(ext) <= 80 else repr(ext[:80]) + "...") from None
     if str(base_path) in _seen:
         raise ResolveError(f"`extends` forms a cycle through {base_path.name}", loc=loc)
-    if not base_path.exists():
+    if not exists:
         raise ResolveError(
             f"the base blueprint {ext!r} does not exist",
             loc=loc,
@@ -168,11 +173,12 @@ def merge_extends(doc: Document, _depth: int = 0, _seen: tuple[str, ...] = ()) -
 def parse_override(item: str) -> tuple[str, Any]:
     """``a.b=v`` -> (``a.b``, v) with v read as a YAML scalar (``4`` is an int, ``x`` a string)."""
     if "=" not in item:
-        raise ResolveError(f"--set {item!r}: expected path=value", fix="e.g. --set params.layers=4")
+        raise ResolveError(f"--set {item!r}: expected path=value", loc=Loc("<command line>"),
+                           fix="e.g. --set params.layers=4")
     path, _, raw = item.partition("=")
     path = path.strip()
     if not path:
-        raise ResolveError(f"--set {item!r}: the path is empty")
+        raise ResolveError(f"--set {item!r}: the path is empty", loc=Loc("<command line>"))
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -188,7 +194,8 @@ def apply_overrides(doc: Document, overrides: dict[str, Any] | list[str] | None)
     data = copy.deepcopy(doc.data)
     errors = []
     for path, value in items:
-        if "." not in path and path not in data and path in (data.get("params") or {}):
+        params = data.get("params")
+        if "." not in path and path not in data and isinstance(params, dict) and path in params:
             path = f"params.{path}"
         try:
             _set(data, path, value, must_exist=False)

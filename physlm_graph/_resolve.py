@@ -176,10 +176,9 @@ class _Resolver:
             self.err("this node has no `use:`", src, node=full, fix="add `use: <component or block name>`")
             scope.names[name] = _POISON
             return
-        if len(self.nodes) > MAX_NODES_EXPANDED:
-            if not any("expands to more than" in d.message for d in self.errors):
-                self.err(f"the graph expands to more than {MAX_NODES_EXPANDED} nodes", src)
-            return
+        if len(self.nodes) > MAX_NODES_EXPANDED:  # stop at once: going on costs minutes of follow-up errors
+            raise ResolveError(f"the graph expands to more than {MAX_NODES_EXPANDED} nodes", loc=self.doc.loc(src),
+                               fix="lower `repeat` or the nesting of blocks")
         if use in self.spec.blocks or "pattern" in raw or "repeat" in raw:
             before = len(self.errors)
             self.expand_block(name, raw, scope, prefix, src, depth)
@@ -228,11 +227,18 @@ class _Resolver:
             self.err("`pattern` must be a list of block names", src + ("pattern",))
             return
         for i, b in enumerate(pattern):
-            if b not in self.spec.blocks:
+            if not isinstance(b, str) or b not in self.spec.blocks:
                 near = difflib.get_close_matches(str(b), list(self.spec.blocks), n=3)
                 where = src + (("pattern", i) if "pattern" in raw else ("use",))
                 self.err(f"unknown block {b!r}", where,
                          fix=f"did you mean {', '.join(near)}?" if near else f"blocks defined: {', '.join(self.spec.blocks) or 'none'}")
+                return
+        for b in pattern:
+            bdef = self.spec.blocks[b]
+            if not bdef.inputs or (isinstance(bdef.out, dict) and not bdef.out):
+                key = "inputs" if not bdef.inputs else "out"
+                self.err(f"block {b!r}: `{key}` is empty", ("blocks", b, key),
+                         fix="a block takes at least one input and gives at least one output")
                 return
         repeat = raw.get("repeat")
         if repeat is not None and (not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 0):

@@ -150,6 +150,11 @@ def _check_node(res: Resolved, path: str, checked: Checked, errors: list[Diagnos
 def validate(res: Resolved) -> Checked:
     errors: list[Diagnostic] = []
     checked: Checked = {}
+    for name, symbols in res.inputs.items():
+        for i, sym in enumerate(symbols):
+            if sym not in ("batch", "seq") and not (sym.isascii() and sym.isdigit() and int(sym) > 0):
+                errors.append(Diagnostic(f"graph input {name!r}: axis {sym!r} is neither batch, seq nor a size",
+                                         loc=res.doc.loc(("inputs", name, i)), fix="e.g. tokens: [batch, seq]"))
     for path in res.nodes:
         _check_node(res, path, checked, errors)
     # the graph

@@ -31,10 +31,10 @@ import torch
 from pydantic import ValidationError
 from torch.nn import functional as F
 
-from physlm_graph._errors import CheckpointError, Loc, TrainingError
+from physlm_graph._errors import CheckpointError, Diagnostic, Loc, RuntimeDataError, TrainingError
 from physlm_graph._schema import TrainConfig
 
-from .checkpoint import find_checkpoint, load_weights, model_context, model_vocab, restore_optimizer, save_checkpoint
+from .checkpoint import _read_json, find_checkpoint, load_weights, model_context, model_vocab, restore_optimizer, save_checkpoint
 from .data import RandomWindows, TokenCache, load_text, split
 from .distributed import barrier, full_state_dict, init_distributed, wrap_model
 from .optim import lr_at, make_optimizer, node_components
@@ -199,8 +199,13 @@ class Trainer:
         self.set_model(self.build_model())
         self.optimizer = self.build_optimizer()
         # each rank samples its own windows: the data are sharded by sampling
-        self.batches = RandomWindows(self.train_tokens, batch_size=self.cfg.batch_size, seq_len=self.seq_len,
-                                     seed=self.cfg.seed + self.dist.rank, device=self.device)
+        try:
+            self.batches = RandomWindows(self.train_tokens, batch_size=self.cfg.batch_size, seq_len=self.seq_len,
+                                         seed=self.cfg.seed + self.dist.rank, device=self.device)
+            RandomWindows(self.val_tokens, batch_size=1, seq_len=self.seq_len, seed=0)
+        except RuntimeDataError as err:  # too little text for one window: name the file
+            raise RuntimeDataError([Diagnostic(d.message, loc=Loc(file=str(self.data)), fix=d.fix)
+                                    for d in err.diagnostics]) from None
         torch.manual_seed(self.cfg.seed)  # dropout; the model's init used its own seed
         if self.resume_from_path is not None:
             self.restore(self.resume_from_path)
@@ -425,7 +430,7 @@ class Trainer:
         if not state_path.is_file():
             raise CheckpointError("no trainer state: this checkpoint cannot be resumed", loc=Loc(file=str(state_path)),
                                   fix="start a new run from it instead")
-        state = json.loads(state_path.read_text(encoding="utf-8"))
+        state = _read_json(state_path)  # a damaged file is a CheckpointError naming it
         if state.get("blueprint_hash") != self.cm.hash:
             raise CheckpointError(
                 f"the checkpoint holds another model (graph {state.get('blueprint_hash')}; this run builds {self.cm.hash})",
