@@ -6,6 +6,7 @@ specified in ``shared/reference/SEEDS.md`` §1.1.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
@@ -20,19 +21,111 @@ from physlm_graph.components._rope import apply_rope
 Mode = Literal["faithful", "fixed"]
 
 
-def hrr_bind_per_token(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+_CHUNK = 64  # time-chunk length of the fixed mode's decayed causal sum
+
+
+def real_dft_bases(d: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """The orthonormal rfft / irfft along a length-``d`` axis as real matrices, in a packed layout.
+
+    A real vector's spectrum has exactly ``d`` real degrees of freedom: the real bins 0 and d/2
+    (even d) and the complex bins 1 .. ceil(d/2) - 1. With ``h = ceil(d/2)`` "slots", the packed
+    spectrum is ``(..., 2h)`` = [Re X_0 .. Re X_{h-1} | X_{d/2} (0 for odd d), Im X_1 .. Im X_{h-1}]:
+    slot 0 holds the two real bins (DC, Nyquist) as a pair, slots 1 .. h-1 one complex bin each.
+    Returns float32 ``(fwd, inv)``: ``x @ fwd`` is ``rfft(x, norm="ortho")`` packed and
+    ``X @ inv`` is ``irfft(X, n=d, norm="ortho")`` of a packed spectrum. Shapes (d, 2h), (2h, d);
+    2h = d for even d (square, so no odd matmul sizes). Built in float64, rounded once.
+    """
+    h = (d + 1) // 2
+    n = torch.arange(d, dtype=torch.float64)
+    f = torch.arange(h, dtype=torch.float64)
+    ang = 2 * math.pi * n[:, None] * f[None, :] / d  # (d, h)
+    cos, im = torch.cos(ang) / math.sqrt(d), -torch.sin(ang) / math.sqrt(d)  # Re X_f, Im X_f
+    im[:, 0] = torch.cos(math.pi * n) / math.sqrt(d) if d % 2 == 0 else 0.0  # slot 0: Nyquist (real)
+    fwd = torch.cat([cos, im], dim=1)  # (d, 2h)
+    mult = torch.full((h, 1), 2.0, dtype=torch.float64)  # bins +-f both in the full spectrum
+    mult[0] = 1.0  # DC and Nyquist once
+    inv = torch.cat([mult * cos.T, mult * im.T], dim=0)  # (2h, d): sum_f mult_f (Re cos - Im sin)
+    return fwd.to(device=device, dtype=torch.float32), inv.to(device=device, dtype=torch.float32)
+
+
+def _spec_mul(a: Tensor, b: Tensor, conj_a: bool = False) -> Tensor:
+    """Bin-wise product of two packed spectra (``real_dft_bases``), ``conj(a) * b`` if ``conj_a``:
+    complex product in slots 1 .. h-1, component-wise product of the real (DC, Nyquist) pair in
+    slot 0 (conjugation leaves it alone). Real ops only, one fused kernel under torch.compile;
+    no slicing (its backward would zero-fill whole tensors in eager)."""
+    h = a.shape[-1] // 2
+    ar, ai = a.unflatten(-1, (2, h)).unbind(-2)
+    br, bi = b.unflatten(-1, (2, h)).unbind(-2)
+    rr, ii = ar * br, ai * bi
+    sign = 1.0 if conj_a else -1.0
+    slot0 = torch.arange(h, device=a.device) == 0  # (h,)
+    re = torch.where(slot0, rr, rr + sign * ii)
+    im = torch.where(slot0, ii, torch.addcmul(ar * bi, ai, br, value=-sign))
+    return torch.stack((re, im), dim=-2).flatten(-2)
+
+
+def _fp32(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off (path B runs in fp32, as the seed's FFTs); a no-op where autocast does not exist (meta)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _spectra(q: Tensor, k: Tensor, v: Tensor, bases: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """Packed fp32 spectra of q, k, v (3, ..., 2h) in one matmul, and the inverse basis."""
+    fwd, inv = real_dft_bases(q.shape[-1], q.device) if bases is None else (t.float() for t in bases)
+    return torch.stack((q, k, v)).float() @ fwd, inv
+
+
+def hrr_bind_per_token(q: Tensor, k: Tensor, v: Tensor, bases: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """The seed's path B: ``irfft(conj(rfft q) * rfft k * rfft v)`` along the head dim, per token.
 
-    Orthonormal FFTs in fp32. Closed form: ``y[j] = (1/d) sum_m c[m] v[(j - m) mod d]`` with
+    Orthonormal transforms in fp32 (autocast off), done as real DFT-basis matmuls
+    (``real_dft_bases``; ``bases`` = its output, built here if not given) and real elementwise
+    products: no complex dtype, so it fuses under torch.compile; the same function as the FFT
+    form to float32 rounding. Closed form: ``y[j] = (1/d) sum_m c[m] v[(j - m) mod d]`` with
     ``c[m] = sum_i q[i] k[(i + m) mod d]`` (circular correlation of q with k, then circular
     convolution with v). Shapes (..., d) -> (..., d), dtype of ``q``.
     """
-    d = q.shape[-1]
-    qf, kf, vf = (torch.fft.rfft(t.float(), dim=-1, norm="ortho") for t in (q, k, v))  # (..., d//2+1)
-    return torch.fft.irfft(qf.conj() * kf * vf, n=d, dim=-1, norm="ortho").to(q.dtype)
+    with _fp32(q.device):
+        (qf, kf, vf), inv = _spectra(q, k, v, bases)
+        return (_spec_mul(_spec_mul(qf, kf, conj_a=True), vf) @ inv).to(q.dtype)
 
 
-def hrr_bind_causal(q: Tensor, k: Tensor, v: Tensor, decay: Tensor) -> Tensor:
+def decayed_causal_sum(x: Tensor, decay: Tensor, chunk: int = _CHUNK) -> Tensor:
+    """``out[:, h, t] = sum_{s <= t} exp(-decay_h (t - s)) x[:, h, s]`` along dim 2, exactly, in O(T).
+
+    x (B, H, T, P), decay (H,) >= 0. The linear recurrence S_t = exp(-decay) S_{t-1} + x_t in
+    chunked form (as SSD / chunked linear attention): inside a chunk of C steps a (C, C) causal
+    decay matrix (a batched matmul); across chunks, each chunk's total decayed to its end
+    (the intra result's last row) is carried by an (n, n) causal decay matrix over the n = T/C
+    chunks and decayed into each position. Every factor is exp(-decay * (>= 0)) <= 1, so
+    nothing overflows. Zero padding at the end of time keeps it causal.
+    """
+    B, H, T, P = x.shape
+    C = min(chunk, T)
+    n = -(-T // C)
+    if n * C != T:
+        x = F.pad(x, (0, 0, 0, n * C - T))
+    xc = x.reshape(B, H, n, C, P)
+    lam = decay.to(x.dtype).view(H, 1, 1)
+    i = torch.arange(C, device=x.device, dtype=x.dtype)
+    rel = i[:, None] - i[None, :]  # (C, C): t - s inside a chunk
+    intra = torch.exp(-lam * rel.clamp(min=0)) * (rel >= 0)  # (H, C, C)
+    y = torch.einsum("hij,bhnjp->bhnip", intra, xc)  # (B, H, n, C, P)
+    if n > 1:
+        c = torch.arange(n, device=x.device, dtype=x.dtype)
+        relc = c[:, None] - 1 - c[None, :]  # (n, n): chunk c reads chunks c' < c, decayed from c' end
+        inter = torch.exp(-lam * C * relc.clamp(min=0)) * (relc >= 0)  # (H, n, n)
+        carry = torch.einsum("hnm,bhmp->bhnp", inter, y[:, :, :, -1])  # state entering chunk n
+        into = torch.exp(-lam * (i + 1))  # (H, 1, C): decay from the previous chunk's end to i
+        y = y + into.view(1, H, 1, C, 1) * carry[:, :, :, None, :]
+    return y.reshape(B, H, n * C, P)[:, :, :T]
+
+
+def hrr_bind_causal(
+    q: Tensor, k: Tensor, v: Tensor, decay: Tensor, bases: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     """``fixed`` path B: a causal HRR memory along the sequence, read out by each query.
 
     Per head h (``decay`` is (H,), positive), with ^ the orthonormal rfft along the head dim::
@@ -41,20 +134,19 @@ def hrr_bind_causal(q: Tensor, k: Tensor, v: Tensor, decay: Tensor) -> Tensor:
         M^_t = sum_{s <= t} w_h[t - s] (k^_s * v^_s) / sum_{tau <= t} w_h[tau]   # bound pairs, superposed
         y_t  = irfft(conj(q^_t) * M^_t)                                          # unbind with the query
 
-    The sum over s is a causal convolution along time done with a zero-padded FFT of length
-    2T (no wrap-around, so position t only sees s <= t), O(T log T). With ``decay -> inf``
-    (w = delta) it is exactly the seed's per-token binding. q, k, v: (B, H, T, d) -> (B, H, T, d).
+    The transforms are real DFT-basis matmuls (as ``hrr_bind_per_token``); the decayed sum over
+    s <= t is the exponential-decay linear recurrence done exactly by ``decayed_causal_sum``
+    (chunked matmuls, O(T), causal). fp32 (autocast off). With ``decay -> inf`` (w = delta) it
+    is exactly the seed's per-token binding. q, k, v: (B, H, T, d) -> (B, H, T, d).
     """
-    B, H, T, d = q.shape
-    qf, kf, vf = (torch.fft.rfft(t.float(), dim=-1, norm="ortho") for t in (q, k, v))  # (B, H, T, F)
-    tau = torch.arange(T, device=q.device, dtype=torch.float32)  # (T,)
-    w = torch.exp(-decay.float()[:, None] * tau)  # (H, T)
-    n = 2 * T  # zero padding: linear (not circular) convolution
-    kv_t = torch.fft.fft(kf * vf, n=n, dim=2)  # (B, H, 2T, F)
-    w_t = torch.fft.fft(w, n=n, dim=-1)  # (H, 2T)
-    mem = torch.fft.ifft(kv_t * w_t[None, :, :, None], dim=2)[:, :, :T]  # (B, H, T, F)
-    mem = mem / torch.cumsum(w, dim=-1)[None, :, :, None]  # causal weighted mean
-    return torch.fft.irfft(qf.conj() * mem, n=d, dim=-1, norm="ortho").to(q.dtype)
+    T = q.shape[2]
+    with _fp32(q.device):
+        (qf, kf, vf), inv = _spectra(q, k, v, bases)  # (B, H, T, 2h) each
+        lam = decay.float()
+        mem = decayed_causal_sum(_spec_mul(kf, vf), lam)  # bound pairs k^ v^, decayed causal sum
+        w = torch.exp(-lam[:, None] * torch.arange(T, device=q.device, dtype=torch.float32))  # (H, T)
+        mem = mem / torch.cumsum(w, dim=-1)[None, :, :, None]  # causal weighted mean
+        return (_spec_mul(qf, mem, conj_a=True) @ inv).to(q.dtype)
 
 
 class HolographicAttention(nn.Module):
@@ -79,13 +171,16 @@ class HolographicAttention(nn.Module):
       an FFT error [LEAK, latent]; it never fires on a working FFT.
     - ``fixed`` (default): the README's claim made real. Path B binds along the sequence: each
       past token's key and value are bound (k^ v^), superposed in a decaying causal memory,
-      and unbound by the query (``hrr_bind_causal``), computed with a zero-padded FFT along
-      time in O(T log T). Per-head learnable decay rates (``decay_raw``, softplus) start with
+      and unbound by the query (``hrr_bind_causal``); the decaying sum along time is the
+      exponential-decay linear recurrence, done exactly as a chunked scan (matmuls), O(T).
+      Per-head learnable decay rates (``decay_raw``, softplus) start with
       half-lives 1 .. 64 tokens. Causal.
 
     Quirks kept in both modes: the effective initial mix is sigmoid(0.1) ~ 0.525, not 0.1, and
     the clamp after the sigmoid gives s zero gradient once the gate sits at a bound. Weights are
-    initialised N(0, 0.02) as in the seed. FFTs run in fp32.
+    initialised N(0, 0.02) as in the seed. Path B runs in fp32 (autocast off), as the seed's FFTs;
+    its rfft / irfft along the head dim are matmuls with fixed real DFT bases (non-persistent
+    buffers ``dft_fwd``, ``dft_inv``: not in the state dict), with no complex dtype.
     """
 
     def __init__(
@@ -109,6 +204,9 @@ class HolographicAttention(nn.Module):
         self.ln_b = nn.LayerNorm(embed_dim, eps=1e-5)
         self.gate = nn.Parameter(torch.tensor(float(holographic_strength)))
         self.drop = nn.Dropout(dropout)
+        # real DFT bases along the head dim (fp32 constants, not in the state dict)
+        for name, basis in zip(("dft_fwd", "dft_inv"), real_dft_bases(self.head_dim)):
+            self.register_buffer(name, basis, persistent=False)
         if mode == "fixed":
             # decay rate ln2 / half-life, half-lives 1 .. 64 tokens across heads; stored pre-softplus
             half_life = 2.0 ** torch.linspace(0.0, 6.0, num_heads)
@@ -123,10 +221,11 @@ class HolographicAttention(nn.Module):
         a = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, d)
+        bases = (self.dft_fwd, self.dft_inv)
         if self.mode == "faithful":
-            y = hrr_bind_per_token(q, k, v)  # (B, H, T, d)
+            y = hrr_bind_per_token(q, k, v, bases)  # (B, H, T, d)
         else:
-            y = hrr_bind_causal(q, k, v, F.softplus(self.decay_raw))  # (B, H, T, d)
+            y = hrr_bind_causal(q, k, v, F.softplus(self.decay_raw), bases)  # (B, H, T, d)
         a = a.transpose(1, 2).reshape(B, T, D)
         y = y.transpose(1, 2).reshape(B, T, D)
         g = torch.sigmoid(self.gate).clamp(*self.gate_clamp)  # scalar

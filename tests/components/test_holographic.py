@@ -145,3 +145,112 @@ def test_rejects_bad_clamp():
 
     with pytest.raises(ValueError):
         HolographicAttentionParams(num_heads=2, gate_clamp=(0.9, 0.1))
+
+
+# --- the FFT-free forms (real DFT-basis matmuls, chunked decay scan) against torch.fft ---
+
+
+def _fft_per_token(q, k, v):
+    """The seed's path B written with torch.fft (the previous implementation)."""
+    d = q.shape[-1]
+    qf, kf, vf = (torch.fft.rfft(t.double(), dim=-1, norm="ortho") for t in (q, k, v))
+    return torch.fft.irfft(qf.conj() * kf * vf, n=d, dim=-1, norm="ortho")
+
+
+def _fft_causal(q, k, v, decay):
+    """The fixed path B as a zero-padded FFT along time (the previous implementation), float64."""
+    B, H, T, d = q.shape
+    qf, kf, vf = (torch.fft.rfft(t.double(), dim=-1, norm="ortho") for t in (q, k, v))
+    w = torch.exp(-decay.double()[:, None] * torch.arange(T, dtype=torch.float64))  # (H, T)
+    w_t = torch.fft.fft(w, n=2 * T, dim=-1)[None, :, :, None]
+    mem = torch.fft.ifft(torch.fft.fft(kf * vf, n=2 * T, dim=2) * w_t, dim=2)
+    mem = mem[:, :, :T] / torch.cumsum(w, dim=-1)[None, :, :, None]
+    return torch.fft.irfft(qf.conj() * mem, n=d, dim=-1, norm="ortho")
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 8, 15, 64])
+def test_real_dft_bases_are_rfft_and_irfft(d):
+    from physlm_graph.components.attention.holographic import real_dft_bases
+
+    fwd, inv = real_dft_bases(d)
+    x = torch.randn(6, d, dtype=torch.float64)
+    X = torch.fft.rfft(x, dim=-1, norm="ortho")  # (6, d//2+1)
+    h = (d + 1) // 2
+    nyq = X[:, d // 2].real if d % 2 == 0 and d > 0 else torch.zeros(6, dtype=torch.float64)
+    packed = torch.cat([X.real[:, :h], nyq[:, None], X.imag[:, 1:h]], dim=-1)
+    torch.testing.assert_close((x.float() @ fwd).double(), packed, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close((packed.float() @ inv).double(), x, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("d", [4, 5, 8, 64])
+def test_per_token_binding_matches_fft(d):
+    from physlm_graph.components.attention.holographic import hrr_bind_per_token
+
+    q, k, v = torch.randn(3, 2, 3, 17, d, generator=torch.Generator().manual_seed(d)).unbind(0)
+    torch.testing.assert_close(hrr_bind_per_token(q, k, v).double(), _fft_per_token(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 130])
+def test_causal_binding_matches_fft(T):
+    """Across chunk boundaries (chunk 64), with padding, fast and slow decays, and d = 64."""
+    from physlm_graph.components.attention.holographic import hrr_bind_causal
+
+    q, k, v = torch.randn(3, 2, 4, T, 64, generator=torch.Generator().manual_seed(T)).unbind(0)
+    decay = torch.tensor([1e-3, 0.05, 0.7, 30.0])
+    got = hrr_bind_causal(q, k, v, decay).double()
+    torch.testing.assert_close(got, _fft_causal(q, k, v, decay), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T,chunk", [(11, 4), (12, 4), (3, 8), (9, 1)])
+def test_decayed_causal_sum_matches_loop(T, chunk):
+    from physlm_graph.components.attention.holographic import decayed_causal_sum
+
+    x = torch.randn(2, 3, T, 5, dtype=torch.float64)
+    decay = torch.tensor([0.0, 0.3, 5.0], dtype=torch.float64)
+    want = torch.zeros_like(x)
+    for t in range(T):
+        for s in range(t + 1):
+            want[:, :, t] += torch.exp(-decay * (t - s))[None, :, None] * x[:, :, s]
+    torch.testing.assert_close(decayed_causal_sum(x, decay, chunk=chunk), want)
+
+
+def test_gradients_match_fft():
+    """Gradients wrt q, k, v and the decay agree with the torch.fft forms (float64 reference)."""
+    from physlm_graph.components.attention.holographic import hrr_bind_causal, hrr_bind_per_token
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(3, 2, 2, 70, 16, generator=g).unbind(0)
+    decay = torch.tensor([0.1, 2.0])
+    cot = torch.randn(2, 2, 70, 16, generator=g)
+
+    def grads(fn, dtype):
+        ins = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v, decay)]
+        (fn(*ins).to(dtype) * cot.to(dtype)).sum().backward()
+        return [torch.zeros(()) if t.grad is None else t.grad.double() for t in ins]
+
+    for new, old in (
+        (lambda q, k, v, lam: hrr_bind_per_token(q, k, v), lambda q, k, v, lam: _fft_per_token(q, k, v)),
+        (hrr_bind_causal, _fft_causal),
+    ):
+        for a, b in zip(grads(new, torch.float32), grads(old, torch.float64)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fixed"])
+def test_bases_not_in_state_dict_and_path_b_in_fp32_under_autocast(mode):
+    mod = _build(mode, D=16, H=2, T=9)
+    assert not any("dft" in key for key in mod.state_dict())
+    x = torch.randn(2, 9, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v = (torch.randn(1, 2, 9, 8).bfloat16() for _ in range(3))
+        bases = (mod.dft_fwd, mod.dft_inv)
+        from physlm_graph.components.attention.holographic import hrr_bind_causal, hrr_bind_per_token
+
+        if mode == "faithful":
+            y = hrr_bind_per_token(q, k, v, bases)
+        else:
+            y = hrr_bind_causal(q, k, v, torch.full((2,), 0.3), bases)
+        out = mod(x)
+    want = _fft_per_token(q, k, v) if mode == "faithful" else _fft_causal(q, k, v, torch.full((2,), 0.3))
+    assert y.dtype == torch.bfloat16 and out.shape == x.shape
+    torch.testing.assert_close(y.double(), want.bfloat16().double())  # only the final bf16 rounding
