@@ -134,7 +134,7 @@ def build_graph_module(inf: Inferred, checked: Checked, *, device: str | torch.d
                                            name=_safe_name(f"aux_{loss.name}"))
     result["aux"] = aux
     if res.exit_points:
-        result["exit_hidden"], result["exit_logits"] = _exit_outputs(graph, root, modules, res, value)
+        result["exit_hidden"], result["exit_logits"] = _exit_outputs(graph, root, modules, res, value, order)
     graph.output(result)
     try:
         graph.lint()
@@ -143,19 +143,23 @@ def build_graph_module(inf: Inferred, checked: Checked, *, device: str | torch.d
     return fx.GraphModule(root, graph, class_name=_safe_name(res.name) or "Blueprint")
 
 
-def _exit_outputs(graph: fx.Graph, root: nn.Module, modules: dict[str, nn.Module], res: Any,
-                  value: Any) -> tuple[dict[str, fx.Node], dict[str, fx.Node]]:
-    """Each exit point's hidden state and its logits. Shared (``head: tie`` or a node) exits call
-    the final norm and head modules again; ``own`` exits get copies of them at ``exits.<i>.norm``
-    and ``exits.<i>.head`` (initialised as the final ones are, then trained on their own)."""
+def _exit_outputs(graph: fx.Graph, root: nn.Module, modules: dict[str, nn.Module], res: Any, value: Any,
+                  order: list[str]) -> tuple[dict[str, fx.Node], dict[str, fx.Node]]:
+    """Each exit point's hidden state and its logits, shallowest exit first (graph order). Shared
+    (``head: tie`` or a node) exits call the final norm and head modules again; ``own`` exits get
+    copies of them at ``exits.<i>.norm`` and ``exits.<i>.head`` (initialised as the final ones are,
+    then trained on their own)."""
     plan, problems = exit_heads(res.spec, res.nodes, res.outputs)
     assert plan is not None and not problems, problems  # resolve reported these
+    rank = {path: i for i, path in enumerate(order)}
+    refs = {}
+    for p in res.exit_points:
+        outs = res.instance_outputs.get(p)
+        refs[p] = next(iter(outs.values())) if outs else Ref(p)
     hidden: dict[str, fx.Node] = {}
     logits: dict[str, fx.Node] = {}
-    for i, p in enumerate(res.exit_points):
-        outs = res.instance_outputs.get(p)
-        ref = next(iter(outs.values())) if outs else Ref(p)
-        h = hidden[p] = value(ref)
+    for i, p in enumerate(sorted(res.exit_points, key=lambda q: rank.get(refs[q].node, -1))):
+        h = hidden[p] = value(refs[p])
         norm, head = plan.norm, plan.head
         if plan.own:
             if norm is not None:

@@ -26,7 +26,7 @@ from physlm_graph._schema import BLOCK_USE_KEYS, NODE_KEYS, BlueprintDoc
 
 __all__ = ["resolve", "glob_to_regex", "exit_heads", "ExitHeads", "MAX_REPEAT", "MAX_NODES_EXPANDED"]
 
-MAX_REPEAT = 4096
+MAX_REPEAT = 1024  # the deepest published LMs have ~130 layers; shape checks stay quick
 MAX_NODES_EXPANDED = 100_000
 MAX_BLOCK_DEPTH = 8
 

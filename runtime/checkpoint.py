@@ -436,8 +436,11 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", ver
             raise CheckpointError("file missing from the checkpoint", loc=Loc(file=str(folder / name)),
                                   fix="the checkpoint is incomplete: use another one")
     config = _read_json(folder / CONFIG)
+    stage = None
+    if (folder / STATE).is_file():  # a growth run: rebuild the stage the weights belong to
+        stage = _read_json(folder / STATE).get("stage")
     try:
-        cm = compile_blueprint(str(folder / BLUEPRINT), device="cpu")
+        cm = compile_blueprint(str(folder / BLUEPRINT), device="cpu", stage=stage)
     except PhysLMError as err:
         raise CheckpointError(f"the stored blueprint no longer compiles:\n{err}", loc=Loc(file=str(folder / BLUEPRINT)),
                               fix="use the version of physlm-graph that wrote the checkpoint") from None

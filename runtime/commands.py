@@ -55,6 +55,8 @@ def add_commands(subparsers: Any) -> None:
     g.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (no KV cache)")
     g.add_argument("--device", default="auto")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--exit-threshold", type=float, help="early exit: leave at the first exit whose rule reaches T")
+    g.add_argument("--exit-rule", choices=["top1", "margin", "entropy", "saturation"], help="early exit rule (default: the blueprint's)")
     g.set_defaults(func=cmd_generate)
 
     e = subparsers.add_parser("eval", help="perplexity of a checkpoint on a text")
@@ -65,6 +67,8 @@ def add_commands(subparsers: Any) -> None:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--exit-threshold", type=float, help="score under the early-exit policy at threshold T")
+    e.add_argument("--exit-rule", choices=["top1", "margin", "entropy", "saturation"], help="early exit rule (default: the blueprint's)")
     e.set_defaults(func=cmd_eval)
 
 
@@ -105,9 +109,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from physlm_graph._errors import CheckpointError, Loc
+    from physlm_graph._errors import CheckpointError, Loc, PhysLMError
 
     from .checkpoint import load_checkpoint
+    from .early_exit import generate_with_exits
     from .generate import can_cache, generate
 
     ck = load_checkpoint(args.checkpoint, device=_device(args.device))
@@ -116,6 +121,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CheckpointError("the checkpoint holds no tokenizer/ folder, so text cannot be encoded",
                               loc=Loc(file=str(ck.path)), fix="use a checkpoint written by `physlm-graph train`")
     use_cache = False if args.no_cache else "auto"
+    if args.exit_threshold is not None and args.no_cache:
+        raise PhysLMError("--exit-threshold decodes with the KV cache; it cannot be combined with --no-cache",
+                          fix="drop --no-cache")
+    if args.exit_rule is not None and args.exit_threshold is None:
+        raise PhysLMError("--exit-rule needs --exit-threshold", fix="add --exit-threshold T")
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, use_cache=use_cache, eos_id=tok.eos_id)
 
@@ -137,16 +147,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not args.json:
             sys.stdout.write(prompt)
         t0 = time.perf_counter()
-        generate(ck, ids, seed=seed, on_token=stream, **opts)
+        exits = None
+        if args.exit_threshold is None:
+            generate(ck, ids, seed=seed, on_token=stream, **opts)
+        else:  # early exit (runtime/early_exit.py); it always decodes with the KV cache
+            _, stats = generate_with_exits(ck.model, ids, seed=seed, on_token=stream, threshold=args.exit_threshold,
+                                           rule=args.exit_rule, **{k: v for k, v in opts.items() if k != "use_cache"})
+            exits = stats.as_dict()
         seconds = time.perf_counter() - t0
         if args.json:
             print(json.dumps({"prompt": prompt, "completion": tok.decode(new), "prompt_ids": ids, "ids": new,
                               "new_tokens": len(new), "seconds": seconds, "tokens_per_s": len(new) / max(seconds, 1e-9),
-                              "cache": bool(use_cache) and can_cache(ck.model), "checkpoint": str(ck.path)}))
+                              "cache": bool(use_cache) and can_cache(ck.model), "checkpoint": str(ck.path),
+                              **({"exits": exits} if exits is not None else {})}))
         else:
             text = tok.decode(new)
             sys.stdout.write(text[shown[0]:] + "\n")
             sys.stdout.flush()
+            if exits is not None:
+                print(f"early exit: {exits['mean_layers']:.2f} of {exits['full_layers']} layers per token "
+                      f"({', '.join(f'{k}: {v}' for k, v in exits['exit_counts'].items())})", file=sys.stderr)
         return 0
 
     if not args.interactive:
@@ -167,7 +187,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     report = evaluate(args.checkpoint, args.data, seq_len=args.seq_len, stride=args.stride,
-                      batch_size=args.batch_size, device=_device(args.device))
+                      batch_size=args.batch_size, device=_device(args.device), exit_threshold=args.exit_threshold,
+                      exit_rule=args.exit_rule)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -185,6 +206,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     t.add_row("windows", f"{report['windows']:,} x {report['seq_len']} (stride {report['stride']})")
     t.add_row("tokens/s", f"{report['tokens_per_s']:,.0f}")
     t.add_row("peak memory", f"{report['peak_memory_bytes'] / 2**20:,.1f} MiB ({report['device']})")
+    if "exit_rule" in report:
+        t.add_row("early exit", f"{report['exit_rule']}, threshold {report['exit_threshold']:g}")
+        t.add_row("layers used", f"{report['mean_layers']:.2f} of {report['full_layers']}")
+        t.add_row("positions per exit", ", ".join(f"{k}: {v:,}" for k, v in report["exit_counts"].items()))
     Console().print(t)
     return 0
 

@@ -60,8 +60,14 @@ def evaluate(
     stride: int | None = None,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
+    exit_threshold: float | None = None,
+    exit_rule: str | None = None,
 ) -> dict[str, Any]:
-    """Loss, perplexity, bits per byte, tokens/s and peak memory of a checkpoint on a text."""
+    """Loss, perplexity, bits per byte, tokens/s and peak memory of a checkpoint on a text.
+
+    With ``exit_threshold`` each position is scored with the logits of the first early exit whose
+    rule (``exit_rule``, default the blueprint's) fires, and the report adds the mean layers used
+    (``runtime/early_exit.py``)."""
     dev = torch.device("cuda" if str(device) == "auto" and torch.cuda.is_available() else
                        ("cpu" if str(device) == "auto" else device))
     ck = ckpt if isinstance(ckpt, Checkpoint) else load_checkpoint(Path(ckpt), device=dev)
@@ -78,18 +84,27 @@ def evaluate(
     windows = strided_windows(tokens, T, stride or T)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    scorer = score_batch
+    if exit_threshold is not None:
+        from .early_exit import ExitScorer
+
+        scorer = ExitScorer(ck.model, threshold=exit_threshold, rule=exit_rule)
+    elif exit_rule is not None:
+        from physlm_graph._errors import PhysLMError
+
+        raise PhysLMError("an exit rule was given without an exit threshold", fix="add --exit-threshold T")
     nll, count = 0.0, 0
     t0 = time.perf_counter()
     for i in range(0, len(windows), batch_size):
         x, y = window_batch(tokens, windows[i : i + batch_size], ignore_index=IGNORE, device=dev)  # (N, T) each
-        s, n = score_batch(module, x, y)
+        s, n = scorer(module, x, y)
         nll, count = nll + s, count + n
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     loss = nll / max(count, 1)
     n_bytes = len(text.encode("utf-8"))
-    return {
+    report = {
         "checkpoint": str(ck.path),
         "data": str(data),
         "loss": loss,
@@ -104,3 +119,6 @@ def evaluate(
         "peak_memory_bytes": peak_memory_bytes(dev),
         "device": str(dev),
     }
+    if exit_threshold is not None:
+        report.update(scorer.report())
+    return report

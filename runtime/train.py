@@ -316,13 +316,20 @@ class Trainer:
         return lr_at(step, lr=c.lr, min_lr=c.min_lr, warmup=c.warmup, steps=c.steps, schedule=c.schedule)
 
     def compute_loss(self, out: dict[str, Any], y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """CE(logits, y) + sum of weight * aux; returns the total and each unweighted term."""
+        """CE(logits, y) + sum of weight * aux (+ the weighted exit losses, each logged as
+        ``exit.<point>``); returns the total and each unweighted term."""
         logits = out["logits"]
         ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-100)
         total, parts = ce, {"ce": ce}
         for name, term in (out.get("aux") or {}).items():
             parts[name] = term
             total = total + self.cm.loss_weights.get(name, 1.0) * term
+        if out.get("exit_logits"):  # the blueprint declares exits (runtime/early_exit.py)
+            from .early_exit import exit_losses
+
+            extra, terms = exit_losses(self.cm, out, y)
+            total = total + extra
+            parts.update(terms)
         return total, parts
 
     def train_step(self, step: int) -> dict[str, Any]:
@@ -584,7 +591,11 @@ def train(
 
     ``train_overrides`` are ``train:`` keys (``batch_size=8``, ``lr=3e-4``, ...);
     ``stop_after=N`` stops after step N of the full schedule (as if interrupted, saving ``last``).
+    A blueprint with ``growth:`` stages trains with ``GrowthTrainer`` (runtime/growth.py).
     """
-    return Trainer(source, data=data, tokenizer=tokenizer, steps=steps, overrides=overrides, out_dir=out_dir,
-                   resume=resume, device=device, compile=compile, seed=seed, progress=progress, strategy=strategy,
-                   **train_overrides).fit()
+    from .growth import trainer_class
+
+    cls = trainer_class(source, overrides)
+    return cls(source, data=data, tokenizer=tokenizer, steps=steps, overrides=overrides, out_dir=out_dir,
+               resume=resume, device=device, compile=compile, seed=seed, progress=progress, strategy=strategy,
+               **train_overrides).fit()

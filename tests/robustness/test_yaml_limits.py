@@ -177,7 +177,7 @@ def test_expanded_node_limit(monkeypatch):
 
 @pytest.mark.slow
 def test_expanded_node_limit_real():
-    """4096 x 40 nested repeats: refused in seconds (it took minutes before the resolver stopped at once)."""
+    """MAX_REPEAT x 40 nested repeats: refused in seconds (it took minutes before the resolver stopped at once)."""
     import time
 
     t0 = time.perf_counter()

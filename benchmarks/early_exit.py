@@ -1,0 +1,213 @@
+"""Early exit: decoding speed and perplexity at several thresholds against full depth, in one run.
+
+    python benchmarks/early_exit.py --small                 # CPU smoke run (a few minutes)
+    python benchmarks/early_exit.py                         # GPU: 6-layer baby GPT, exits after every layer
+    python benchmarks/early_exit.py --ckpt runs/baby-gpt-exits --rule margin --thresholds 0.99,0.95,0.9
+
+Without ``--ckpt`` it first trains ``examples/early-exit/baby-gpt-exits.yaml`` on tiny
+Shakespeare (chars) with exits every ``--every`` layers. Then, on the validation split (the
+last 10% of the text):
+
+- perplexity under the exit policy, teacher-forced (one full forward, each position's logits
+  taken from the first exit whose rule fires). Generation completes skipped layers lazily, so
+  its caches are exact and this is the perplexity it sees.
+- greedy decoding tokens/s with the KV cache, batch 1, prompts from the validation text, every
+  sequence within the context: full depth through the plain GraphModule (``generate``), the
+  segment executor with a threshold that never fires (its own overhead), and each threshold.
+
+The goal the issue sets: >= 1.5x faster decoding at <= 2% higher perplexity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from physlm_graph.runtime.checkpoint import load_checkpoint, model_context
+from physlm_graph.runtime.data import load_text, split
+from physlm_graph.runtime.early_exit import exit_depths, exit_points, generate_with_exits, never_fires, policy_logits
+from physlm_graph.runtime.generate import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+BLUEPRINT = ROOT / "examples" / "early-exit" / "baby-gpt-exits.yaml"
+DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+DEFAULT_THRESHOLDS = {
+    "margin": [0.95, 0.9, 0.8, 0.6, 0.4, 0.3, 0.2],
+    "top1": [0.99, 0.95, 0.9, 0.8, 0.6, 0.4],
+    "entropy": [0.05, 0.1, 0.2, 0.4, 0.8],
+    "saturation": [0.999, 0.995, 0.99, 0.98, 0.95],
+}
+SMALL = {"params.layers": 6, "params.dim": 128, "params.heads": 4, "params.context": 64, "params.dropout": 0.0,
+         "train.seq_len": 64}
+
+
+def train_model(args: argparse.Namespace, device: torch.device):
+    """Train the example blueprint with exits; returns (CompiledModel, tokenizer, val tokens)."""
+    from physlm_graph.runtime.train import Trainer
+
+    overrides = {"exits.every": args.every, "exits.rule": args.rule}
+    opts = {}
+    if args.small:
+        overrides.update(SMALL)
+        opts = dict(batch_size=12, lr=2e-3, min_lr=2e-4, warmup=50, eval_every=max(args.steps, 1), eval_iters=5)
+    out = Path(args.out or tempfile.mkdtemp(prefix="early-exit-bench-"))
+    t = Trainer(BLUEPRINT, data=args.data, out_dir=out, overrides=overrides, steps=args.steps, device=device,
+                progress=False, **opts)
+    t0 = time.perf_counter()
+    result = t.fit()
+    print(f"trained {result['steps']} steps in {time.perf_counter() - t0:.0f} s: val loss {result['val_loss']:.4f} "
+          f"(checkpoint {result['last']})")
+    return t.cm, t.tokenizer, t.val_tokens
+
+
+def load_model(args: argparse.Namespace, device: torch.device):
+    ck = load_checkpoint(args.ckpt, device=device)
+    if ck.tokenizer is None:
+        sys.exit(f"{ck.path}: the checkpoint holds no tokenizer")
+    if not ck.model.resolved.exit_points:
+        sys.exit(f"{ck.path}: the blueprint declares no exits (train examples/early-exit/baby-gpt-exits.yaml)")
+    tokens = np.asarray(ck.tokenizer.encode(load_text(args.data)), dtype=np.int64)
+    return ck.model, ck.tokenizer, split(tokens, 0.1)[1]
+
+
+@torch.inference_mode()
+def perplexities(cm, val: np.ndarray, *, rule: str, thresholds: list[float], windows: int, device: torch.device):
+    """Full-depth perplexity and, per threshold, (perplexity, mean layers) under the exit policy."""
+    module = cm.module.eval()
+    T = model_context(cm)
+    starts = list(range(0, len(val) - T - 1, T))[:windows]
+    depths, full = exit_depths(cm)
+    layer_of = torch.tensor([depths[p] for p in exit_points(cm)] + [full], dtype=torch.float64)
+    nll_full, nll = 0.0, {t: 0.0 for t in thresholds}
+    layers = {t: 0.0 for t in thresholds}
+    count = 0
+    for i in range(0, len(starts), 8):
+        x = torch.stack([torch.from_numpy(val[s : s + T]) for s in starts[i : i + 8]]).to(device)
+        y = torch.stack([torch.from_numpy(val[s + 1 : s + T + 1]) for s in starts[i : i + 8]]).to(device)
+        out = module(x)
+        lg = out["logits"].float()
+        nll_full += float(F.cross_entropy(lg.reshape(-1, lg.size(-1)), y.reshape(-1), reduction="sum"))
+        for t in thresholds:
+            chosen, where = policy_logits(out, rule, t)
+            nll[t] += float(F.cross_entropy(chosen.float().reshape(-1, lg.size(-1)), y.reshape(-1), reduction="sum"))
+            layers[t] += float(layer_of[where.cpu()].sum())
+        count += y.numel()
+    return math.exp(nll_full / count), {t: (math.exp(nll[t] / count), layers[t] / count) for t in thresholds}, full
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_speed(run, prompts: list[list[int]], new_tokens: int, device: torch.device):
+    """Tokens/s of ``run(prompt, n) -> (ids, stats|None)`` over all prompts (after one warm-up)."""
+    run(prompts[0], min(new_tokens, 8))
+    _sync(device)
+    outs, stats = [], []
+    t0 = time.perf_counter()
+    for p in prompts:
+        ids, st = run(p, new_tokens)
+        outs.append(ids)
+        stats.append(st)
+    _sync(device)
+    return len(prompts) * new_tokens / (time.perf_counter() - t0), outs, stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", help="a checkpoint (or run folder) of a model with exits; default: train one")
+    ap.add_argument("--small", action="store_true", help="CPU smoke run: 6 layers x 128 wide, context 64, short training")
+    ap.add_argument("--data", default=str(DATA), help="tiny Shakespeare input.txt (training and validation text)")
+    ap.add_argument("--steps", type=int, help="training steps (default 3000; --small: 800)")
+    ap.add_argument("--every", type=int, default=1, help="an exit after every k layers (training a model)")
+    ap.add_argument("--rule", default="margin", choices=sorted(DEFAULT_THRESHOLDS))
+    ap.add_argument("--thresholds", help="comma-separated thresholds (default: a sweep for the rule)")
+    ap.add_argument("--prompts", type=int, help="prompts to decode from (default 16; --small: 6)")
+    ap.add_argument("--prompt-len", type=int, default=8)
+    ap.add_argument("--eval-windows", type=int, help="validation windows for perplexity (default 200; --small: 60)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, help="CPU threads (default: torch's; --small on a CPU: 1, for steadier timings)")
+    ap.add_argument("--out", help="run folder for the trained model (default: a temporary folder)")
+    ap.add_argument("--json", action="store_true", help="also print the rows as JSON lines")
+    args = ap.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    args.steps = args.steps or (800 if args.small else 3000)
+    thresholds = [float(v) for v in args.thresholds.split(",")] if args.thresholds else DEFAULT_THRESHOLDS[args.rule]
+    n_prompts = args.prompts or (6 if args.small else 16)
+    windows = args.eval_windows or (60 if args.small else 200)
+    threads = args.threads or (1 if args.small and device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+    cm, tok, val = load_model(args, device) if args.ckpt else train_model(args, device)
+    val = np.asarray(val, dtype=np.int64)
+    cm.module.to(device).eval()
+    context = model_context(cm)
+    new_tokens = context - args.prompt_len  # stay within the context: no re-prefill in the timing
+    ppl_full, ppl, full = perplexities(cm, val, rule=args.rule, thresholds=thresholds, windows=windows, device=device)
+    step = max(1, (len(val) - args.prompt_len) // n_prompts)
+    prompts = [val[i * step : i * step + args.prompt_len].tolist() for i in range(n_prompts)]
+
+    def plain(p, n):
+        return generate(cm, p, max_new_tokens=n, temperature=0, use_cache=True), None
+
+    def exits(thr):
+        return lambda p, n: generate_with_exits(cm, p, max_new_tokens=n, rule=args.rule, threshold=thr)
+
+    base_tps, base_ids, _ = decode_speed(plain, prompts, new_tokens, device)
+    rows = [{"mode": "full depth (GraphModule)", "threshold": None, "tokens_per_s": base_tps, "ppl": ppl_full,
+             "eval_layers": float(full), "layers": float(full), "layers_run": float(full), "same_tokens": 1.0}]
+    for thr in [never_fires(args.rule)] + thresholds:
+        tps, ids, stats = decode_speed(exits(thr), prompts, new_tokens, device)
+        same = np.mean([np.mean(np.array(a) == np.array(b)) for a, b in zip(ids, base_ids)])
+        counts = np.sum([s.counts for s in stats], axis=0)
+        layers = float((counts * np.array(stats[0].depths)).sum() / counts.sum())
+        run = float(np.sum([s.layer_rows for s in stats]) / max(np.sum([s.tokens for s in stats]), 1))
+        never = thr == never_fires(args.rule)
+        rows.append({"mode": "segments, never exit" if never else f"exit {args.rule}", "threshold": None if never else thr,
+                     "tokens_per_s": tps, "ppl": ppl_full if never else ppl[thr][0],
+                     "eval_layers": float(full) if never else ppl[thr][1], "layers": layers, "layers_run": run, "same_tokens": float(same)})
+
+    print(f"\nearly exit on {device} ({'CPU smoke run, ' if args.small else ''}{cm.name}, {full} layers, exits after "
+          f"{', '.join(cm.resolved.exit_points)}; {n_prompts} prompts x {new_tokens} greedy tokens, batch 1; "
+          f"perplexity on {windows} validation windows of {context})")
+    head = (f"{'mode':<26}{'threshold':>10}{'tok/s':>10}{'speedup':>9}{'ppl':>9}{'Δppl':>8}{'eval L':>8}{'gen L':>7}"
+            f"{'run/tok':>9}{'same':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        thr = "" if r["threshold"] is None else f"{r['threshold']:g}"
+        print(f"{r['mode']:<26}{thr:>10}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / base_tps:>8.2f}x"
+              f"{r['ppl']:>9.3f}{100 * (r['ppl'] / ppl_full - 1):>7.2f}%{r['eval_layers']:>8.2f}{r['layers']:>7.2f}"
+              f"{r['layers_run']:>9.2f}"
+              f"{100 * r['same_tokens']:>6.0f}%")
+    ok = [r for r in rows[2:] if r["ppl"] <= 1.02 * ppl_full]
+    best = max(ok, key=lambda r: r["tokens_per_s"], default=None)
+    if best is None:
+        print("goal (>= 1.5x at <= 2% perplexity): no threshold keeps perplexity within 2%")
+    else:
+        verdict = "met" if best["tokens_per_s"] >= 1.5 * base_tps else "not met"
+        print(f"goal (>= 1.5x at <= 2% perplexity): {verdict}; best within 2%: threshold {best['threshold']:g}, "
+              f"{best['tokens_per_s'] / base_tps:.2f}x, {100 * (best['ppl'] / ppl_full - 1):+.2f}% perplexity")
+    print("eval L / gen L: mean layers a prediction used, on the validation text / in the greedy decoding; run/tok: "
+          "layers run per decoded token, counting the lazy completion of skipped layers; same: share of greedy "
+          "tokens equal to full depth's")
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

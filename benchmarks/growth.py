@@ -1,0 +1,159 @@
+"""Does growing pay? A 2 -> 4 -> 6 layer baby GPT against a fixed 6-layer one, same tokens.
+
+Both runs train nanoGPT's shakespeare_char model (``blueprints/baby-gpt.yaml``) with the same
+seed, data, batch and step count; the grown run follows a growth schedule (2 layers for the
+first quarter of the steps, 4 for the second, 6 for the second half) through
+``GrowthTrainer``. For each run the table shows the final validation loss, the training
+FLOPs spent (3 x the report's forward FLOPs per token x tokens, summed stage by stage), and
+for the grown run the FLOPs it had spent at the first evaluation where its validation loss
+reached the fixed run's final loss, also as a fraction of the fixed run's FLOPs
+(goal: <= 75%; "not reached" when it never gets there within the budget).
+
+    python benchmarks/growth.py                       # the baby GPT of nanoGPT (use a GPU)
+    python benchmarks/growth.py --small               # a CPU smoke run: 64 wide, 300 steps
+    python benchmarks/growth.py --grow zero_init stack mask
+
+Runs on CUDA when available (bf16 autocast there, as ``physlm-graph train`` does), else CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+from physlm_graph import compile_blueprint  # noqa: E402
+from physlm_graph.runtime.growth import GrowthTrainer, stage_at  # noqa: E402
+from physlm_graph.runtime.train import Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BLUEPRINT = ROOT / "blueprints" / "baby-gpt.yaml"
+DATA = Path("/work/shared/data/tinyshakespeare/input.txt")
+
+# nanoGPT shakespeare_char (6L/6H/384d, ctx 256, batch 64, 5000 iters) and a CPU-sized variant
+FULL = dict(params={"dim": 384, "heads": 6, "context": 256, "dropout": 0.2},
+            train=dict(steps=5000, batch_size=64, seq_len=256, eval_every=250, eval_iters=200, warmup=100))
+SMALL = dict(params={"dim": 64, "heads": 4, "context": 64, "dropout": 0.0},
+             train=dict(steps=300, batch_size=8, seq_len=64, eval_every=25, eval_iters=8, warmup=20))
+
+
+def schedule(steps: int, op: str, depths: tuple[int, ...] = (2, 4, 6)) -> list[dict[str, Any]]:
+    """2 layers for the first quarter, 4 for the second, 6 for the second half."""
+    bounds = [steps // 4, steps // 2]
+    stages: list[dict[str, Any]] = [{"until": bounds[0], "params": {"layers": depths[0]}}]
+    stages.append({"until": bounds[1], "params": {"layers": depths[1]}, "grow": op})
+    stages.append({"params": {"layers": depths[2]}, "grow": op})
+    if op == "mask":
+        for st in stages[1:]:
+            st["ramp_steps"] = max(1, steps // 50)
+    return stages
+
+
+def overrides(size: dict[str, Any], growth: list[dict[str, Any]] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {f"params.{k}": v for k, v in size["params"].items()}
+    out["params.layers"] = 6
+    out["train.seq_len"] = size["train"]["seq_len"]  # shape inference samples this length
+    out["params.vocab"] = 65  # tinyshakespeare's characters: the report's FLOPs match the trained model
+    if growth is not None:
+        out["growth"] = growth
+    return out
+
+
+def flops_per_step(ov: dict[str, Any], steps: int, tokens_per_step: int) -> list[float]:
+    """Training FLOPs of each step (3 x forward FLOPs/token x tokens), following the stages."""
+    if "growth" not in ov:
+        fpt = compile_blueprint(BLUEPRINT, overrides=ov, build=False).flops_per_token
+        return [3.0 * fpt * tokens_per_step] * steps
+    cm = compile_blueprint(BLUEPRINT, overrides=ov, build=False, stage=0)
+    per_stage = [compile_blueprint(BLUEPRINT, overrides=ov, build=False, stage=i).flops_per_token
+                 for i in range(len(ov["growth"]))]
+    return [3.0 * per_stage[stage_at(cm, s, s * tokens_per_step)] * tokens_per_step for s in range(steps)]
+
+
+def run(name: str, cls: type, ov: dict[str, Any], size: dict[str, Any], data: Path, device: str, out: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    trainer = cls(BLUEPRINT, data=str(data), overrides=ov, out_dir=out / name, device=device, progress=False,
+                  log_every=size["train"]["eval_every"], **size["train"])
+    result = trainer.fit()
+    metrics = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    curve = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    flops = flops_per_step(ov, size["train"]["steps"], trainer.tokens_per_step)
+    return {"name": name, "params": result["params"], "tokens": result["tokens_seen"], "val_loss": result["val_loss"],
+            "curve": curve, "flops": sum(flops), "cum_flops": [sum(flops[:s]) for s, _ in curve],
+            "wall_s": time.perf_counter() - t0}
+
+
+def reach(grown: dict[str, Any], target: float) -> float | None:
+    """FLOPs the grown run had spent at its first evaluation with val loss <= target."""
+    for (_, loss), spent in zip(grown["curve"], grown["cum_flops"]):
+        if loss <= target:
+            return spent
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="a CPU smoke run (64 wide, 300 steps)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps of each run")
+    ap.add_argument("--grow", nargs="+", default=["zero_init"], choices=["zero_init", "stack", "interpolate", "mask"])
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    args = ap.parse_args(argv)
+    size = {k: dict(v) for k, v in (SMALL if args.small else FULL).items()}
+    if args.steps:
+        size["train"]["steps"] = args.steps
+    if not args.data.is_file():
+        print(f"no data at {args.data}; pass --data PATH to tinyshakespeare's input.txt", file=sys.stderr)
+        return 2
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    if device == "cpu":
+        torch.set_num_threads(min(4, torch.get_num_threads()))
+    steps = size["train"]["steps"]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp)
+        rows = [run("fixed-6", Trainer, overrides(size, None), size, args.data, device, out)]
+        for op in args.grow:
+            rows.append(run(f"grown-2-4-6-{op}", GrowthTrainer, overrides(size, schedule(steps, op)), size, args.data,
+                            device, out))
+    fixed = rows[0]
+    for r in rows[1:]:
+        r["flops_to_fixed_loss"] = reach(r, fixed["val_loss"])
+    print_table(rows, device=device, small=args.small, steps=steps)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def print_table(rows: list[dict[str, Any]], *, device: str, small: bool, steps: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    fixed = rows[0]
+    title = (f"growth vs fixed depth, tiny Shakespeare chars, {steps} steps, {rows[0]['tokens']:,} tokens each, "
+             f"on {device}" + (" (CPU smoke run: --small)" if small else ""))
+    t = Table(title=title, title_justify="left")
+    for c in ("run", "final params", "final val loss", "train FLOPs", "FLOPs to fixed's final loss", "fraction", "wall s (with setup)"):
+        t.add_column(c, justify="left" if c == "run" else "right")
+    for r in rows:
+        if r is fixed:
+            to, frac = f"{fixed['flops']:.3g}", "100%"
+        elif r["flops_to_fixed_loss"] is None:
+            to, frac = "not reached", f"> {r['flops'] / fixed['flops']:.0%}"
+        else:
+            to, frac = f"{r['flops_to_fixed_loss']:.3g}", f"{r['flops_to_fixed_loss'] / fixed['flops']:.0%}"
+        t.add_row(r["name"], f"{r['params']:,}", f"{r['val_loss']:.4f}", f"{r['flops']:.3g}", to, frac, f"{r['wall_s']:.0f}")
+    Console(width=140).print(t)
+    print("goal: the grown run reaches the fixed run's final validation loss with <= 75% of its FLOPs")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
