@@ -16,6 +16,7 @@ key by key, everything else replaced.
 from __future__ import annotations
 
 import copy
+import os
 import difflib
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,15 @@ def _deep_merge(base: Any, over: Any) -> Any:
     return copy.deepcopy(over)
 
 
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working folder when that is shorter."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return rel if not rel.startswith("..") else str(path)
+
+
 def merge_extends(doc: Document, _depth: int = 0, _seen: tuple[str, ...] = ()) -> Document:
     """Resolve ``extends`` recursively; return one self-contained document."""
     data = doc.data
@@ -134,7 +144,7 @@ def merge_extends(doc: Document, _depth: int = 0, _seen: tuple[str, ...] = ()) -
         raise ResolveError(
             f"the base blueprint {ext!r} does not exist",
             loc=loc,
-            fix=f"looked for {base_path}; paths are relative to the blueprint that extends",
+            fix=f"looked for {_shown(base_path)}; paths are relative to the blueprint that extends",
         )
     base = merge_extends(load_document(base_path), _depth + 1, _seen + (str(base_path),))
     merged = copy.deepcopy(base.data)
