@@ -95,7 +95,7 @@ def _build_stages(args: argparse.Namespace) -> int:
         cm = _compile(args, build=False, stage=i)
         layers = sum(len(v) for v in cm.resolved.instances.values())
         rows.append({"stage": i, "until": st.get("until") or st.get("until_tokens") or "end",
-                     "grow": st.get("grow", "zero_init"), "params_set": st.get("params", {}),
+                     "grow": st.get("grow", "zero_init") if i else "-", "params_set": st.get("params", {}),
                      "layers": layers, "params": cm.num_params, "flops_per_token": cm.flops_per_token})
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
