@@ -57,6 +57,9 @@ def add_commands(subparsers: Any) -> None:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--exit-threshold", type=float, help="early exit: leave at the first exit whose rule reaches T")
     g.add_argument("--exit-rule", choices=["top1", "margin", "entropy", "saturation"], help="early exit rule (default: the blueprint's)")
+    g.add_argument("--exit-kv", choices=["lazy", "propagate"],
+                   help="early exit: fill skipped layers' KV caches exactly, later (lazy, default) or from the exit "
+                        "state (propagate: CALM, saves compute, approximate)")
     g.set_defaults(func=cmd_generate)
 
     e = subparsers.add_parser("eval", help="perplexity of a checkpoint on a text")
@@ -126,6 +129,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                           fix="drop --no-cache")
     if args.exit_rule is not None and args.exit_threshold is None:
         raise PhysLMError("--exit-rule needs --exit-threshold", fix="add --exit-threshold T")
+    if args.exit_kv is not None and args.exit_threshold is None:
+        raise PhysLMError("--exit-kv needs --exit-threshold", fix="add --exit-threshold T")
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, use_cache=use_cache, eos_id=tok.eos_id)
 
@@ -152,7 +157,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             generate(ck, ids, seed=seed, on_token=stream, **opts)
         else:  # early exit (runtime/early_exit.py); it always decodes with the KV cache
             _, stats = generate_with_exits(ck.model, ids, seed=seed, on_token=stream, threshold=args.exit_threshold,
-                                           rule=args.exit_rule, **{k: v for k, v in opts.items() if k != "use_cache"})
+                                           rule=args.exit_rule, kv_fill=args.exit_kv or "lazy",
+                                           **{k: v for k, v in opts.items() if k != "use_cache"})
             exits = stats.as_dict()
         seconds = time.perf_counter() - t0
         if args.json:

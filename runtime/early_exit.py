@@ -11,18 +11,28 @@ The compiler gives every exit point a readout in the graph (``exit_logits``; see
 Data-dependent control flow lives here, not in the fx graph. ``SegmentExecutor`` cuts the
 GraphModule into segments, one per exit (the nodes needed for that exit's hidden state that
 no earlier segment computes) plus the final one, each a small GraphModule sharing the model's
-submodules, and runs them in turn, stopping at the first exit whose rule fires. The layers a token skips are completed *lazily*: the token's
-state at its exit waits in a queue, and the next token that reaches a skipped segment runs
-it on the waiting rows and itself in one chunk (the KV caches take the rows in position
-order). The caches therefore hold exactly what the full-depth model would have written, so
-perplexity under the policy measured by a full forward (``policy_logits``) is the perplexity
-generation sees. CALM instead copies the exit state into the skipped layers' K/V: cheaper per
-token, but approximate.
+submodules, and runs them in turn, stopping at the first exit whose rule fires.
+
+The KV caches of the layers a token skips are filled in one of two ways (``kv_fill``):
+
+- ``"lazy"`` (default, exact): the token's state at its exit waits in a queue, and the next
+  token that reaches a skipped segment runs it on the waiting rows and itself in one chunk (the
+  KV caches take the rows in position order). The caches hold exactly what the full-depth model
+  would have written, so perplexity under the policy measured by a full forward
+  (``policy_logits``) is the perplexity generation sees; but no layer compute is saved, only
+  batched.
+- ``"propagate"`` (CALM's state propagation, approximate): the skipped layers' keys and values
+  are computed from the exit hidden state: for every ``attention.causal`` node in the skipped
+  segments, only the nodes between the layer input and the attention (the pre-norm) and the K/V
+  rows of its ``qkv`` projection run, on the exit state. Layer compute is saved; later tokens
+  attend to approximate K/V. Blueprints whose skipped segments hold another cached component
+  (an SSM state, a memory) fall back to lazy, with a warning and ``stats.kv_note``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,10 +58,12 @@ __all__ = [
     "ExitScorer",
     "SegmentExecutor",
     "ExitStats",
+    "KV_FILLS",
     "generate_with_exits",
 ]
 
 RULES: tuple[str, ...] = ("top1", "margin", "entropy", "saturation")
+KV_FILLS: tuple[str, ...] = ("lazy", "propagate")  # how skipped layers' KV caches are filled
 IGNORE = -100
 
 
@@ -287,6 +299,9 @@ class ExitStats:
     counts: list[int] = field(default_factory=list)  # tokens predicted at each exit, then final
     layer_rows: int = 0  # layers run x rows, deferred completions included
     tokens: int = 0
+    kv_fill: str = "lazy"  # how skipped layers' caches were filled: lazy | propagate
+    kv_rows: int = 0  # K/V-only projections (propagate) x rows
+    kv_note: str | None = None  # why propagate fell back to lazy
 
     @property
     def full_layers(self) -> int:
@@ -299,13 +314,20 @@ class ExitStats:
 
     @property
     def layers_run_per_token(self) -> float:
-        """Layers actually run per decoded token, counting the deferred completions of skipped ones."""
+        """Layers actually run per decoded token, counting the deferred completions of skipped ones
+        (lazy); with ``propagate`` the skipped layers' K/V-only projections are not counted (see
+        ``kv_rows``)."""
         return self.layer_rows / max(self.tokens, 1)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mean_layers": self.mean_layers, "full_layers": self.full_layers,
-                "layers_run_per_token": self.layers_run_per_token,
-                "exit_counts": dict(zip(self.points + ["final"], self.counts))}
+        d = {"mean_layers": self.mean_layers, "full_layers": self.full_layers,
+             "layers_run_per_token": self.layers_run_per_token, "kv_fill": self.kv_fill,
+             "exit_counts": dict(zip(self.points + ["final"], self.counts))}
+        if self.kv_fill == "propagate":
+            d["kv_fills_per_token"] = self.kv_rows / max(self.tokens, 1)
+        if self.kv_note:
+            d["kv_note"] = self.kv_note
+        return d
 
 
 @dataclass
@@ -363,6 +385,7 @@ class _Cut:
             seg = _closure(h) - covered
             covered |= seg
             segments.append(seg)
+        self.seg_nodes = segments
         self.segments = [_Piece.cut(gm, [n for n in gm.graph.nodes if n in seg and n.op != "placeholder"])
                          for seg in segments]
         self.heads = [_Piece.cut(gm, [n for n in gm.graph.nodes if n in _closure(lg) - _closure(h)])
@@ -374,6 +397,84 @@ class _Cut:
         self.depths = [depths[p] for p in self.points] + [full]
         self.seg_layers = [self.depths[0]] + [b - a for a, b in zip(self.depths, self.depths[1:])]
         self.placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        # the residual stream: layer outputs and exit states (propagate feeds the exit state there)
+        self.stream = set(_layer_nodes(cm).values()) | set(self.hidden)
+        self.uses = {path: node.use for path, node in cm.resolved.nodes.items()}
+        self.kv_plans: list[_Piece] | str | None = None  # propagate: one K/V filler per exit, or why not
+
+
+def _causal_kv(module: Any, x: Tensor, rope: Tensor | None = None) -> None:
+    """Append to an ``attention.causal`` module's decode cache the keys and values of ``x``
+    (B, T, D) only: the K/V rows of its fused ``qkv`` projection, rope on the keys. The same
+    ops as ``CausalSelfAttention.forward`` up to ``_extend_cache`` (tested against it), without
+    the queries, the attention and the output projection."""
+    from physlm_graph.components._rope import apply_rope
+
+    B, T, _ = x.shape
+    H, Hkv, hd = module.num_heads, module.num_kv_heads, module.head_dim
+    w, b = module.qkv.weight[H * hd :], module.qkv.bias  # (2 H_kv hd, D)
+    kv = F.linear(x, w, None if b is None else b[H * hd :])  # (B, T, 2 H_kv hd)
+    k, v = kv.split([Hkv * hd, Hkv * hd], dim=-1)
+    k = k.view(B, T, Hkv, hd).transpose(1, 2)  # (B, H_kv, T, hd)
+    v = v.view(B, T, Hkv, hd).transpose(1, 2)
+    if rope is not None:
+        k = apply_rope(k, rope)
+    module._extend_cache(k, v)
+
+
+def _is_causal_attention(gm: fx.GraphModule, cut: _Cut, n: fx.Node) -> bool:
+    from physlm_graph.components.attention.causal import CausalSelfAttention
+
+    if n.op != "call_module" or cut.uses.get(n.target, "attention.causal") != "attention.causal":
+        return False
+    return type(gm.get_submodule(n.target)) is CausalSelfAttention
+
+
+def _kv_plan(gm: fx.GraphModule, cut: _Cut, s: int, stateful: set[fx.Node]) -> _Piece | str:
+    """For a token that exits after segment s: a piece that reads the exit hidden state (and
+    the values of segments <= s it needs) and appends K/V computed from it to every
+    ``attention.causal`` cache in the later segments; or why that cannot be done."""
+    skipped = set().union(*cut.seg_nodes[s + 1 :])
+    h = cut.hidden[s]
+    subst = {n for n in cut.stream if n in skipped} | {h}
+    attns = [n for n in gm.graph.nodes if n in skipped and _is_causal_attention(gm, cut, n)]
+    others = [n.name for n in gm.graph.nodes if n in skipped and n in stateful and n not in attns]
+    if others:
+        return f"the skipped layers hold cached components other than attention.causal ({', '.join(others)})"
+    copy: set[fx.Node] = set()
+    outside: set[fx.Node] = set()
+    stack = [a for n in attns for a in n.all_input_nodes]
+    while stack:
+        u = stack.pop()
+        if u in subst or u in copy or u in outside:
+            continue
+        if u not in skipped:
+            outside.add(u)
+            continue
+        if u in attns or u in stateful:
+            return f"the K/V path of an attention.causal node runs through the cached node {u.name!r}"
+        copy.add(u)
+        stack.extend(u.all_input_nodes)
+    graph = fx.Graph()
+    state = graph.placeholder("exit_state")
+    inputs = [h] + [n for n in gm.graph.nodes if n in outside and n is not h]
+    remap: dict[fx.Node, fx.Node] = {h: state}
+    for n in inputs[1:]:
+        remap[n] = graph.placeholder(_safe_name(f"in_{n.name}"))
+
+    def arg(a: fx.Node) -> fx.Node:
+        return state if a in subst else remap[a]
+
+    for n in gm.graph.nodes:
+        if n in copy:
+            remap[n] = graph.node_copy(n, arg)
+        elif n in attns:
+            graph.call_function(_causal_kv, (graph.get_attr(n.target), *fx.map_arg(n.args, arg)),
+                                fx.map_arg(n.kwargs, arg))
+    graph.output(())
+    piece = _Piece(fx.GraphModule(gm, graph), inputs, [])
+    piece.kv_layers = len(attns)  # type: ignore[attr-defined]
+    return piece
 
 
 _CUTS: weakref.WeakKeyDictionary[fx.GraphModule, _Cut] = weakref.WeakKeyDictionary()
@@ -388,7 +489,11 @@ class SegmentExecutor:
     a rope table); waiting rows keep their boundary values, sliced along the sequence axis.
     """
 
-    def __init__(self, cm: Any, *, rule: str | None = None, threshold: float | None = None) -> None:
+    def __init__(self, cm: Any, *, rule: str | None = None, threshold: float | None = None,
+                 kv_fill: str = "lazy") -> None:
+        if kv_fill not in KV_FILLS:
+            raise PhysLMError(f"unknown kv_fill {kv_fill!r}", expected=", ".join(KV_FILLS), got=str(kv_fill),
+                              fix="use lazy (exact) or propagate (CALM: skipped layers' K/V from the exit state)")
         self.cm = cm
         exit_points(cm)  # an error when the blueprint declares none
         ex = cm.resolved.spec.exits
@@ -403,7 +508,9 @@ class SegmentExecutor:
         self.points, self.depths = cut.points, cut.depths
         self.ctx = DecodeContext()
         self.pending: list[_Pending] = []
-        self.stats = ExitStats(points=self.points, depths=self.depths, counts=[0] * (len(self.points) + 1))
+        self.kv_fill = kv_fill
+        self.stats = ExitStats(points=self.points, depths=self.depths, counts=[0] * (len(self.points) + 1),
+                               kv_fill=kv_fill)
 
     def _run(self, piece: _Piece, env: dict[fx.Node, Any]) -> None:
         env.update(zip(piece.outputs, piece.module.forward(*[env[a] for a in piece.inputs])))
@@ -430,6 +537,8 @@ class SegmentExecutor:
                 self._run(seg, env)
         if T > 1:
             self._check_sequence_axis(env, T)
+        if self.kv_fill == "propagate":
+            self._plan_propagation()
         self.ctx.offset = T
         prev = None
         for i in range(len(self.points)):
@@ -442,6 +551,30 @@ class SegmentExecutor:
             prev = h
         self.stats.counts[-1] += 1
         return env[self.cut.final][:, -1]
+
+    def _plan_propagation(self) -> None:
+        """Build (once per graph) the K/V fillers for ``propagate``, or fall back to lazy. Which
+        components keep state is seen in the decode context the full-depth prompt filled."""
+        cut = self.cut
+        if cut.kv_plans is None:
+            stateful = {n for seg in cut.seg_nodes for n in seg if n.op == "call_module"
+                        and self.ctx.get(self.gm.get_submodule(n.target)) is not None}
+            plans = [_kv_plan(self.gm, cut, s, stateful) for s in range(len(self.points))]
+            why = next((p for p in plans if isinstance(p, str)), None)
+            cut.kv_plans = why if why is not None else plans
+        if isinstance(cut.kv_plans, str):
+            note = f"kv_fill='propagate' falls back to 'lazy': {cut.kv_plans}"
+            warnings.warn(note, stacklevel=3)
+            self.kv_fill = self.stats.kv_fill = "lazy"
+            self.stats.kv_note = note
+
+    def _propagate(self, pos: int, s: int, env: dict[fx.Node, Any]) -> None:
+        """The current row exited after segment s: fill the later segments' attention caches with
+        K/V computed from its exit hidden state (CALM's state propagation)."""
+        piece = self.cut.kv_plans[s]  # type: ignore[index]
+        self.ctx.offset = pos
+        piece.module.forward(*[env[a] for a in piece.inputs])
+        self.stats.kv_rows += piece.kv_layers
 
     def _check_sequence_axis(self, env: dict[fx.Node, Any], T: int) -> None:
         for bs in self.cut.boundary:
@@ -470,7 +603,10 @@ class SegmentExecutor:
                 logits, fire = self._decide(s, env, prev)
                 if fire:
                     self.stats.counts[s] += 1
-                    self._wait(pos, s, env)
+                    if self.kv_fill == "propagate":
+                        self._propagate(pos, s, env)
+                    else:
+                        self._wait(pos, s, env)
                     break
                 prev = env[self.cut.hidden[s]][:, -1]
         self.ctx.offset = pos + 1
@@ -536,9 +672,12 @@ def generate_with_exits(
     seed: int | None = None,
     eos_id: int | None = None,
     on_token: Callable[[list[int]], None] | None = None,
+    kv_fill: str = "lazy",
 ) -> tuple[list[int] | Tensor, ExitStats]:
     """Generate with the KV cache, exiting per token by the blueprint's rule (or ``rule``) at
     ``threshold`` (default: the blueprint's); returns the ids (as ``generate`` does) and the stats.
+    ``kv_fill``: ``"lazy"`` completes skipped layers exactly, later; ``"propagate"`` fills their
+    K/V from the exit state (CALM; saves compute, approximate).
 
     A batch exits only where every row's rule fires. Past the model's context the cache is
     cleared and the last ``context`` tokens are run again at full depth, as ``generate`` does.
@@ -551,7 +690,7 @@ def generate_with_exits(
     if not can_cache(cm):
         raise PhysLMError("early-exit generation needs incremental decoding, but some components cannot decode "
                           "incrementally", fix="generate without exits (runtime.generate with use_cache=False)")
-    ex = SegmentExecutor(cm, rule=rule, threshold=threshold)
+    ex = SegmentExecutor(cm, rule=rule, threshold=threshold, kv_fill=kv_fill)
     module = cm.module
     dev = next(module.parameters()).device
     flat = not isinstance(prompt_ids, Tensor) or prompt_ids.dim() == 1

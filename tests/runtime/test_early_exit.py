@@ -14,10 +14,12 @@ import yaml
 from torch.nn import functional as F
 
 from physlm_graph import PhysLMError, compile_blueprint
+from physlm_graph._context import decoding
 from physlm_graph._errors import ResolveError
 from physlm_graph.runtime.checkpoint import load_checkpoint, save_checkpoint
 from physlm_graph.runtime.early_exit import (
     ExitScorer,
+    KV_FILLS,
     ExitStats,
     SegmentExecutor,
     exit_depths,
@@ -191,13 +193,16 @@ def test_policy_takes_the_first_exit_that_fires():
 # ---------------------------------------------------------------- generation
 
 
+@pytest.mark.parametrize("kv_fill", KV_FILLS)
 @pytest.mark.parametrize("rule", RULES)
-def test_never_firing_equals_the_model_without_exits(cm, plain, rule):
+def test_never_firing_equals_the_model_without_exits(cm, plain, rule, kv_fill):
     want = generate(plain, PROMPT, max_new_tokens=60, temperature=0, use_cache=True)
-    got, stats = generate_with_exits(cm, PROMPT, max_new_tokens=60, rule=rule, threshold=never_fires(rule))
+    got, stats = generate_with_exits(cm, PROMPT, max_new_tokens=60, rule=rule, threshold=never_fires(rule),
+                                     kv_fill=kv_fill)
     assert len(set(want[len(PROMPT):])) > 5  # a real sequence, not one repeated token
     assert got == want  # 70 tokens > context 64: the crop and re-prefill are covered too
     assert stats.counts == [0, 0, 0, 60] and stats.mean_layers == stats.full_layers == 4
+    assert stats.kv_fill == kv_fill and stats.kv_rows == 0 and stats.kv_note is None
 
 
 def test_own_heads_never_firing_equal_the_final_head(cm, plain):
@@ -261,6 +266,119 @@ def test_deferred_layers_are_counted(cm):
     assert [g.done for g in ex.pending] == sorted((g.done for g in ex.pending), reverse=True)
 
 
+# ---------------------------------------------------------------- propagate: skipped layers' K/V from the exit state
+
+
+def llama(layers: int = 3, **exits) -> dict:
+    """A small llama-style blueprint: rope, grouped-query attention (4 query heads, 2 K/V heads), RMSNorm."""
+    d = yaml.safe_load((ROOT / "blueprints" / "llama-style.yaml").read_text())
+    d["params"].update(vocab=65, dim=32, heads=4, kv_heads=2, layers=layers, hidden=64, context=CONTEXT)
+    d.setdefault("train", {})["seq_len"] = CONTEXT
+    if exits:
+        d["exits"] = exits
+    return d
+
+
+def _attentions(cm) -> list[tuple[int, torch.nn.Module]]:
+    """(segment, module) of every attention.causal node, in graph order."""
+    ex = SegmentExecutor(cm)
+    return [(s, cm.module.get_submodule(n.target)) for n in cm.module.graph.nodes for s, seg in enumerate(ex.cut.seg_nodes)
+            if n in seg and n.op == "call_module" and cm.resolved.nodes[n.target].use == "attention.causal"]
+
+
+def test_propagate_never_firing_equals_llama_without_exits():
+    cm = scaled(compile_blueprint(llama(every=1, block="trunk")))
+    plain = compile_blueprint(llama())
+    plain.module.load_state_dict(cm.module.state_dict())
+    want = generate(plain, PROMPT, max_new_tokens=60, temperature=0, use_cache=True)
+    got, stats = generate_with_exits(cm, PROMPT, max_new_tokens=60, rule="top1", threshold=2.0, kv_fill="propagate")
+    assert got == want and stats.kv_fill == "propagate"
+
+
+def test_propagate_fills_skipped_layers_from_the_exit_state():
+    """An exit at trunk.0: layer 0's cache row is the exact one, layers 1 and 2 get the K/V of
+    their pre-norm applied to the exit hidden state (rope and grouped-query heads included)."""
+    cm = scaled(compile_blueprint(llama(every=1, block="trunk")))
+    ex = SegmentExecutor(cm, rule="top1", threshold=0.0, kv_fill="propagate")  # every token exits at trunk.0
+    logits = ex.prefill(torch.tensor([PROMPT]))
+    ex.step(logits.argmax(-1)[:, None])
+    assert ex.stats.counts[0] == 2 and ex.stats.layer_rows == 1 and ex.stats.kv_rows == 2
+    ids = torch.tensor([PROMPT + [int(logits.argmax())]])
+    gm = cm.module.eval()
+    with torch.no_grad():
+        h = gm(ids)["exit_hidden"]["trunk.0"][:, -1:]  # (1, 1, D): the exit state of the new token
+    for j in range(3):
+        attn = gm.get_submodule(f"trunk.{j}.attn")
+        k, v = ex.ctx.get(attn)
+        assert k.shape == v.shape == (1, 2, len(PROMPT) + 1, 8)
+        with torch.no_grad(), decoding() as ctx:  # the exact full forward's K/V of layer 0, the exit state's of later ones
+            ctx.offset = len(PROMPT)
+            x = gm.get_submodule(f"trunk.{j}.n1")(h) if j else gm.get_submodule("trunk.0.n1")(gm.tok(ids[:, -1:]))
+            attn(x, gm.rope(ids[:, -1:]))
+            want_k, want_v = ctx.get(attn)
+        assert torch.allclose(k[:, :, -1:], want_k, atol=1e-5) and torch.allclose(v[:, :, -1:], want_v, atol=1e-5)
+
+
+def test_propagate_saves_layer_compute(cm):
+    """With exits firing, propagate runs only the layers up to each token's exit (plus K/V-only
+    projections of the skipped ones); lazy runs every layer for every token, later."""
+    runs = {}
+    for kv_fill in KV_FILLS:
+        ex = SegmentExecutor(cm, rule="top1", threshold=0.3, kv_fill=kv_fill)
+        logits = ex.prefill(torch.tensor([PROMPT]))
+        first = list(ex.stats.counts)
+        for _ in range(40):
+            logits = ex.step(logits.argmax(-1)[:, None])
+        st = ex.stats
+        decoded = [c - f for c, f in zip(st.counts, first)]  # exits of the decoded tokens (not the prefill's)
+        assert sum(decoded[:-1]) > 5
+        if kv_fill == "propagate":
+            assert not ex.pending
+            assert st.layer_rows == sum(c * d for c, d in zip(decoded, st.depths))
+            assert st.kv_rows == sum(c * (st.full_layers - d) for c, d in zip(decoded, st.depths))
+            assert st.layers_run_per_token < st.full_layers
+        runs[kv_fill] = st.layers_run_per_token
+    assert runs["propagate"] < runs["lazy"]
+
+
+@pytest.mark.parametrize("kv_fill", KV_FILLS)
+def test_cache_shapes_stay_consistent(cm, kv_fill):
+    """Across many steps and past the context crop (a re-prefill at full depth), every attention
+    cache holds one row per position, less (lazy) the rows waiting for its segment."""
+    attns = _attentions(cm)
+    ex = SegmentExecutor(cm, rule="top1", threshold=0.3, kv_fill=kv_fill)
+    ids = torch.tensor([PROMPT])
+    logits, crops = ex.prefill(ids), 0
+    for _ in range(150):
+        ids = torch.cat([ids, logits.argmax(-1)[:, None]], dim=1)
+        if ex.ctx.offset + 1 > CONTEXT:  # as generate_with_exits does
+            logits, crops = ex.prefill(ids[:, -CONTEXT:]), crops + 1
+        else:
+            logits = ex.step(ids[:, -1:])
+        for s, attn in attns:
+            k, v = ex.ctx.get(attn)
+            waiting = sum(g.length for g in ex.pending if g.done < s)
+            assert k.shape == v.shape == (1, 2, ex.ctx.offset - waiting, 16)
+        assert ex.ctx.offset <= CONTEXT
+    assert crops >= 2 and sum(ex.stats.counts[:-1]) > 20
+    if kv_fill == "propagate":
+        assert not ex.pending
+
+
+def test_propagate_falls_back_to_lazy_for_other_cached_components():
+    d = blueprint(layers=3, every=1, block="trunk")
+    d["blocks"]["gpt_block"]["nodes"]["attn"] = {"use": "ssm.gated_conv", "in": "ln1"}
+    cm = compile_blueprint(d)
+    with pytest.warns(UserWarning, match="falls back to 'lazy'.*ssm|falls back to 'lazy'.*trunk_1_attn"):
+        ids, stats = generate_with_exits(cm, PROMPT, max_new_tokens=20, rule="top1", threshold=0.0,
+                                         kv_fill="propagate")
+    assert stats.kv_fill == "lazy" and "other than attention.causal" in stats.kv_note
+    want, _ = generate_with_exits(cm, PROMPT, max_new_tokens=20, rule="top1", threshold=0.0)
+    assert ids == want
+    with pytest.raises(PhysLMError, match="unknown kv_fill 'copy'"):
+        SegmentExecutor(cm, kv_fill="copy")
+
+
 # ---------------------------------------------------------------- training and evaluation
 
 
@@ -320,6 +438,12 @@ def _check_commands(run: Path, data: Path, capsys) -> None:
     assert main(args + ["--exit-threshold", "2", "--exit-rule", "margin"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["ids"] == want["ids"] and got["exits"]["mean_layers"] == 2 and "exits" not in want
+    assert got["exits"]["kv_fill"] == "lazy"
+    assert main(args + ["--exit-threshold", "2", "--exit-kv", "propagate"]) == 0
+    prop = json.loads(capsys.readouterr().out)
+    assert prop["ids"] == want["ids"] and prop["exits"]["kv_fill"] == "propagate"
+    assert main(args + ["--exit-kv", "propagate"]) == 2
+    assert "--exit-kv needs --exit-threshold" in capsys.readouterr().err
     assert main(args + ["--exit-threshold", "0.5", "--no-cache"]) == 2
     assert "cannot be combined with --no-cache" in capsys.readouterr().err
 
