@@ -1,19 +1,24 @@
 """Does moe.category balance its experts? fixed (Switch loss + z-loss) vs faithful (as published).
 
-Trains a tiny character-level LM on tinyshakespeare for a few hundred steps, once per mode,
-with the same seed, data and architecture (pre-norm blocks: causal attention, then
-``moe.category``), and prints for each mode:
+Trains a tiny character-level LM on tinyshakespeare for a few hundred steps, per mode and per
+seed (3 by default; the seed sets the init and the training batches), with the same data and
+architecture (pre-norm blocks: causal attention, then ``moe.category``), and prints per mode
+and seed, then the mean over seeds:
 
-- busiest/mean: the busiest expert's token count over the mean count, on held-out batches
-  at the end (1.0 = perfectly balanced; worst layer shown);
+- busiest/mean: the busiest expert's token count over the mean count, counted from the
+  router's own top-1 choices (argmax of the router logits, no capacity, nothing dropped) on
+  8 held-out batches at the end (1.0 = perfectly balanced; worst layer shown);
 - router change: ||W_r(end) - W_r(init)||_F / ||W_r(init)||_F (worst layer);
 - the final validation cross-entropy.
 
-Targets: fixed busiest/mean <= 1.2; faithful router change exactly 0 (no gradient reaches it).
-The model is plain torch around the component (built through the registry), so this runs
-without the blueprint compiler. CPU, about a minute per mode at the default sizes::
+Targets: fixed busiest/mean <= 1.2 (mean over seeds); faithful router change exactly 0 (no
+gradient reaches it). Losses: CE + 0.01 * balance + 1e-3 * z_loss (ANCHORS.md), the aux values
+averaged over layers (SEEDS.md §1.3). fixed uses the component's default Switch router jitter
+(1e-2; ``--router-jitter 0`` turns it off). The model is plain torch around the component
+(built through the registry), so this runs without the blueprint compiler. CPU, about 15-30 s
+per run at the default sizes (3 seeds x 2 modes: a few minutes on an idle 2-core machine)::
 
-    python benchmarks/moe_balance.py [--steps 300] [--data PATH]
+    python benchmarks/moe_balance.py [--steps 300] [--seeds 3] [--data PATH]
 """
 
 from __future__ import annotations
@@ -108,13 +113,15 @@ def expert_loads(model: CharLM, data: Tensor, seq: int, gen: torch.Generator) ->
     return [torch.bincount(ids, minlength=e).float() for ids in per_layer]
 
 
-def run(mode: str, args: argparse.Namespace, train: Tensor, val: Tensor, vocab: int) -> dict:
-    torch.manual_seed(0)
+def run(mode: str, seed: int, args: argparse.Namespace, train: Tensor, val: Tensor, vocab: int) -> dict:
+    torch.manual_seed(seed)
     moe_params = {"num_experts": 3, "hidden_dim": 4 * args.dim, "mode": mode}
+    if args.router_jitter is not None:
+        moe_params["router_jitter"] = args.router_jitter
     model = CharLM(vocab, args.dim, args.layers, args.heads, args.seq, moe_params)
     routers0 = [blk.moe.router.weight.detach().clone() for blk in model.blocks]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(1 + seed)
     t0 = time.time()
     for step in range(args.steps):
         x, y = batches(train, args.seq, args.batch, gen)
@@ -126,7 +133,7 @@ def run(mode: str, args: argparse.Namespace, train: Tensor, val: Tensor, vocab: 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 100 == 0 or step == args.steps - 1:
-            print(f"  [{mode}] step {step:4d}  ce {ce.item():.3f}  balance {balance.item():.4f}  z {z_loss.item():.3f}")
+            print(f"  [{mode} seed {seed}] step {step:4d}  ce {ce.item():.3f}  balance {balance.item():.4f}  z {z_loss.item():.3f}")
     with torch.no_grad():
         model.eval()
         vg = torch.Generator().manual_seed(2)
@@ -140,8 +147,10 @@ def run(mode: str, args: argparse.Namespace, train: Tensor, val: Tensor, vocab: 
     change = [
         float((blk.moe.router.weight.detach() - w0).norm() / w0.norm()) for blk, w0 in zip(model.blocks, routers0)
     ]
+    print(f"  [{mode} seed {seed}] busiest/mean per layer {[round(r, 3) for r in ratio]}  val CE {val_ce:.3f}", flush=True)
     return {
         "mode": mode,
+        "seed": seed,
         "busiest_over_mean": max(ratio),
         "per_layer": ratio,
         "loads": [c.int().tolist() for c in loads],
@@ -161,6 +170,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; the table ends with their mean")
+    ap.add_argument("--router-jitter", type=float, default=None, help="override moe.category's router_jitter")
     args = ap.parse_args()
 
     text = args.data.read_text()
@@ -170,18 +181,26 @@ def main() -> None:
     cut = int(0.9 * data.numel())
     train, val = data[:cut], data[cut:]
 
-    rows = [run(mode, args, train, val, len(chars)) for mode in ("fixed", "faithful")]
+    rows = [run(mode, seed, args, train, val, len(chars)) for mode in ("fixed", "faithful") for seed in range(args.seeds)]
     print()
-    print(f"{'mode':<9} | {'busiest/mean':>12} | {'per layer':<13} | {'router change':>13} | {'val CE':>6} | {'s':>4}")
-    print("-" * 74)
-    for r in rows:
-        per = " ".join(f"{v:.2f}" for v in r["per_layer"])
+    print(f"{'mode':<9} | {'seed':>4} | {'busiest/mean':>12} | {'per layer':<11} | {'router change':>13} | {'val CE':>6} | {'s':>4}")
+    print("-" * 81)
+    for mode in ("fixed", "faithful"):
+        mine = [r for r in rows if r["mode"] == mode]
+        for r in mine:
+            per = " ".join(f"{v:.2f}" for v in r["per_layer"])
+            print(
+                f"{mode:<9} | {r['seed']:>4} | {r['busiest_over_mean']:>12.3f} | {per:<11} | "
+                f"{r['router_change']:>13.4f} | {r['val_ce']:>6.3f} | {r['seconds']:>4.0f}"
+            )
+        mean = {k: sum(r[k] for r in mine) / len(mine) for k in ("busiest_over_mean", "router_change", "val_ce", "seconds")}
+        per = " ".join(f"{sum(r['per_layer'][i] for r in mine) / len(mine):.2f}" for i in range(len(mine[0]["per_layer"])))
         print(
-            f"{r['mode']:<9} | {r['busiest_over_mean']:>12.3f} | {per:<13} | {r['router_change']:>13.4f} | "
-            f"{r['val_ce']:>6.3f} | {r['seconds']:>4.0f}"
+            f"{mode:<9} | {'mean':>4} | {mean['busiest_over_mean']:>12.3f} | {per:<11} | "
+            f"{mean['router_change']:>13.4f} | {mean['val_ce']:>6.3f} | {mean['seconds']:>4.0f}"
         )
     for r in rows:
-        print(f"{r['mode']} loads per layer (tokens per expert): {r['loads']}")
+        print(f"{r['mode']} seed {r['seed']} loads per layer (tokens per expert): {r['loads']}")
 
 
 if __name__ == "__main__":

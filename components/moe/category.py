@@ -49,8 +49,11 @@ class DynamicCategoryMoE(nn.Module):
     ``fixed`` (the default; what "adaptive gating / load balancing" promised): out = p_e * y,
     so the router learns; ``balance`` is the Switch loss E * sum_i f_i P_i; ``z_loss`` is
     mean(logsumexp(logits)^2); the router runs in fp32. Both are unweighted (a blueprint uses
-    0.01 and 1e-3). Per-token in both modes, hence causal; any leak comes in only through
-    ``topology_info`` (the faithful topology processor's).
+    0.01 and 1e-3). In training, the router's input (not the experts') is multiplied by
+    U(1 - eps, 1 + eps) noise, eps = ``router_jitter`` (Switch Transformer's jitter, 1e-2;
+    0 turns it off); f_i, P_i, the z-loss and the gate p_e all come from the jittered logits.
+    Per-token in both modes, hence causal; any leak comes in only through ``topology_info``
+    (the faithful topology processor's).
     """
 
     def __init__(
@@ -62,11 +65,13 @@ class DynamicCategoryMoE(nn.Module):
         dropout: float = 0.1,
         expert_embed_scale: float = 0.1,
         mode: Literal["faithful", "fixed"] = "fixed",
+        router_jitter: float = 1e-2,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.expert_embed_scale = expert_embed_scale
         self.mode = mode
+        self.router_jitter = router_jitter
         self.router = nn.Linear(embed_dim, num_experts)
         nn.init.normal_(self.router.weight, std=0.02)  # the seed's model-wide init: near-uniform routing
         nn.init.zeros_(self.router.bias)
@@ -85,7 +90,11 @@ class DynamicCategoryMoE(nn.Module):
             logits = self.router(xf)  # (N, E) in the module dtype, as published
         else:
             w, bias = self.router.weight.float(), self.router.bias.float()
-            logits = F.linear(xf.float(), w, bias)  # (N, E) router in fp32
+            xr = xf.float()  # (N, D)
+            if self.training and self.router_jitter > 0:
+                # Switch jitter: multiplicative U(1-eps, 1+eps) noise on the router's input only
+                xr = xr * torch.empty_like(xr).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
+            logits = F.linear(xr, w, bias)  # (N, E) router in fp32
         probs = logits.softmax(dim=-1)  # (N, E)
         top_p, expert = probs.max(dim=-1)  # (N,), (N,)
         xin = xf + self.expert_embed_scale * self.game_embed[expert]  # (N, D)
@@ -129,6 +138,13 @@ class DynamicCategoryMoEParams(ComponentParams):
         description="faithful: as published (untrained router, constant EMA balance, no z-loss); "
         "fixed: probability-weighted output, Switch balance loss and router z-loss",
     )
+    router_jitter: float = Field(
+        1e-2,
+        ge=0.0,
+        lt=1.0,
+        description="fixed mode, training only: the router's input is multiplied by U(1-eps, 1+eps) noise "
+        "(Switch Transformer's jitter, eps 1e-2); 0 turns it off. Ignored in faithful mode",
+    )
 
 
 @register(
@@ -163,4 +179,5 @@ def build_category_moe(p: DynamicCategoryMoEParams, ins: Inputs) -> DynamicCateg
         dropout=p.dropout,
         expert_embed_scale=p.expert_embed_scale,
         mode=p.mode,
+        router_jitter=p.router_jitter,
     )

@@ -87,6 +87,43 @@ def test_category_fixed_weights_by_probability_and_router_learns():
     assert mod.router.weight.grad is not None and mod.router.weight.grad.abs().sum() > 0
 
 
+def test_category_router_jitter_only_on_router_input_in_fixed_training():
+    eps = 0.3
+    mod = _category({"mode": "fixed", "router_jitter": eps}).train()  # dropout 0: training is deterministic but for jitter
+    x = torch.randn(2, 7, 8)
+    torch.manual_seed(5)
+    out, balance, z = mod(x)
+    torch.manual_seed(5)
+    noise = torch.empty(14, 8).uniform_(1.0 - eps, 1.0 + eps)  # (N, D), the same draw as the module's
+    xf = x.reshape(-1, 8)
+    logits = (xf * noise) @ mod.router.weight.T + mod.router.bias
+    probs = logits.softmax(-1)
+    p, e = probs.max(-1)
+    ref = torch.stack([p[n] * _expert(mod, int(e[n]), xf[n] + mod.expert_embed_scale * mod.game_embed[e[n]]) for n in range(14)])
+    torch.testing.assert_close(out, ref.view(2, 7, 8), atol=1e-5, rtol=1e-5)  # experts see the clean input
+    torch.testing.assert_close(z, (torch.logsumexp(logits, -1) ** 2).mean())
+    f = torch.stack([(e == i).float().mean() for i in range(3)])
+    torch.testing.assert_close(balance, 3 * (f * probs.mean(0)).sum())
+    # eval: no jitter
+    out_eval, _, _ = mod.eval()(x)
+    torch.testing.assert_close(out_eval, _category_reference(mod, x, torch.zeros_like(x), weighted=True), atol=1e-5, rtol=1e-5)
+    # jitter 0 in training is the plain router
+    mod0 = _category({"mode": "fixed", "router_jitter": 0.0}).train()
+    torch.testing.assert_close(mod0(x)[0], _category_reference(mod0, x, torch.zeros_like(x), weighted=True), atol=1e-5, rtol=1e-5)
+
+
+def test_category_router_jitter_ignored_in_faithful_and_validated():
+    mod = _category({"mode": "faithful", "router_jitter": 0.5}).train()
+    x, topo = torch.randn(2, 7, 8), torch.randn(2, 7, 8)
+    out, _, _ = mod(x, topo)
+    torch.testing.assert_close(out, _category_reference(mod, x, topo, weighted=False), atol=1e-5, rtol=1e-5)
+    params = REGISTRY.get("moe.category").params
+    assert params.model_validate({}).router_jitter == 1e-2  # Switch Transformer's default
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValidationError, match="router_jitter"):
+            params.model_validate({"router_jitter": bad})
+
+
 def _topk(params: dict, shape=(2, 9, 8)):
     ex = Example({"num_experts": 4, "top_k": 2, "hidden_dim": 16, **params}, {"x": shape})
     return build_example("moe.topk", ex)
