@@ -12,8 +12,9 @@ and seed, then the mean over seeds:
 - the final validation cross-entropy.
 
 Targets: fixed busiest/mean <= 1.2 (mean over seeds); faithful router change exactly 0 (no
-gradient reaches it). Losses: CE + 0.01 * balance + 1e-3 * z_loss (ANCHORS.md), the aux values
-averaged over layers (SEEDS.md §1.3). fixed uses the component's default Switch router jitter
+gradient reaches it). Losses: CE + 0.01 * balance + 1e-3 * z_loss (ANCHORS.md), each layer's
+aux values added with that weight as in the Switch Transformer (``--layer-reduce mean`` averages
+them over layers instead, as the Holographic seed's loss does, SEEDS.md §1.3). fixed uses the component's default Switch router jitter
 (1e-2; ``--router-jitter 0`` turns it off). The model is plain torch around the component
 (built through the registry), so this runs without the blueprint compiler. CPU, about 15-30 s
 per run at the default sizes (3 seeds x 2 modes: a few minutes on an idle 2-core machine)::
@@ -66,8 +67,10 @@ class Block(nn.Module):
 
 
 class CharLM(nn.Module):
-    def __init__(self, vocab: int, dim: int, layers: int, heads: int, seq: int, moe_params: dict) -> None:
+    def __init__(self, vocab: int, dim: int, layers: int, heads: int, seq: int, moe_params: dict,
+                 layer_reduce: str = "sum") -> None:
         super().__init__()
+        self.layer_reduce = layer_reduce
         info = REGISTRY.get("moe.category")
         params = info.params.model_validate(moe_params)
         spec = {"x": TensorSpec(shape=(1, seq, dim))}
@@ -84,7 +87,9 @@ class CharLM(nn.Module):
             h, b, z = block(h)
             balance, z_loss = balance + b, z_loss + z
         n = len(self.blocks)
-        return self.head(self.norm(h)), balance / n, z_loss / n
+        if self.layer_reduce == "mean":
+            balance, z_loss = balance / n, z_loss / n
+        return self.head(self.norm(h)), balance, z_loss
 
 
 def batches(data: Tensor, seq: int, batch: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -118,7 +123,7 @@ def run(mode: str, seed: int, args: argparse.Namespace, train: Tensor, val: Tens
     moe_params = {"num_experts": 3, "hidden_dim": 4 * args.dim, "mode": mode}
     if args.router_jitter is not None:
         moe_params["router_jitter"] = args.router_jitter
-    model = CharLM(vocab, args.dim, args.layers, args.heads, args.seq, moe_params)
+    model = CharLM(vocab, args.dim, args.layers, args.heads, args.seq, moe_params, args.layer_reduce)
     routers0 = [blk.moe.router.weight.detach().clone() for blk in model.blocks]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     gen = torch.Generator().manual_seed(1 + seed)
@@ -172,6 +177,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; the table ends with their mean")
     ap.add_argument("--router-jitter", type=float, default=None, help="override moe.category's router_jitter")
+    ap.add_argument("--layer-reduce", choices=["sum", "mean"], default="sum",
+                    help="combine the layers' aux losses: sum (Switch Transformer: every layer's loss is added "
+                         "with weight alpha) or mean (the Holographic seed's convention)")
     args = ap.parse_args()
 
     text = args.data.read_text()
