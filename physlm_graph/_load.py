@@ -176,7 +176,7 @@ def load_text(text: str, file: str) -> Document:
     except yaml.YAMLError as exc:
         raise LoadError(f"YAML error: {exc}", loc=Loc(file)) from None
     except RecursionError:
-        raise LoadError(f"the document nests too deeply", loc=Loc(file)) from None
+        raise LoadError("the document nests too deeply", loc=Loc(file)) from None
     finally:
         loader.dispose()
     return Document(data=data, file=file, pos=conv.pos, text=text)

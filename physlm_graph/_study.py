@@ -24,12 +24,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from physlm_graph._errors import Diagnostic, Loc, PhysLMError, ResolveError
+from physlm_graph._errors import Diagnostic, Loc, PhysLMError
 
 __all__ = ["StudyDoc", "Variant", "Budget", "load_study", "run_study", "StudyError"]
 

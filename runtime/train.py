@@ -18,7 +18,6 @@ same seed gives bit-identical weights on CPU whether or not the run was interrup
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -37,6 +36,7 @@ from physlm_graph._schema import TrainConfig
 from .checkpoint import _read_json, find_checkpoint, load_weights, model_context, model_vocab, restore_optimizer, save_checkpoint
 from .data import RandomWindows, TokenCache, load_text, split
 from .distributed import barrier, full_state_dict, init_distributed, wrap_model
+from ._progress import Metrics, Progress
 from .optim import lr_at, make_optimizer, node_components
 from .tokenizers import load_tokenizer, make_tokenizer
 
@@ -458,8 +458,8 @@ class Trainer:
         c = self.cfg
         save_every = c.save_every or c.eval_every
         end = min(c.steps, self.stop_after) if self.stop_after is not None else c.steps
-        logger = _Metrics(self.out_dir, tensorboard=True, enabled=self.dist.main)
-        bar = _Progress(self.console, enabled=self.show_progress and self.dist.main, total=c.steps, start=self.step)
+        logger = Metrics(self.out_dir, tensorboard=True, enabled=self.dist.main)
+        bar = Progress(self.console, enabled=self.show_progress and self.dist.main, total=c.steps, start=self.step)
         start_step, t_run = self.step, time.perf_counter()
         t_log, tok_log = time.perf_counter(), self.tokens_seen
         last: dict[str, Any] = {}
@@ -506,69 +506,6 @@ class Trainer:
             "last": str(self.out_dir / "last"),
             "best": str(self.out_dir / "best") if (self.out_dir / "best").exists() else None,
         }
-
-
-class _Metrics:
-    """metrics.jsonl (one JSON object per logged step) and TensorBoard when it is installed."""
-
-    def __init__(self, out_dir: Path, *, tensorboard: bool, enabled: bool = True) -> None:
-        self.file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
-        self.tb = None
-        if tensorboard and enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:
-                self.tb = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-class _Progress:
-    """A rich progress bar (loss, tokens/s, ETA) on a terminal; plain lines otherwise."""
-
-    def __init__(self, console: Any, *, enabled: bool, total: int, start: int) -> None:
-        self.console = console
-        self.enabled = enabled and console.is_terminal
-        self.bar = None
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
-                                TimeRemainingColumn(), console=console)
-            self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"), tps=0.0)
-
-    def __enter__(self) -> _Progress:
-        if self.bar is not None:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def update(self, step: int, loss: float, tps: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=loss, tps=tps)
-
-    def log(self, line: str) -> None:
-        (self.bar.console if self.bar is not None else self.console).print(line)
 
 
 def train(

@@ -21,7 +21,6 @@ from physlm_graph.components.attention._gravity_kernels import (
     flex_available,
     gravity_flex,
     gravity_gaussian_sdpa,
-    gravity_materialised,
     sq_dist,
     sq_dist_exact,
 )
