@@ -58,10 +58,11 @@ def candidates(heads: int) -> list[tuple[str, str, dict, str]]:
 @contextlib.contextmanager
 def eager_gravity():
     """Force attention.gravity's eager materialised path (what CPU runs) on CUDA."""
+    from physlm_graph.components.attention import _gravity_kernels as k
     from physlm_graph.components.attention import gravity as g
 
     saved = g.compiled_materialised
-    g.compiled_materialised = g.gravity_materialised
+    g.compiled_materialised = k.gravity_materialised
     try:
         yield
     finally:
