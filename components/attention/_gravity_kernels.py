@@ -281,5 +281,7 @@ def gravity_flex(
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
         fn = _compiled_flex
-    out = fn(q, k, v.float(), score_mod=score_mod, block_mask=_block_masks[key], scale=1.0)  # (B, H, T, d)
-    return out.to(v.dtype)
+    d = v.shape[-1]
+    vp = F.pad(v.float(), (0, -d % 16))  # FlexAttention needs value head dims of at least 16; zeros are inert
+    out = fn(q, k, vp, score_mod=score_mod, block_mask=_block_masks[key], scale=1.0)  # (B, H, T, d')
+    return out[..., :d].to(v.dtype)

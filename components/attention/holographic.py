@@ -64,9 +64,14 @@ def _spec_mul(a: Tensor, b: Tensor, conj_a: bool = False) -> Tensor:
     return torch.stack((re, im), dim=-2).flatten(-2)
 
 
+_AUTOCAST_DEVICES = frozenset({"cuda", "cpu", "xpu", "mps", "hpu", "mtia", "maia"})
+
+
 def _fp32(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off (path B runs in fp32, as the seed's FFTs); a no-op where autocast does not exist (meta)."""
-    if torch.amp.is_autocast_available(device.type):
+    # A fixed list rather than torch.amp.is_autocast_available: dynamo cannot trace that call
+    # (it broke the compiled graph once per layer on torch 2.11).
+    if device.type in _AUTOCAST_DEVICES:
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 

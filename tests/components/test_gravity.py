@@ -38,11 +38,16 @@ def _inputs(zb=B, seed=5):
 
 
 def _set_radius_to_median(mod, z):
-    """Put r^2 at the median pairwise d2 so the cutoff actually bites."""
+    """Put r^2 near the median pairwise d2 so the cutoff actually bites, in the middle of the
+    widest gap between neighbouring d2 values there: no pair sits on the hard boundary, where
+    the rounding of a different (but equally exact) d2 formula, e.g. on a GPU, would flip it."""
     with torch.no_grad():
         zh = mod.coords(z)
-        d2 = (zh[..., :, None, :] - zh[..., None, :, :]).square().sum(-1)
-        r = d2.median().sqrt()
+        d2 = (zh[..., :, None, :] - zh[..., None, :, :]).square().sum(-1).flatten().sort().values
+        mid = d2.numel() // 2
+        near = d2[mid - 10 : mid + 11]
+        i = int((near[1:] - near[:-1]).argmax())
+        r = ((near[i] + near[i + 1]) / 2).sqrt()
         mod.radius_raw.copy_(torch.log(torch.expm1(r)))
 
 

@@ -254,3 +254,19 @@ def test_bases_not_in_state_dict_and_path_b_in_fp32_under_autocast(mode):
     want = _fft_per_token(q, k, v) if mode == "faithful" else _fft_causal(q, k, v, torch.full((2,), 0.3))
     assert y.dtype == torch.bfloat16 and out.shape == x.shape
     torch.testing.assert_close(y.double(), want.bfloat16().double())  # only the final bf16 rounding
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fixed"])
+def test_traces_as_one_graph_under_autocast(mode):
+    """torch.compile must see one graph: the fp32 switch for path B once called a function dynamo
+    cannot trace, which broke every layer's graph on a GPU (found by benchmarks/seed_speed.py)."""
+    import torch._dynamo
+
+    mod = _build(mode, D=16, H=2, T=8)
+    x = torch.randn(2, 8, 16)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(mod)(x)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
