@@ -22,6 +22,11 @@ last 10% of the text):
   ``agree``, the share of generated tokens full depth would also have picked after the same
   (generated) prefix; ``gen ppl``, the full-depth model's perplexity of the generated tokens.
 
+- self-speculative decoding (``--speculate``, LayerSkip's scheme, ``runtime/speculative.py``):
+  an exit drafts k tokens, the rest of the model verifies them in one chunk; the output is
+  full depth's greedy decoding, so its perplexity is full depth's. Its rows show the draft exit
+  and k, the share of drafts accepted and the tokens emitted per verification.
+
 The goal the issue sets: >= 1.5x faster decoding at <= 2% higher perplexity.
 """
 
@@ -43,6 +48,7 @@ from physlm_graph.runtime.checkpoint import load_checkpoint, model_context
 from physlm_graph.runtime.data import load_text, split
 from physlm_graph.runtime.early_exit import exit_depths, exit_points, generate_with_exits, never_fires, policy_logits
 from physlm_graph.runtime.generate import generate
+from physlm_graph.runtime.speculative import generate_self_speculative
 
 ROOT = Path(__file__).resolve().parents[1]
 BLUEPRINT = ROOT / "examples" / "early-exit" / "baby-gpt-exits.yaml"
@@ -162,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="run folder for the trained model (default: a temporary folder)")
     ap.add_argument("--kv-fill", default="lazy,propagate",
                     help="comma-separated KV fill modes for skipped layers: lazy, propagate (default both)")
+    ap.add_argument("--speculate", default="0:3,0:5,1:3,1:5,2:4,2:6",
+                    help="self-speculative runs as comma-separated EXIT:K pairs (exit index, shallowest first: "
+                         "0; K drafted tokens per round); empty for none")
     ap.add_argument("--json", action="store_true", help="also print the rows as JSON lines")
     args = ap.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -211,35 +220,63 @@ def main(argv: list[str] | None = None) -> int:
                      "eval_layers": float(full) if never else ppl[thr][1], "layers": layers, "layers_run": run,
                      "same_tokens": float(same), "agree": agree, "gen_ppl": gen_ppl})
 
+    points = exit_points(cm)
+    for pair in [p.strip() for p in args.speculate.split(",") if p.strip()]:
+        e, k = (int(v) for v in pair.split(":"))
+        if e >= len(points):
+            continue
+
+        def spec(p, n, e=e, k=k):
+            return generate_self_speculative(cm, p, max_new_tokens=n, draft_exit=e, draft_len=k)
+
+        tps, ids, stats = decode_speed(spec, prompts, new_tokens, device)
+        same = np.mean([np.mean(np.array(a[args.prompt_len:]) == np.array(b[args.prompt_len:]))
+                        for a, b in zip(ids, base_ids)])
+        agree, gen_ppl = fidelity(cm, ids, args.prompt_len, device)
+        drafted, accepted = sum(s.drafted for s in stats), sum(s.accepted for s in stats)
+        rounds, emitted = sum(s.rounds for s in stats), sum(s.tokens for s in stats)
+        rows.append({"mode": "self-speculative", "kv_fill": "exact", "threshold": None, "spec": f"{points[e]}/k{k}",
+                     "tokens_per_s": tps, "ppl": ppl_full, "eval_layers": float(full), "layers": float(full),
+                     "layers_run": float(sum(s.layer_rows for s in stats) / max(emitted, 1)),
+                     "same_tokens": float(same), "agree": agree, "gen_ppl": gen_ppl,
+                     "acceptance": accepted / max(drafted, 1), "tokens_per_round": emitted / max(rounds, 1)})
+
     print(f"\nearly exit on {device} ({'CPU smoke run, ' if args.small else ''}{cm.name}, {full} layers, exits after "
           f"{', '.join(cm.resolved.exit_points)}; {n_prompts} prompts x {new_tokens} greedy tokens, batch 1; "
           f"perplexity on {windows} validation windows of {context})")
-    head = (f"{'mode':<26}{'kv':>10}{'threshold':>10}{'tok/s':>10}{'speedup':>9}{'ppl':>9}{'Δppl':>8}{'eval L':>8}"
+    head = (f"{'mode':<26}{'kv':>10}{'setting':>16}{'tok/s':>10}{'speedup':>9}{'ppl':>9}{'Δppl':>8}{'eval L':>8}"
             f"{'gen L':>7}{'run/tok':>9}{'same':>7}{'agree':>7}{'gen ppl':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        thr = "" if r["threshold"] is None else f"{r['threshold']:g}"
-        print(f"{r['mode']:<26}{r['kv_fill'] or '':>10}{thr:>10}{r['tokens_per_s']:>10.1f}"
+        thr = r.get("spec") or ("" if r["threshold"] is None else f"{r['threshold']:g}")
+        print(f"{r['mode']:<26}{r['kv_fill'] or '':>10}{thr:>16}{r['tokens_per_s']:>10.1f}"
               f"{r['tokens_per_s'] / base_tps:>8.2f}x"
               f"{r['ppl']:>9.3f}{100 * (r['ppl'] / ppl_full - 1):>7.2f}%{r['eval_layers']:>8.2f}{r['layers']:>7.2f}"
               f"{r['layers_run']:>9.2f}"
               f"{100 * r['same_tokens']:>6.0f}%{100 * r['agree']:>6.0f}%{r['gen_ppl']:>9.3f}")
-    for kv_fill in kv_fills:
+    for r in rows:
+        if r["mode"] == "self-speculative":
+            print(f"self-speculative {r['spec']}: {100 * r['acceptance']:.1f}% of drafts accepted, "
+                  f"{r['tokens_per_round']:.2f} tokens per verification")
+    for kv_fill in kv_fills + (["exact"] if any(r["kv_fill"] == "exact" for r in rows) else []):
         ok = [r for r in rows[2:] if r["kv_fill"] == kv_fill and r["ppl"] <= 1.02 * ppl_full]
         best = max(ok, key=lambda r: r["tokens_per_s"], default=None)
+        what = "self-speculative" if kv_fill == "exact" else kv_fill
         if best is None:
-            print(f"goal (>= 1.5x at <= 2% perplexity), {kv_fill}: no threshold keeps perplexity within 2%")
+            print(f"goal (>= 1.5x at <= 2% perplexity), {what}: no threshold keeps perplexity within 2%")
         else:
             verdict = "met" if best["tokens_per_s"] >= 1.5 * base_tps else "not met"
-            print(f"goal (>= 1.5x at <= 2% perplexity), {kv_fill}: {verdict}; best within 2%: threshold "
-                  f"{best['threshold']:g}, {best['tokens_per_s'] / base_tps:.2f}x, "
+            setting = best.get("spec") or f"threshold {best['threshold']:g}"
+            print(f"goal (>= 1.5x at <= 2% perplexity), {what}: {verdict}; best within 2%: "
+                  f"{setting}, {best['tokens_per_s'] / base_tps:.2f}x, "
                   f"{100 * (best['ppl'] / ppl_full - 1):+.2f}% perplexity (teacher-forced), "
                   f"{100 * best['agree']:.0f}% agree")
     print("kv: how skipped layers' caches are filled (lazy: exact, later; propagate: K/V from the exit state); ppl: "
           "teacher-forced under the policy, the same for both kv modes (exact for lazy only); eval L / gen L: mean "
           "layers a prediction used, on the validation text / in the greedy decoding; run/tok: full layers run per "
-          "decoded token (lazy: counting the deferred completions; propagate: without the K/V-only projections); "
+          "decoded token (lazy: counting the deferred completions; propagate: without the K/V-only projections; "
+          "self-speculative: every drafted row, rejected ones included); "
           "same: share of generated tokens equal to full depth's greedy decoding at the same position; agree: "
           "share of generated tokens full depth also predicts after the same prefix; gen ppl: full depth's "
           "perplexity of the generated tokens")

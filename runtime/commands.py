@@ -60,6 +60,10 @@ def add_commands(subparsers: Any) -> None:
     g.add_argument("--exit-kv", choices=["lazy", "propagate"],
                    help="early exit: fill skipped layers' KV caches exactly, later (lazy, default) or from the exit "
                         "state (propagate: CALM, saves compute, approximate)")
+    g.add_argument("--speculate", type=int, metavar="K",
+                   help="self-speculative greedy decoding: draft K tokens per round from an exit, verify them with "
+                        "the rest of the model (output = full depth's greedy decoding; needs --temperature 0)")
+    g.add_argument("--draft-exit", help="the exit that drafts for --speculate (default: the shallowest)")
     g.set_defaults(func=cmd_generate)
 
     e = subparsers.add_parser("eval", help="perplexity of a checkpoint on a text")
@@ -131,6 +135,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise PhysLMError("--exit-rule needs --exit-threshold", fix="add --exit-threshold T")
     if args.exit_kv is not None and args.exit_threshold is None:
         raise PhysLMError("--exit-kv needs --exit-threshold", fix="add --exit-threshold T")
+    if args.draft_exit is not None and args.speculate is None:
+        raise PhysLMError("--draft-exit needs --speculate", fix="add --speculate K (e.g. 4)")
+    if args.speculate is not None:
+        clash = [f for f, on in (("--exit-threshold", args.exit_threshold is not None), ("--no-cache", args.no_cache),
+                                 ("--top-k", args.top_k is not None), ("--top-p", args.top_p is not None),
+                                 ("--repetition-penalty", args.repetition_penalty != 1.0)) if on]
+        if args.temperature != 0:
+            clash.insert(0, f"--temperature {args.temperature:g}")
+        if clash:
+            raise PhysLMError(f"--speculate decodes greedily with the KV cache; it cannot be combined with "
+                              f"{', '.join(clash)}", fix="use --temperature 0 and drop the others")
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, use_cache=use_cache, eos_id=tok.eos_id)
 
@@ -153,7 +168,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(prompt)
         t0 = time.perf_counter()
         exits = None
-        if args.exit_threshold is None:
+        if args.speculate is not None:  # self-speculative (runtime/speculative.py)
+            from .speculative import generate_self_speculative
+
+            _, spec = generate_self_speculative(ck.model, ids, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id,
+                                                draft_exit=args.draft_exit, draft_len=args.speculate, on_token=stream)
+            exits = spec.as_dict()
+        elif args.exit_threshold is None:
             generate(ck, ids, seed=seed, on_token=stream, **opts)
         else:  # early exit (runtime/early_exit.py); it always decodes with the KV cache
             _, stats = generate_with_exits(ck.model, ids, seed=seed, on_token=stream, threshold=args.exit_threshold,
@@ -165,12 +186,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(json.dumps({"prompt": prompt, "completion": tok.decode(new), "prompt_ids": ids, "ids": new,
                               "new_tokens": len(new), "seconds": seconds, "tokens_per_s": len(new) / max(seconds, 1e-9),
                               "cache": bool(use_cache) and can_cache(ck.model), "checkpoint": str(ck.path),
-                              **({"exits": exits} if exits is not None else {})}))
+                              **({("speculative" if "draft_exit" in exits else "exits"): exits}
+                                 if exits is not None else {})}))
         else:
             text = tok.decode(new)
             sys.stdout.write(text[shown[0]:] + "\n")
             sys.stdout.flush()
-            if exits is not None:
+            if exits is not None and "draft_exit" in exits:
+                print(f"self-speculative: drafts from {exits['draft_exit']} ({exits['draft_layers']} of "
+                      f"{exits['full_layers']} layers), {100 * exits['acceptance']:.0f}% of drafts accepted, "
+                      f"{exits['tokens_per_round']:.2f} tokens per verification", file=sys.stderr)
+            elif exits is not None:
                 print(f"early exit: {exits['mean_layers']:.2f} of {exits['full_layers']} layers per token "
                       f"({', '.join(f'{k}: {v}' for k, v in exits['exit_counts'].items())})", file=sys.stderr)
         return 0

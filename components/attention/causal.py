@@ -63,6 +63,13 @@ class CausalSelfAttention(nn.Module):
         ctx.set(self, (k, v))
         return k, v
 
+    @staticmethod
+    def truncate_decode_state(state: tuple[Tensor, Tensor], length: int) -> tuple[Tensor, Tensor]:
+        """The decode cache cut back to its first ``length`` positions (speculative decoding
+        drops the rows of rejected draft tokens this way)."""
+        k, v = state
+        return k[:, :, :length], v[:, :, :length]
+
     def forward(self, x: Tensor, rope: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim

@@ -446,6 +446,16 @@ def _check_commands(run: Path, data: Path, capsys) -> None:
     assert "--exit-kv needs --exit-threshold" in capsys.readouterr().err
     assert main(args + ["--exit-threshold", "0.5", "--no-cache"]) == 2
     assert "cannot be combined with --no-cache" in capsys.readouterr().err
+    assert main(args + ["--speculate", "3"]) == 0  # self-speculative: full depth's greedy tokens
+    spec = json.loads(capsys.readouterr().out)
+    assert spec["ids"] == want["ids"] and spec["speculative"]["draft_exit"] == "trunk.0"
+    assert 0 <= spec["speculative"]["acceptance"] <= 1
+    assert main(args[:-1] + ["--speculate", "2", "--draft-exit", "trunk.0"]) == 0
+    assert "self-speculative: drafts from trunk.0" in capsys.readouterr().err
+    assert main(args[:6] + ["--temperature", "0.8", "--speculate", "3"]) == 2
+    assert "cannot be combined with --temperature 0.8" in capsys.readouterr().err
+    assert main(args + ["--draft-exit", "trunk.0"]) == 2
+    assert "--draft-exit needs --speculate" in capsys.readouterr().err
 
 
 def test_eval_scorer_counts_exits(cm):
