@@ -5,9 +5,11 @@ MFU as nanoGPT counts it: FLOPs/token = 6 N + 12 L H Q T (N without the position
 divided by the peak (989 TFLOP/s dense bf16 for H100 SXM / H200, ANCHORS.md).
 
 The two models alternate in rounds of --round steps (A, B, A, B, ...) after their warm-up, and
-the table reports each one's median step time, tokens/s and MFU, and the ratio.
+the table reports each one's median step time, tokens/s and MFU, and the ratio. A round is timed
+as a whole (one synchronisation per round, as a training loop runs); ``--sync-each-step``
+times single steps instead.
 
-    python benchmarks/gpt2_speed.py [--batch 32] [--seq 1024] [--rounds 4] [--round 10]
+    python benchmarks/gpt2_speed.py [--batch 32] [--seq 1024] [--rounds 6] [--round 10]
         [--variants default:auto:model,default:cudnn:loss,...]
 """
 
@@ -85,9 +87,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=50304)
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--round", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--sync-each-step", action="store_true",
+                    help="time every step between two synchronisations (the first session's method); default: "
+                         "time each round of --round steps with one synchronisation, as a training loop runs")
     ap.add_argument("--variants", default="default:auto:model",
                     help="comma list of COMPILE_MODE:SDPA:SCOPE, COMPILE_MODE in default|max-autotune-no-cudagraphs|"
                          "reduce-overhead|none, SDPA in auto|flash|cudnn, SCOPE model|loss (loss: loss inside compile)")
@@ -128,17 +133,26 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str) -> None:
         for r in range(args.rounds):
             order = list(steps.items()) if r % 2 == 0 else list(reversed(steps.items()))
             for name, step in order:
-                for _ in range(args.round):
+                if args.sync_each_step:
+                    for _ in range(args.round):
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        step(x, y)
+                        torch.cuda.synchronize()
+                        times[name].append(time.perf_counter() - t0)
+                else:  # as a training loop runs: the CPU queues step n+1 while the GPU runs step n
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    step(x, y)
+                    for _ in range(args.round):
+                        step(x, y)
                     torch.cuda.synchronize()
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append((time.perf_counter() - t0) / args.round)
     tokens = args.batch * args.seq
     print()
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch} x {args.seq}, "
           f"vocab {args.vocab}, bf16 autocast, compile={compile_mode} ({scope}), "
-          f"sdpa={sdpa}, fused AdamW; N={n_params:,} (no wpe), {flops_tok / 1e9:.3f} GFLOP/token, peak 989 TFLOP/s")
+          f"sdpa={sdpa}, fused AdamW, timed {'per step' if args.sync_each_step else f'per round of {args.round} steps'}; "
+          f"N={n_params:,} (no wpe), {flops_tok / 1e9:.3f} GFLOP/token, peak 989 TFLOP/s")
     print()
     print("| model | median step (ms) | tokens/s | MFU |")
     print("|---|---:|---:|---:|")
