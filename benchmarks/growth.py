@@ -125,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run(f"grown-2-4-6-{op}", GrowthTrainer, overrides(size, schedule(steps, op)), size, args.data,
                             device, out))
     fixed = rows[0]
+    best = min(v for _, v in fixed["curve"])
     for r in rows:
         r["flops_to_fixed_loss"] = reach(r, fixed["val_loss"])
+        r["best_val_loss"] = min(v for _, v in r["curve"])
+        r["flops_to_fixed_best"] = reach(r, best)
     print_table(rows, device=device, small=args.small, steps=steps)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
@@ -155,6 +158,16 @@ def print_table(rows: list[dict[str, Any]], *, device: str, small: bool, steps: 
     if own is not None and own < fixed["flops"]:
         print(f"note: the fixed run itself first reached its final loss at {own / fixed['flops']:.0%} of its FLOPs "
               "(later evaluations did not improve on it); the fraction column is against all of its FLOPs")
+    best = fixed["best_val_loss"]
+    print(f"against the fixed run's best validation loss ({best:.4f}; a fairer target when the fixed run overfits "
+          "and its final loss is far above its best):")
+    for r in rows:
+        got = r["flops_to_fixed_best"]
+        if got is None:
+            print(f"  {r['name']}: best {r['best_val_loss']:.4f}, never reached {best:.4f}")
+        else:
+            print(f"  {r['name']}: best {r['best_val_loss']:.4f}, reached {best:.4f} after {got:.3g} FLOPs "
+                  f"= {got / fixed['flops_to_fixed_best']:.0%} of what the fixed run needed to get there")
     fixed_curve = ", ".join(f"{s}: {v:.4f}" for s, v in fixed["curve"][-6:])
     print(f"fixed run's last evaluations (step: val loss): {fixed_curve}")
     for r in rows[1:]:
