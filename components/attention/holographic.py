@@ -97,6 +97,20 @@ def hrr_bind_per_token(q: Tensor, k: Tensor, v: Tensor, bases: tuple[Tensor, Ten
         return (_spec_mul(_spec_mul(qf, kf, conj_a=True), vf) @ inv).to(q.dtype)
 
 
+def hrr_bind_per_token_packed(qkv: Tensor, bases: tuple[Tensor, Tensor]) -> Tensor:
+    """``hrr_bind_per_token`` on the packed projection (..., 3, H, d) -> (..., H, d).
+
+    The same function; the three spectra come from one matmul on the projection as it is laid
+    out, so no stacked copy of q, k, v is made (nor, in the backward, scattered back), and the
+    result is already token-major. Used when no rope rotates q and k first.
+    """
+    fwd, inv = (t.float() for t in bases)
+    with _fp32(qkv.device):
+        spec = qkv.float() @ fwd  # (..., 3, H, 2h)
+        qf, kf, vf = spec.unbind(-3)
+        return (_spec_mul(_spec_mul(qf, kf, conj_a=True), vf) @ inv).to(qkv.dtype)
+
+
 def decayed_causal_sum(x: Tensor, decay: Tensor, chunk: int = _CHUNK) -> Tensor:
     """``out[:, h, t] = sum_{s <= t} exp(-decay_h (t - s)) x[:, h, s]`` along dim 2, exactly, in O(T).
 
@@ -220,19 +234,23 @@ class HolographicAttention(nn.Module):
 
     def forward(self, x: Tensor, rope: Tensor | None = None) -> Tensor:
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, d) each
+        packed = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, d)
+        q, k, v = packed.permute(2, 0, 3, 1, 4)  # (B, H, T, d) each
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         a = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, d)
         bases = (self.dft_fwd, self.dft_inv)
-        if self.mode == "faithful":
-            y = hrr_bind_per_token(q, k, v, bases)  # (B, H, T, d)
+        if self.mode == "faithful" and rope is None:
+            y = hrr_bind_per_token_packed(packed, bases).reshape(B, T, D)  # per token: layout-free
         else:
-            y = hrr_bind_causal(q, k, v, F.softplus(self.decay_raw), bases)  # (B, H, T, d)
+            if self.mode == "faithful":
+                y = hrr_bind_per_token(q, k, v, bases)  # (B, H, T, d)
+            else:
+                y = hrr_bind_causal(q, k, v, F.softplus(self.decay_raw), bases)  # (B, H, T, d)
+            y = y.transpose(1, 2).reshape(B, T, D)
         a = a.transpose(1, 2).reshape(B, T, D)
-        y = y.transpose(1, 2).reshape(B, T, D)
         g = torch.sigmoid(self.gate).clamp(*self.gate_clamp)  # scalar
         return self.drop(self.proj((1 - g) * self.ln_a(a) + g * self.ln_b(y)))
 

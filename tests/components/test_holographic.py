@@ -270,3 +270,25 @@ def test_traces_as_one_graph_under_autocast(mode):
     torch._dynamo.reset()
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("d", [4, 5, 64])
+def test_packed_binding_equals_the_stacked_one(d):
+    """The rope-free fast path (spectra straight from the (B, T, 3, H, d) projection) is the
+    same function as the per-token binding on q, k, v, values and gradients."""
+    from physlm_graph.components.attention.holographic import (
+        hrr_bind_per_token,
+        hrr_bind_per_token_packed,
+        real_dft_bases,
+    )
+
+    torch.manual_seed(0)
+    packed = torch.randn(2, 7, 3, 3, d, dtype=torch.float64, requires_grad=True)
+    bases = tuple(b.double() for b in real_dft_bases(d))
+    got = hrr_bind_per_token_packed(packed, bases)  # (B, T, H, d)
+    q, k, v = packed.permute(2, 0, 3, 1, 4)
+    want = hrr_bind_per_token(q, k, v, bases).transpose(1, 2)
+    torch.testing.assert_close(got, want.to(got.dtype), atol=1e-5, rtol=1e-5)
+    g1, = torch.autograd.grad(got.sum(), packed)
+    g2, = torch.autograd.grad(want.sum(), packed)
+    torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-5)
