@@ -13,6 +13,7 @@ number of GPUs, or on a CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "wrap_model", "full_state_dict", "launch_torchrun", "barrier", "all_mean"]
+__all__ = ["DistInfo", "init_distributed", "wrap_model", "grad_sync", "full_state_dict", "launch_torchrun", "barrier",
+           "all_mean"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,19 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str, block_paths: lis
 
     dev = [info.local_rank] if torch.cuda.is_available() else None
     return DDP(model, device_ids=dev)
+
+
+def grad_sync(model: nn.Module, info: DistInfo, strategy: str, *, last: bool) -> contextlib.AbstractContextManager:
+    """Gradient synchronisation for one micro-batch of an accumulated step: only the last one
+    communicates. DDP skips its all-reduce inside ``no_sync`` (gradients accumulate locally and
+    the last backward reduces their sum); FSDP2 is told through ``set_requires_gradient_sync``.
+    The forward and the backward of the micro-batch both run inside the returned context."""
+    if not info.enabled:
+        return contextlib.nullcontext()
+    if strategy == "fsdp":
+        model.set_requires_gradient_sync(last)  # type: ignore[operator]
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if last else model.no_sync()  # type: ignore[operator]
 
 
 def full_state_dict(model: nn.Module, strategy: str) -> dict[str, torch.Tensor] | None:

@@ -35,7 +35,7 @@ from physlm_graph._schema import TrainConfig
 
 from .checkpoint import _read_json, find_checkpoint, load_weights, model_context, model_vocab, restore_optimizer, save_checkpoint
 from .data import RandomWindows, TokenCache, load_text, split
-from .distributed import barrier, full_state_dict, init_distributed, wrap_model
+from .distributed import barrier, full_state_dict, grad_sync, init_distributed, wrap_model
 from ._progress import Metrics, Progress
 from .optim import lr_at, make_optimizer, node_components
 from .tokenizers import load_tokenizer, make_tokenizer
@@ -341,11 +341,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         aux_sum: dict[str, torch.Tensor] = {}
-        for _ in range(c.accumulate):
+        for i in range(c.accumulate):
             x, y = next(self.batches)
-            with self.autocast():
-                loss, parts = self.forward_loss(x, y)
-            (loss / c.accumulate).backward()
+            with grad_sync(self.wrapped, self.dist, self.strategy, last=i == c.accumulate - 1):
+                with self.autocast():
+                    loss, parts = self.forward_loss(x, y)
+                (loss / c.accumulate).backward()
             loss_sum += loss.detach() / c.accumulate
             for k, v in parts.items():
                 aux_sum[k] = aux_sum.get(k, 0.0) + v.detach().float() / c.accumulate

@@ -19,6 +19,7 @@ DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 @pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
 def test_two_process_ddp_on_cpu_writes_one_loadable_checkpoint(tmp_path):
+    """Two gloo ranks with gradient accumulation (no all-reduce on the first micro-batch)."""
     text = tmp_path / "t.txt"
     text.write_text(DATA.read_text()[:20000])
     out = tmp_path / "run"
@@ -26,13 +27,65 @@ def test_two_process_ddp_on_cpu_writes_one_loadable_checkpoint(tmp_path):
     cmd = [sys.executable, "-m", "physlm_graph", "train", str(ROOT / "blueprints/baby-gpt-cpu.yaml"),
            "--data", str(text), "--steps", "6", "--out", str(out), "--device", "cpu", "--no-progress", "--gpus", "2",
            "--set", "layers=1", "--set", "dim=32", "--set", "heads=2", "--set", "train.eval_every=3",
-           "--set", "train.eval_iters=2", "--batch-size", "4"]
+           "--set", "train.eval_iters=2", "--set", "train.accumulate=2", "--batch-size", "4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes (ddp)" in proc.stdout
     assert proc.stdout.count("done:") == 1  # only rank 0 reports
     ck = load_checkpoint(out / "last")
     assert ck.trainer_state["step"] == 6
-    assert ck.trainer_state["tokens_seen"] == 6 * 4 * 64 * 2  # both ranks' windows count
+    assert ck.trainer_state["tokens_seen"] == 6 * 4 * 64 * 2 * 2  # both ranks' windows, 2 micro-batches each
     logits = ck.model.module(torch.randint(0, ck.tokenizer.vocab_size, (1, 8)))["logits"]
     assert torch.isfinite(logits).all()
+
+
+_COUNT_SCRIPT = r"""
+import os, sys, torch, torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from physlm_graph.runtime.distributed import DistInfo, grad_sync
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+ref = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+model = DDP(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)))
+model.module.load_state_dict(ref.state_dict())
+calls = []
+
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+
+def counting(state, bucket):
+    calls.append(1)
+    return allreduce_hook(state, bucket)
+
+model.register_comm_hook(None, counting)
+info = DistInfo(rank=rank, world=world)
+g = torch.Generator().manual_seed(1)
+xs = [torch.randn(world, 4, 8, generator=g) for _ in range(3)]  # 3 micro-batches, one slice per rank
+for i, x in enumerate(xs):
+    with grad_sync(model, info, "ddp", last=i == len(xs) - 1):
+        (model(x[rank]).square().mean() / len(xs)).backward()
+# the reference: one process, every rank's micro-batches, averaged the same way
+for x in xs:
+    for r in range(world):
+        (ref(x[r]).square().mean() / (len(xs) * world)).backward()
+for p, q in zip(model.module.parameters(), ref.parameters()):
+    torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
+print(f"rank {rank} allreduce calls {len(calls)}", flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_accumulation_all_reduces_only_on_the_last_micro_batch(tmp_path):
+    """Two gloo processes, three micro-batches: DDP communicates once (not three times) and the
+    gradients equal those of all ranks' micro-batches averaged in one process."""
+    script = tmp_path / "count.py"
+    script.write_text(_COUNT_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("allreduce calls 1") == 2, proc.stdout
