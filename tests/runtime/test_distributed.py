@@ -40,52 +40,60 @@ def test_two_process_ddp_on_cpu_writes_one_loadable_checkpoint(tmp_path):
 
 
 _COUNT_SCRIPT = r"""
-import os, sys, torch, torch.distributed as dist
+import sys, torch, torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from physlm_graph.runtime.distributed import DistInfo, grad_sync
 
+strategy = sys.argv[1]
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
-ref = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
-model = DDP(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)))
-model.module.load_state_dict(ref.state_dict())
+ref = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+net.load_state_dict(ref.state_dict())
 calls = []
+if strategy == "ddp":
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    def counting(state, bucket):
+        calls.append(1)
+        return allreduce_hook(state, bucket)
 
+    model = DDP(net)
+    model.register_comm_hook(None, counting)
+else:
+    from torch.distributed.fsdp import fully_shard
 
-def counting(state, bucket):
-    calls.append(1)
-    return allreduce_hook(state, bucket)
-
-model.register_comm_hook(None, counting)
+    fully_shard(net[0])
+    model = fully_shard(net)
 info = DistInfo(rank=rank, world=world)
 g = torch.Generator().manual_seed(1)
 xs = [torch.randn(world, 4, 8, generator=g) for _ in range(3)]  # 3 micro-batches, one slice per rank
 for i, x in enumerate(xs):
-    with grad_sync(model, info, "ddp", last=i == len(xs) - 1):
+    with grad_sync(model, info, strategy, last=i == len(xs) - 1):
         (model(x[rank]).square().mean() / len(xs)).backward()
 # the reference: one process, every rank's micro-batches, averaged the same way
 for x in xs:
     for r in range(world):
         (ref(x[r]).square().mean() / (len(xs) * world)).backward()
-for p, q in zip(model.module.parameters(), ref.parameters()):
-    torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
+for p, q in zip(net.parameters(), ref.parameters()):
+    got = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+    torch.testing.assert_close(got, q.grad, atol=1e-6, rtol=1e-5)
 print(f"rank {rank} allreduce calls {len(calls)}", flush=True)
 dist.barrier()
 dist.destroy_process_group()
 """
 
 
-def test_accumulation_all_reduces_only_on_the_last_micro_batch(tmp_path):
-    """Two gloo processes, three micro-batches: DDP communicates once (not three times) and the
-    gradients equal those of all ranks' micro-batches averaged in one process."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_accumulation_communicates_only_on_the_last_micro_batch(tmp_path, strategy):
+    """Two gloo processes, three micro-batches: the gradients equal those of all ranks'
+    micro-batches averaged in one process, and DDP all-reduces once (not three times)."""
     script = tmp_path / "count.py"
     script.write_text(_COUNT_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), strategy]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("allreduce calls 1") == 2, proc.stdout
+    assert proc.stdout.count(f"allreduce calls {1 if strategy == 'ddp' else 0}") == 2, proc.stdout
