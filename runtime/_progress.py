@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Metrics", "Progress"]
+__all__ = ["CompileMonitor", "Metrics", "Progress"]
 
 
 class Metrics:
@@ -70,3 +70,48 @@ class Progress:
 
     def log(self, line: str) -> None:
         (self.bar.console if self.bar is not None else self.console).print(line)
+
+
+class CompileMonitor:
+    """What ``torch.compile`` did while training, from dynamo's counters: graph breaks (each
+    splits the step into separately compiled pieces with Python in between; counted when a
+    function is traced, not per step) and recompile-limit hits (dynamo then runs that code
+    eagerly from there on: the slow path, otherwise silent).
+
+    ``check()`` returns one line per new kind of event since the last call (reasons shortened),
+    so the trainer can say each once, loudly; ``counts()`` gives the totals for the metrics.
+    """
+
+    def __init__(self) -> None:
+        self._base_breaks, self._base_limits = self._raw()
+        self._said: set[str] = set()
+
+    @staticmethod
+    def _raw() -> tuple[dict[str, int], dict[str, int]]:
+        from torch._dynamo.utils import counters
+
+        breaks = dict(counters.get("graph_break", {}))
+        limits = {k: v for k, v in counters.get("unimplemented", {}).items()
+                  if "recompile limit" in k or "recompile_limit" in k or "cache_size_limit" in k}
+        return breaks, limits
+
+    def _new(self) -> tuple[dict[str, int], dict[str, int]]:
+        breaks, limits = self._raw()
+        return ({k: v - self._base_breaks.get(k, 0) for k, v in breaks.items() if v > self._base_breaks.get(k, 0)},
+                {k: v - self._base_limits.get(k, 0) for k, v in limits.items() if v > self._base_limits.get(k, 0)})
+
+    def counts(self) -> dict[str, int]:
+        breaks, limits = self._new()
+        return {"graph_breaks": sum(breaks.values()), "recompile_limit_hits": sum(limits.values())}
+
+    def check(self) -> list[str]:
+        breaks, limits = self._new()
+        lines = []
+        for kind, found in (("graph break", breaks), ("recompile limit hit: this code now runs eagerly", limits)):
+            for reason in found:
+                if reason in self._said:
+                    continue
+                self._said.add(reason)
+                first = next((ln.strip() for ln in reason.splitlines() if ln.strip()), reason)[:160]
+                lines.append(f"torch.compile {kind}: {first}")
+        return lines

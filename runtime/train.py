@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import ValidationError
+from rich.markup import escape
 from torch.nn import functional as F
 
 from physlm_graph._errors import CheckpointError, Diagnostic, Loc, RuntimeDataError, TrainingError
@@ -36,7 +37,7 @@ from physlm_graph._schema import TrainConfig
 from .checkpoint import _read_json, find_checkpoint, load_weights, model_context, model_vocab, restore_optimizer, save_checkpoint
 from .data import RandomWindows, TokenCache, load_text, split
 from .distributed import barrier, full_state_dict, grad_sync, init_distributed, wrap_model
-from ._progress import Metrics, Progress
+from ._progress import CompileMonitor, Metrics, Progress
 from .optim import lr_at, make_optimizer, node_components
 from .tokenizers import load_tokenizer, make_tokenizer
 
@@ -464,11 +465,16 @@ class Trainer:
         start_step, t_run = self.step, time.perf_counter()
         t_log, tok_log = time.perf_counter(), self.tokens_seen
         last: dict[str, Any] = {}
+        monitor = CompileMonitor() if c.compile else None
         try:
             with bar:
                 while self.step < end:
                     last = self.train_step(self.step)
                     self.step += 1
+                    if monitor is not None:  # say each graph break / eager fallback once, loudly
+                        for line in monitor.check():
+                            bar.log(f"[bold yellow]warning:[/] {escape(line)}")
+                        last.update(monitor.counts())
                     now = time.perf_counter()
                     tps = (self.tokens_seen - tok_log) / max(now - t_log, 1e-9)
                     evaluated = self.step % c.eval_every == 0 or self.step == end
@@ -506,6 +512,7 @@ class Trainer:
             "params": self.cm.num_params,
             "last": str(self.out_dir / "last"),
             "best": str(self.out_dir / "best") if (self.out_dir / "best").exists() else None,
+            **({"compile": monitor.counts()} if monitor is not None else {}),
         }
 
 

@@ -157,3 +157,55 @@ def test_cli_train_generate_eval(tmp_path, text_file, capsys):
     assert report["tokens_scored"] == len(text_file.read_text()) - 1 and report["perplexity"] > 1
     assert main(["eval", str(tmp_path / "nothing"), "--data", str(text_file)]) == 2
     assert "no checkpoint here" in capsys.readouterr().err
+
+
+def _eager_compile(monkeypatch):
+    """torch.compile with dynamo's eager backend: the same tracing (and graph breaks), no codegen."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+
+
+def test_compiled_training_reports_no_graph_breaks(tmp_path, text_file, monkeypatch, capsys):
+    _eager_compile(monkeypatch)
+    result = _run(tmp_path / "r", text_file, steps=3, eval_every=3, log_every=1, compile=True)
+    assert result["compile"] == {"graph_breaks": 0, "recompile_limit_hits": 0}
+    lines = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["graph_breaks"] == 0 for r in lines)
+    assert "graph break" not in capsys.readouterr().out
+
+
+def test_compiled_training_says_a_graph_break_once(tmp_path, text_file, monkeypatch, capsys):
+    """A graph break inside the compiled step (forced here) is reported on the console once,
+    with its reason, and counted in the metrics."""
+    _eager_compile(monkeypatch)
+    original = Trainer.compute_loss
+
+    def breaking(self, out, y):
+        torch._dynamo.graph_break()
+        return original(self, out, y)
+
+    monkeypatch.setattr(Trainer, "compute_loss", breaking)
+    result = _run(tmp_path / "r", text_file, steps=3, eval_every=3, log_every=1, compile=True)
+    out = capsys.readouterr().out
+    assert out.count("torch.compile graph break") == 1, out
+    assert result["compile"]["graph_breaks"] >= 1  # counted when traced (training and evaluation)
+    lines = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["graph_breaks"] >= 1 and lines[-1]["graph_breaks"] == result["compile"]["graph_breaks"]
+
+
+def test_compile_monitor_reports_the_eager_fallback(monkeypatch):
+    """Past the recompile limit dynamo silently runs the code eagerly; the monitor says so once."""
+    from physlm_graph.runtime._progress import CompileMonitor
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    mon = CompileMonitor()
+    f = torch.compile(lambda x, n: x * n, backend="eager", dynamic=False)
+    for n in range(4):
+        f(torch.ones(2), n)
+    lines = mon.check()
+    assert any("recompile limit hit: this code now runs eagerly" in ln for ln in lines), lines
+    assert mon.counts()["recompile_limit_hits"] >= 1 and mon.check() == []  # said once
+    torch._dynamo.reset()
