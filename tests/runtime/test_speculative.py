@@ -11,7 +11,7 @@ from physlm_graph import PhysLMError, compile_blueprint
 from physlm_graph.runtime.generate import generate
 from physlm_graph.runtime.speculative import SelfSpeculativeDecoder, generate_self_speculative
 
-from .test_early_exit import CONTEXT, PROMPT, blueprint, llama, plain, scaled  # noqa: F401  (fixtures)
+from .test_early_exit import PROMPT, blueprint, llama, plain, scaled  # noqa: F401  (plain is a fixture)
 
 
 @pytest.fixture(autouse=True)
