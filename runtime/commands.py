@@ -63,7 +63,8 @@ def add_commands(subparsers: Any) -> None:
     g.add_argument("--speculate", type=int, metavar="K",
                    help="self-speculative greedy decoding: draft K tokens per round from an exit, verify them with "
                         "the rest of the model (output = full depth's greedy decoding; needs --temperature 0)")
-    g.add_argument("--draft-exit", help="the exit that drafts for --speculate (default: the shallowest)")
+    g.add_argument("--draft-exit", help="the exit that drafts for --speculate: an exit point (e.g. trunk.1) or its "
+                                        "index, shallowest first from 0 (default: the shallowest)")
     g.set_defaults(func=cmd_generate)
 
     e = subparsers.add_parser("eval", help="perplexity of a checkpoint on a text")
@@ -172,7 +173,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             from .speculative import generate_self_speculative
 
             _, spec = generate_self_speculative(ck.model, ids, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id,
-                                                draft_exit=args.draft_exit, draft_len=args.speculate, on_token=stream)
+                                                draft_exit=int(args.draft_exit) if (args.draft_exit or "").isdigit()
+                                                else args.draft_exit, draft_len=args.speculate, on_token=stream)
             exits = spec.as_dict()
         elif args.exit_threshold is None:
             generate(ck, ids, seed=seed, on_token=stream, **opts)

@@ -452,6 +452,10 @@ def _check_commands(run: Path, data: Path, capsys) -> None:
     assert 0 <= spec["speculative"]["acceptance"] <= 1
     assert main(args[:-1] + ["--speculate", "2", "--draft-exit", "trunk.0"]) == 0
     assert "self-speculative: drafts from trunk.0" in capsys.readouterr().err
+    assert main(args[:-1] + ["--speculate", "2", "--draft-exit", "0"]) == 0  # an index works too
+    assert "self-speculative: drafts from trunk.0" in capsys.readouterr().err
+    assert main(args + ["--speculate", "2", "--draft-exit", "trunk.7"]) == 2
+    assert "no exit after 'trunk.7'" in capsys.readouterr().err
     assert main(args[:6] + ["--temperature", "0.8", "--speculate", "3"]) == 2
     assert "cannot be combined with --temperature 0.8" in capsys.readouterr().err
     assert main(args + ["--draft-exit", "trunk.0"]) == 2
