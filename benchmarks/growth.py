@@ -35,7 +35,7 @@ from physlm_graph.runtime.train import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BLUEPRINT = ROOT / "blueprints" / "baby-gpt.yaml"
-DATA = Path("/work/shared/data/tinyshakespeare/input.txt")
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 # nanoGPT shakespeare_char (6L/6H/384d, ctx 256, batch 64, 5000 iters) and a CPU-sized variant
 FULL = dict(params={"dim": 384, "heads": 6, "context": 256, "dropout": 0.2},

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 from physlm_graph import REGISTRY, TensorSpec  # noqa: E402
 
-DATA = Path("/work/shared/data/tinyshakespeare/input.txt")
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 class CausalSelfAttention(nn.Module):

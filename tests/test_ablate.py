@@ -13,7 +13,7 @@ from physlm_graph.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "examples" / "ablations" / "tiny-smoke.yaml"
-DATA = Path("/work/shared/data/tinyshakespeare/input.txt")
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 @pytest.mark.parametrize("name", ["tiny-smoke", "ngt", "seed-zoo"])
@@ -51,7 +51,7 @@ def test_missing_base_is_located(tmp_path):
     assert main(["ablate", str(bad)]) == 2
 
 
-@pytest.mark.skipif(not DATA.is_file(), reason="needs /work/shared/data/tinyshakespeare")
+@pytest.mark.skipif(not DATA.is_file(), reason="needs ../shared/data/tinyshakespeare beside the repository")
 def test_tiny_smoke_runs_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "study"
     res = run_study(SMOKE, out=out, device="cpu", progress=False)
@@ -77,7 +77,7 @@ def test_tiny_smoke_runs_end_to_end_and_resumes(tmp_path):
     assert again == rows
 
 
-@pytest.mark.skipif(not DATA.is_file(), reason="needs /work/shared/data/tinyshakespeare")
+@pytest.mark.skipif(not DATA.is_file(), reason="needs ../shared/data/tinyshakespeare beside the repository")
 def test_interrupted_run_resumes_from_last(tmp_path):
     from physlm_graph._study import Plan, run_one
 

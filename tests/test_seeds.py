@@ -12,7 +12,7 @@ from physlm_graph import compile_blueprint
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT / "blueprints" / "seeds"
-DATA = Path("/work/shared/data/tinyshakespeare/input.txt")
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 # exact counts from `physlm-graph build` (vocab as published); see each blueprint's `about`
 COUNTS = {
@@ -101,14 +101,14 @@ FAST = ["holographic-v2", "ngt-25m", "brain-gpt-v1-small", "brain-gpt-v2", "qllm
         "ngt-shakespeare-char"]
 
 
-@pytest.mark.skipif(not DATA.is_file(), reason="needs /work/shared/data/tinyshakespeare")
+@pytest.mark.skipif(not DATA.is_file(), reason="needs ../shared/data/tinyshakespeare beside the repository")
 @pytest.mark.parametrize("name", FAST)
 def test_seed_smoke_trains_and_generates(name, tmp_path):
     _train_and_generate(name, 5, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DATA.is_file(), reason="needs /work/shared/data/tinyshakespeare")
+@pytest.mark.skipif(not DATA.is_file(), reason="needs ../shared/data/tinyshakespeare beside the repository")
 @pytest.mark.parametrize("name", FAST)
 def test_seed_trains_200_steps_without_nan(name, tmp_path):
     res = _train_and_generate(name, 200, tmp_path)

@@ -22,7 +22,7 @@ from physlm_graph.runtime.data import (
 )
 from physlm_graph.runtime.tokenizers import ByteTokenizer, CharTokenizer, make_tokenizer
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="needs the shared test corpora")
 
 

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples" / "growth" / "tiny-growth.yaml"
 BRAIN = ROOT / "examples" / "growth" / "brain-gpt-stages.yaml"
 LLAMA = ROOT / "blueprints" / "llama-style.yaml"
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare/input.txt")
+SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from physlm_graph.runtime.tokenizers import (
     make_tokenizer,
 )
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs the shared test corpora")
 GPT2 = DATA / "tokenizers" / "gpt2"
 SHAKESPEARE = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8") if DATA.is_dir() else ""

@@ -20,7 +20,7 @@ from physlm_graph.runtime.train import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[2]
 BLUEPRINT = ROOT / "blueprints" / "baby-gpt.yaml"
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare/input.txt")
+SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 TINY = {"params.layers": 1, "params.dim": 32, "params.heads": 2, "params.context": 32, "train.seq_len": 32,
         "params.dropout": 0.1}
 FAST = dict(batch_size=4, eval_every=50, eval_iters=2, log_every=10, warmup=20, progress=False)
@@ -40,7 +40,8 @@ def text_file(tmp_path_factory) -> Path:
     if SHAKESPEARE.is_file():
         path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
     else:  # the project must not need the shared data at run time
-        path.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 400, encoding="utf-8")
+        path.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n"
+                        "ROMEO:\nBut, soft! what light through yonder window breaks?\n" * 200, encoding="utf-8")
     return path
 
 
