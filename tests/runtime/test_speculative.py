@@ -119,3 +119,17 @@ def test_refuses_what_it_cannot_roll_back_and_bad_arguments(cm):
         SelfSpeculativeDecoder(cm, draft_len=0)
     with pytest.raises(PhysLMError, match="declares no exits|no exits"):
         SelfSpeculativeDecoder(compile_blueprint(blueprint()))
+
+
+def test_any_prompt_draft_exit_and_length_gives_full_depth_greedy(cm, plain):  # noqa: F811
+    """A small property check: random prompts (1 .. 40 tokens), draft exits, draft lengths and
+    budgets, including prompts that start near the end of the context."""
+    g = torch.Generator().manual_seed(7)
+    for _ in range(8):
+        n = int(torch.randint(1, 41, (1,), generator=g))
+        prompt = torch.randint(0, 65, (n,), generator=g).tolist()
+        e, k = int(torch.randint(0, 3, (1,), generator=g)), int(torch.randint(1, 8, (1,), generator=g))
+        new = int(torch.randint(1, 60, (1,), generator=g))
+        want = generate(plain, prompt, max_new_tokens=new, temperature=0, use_cache=True)
+        got, _ = generate_self_speculative(cm, prompt, max_new_tokens=new, draft_exit=e, draft_len=k)
+        assert got == want, (n, e, k, new)
