@@ -683,7 +683,7 @@ def generate_with_exits(
     cleared and the last ``context`` tokens are run again at full depth, as ``generate`` does.
     """
     from .checkpoint import model_context
-    from .generate import can_cache, sample_next
+    from .generate import _done, can_cache, prompt_tensor, sample_next
 
     if temperature < 0:
         raise PhysLMError(f"temperature must be >= 0, got {temperature}", fix="use 0 for greedy decoding")
@@ -693,10 +693,7 @@ def generate_with_exits(
     ex = SegmentExecutor(cm, rule=rule, threshold=threshold, kv_fill=kv_fill)
     module = cm.module
     dev = next(module.parameters()).device
-    flat = not isinstance(prompt_ids, Tensor) or prompt_ids.dim() == 1
-    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=dev).reshape(1, -1) if flat else prompt_ids.to(dev).long()
-    if ids.size(1) == 0:
-        raise PhysLMError("the prompt is empty", fix="give at least one token (e.g. a newline)")
+    ids, flat = prompt_tensor(prompt_ids, dev)
     context = model_context(cm) or 1 << 62
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
     start = ids.size(1)
@@ -711,7 +708,7 @@ def generate_with_exits(
                 ids = torch.cat([ids, nxt[:, None]], dim=1)
                 if on_token is not None:
                     on_token(nxt.tolist())
-                if i == max_new_tokens - 1 or (eos_id is not None and bool((ids[:, start:] == eos_id).any(1).all())):
+                if i == max_new_tokens - 1 or _done(ids, start, eos_id):
                     break
                 if ex.ctx.offset + 1 > context:
                     logits = ex.prefill(ids[:, -context:])

@@ -110,10 +110,7 @@ def generate(
     module = cm.module
     dev = next(module.parameters()).device if device is None else torch.device(device)
     module.to(dev)
-    flat = not isinstance(prompt_ids, Tensor) or prompt_ids.dim() == 1
-    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=dev).reshape(1, -1) if flat else prompt_ids.to(dev).long()
-    if ids.size(1) == 0:
-        raise PhysLMError("the prompt is empty", fix="give at least one token (e.g. a newline)")
+    ids, flat = prompt_tensor(prompt_ids, dev)
     cached = can_cache(cm) if use_cache == "auto" else bool(use_cache)
     if cached and not can_cache(cm):
         bad = sorted({n.use for p, n in cm.resolved.nodes.items()
@@ -134,6 +131,17 @@ def generate(
     finally:
         module.train(was_training)
     return ids[0].tolist() if flat else ids
+
+
+def prompt_tensor(prompt_ids: list[int] | Tensor, device: torch.device) -> tuple[Tensor, bool]:
+    """The prompt as (B, T) long ids on ``device``, and whether it came flat (a list or 1-D),
+    which is how the result is returned; an empty prompt is an error."""
+    flat = not isinstance(prompt_ids, Tensor) or prompt_ids.dim() == 1
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).reshape(1, -1) if flat \
+        else prompt_ids.to(device).long()
+    if ids.size(1) == 0:
+        raise PhysLMError("the prompt is empty", fix="give at least one token (e.g. a newline)")
+    return ids, flat
 
 
 def _last_logits(module: torch.nn.Module, x: Tensor) -> Tensor:

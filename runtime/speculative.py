@@ -215,7 +215,7 @@ def generate_self_speculative(
     does: a list for a 1-D prompt, else (B, T)) and the stats. Past the model's context the
     cache is cleared and the last ``context`` tokens are run again at full depth."""
     from .checkpoint import model_context
-    from .generate import can_cache
+    from .generate import _done, can_cache, prompt_tensor
 
     if not can_cache(cm):
         raise PhysLMError("self-speculative decoding needs incremental decoding, but some components cannot decode "
@@ -223,10 +223,7 @@ def generate_self_speculative(
     dec = SelfSpeculativeDecoder(cm, draft_exit=draft_exit, draft_len=draft_len)
     module = cm.module
     dev = next(module.parameters()).device
-    flat = not isinstance(prompt_ids, Tensor) or prompt_ids.dim() == 1
-    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=dev).reshape(1, -1) if flat else prompt_ids.to(dev).long()
-    if ids.size(1) == 0:
-        raise PhysLMError("the prompt is empty", fix="give at least one token (e.g. a newline)")
+    ids, flat = prompt_tensor(prompt_ids, dev)
     context = model_context(cm) or 1 << 62
     start = ids.size(1)
     was_training = module.training
@@ -241,7 +238,7 @@ def generate_self_speculative(
                 on_token(new[:, t].tolist())
             if ids.size(1) - start >= max_new_tokens:
                 return True
-            if eos_id is not None and bool((ids[:, start:] == eos_id).any(1).all()):
+            if _done(ids, start, eos_id):
                 return True
         return False
 
