@@ -480,6 +480,15 @@ def _kv_plan(gm: fx.GraphModule, cut: _Cut, s: int, stateful: set[fx.Node]) -> _
 _CUTS: weakref.WeakKeyDictionary[fx.GraphModule, _Cut] = weakref.WeakKeyDictionary()
 
 
+def cut_for(cm: Any) -> _Cut:
+    """The segments and exit heads of ``cm``'s graph, cut once per graph and cached."""
+    gm = cm.module
+    cut = _CUTS.get(gm)
+    if cut is None or cut.graph is not gm.graph:  # the cut depends on the graph only
+        cut = _CUTS[gm] = _Cut(cm)
+    return cut
+
+
 class SegmentExecutor:
     """Runs a compiled model with exits one decode step at a time, segment by segment.
 
@@ -501,10 +510,7 @@ class SegmentExecutor:
         self.threshold = ex.threshold if threshold is None else threshold
         _check_rule(self.rule, self.threshold)
         self.gm = cm.module
-        cut = _CUTS.get(self.gm)
-        if cut is None or cut.graph is not self.gm.graph:  # the cut depends on the graph only: cache it
-            cut = _CUTS[self.gm] = _Cut(cm)
-        self.cut = cut
+        self.cut = cut = cut_for(cm)
         self.points, self.depths = cut.points, cut.depths
         self.ctx = DecodeContext()
         self.pending: list[_Pending] = []

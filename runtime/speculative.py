@@ -31,7 +31,7 @@ from torch import Tensor, fx
 from physlm_graph import PhysLMError
 from physlm_graph._context import DecodeContext, decoding
 
-from .early_exit import _CUTS, _Cut, exit_points
+from .early_exit import cut_for, exit_points
 
 __all__ = ["SpeculativeStats", "SelfSpeculativeDecoder", "generate_self_speculative"]
 
@@ -97,10 +97,7 @@ class SelfSpeculativeDecoder:
         self.cm = cm
         points = exit_points(cm)  # an error when the blueprint declares none
         self.gm = cm.module
-        cut = _CUTS.get(self.gm)
-        if cut is None or cut.graph is not self.gm.graph:
-            cut = _CUTS[self.gm] = _Cut(cm)
-        self.cut = cut
+        self.cut = cut = cut_for(cm)
         self.e = _draft_index(points, draft_exit)
         self.k = draft_len
         # what the verifying segments read from the drafting ones (and the tokens)
