@@ -11,15 +11,7 @@ from physlm_graph import PhysLMError, compile_blueprint
 from physlm_graph.runtime.generate import generate
 from physlm_graph.runtime.speculative import SelfSpeculativeDecoder, generate_self_speculative
 
-from .test_early_exit import PROMPT, blueprint, llama, plain, scaled  # noqa: F401  (plain is a fixture)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from .test_early_exit import PROMPT, _one_thread, blueprint, llama, plain, scaled  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")
