@@ -26,6 +26,7 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated substrings of model labels (vanilla GPT always)")
     ap.add_argument("--rows", type=int, default=15)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--fused-loss", action="store_true", help="compile the loss with the model, as train --compile does")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("profile_seed.py needs a CUDA GPU", file=sys.stderr)
@@ -38,7 +39,7 @@ def main() -> int:
         if group != "vanilla" or not (label == "vanilla GPT" or any(k in label for k in keep)):
             continue
         torch._dynamo.reset()
-        step, _ = make_step(bp, 16, 512, dev, True, True)
+        step, _ = make_step(bp, 16, 512, dev, True, True, fused_loss=args.fused_loss)
         for _ in range(3):
             step()
         torch.cuda.synchronize()

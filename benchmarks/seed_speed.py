@@ -165,7 +165,11 @@ def goal_for(label: str) -> float | None:
     return None
 
 
-def make_step(bp: dict, B: int, T: int, device: torch.device, amp: bool, compile_: bool) -> tuple[Callable[[], None], int]:
+def make_step(bp: dict, B: int, T: int, device: torch.device, amp: bool, compile_: bool,
+              mode: str = "default", fused_loss: bool = False) -> tuple[Callable[[], None], int]:
+    """One training step of ``bp``. ``mode``: torch.compile's mode; ``fused_loss``: compile the
+    loss together with the model, as ``physlm-graph train --compile`` does (else the model only,
+    with an eager fp32 cross-entropy outside)."""
     cm = compile_blueprint(copy.deepcopy(bp), device=str(device))
     model = cm.module.train()
     weights = dict(cm.loss_weights)
@@ -175,17 +179,29 @@ def make_step(bp: dict, B: int, T: int, device: torch.device, amp: bool, compile
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, vocab, (B, T), generator=g).to(device)
     y = torch.randint(0, vocab, (B, T), generator=g).to(device)
-    fwd = torch.compile(model) if compile_ else model
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+
+    def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        logits = out["logits"]
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+        for name, term in (out.get("aux") or {}).items():
+            loss = loss + weights.get(name, 1.0) * term
+        return loss
+
+    kw = {} if mode == "default" else {"mode": mode}
+    if compile_ and fused_loss:
+        forward_loss = torch.compile(forward_loss, **kw)
+    elif compile_:
+        model = torch.compile(model, **kw)
+    graphs = compile_ and mode == "reduce-overhead"
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast():
-            out = fwd(x)
-            logits = out["logits"]
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
-            for name, term in (out.get("aux") or {}).items():
-                loss = loss + weights.get(name, 1.0) * term
+            loss = forward_loss(x, y)
         loss.backward()
         opt.step()
 
@@ -200,6 +216,10 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile every model; count graph breaks/recompiles")
+    ap.add_argument("--mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                    help="torch.compile mode (reduce-overhead: the step's kernels replay as CUDA graphs)")
+    ap.add_argument("--fused-loss", action="store_true",
+                    help="compile the loss with the model, as `physlm-graph train --compile` does")
     ap.add_argument("--only", default="", help="comma-separated substrings of labels to keep (references always kept)")
     ap.add_argument("--small", action="store_true", help="CPU smoke run: tiny sizes, fp32")
     args = ap.parse_args()
@@ -220,11 +240,14 @@ def main() -> int:
         keep = [s.strip() for s in args.only.split(",")]
         cands = [c for c in cands if c[0] in ("vanilla GPT", "LLaMA-ish attention, T=long") or any(k in c[0] for k in keep)]
 
+    how = "eager"
+    if args.compile:
+        how = f"torch.compile mode {args.mode}" + (", loss compiled with the model" if args.fused_loss else "")
     smoke = " (CPU SMOKE RUN, not a measurement)" if device.type == "cpu" else ""
     print(f"# seed models: full training step (fwd + bwd + AdamW){smoke}")
     print(f"device: {describe_device(device)}")
     print(f"sizes: {P} ; batch {B} x {T} ; SSD pair batch {B_long} x {T_long} ; "
-          f"{'bf16 autocast' if amp else 'fp32'}{', torch.compile' if args.compile else ', eager'} ; "
+          f"{'bf16 autocast' if amp else 'fp32'}, {how} ; "
           f"median of {args.iters} interleaved steps after {args.warmup} warm-up", flush=True)
 
     fails: list[str] = []
@@ -233,7 +256,7 @@ def main() -> int:
         for label, group, bp, _ in cands:
             bt = (B_long, T_long) if group == "llama" else (B, T)
             try:
-                fns[label], n = make_step(bp, *bt, device, amp, args.compile)
+                fns[label], n = make_step(bp, *bt, device, amp, args.compile, args.mode, args.fused_loss)
                 info[label] = (group, n, bt)
             except Exception as e:  # noqa: BLE001
                 errors[label] = f"build: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"

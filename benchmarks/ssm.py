@@ -2,10 +2,11 @@
 
     python benchmarks/ssm.py [--T 1024] [--batch 2] [--embed-dim 256] [--runs 5] [--threads N]
 
-1. CPU (always; and on CUDA if present): the chunked SSD kernel (``ssm.ssd``'s scan) vs the
-   same recurrence as a Python loop over t, with identical inputs taken from an ``ssm.ssd``
-   module's projections; timings interleaved, median of ``--runs``; prints the speedup and
-   the max abs difference. Goal: >= 50x at T = 1024.
+1. CPU (always; and on CUDA if present): the chunked SSD kernel (``ssm.ssd``'s scan), eager
+   and through ``torch.compile`` (as ``train --compile`` runs it), vs the same recurrence as a
+   Python loop over t, with identical inputs taken from an ``ssm.ssd`` module's projections;
+   timings interleaved, median of ``--runs``; prints the speedups and the max abs
+   differences. Goal: >= 50x at T = 1024.
 2. CUDA only: the whole ``ssm.ssd`` mixer vs causal SDPA attention (qkv + out projections,
    same width) at T = 1024, forward + backward in bf16, per token. Goal: SSD <= 2x attention.
 """
@@ -81,21 +82,31 @@ def scan_inputs(T: int, batch: int, embed_dim: int, device: torch.device, dtype:
     return [t.to(dtype) for t in (x, dt, A, B, C)], m.chunk_size
 
 
-def bench_scan(T: int, batch: int, embed_dim: int, runs: int, device: torch.device) -> None:
+def bench_scan(T: int, batch: int, embed_dim: int, runs: int, device: torch.device, compiled: bool = False) -> None:
     (x, dt, A, B, C), chunk = scan_inputs(T, batch, embed_dim, device)
     with torch.no_grad():
         fns = {
             "chunked SSD": lambda: ssd_chunked(x, dt, A, B, C, chunk_size=chunk),
             "sequential": lambda: sequential_scan(x, dt, A, B, C),
         }
+        if compiled:  # the same function through torch.compile (inductor's C++/OpenMP or Triton code)
+            try:
+                ssd_c = torch.compile(ssd_chunked, dynamic=False)
+                ssd_c(x, dt, A, B, C, chunk_size=chunk)
+                fns["SSD compiled"] = lambda: ssd_c(x, dt, A, B, C, chunk_size=chunk)
+            except Exception as e:  # noqa: BLE001 (no C++ compiler, ...): say so and time the rest
+                print(f"(torch.compile of the scan failed: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
         med = time_interleaved(fns, runs, device)
-        diff = (ssd_chunked(x, dt, A, B, C, chunk_size=chunk)[0] - sequential_scan(x, dt, A, B, C)).abs().max().item()
+        seq = sequential_scan(x, dt, A, B, C)
+        diffs = {k: (fn()[0] - seq).abs().max().item() for k, fn in fns.items() if k != "sequential"}
     H, P = x.shape[2], x.shape[3]
-    print(f"\nSSD scan, {device.type}, fp32, B={batch} T={T} D={embed_dim} (H={H}, P={P}, N={B.shape[-1]}, chunk={chunk}), median of {runs}")
-    print(f"{'method':<14}{'ms':>12}{'speedup':>10}")
+    print(f"\nSSD scan, {device.type}, fp32, B={batch} T={T} D={embed_dim} (H={H}, P={P}, N={B.shape[-1]}, chunk={chunk}), "
+          f"median of {runs}, {torch.get_num_threads()} threads")
+    print(f"{'method':<15}{'ms':>10}{'speedup':>10}{'max abs diff':>14}")
     for k, s in med.items():
-        print(f"{k:<14}{s * 1e3:>12.2f}{med['sequential'] / s:>9.1f}x")
-    print(f"max abs diff: {diff:.2e}   (goal: speedup >= 50x)")
+        d = f"{diffs[k]:.1e}" if k in diffs else "-"
+        print(f"{k:<15}{s * 1e3:>10.2f}{med['sequential'] / s:>9.1f}x{d:>14}")
+    print("(goal: speedup >= 50x)")
 
 
 class CausalAttention(nn.Module):
@@ -138,14 +149,15 @@ def main() -> None:
     ap.add_argument("--embed-dim", type=int, default=256)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd scan")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     torch.manual_seed(0)
-    bench_scan(args.T, args.batch, args.embed_dim, args.runs, torch.device("cpu"))
+    bench_scan(args.T, args.batch, args.embed_dim, args.runs, torch.device("cpu"), not args.no_compile)
     if torch.cuda.is_available():
-        bench_scan(args.T, args.batch, args.embed_dim, args.runs, torch.device("cuda"))
+        bench_scan(args.T, args.batch, args.embed_dim, args.runs, torch.device("cuda"), not args.no_compile)
         bench_vs_attention(args.T, args.batch, args.embed_dim, args.runs, torch.device("cuda"))
     else:
         print("\n(no CUDA: skipping the GPU scan and the SSD vs attention comparison)")

@@ -139,6 +139,10 @@ class TrainConfig(_Strict):
     seed: int = 1337
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode with compile on; reduce-overhead replays each step as CUDA graphs")
+    ddp_bucket_mb: float = Field(250.0, gt=0.0, description="DDP gradient bucket size in MiB (torch's default: 25)")
+    ddp_bucket_view: bool = Field(True, description="DDP gradient_as_bucket_view: gradients live in the buckets, one copy less")
     nan_policy: Literal["stop", "skip"] = "stop"
     max_skips: int = Field(10, ge=0)
 

@@ -56,21 +56,51 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank=rank, world=world, local_rank=local)
 
 
-def wrap_model(model: nn.Module, info: DistInfo, strategy: str, block_paths: list[str]) -> nn.Module:
-    """DDP (the default) or FSDP2 (``fully_shard`` on every block instance, then the root)."""
+def wrap_model(model: nn.Module, info: DistInfo, strategy: str, block_paths: list[str], *,
+               bucket_mb: float = 250.0, bucket_view: bool = True) -> nn.Module:
+    """DDP (the default) or FSDP2 (``fully_shard`` on every block instance, then the root).
+
+    DDP all-reduces gradients in buckets of ``bucket_mb`` MiB while the backward still runs;
+    with ``bucket_view`` the parameters' ``.grad`` are views into those buckets, which saves
+    a copy of every gradient per step and its memory."""
     if not info.enabled:
         return model
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for path in block_paths:
-            fully_shard(model.get_submodule(path))
+        for group in shard_groups(model, block_paths):
+            fully_shard(group)
         fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dev = [info.local_rank] if torch.cuda.is_available() else None
-    return DDP(model, device_ids=dev)
+    return DDP(model, device_ids=dev, bucket_cap_mb=bucket_mb, gradient_as_bucket_view=bucket_view)
+
+
+def shard_groups(model: nn.Module, block_paths: list[str]) -> list[list[nn.Module]]:
+    """One FSDP2 group per block instance: the modules inside it that the graph calls.
+
+    A compiled blueprint's GraphModule calls the components inside a block (``trunk.0.attn``),
+    never the block container (``trunk.0``) itself, so hooks on the container would never fire
+    and its weights would stay sharded. ``fully_shard`` on the list of called modules gathers the
+    block's weights before the first of them runs and frees them after the last. Weights used
+    outside any block (embeddings, a tied head) stay with the root."""
+    from torch import fx
+
+    called: list[str] = []
+    for name, gm in model.named_modules():
+        if isinstance(gm, fx.GraphModule):
+            called += [f"{name}.{n.target}" if name else str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    groups = []
+    for path in block_paths:
+        inside = [t for t in dict.fromkeys(called) if t == path or t.startswith(path + ".")]
+        inside = [t for t in inside if not any(t.startswith(o + ".") for o in inside)]  # outermost only
+        mods = [model.get_submodule(t) for t in inside]
+        mods = [m for m in mods if any(True for _ in m.parameters())]
+        if mods:
+            groups.append(mods)
+    return groups
 
 
 def grad_sync(model: nn.Module, info: DistInfo, strategy: str, *, last: bool) -> contextlib.AbstractContextManager:

@@ -18,6 +18,7 @@ same seed gives bit-identical weights on CPU whether or not the run was interrup
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import random
@@ -255,15 +256,17 @@ class Trainer:
         self.model = cm.module.to(self.device)
         self.model.train()
         blocks = [p for paths in cm.resolved.instances.values() for p in paths]
-        self.wrapped = wrap_model(self.model, self.dist, self.strategy, blocks)
-        self.forward = torch.compile(self.wrapped) if self.cfg.compile else self.wrapped
+        self.wrapped = wrap_model(self.model, self.dist, self.strategy, blocks,
+                                  bucket_mb=self.cfg.ddp_bucket_mb, bucket_view=self.cfg.ddp_bucket_view)
+        compile_ = functools.partial(torch.compile, mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
+        self.forward = compile_(self.wrapped) if self.cfg.compile else self.wrapped
 
         def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             return self.compute_loss(self.wrapped(x), y)
 
         # with compile, the loss joins the compiled region: the log-softmax fuses into the head's
         # output instead of materialising fp32 logits (GPT-2 on an H100: 31.5% -> 41.7% MFU)
-        self.forward_loss = torch.compile(forward_loss) if self.cfg.compile else forward_loss
+        self.forward_loss = compile_(forward_loss) if self.cfg.compile else forward_loss
         ctx = model_context(cm)
         self.seq_len = self.cfg.seq_len or ctx
         if self.seq_len is None:
@@ -344,6 +347,8 @@ class Trainer:
         aux_sum: dict[str, torch.Tensor] = {}
         for i in range(c.accumulate):
             x, y = next(self.batches)
+            if c.compile and c.compile_mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous micro-step's graph outputs are done with
             with grad_sync(self.wrapped, self.dist, self.strategy, last=i == c.accumulate - 1):
                 with self.autocast():
                     loss, parts = self.forward_loss(x, y)
