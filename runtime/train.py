@@ -280,6 +280,10 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
         self.dtype_name = "bfloat16 autocast" if use_bf16 else "float32"
 
+    def _compile_label(self) -> str:
+        mode = self.cfg.compile_mode
+        return ", torch.compile" + ("" if mode == "default" else f" {mode}")
+
     def build_optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
         return make_optimizer(self.model, lr=c.lr, weight_decay=c.weight_decay, betas=c.betas, owners=node_components(self.cm))
@@ -305,7 +309,7 @@ class Trainer:
         t.add_row("total tokens", f"{c.steps * self.tokens_per_step:,}")
         t.add_row("optimizer", f"AdamW lr {c.lr:g} -> {c.min_lr if c.min_lr is not None else c.lr / 10:g} ({c.schedule}, "
                   f"warmup {c.warmup}), wd {c.weight_decay:g}, clip {c.grad_clip:g}")
-        t.add_row("device", f"{self.device} ({self.dtype_name}{', torch.compile' if c.compile else ''})"
+        t.add_row("device", f"{self.device} ({self.dtype_name}{self._compile_label() if c.compile else ''})"
                   + (f", {self.dist.world} processes ({self.strategy})" if self.dist.enabled else ""))
         t.add_row("data", f"{self.data} ({len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens)")
         t.add_row("tokenizer", f"{self.tokenizer.name} ({self.tokenizer.vocab_size:,} tokens)")

@@ -196,6 +196,27 @@ def test_compiled_training_says_a_graph_break_once(tmp_path, text_file, monkeypa
     assert lines[0]["graph_breaks"] >= 1 and lines[-1]["graph_breaks"] == result["compile"]["graph_breaks"]
 
 
+def test_compile_mode_reaches_torch_compile(tmp_path, text_file, monkeypatch):
+    """train.compile_mode is handed to torch.compile (model and model+loss), and with
+    reduce-overhead every micro-step starts a new CUDA-graph step; the default passes no mode."""
+    real = torch.compile
+    for mode, expect in (("reduce-overhead", "reduce-overhead"), ("default", None)):
+        seen, marks = [], []
+
+        def spy(fn, **kw):
+            seen.append(kw.get("mode"))
+            return real(fn, backend="eager")
+
+        monkeypatch.setattr(torch, "compile", spy)
+        monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+        torch._dynamo.reset()
+        _run(tmp_path / mode, text_file, steps=3, eval_every=3, log_every=1, compile=True, compile_mode=mode,
+             accumulate=2)
+        assert seen == [expect, expect]
+        assert len(marks) == (3 * 2 if mode == "reduce-overhead" else 0)
+    torch._dynamo.reset()
+
+
 def test_compile_monitor_reports_the_eager_fallback(monkeypatch):
     """Past the recompile limit dynamo silently runs the code eagerly; the monitor says so once."""
     from physlm_graph.runtime._progress import CompileMonitor
