@@ -217,6 +217,21 @@ def test_compile_mode_reaches_torch_compile(tmp_path, text_file, monkeypatch):
     torch._dynamo.reset()
 
 
+def test_compile_mode_flag_implies_compile(monkeypatch):
+    """`train --compile-mode M` turns compile on and sets train.compile_mode (no --compile needed)."""
+    import physlm_graph.runtime.train as train_mod
+
+    seen = {}
+
+    def fake_train(*a, **kw):
+        seen.update(kw)
+        return {"best_val_loss": None, "steps": 0, "tokens_seen": 0, "wall_s": 0.0, "last": "x", "best": None}
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    assert main(["train", str(BLUEPRINT), "--data", "x.txt", "--compile-mode", "reduce-overhead", "--no-progress"]) == 0
+    assert seen["compile"] is True and seen["compile_mode"] == "reduce-overhead"
+
+
 def test_compile_monitor_reports_the_eager_fallback(monkeypatch):
     """Past the recompile limit dynamo silently runs the code eagerly; the monitor says so once."""
     from physlm_graph.runtime._progress import CompileMonitor
