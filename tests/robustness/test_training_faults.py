@@ -33,12 +33,7 @@ TINY = ROOT / "tests" / "assets" / "blueprints" / "valid" / "tiny.yaml"
 FAST = dict(device="cpu", batch_size=2, eval_every=1000, eval_iters=1, warmup=0, log_every=1, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -29,12 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = {"params.layers": 1, "params.dim": 32, "params.heads": 2, "params.context": 32, "train.seq_len": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

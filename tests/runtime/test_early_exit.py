@@ -39,12 +39,7 @@ PROMPT = [5, 17, 30, 2, 44, 9, 12, 60, 1, 33]
 RULES = ["top1", "margin", "entropy", "saturation"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blueprint(layers: int = 4, **exits) -> dict:

@@ -33,12 +33,7 @@ LLAMA = ROOT / "blueprints" / "llama-style.yaml"
 SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _schedule(op: str | None = None, where=None, old: int = 2, new: int = 4, **extra) -> dict:

@@ -11,7 +11,9 @@ from physlm_graph import PhysLMError, compile_blueprint
 from physlm_graph.runtime.generate import generate
 from physlm_graph.runtime.speculative import SelfSpeculativeDecoder, generate_self_speculative
 
-from .test_early_exit import PROMPT, _one_thread, blueprint, llama, plain, scaled  # noqa: F401  (fixtures)
+from .test_early_exit import PROMPT, blueprint, llama, plain, scaled  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

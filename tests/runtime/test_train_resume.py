@@ -26,12 +26,7 @@ TINY = {"params.layers": 1, "params.dim": 32, "params.heads": 2, "params.context
 FAST = dict(batch_size=4, eval_every=50, eval_iters=2, log_every=10, warmup=20, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
