@@ -191,6 +191,24 @@ def test_compiled_training_says_a_graph_break_once(tmp_path, text_file, monkeypa
     assert lines[0]["graph_breaks"] >= 1 and lines[-1]["graph_breaks"] == result["compile"]["graph_breaks"]
 
 
+def test_ddp_settings_reach_wrap_model(tmp_path, text_file, monkeypatch):
+    """train.ddp_bucket_mb and train.ddp_bucket_view are handed to the DDP wrapper (defaults
+    250 and true); the 2-process test in test_distributed checks what DDP does with them."""
+    import physlm_graph.runtime.train as train_mod
+
+    seen = []
+    real = train_mod.wrap_model
+
+    def spy(*a, **kw):
+        seen.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "wrap_model", spy)
+    _run(tmp_path / "a", text_file, steps=1, eval_every=1)
+    _run(tmp_path / "b", text_file, steps=1, eval_every=1, ddp_bucket_mb=64.0, ddp_bucket_view=False)
+    assert seen == [{"bucket_mb": 250.0, "bucket_view": True}, {"bucket_mb": 64.0, "bucket_view": False}]
+
+
 def test_compile_mode_reaches_torch_compile(tmp_path, text_file, monkeypatch):
     """train.compile_mode is handed to torch.compile (model and model+loss), and with
     reduce-overhead every micro-step starts a new CUDA-graph step; the default passes no mode."""
