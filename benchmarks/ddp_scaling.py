@@ -78,13 +78,16 @@ def main() -> None:
     print(f"{args.blueprint}, per-GPU batch {args.batch} x {args.seq}, {args.steps} steps "
           f"(median after step {args.skip}), compile={args.compile}, {args.repeats} repeat(s), {name}, "
           f"torch {torch.__version__}", flush=True)
+    configs = []  # (label, settings text, sets, key of the 1-GPU baseline it needs)
+    for text in args.configs:
+        label, sets = parse_config(text)
+        configs.append((label, text.partition(":")[2] or "-", sets,
+                        tuple(sorted((k, v) for k, v in sets.items() if k not in COMM_ONLY))))
     ones: dict[tuple, list[float | str]] = {}
     manys: dict[int, list[float | str]] = {}
     for r in range(args.repeats):  # repeats alternate 1-GPU and N-GPU runs, so drift hits both
         done: set[tuple] = set()
-        for i, text in enumerate(args.configs):
-            label, sets = parse_config(text)
-            key = tuple(sorted((k, v) for k, v in sets.items() if k not in COMM_ONLY))
+        for i, (label, _, sets, key) in enumerate(configs):
             if key not in done:
                 done.add(key)
                 ones.setdefault(key, []).append(run(1, args, dict(key), tmp / f"gpu1-{len(done)}-r{r}"))
@@ -95,11 +98,7 @@ def main() -> None:
         fails = [x for x in xs if isinstance(x, str)]
         return fails[0] if fails else statistics.median(xs)  # type: ignore[arg-type]
 
-    rows = []
-    for i, text in enumerate(args.configs):
-        label, sets = parse_config(text)
-        key = tuple(sorted((k, v) for k, v in sets.items() if k not in COMM_ONLY))
-        rows.append((label, text.partition(":")[2] or "-", med(ones[key]), med(manys[i])))
+    rows = [(label, settings, med(ones[key]), med(manys[i])) for i, (label, settings, _, key) in enumerate(configs)]
     print()
     print(f"| run | settings | 1 GPU tokens/s | {args.gpus} GPUs tokens/s | speedup |")
     print("|---|---|---:|---:|---:|")
