@@ -2,7 +2,8 @@
 
     python benchmarks/ssm.py [--T 1024] [--batch 2] [--embed-dim 256] [--runs 5] [--threads N]
 
-1. CPU (always; and on CUDA if present): the chunked SSD kernel (``ssm.ssd``'s scan), eager
+1. CPU (always; and on CUDA if present): the chunked SSD kernel (``ssm.ssd``'s scan) in both
+   layouts (``folded``, what ``ssm.ssd`` runs on CPU; ``head_major``, what it runs on CUDA), eager
    and through ``torch.compile`` (as ``train --compile`` runs it), vs the same recurrence as a
    Python loop over t, with identical inputs taken from an ``ssm.ssd`` module's projections;
    timings interleaved, median of ``--runs``; prints the speedups and the max abs
@@ -84,29 +85,32 @@ def scan_inputs(T: int, batch: int, embed_dim: int, device: torch.device, dtype:
 
 def bench_scan(T: int, batch: int, embed_dim: int, runs: int, device: torch.device, compiled: bool = False) -> None:
     (x, dt, A, B, C), chunk = scan_inputs(T, batch, embed_dim, device)
+    default = "folded" if device.type == "cpu" else "head_major"  # what ssm.ssd runs on this device
+    layouts = [default] + [k for k in ("folded", "head_major") if k != default]
     with torch.no_grad():
-        fns = {
-            "chunked SSD": lambda: ssd_chunked(x, dt, A, B, C, chunk_size=chunk),
-            "sequential": lambda: sequential_scan(x, dt, A, B, C),
-        }
+        fns: dict[str, Callable[[], object]] = {"sequential": lambda: sequential_scan(x, dt, A, B, C)}
+        for lay in layouts:
+            fns[f"SSD {lay}"] = lambda lay=lay: ssd_chunked(x, dt, A, B, C, chunk_size=chunk, layout=lay)
         if compiled:  # the same function through torch.compile (inductor's C++/OpenMP or Triton code)
-            try:
-                ssd_c = torch.compile(ssd_chunked, dynamic=False)
-                ssd_c(x, dt, A, B, C, chunk_size=chunk)
-                fns["SSD compiled"] = lambda: ssd_c(x, dt, A, B, C, chunk_size=chunk)
-            except Exception as e:  # noqa: BLE001 (no C++ compiler, ...): say so and time the rest
-                print(f"(torch.compile of the scan failed: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            for lay in layouts:
+                try:
+                    ssd_c = torch.compile(ssd_chunked, dynamic=False)
+                    ssd_c(x, dt, A, B, C, chunk_size=chunk, layout=lay)
+                    fns[f"SSD {lay}, compiled"] = lambda f=ssd_c, lay=lay: f(x, dt, A, B, C, chunk_size=chunk, layout=lay)
+                except Exception as e:  # noqa: BLE001 (no C++ compiler, ...): say so and time the rest
+                    print(f"(torch.compile of the scan failed: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                    break
         med = time_interleaved(fns, runs, device)
         seq = sequential_scan(x, dt, A, B, C)
         diffs = {k: (fn()[0] - seq).abs().max().item() for k, fn in fns.items() if k != "sequential"}
     H, P = x.shape[2], x.shape[3]
     print(f"\nSSD scan, {device.type}, fp32, B={batch} T={T} D={embed_dim} (H={H}, P={P}, N={B.shape[-1]}, chunk={chunk}), "
           f"median of {runs}, {torch.get_num_threads()} threads")
-    print(f"{'method':<15}{'ms':>10}{'speedup':>10}{'max abs diff':>14}")
+    print(f"{'method':<28}{'ms':>10}{'speedup':>10}{'max abs diff':>14}")
     for k, s in med.items():
         d = f"{diffs[k]:.1e}" if k in diffs else "-"
-        print(f"{k:<15}{s * 1e3:>10.2f}{med['sequential'] / s:>9.1f}x{d:>14}")
-    print("(goal: speedup >= 50x)")
+        print(f"{k:<28}{s * 1e3:>10.2f}{med['sequential'] / s:>9.1f}x{d:>14}")
+    print(f"(goal: speedup >= 50x; ssm.ssd runs the {default} layout on {device.type})")
 
 
 class CausalAttention(nn.Module):

@@ -179,3 +179,36 @@ def test_ssd_gradients_match_sequential_scan():
     for a, b in zip(*grads):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("T,G,init", [(37, 1, False), (40, 2, True), (5, 4, True)])
+def test_ssd_layouts_agree(T, G, init):
+    """The CPU (heads folded) and CUDA (head-major) layouts of the scan are one function:
+    outputs, final states and every input gradient, with groups, padding and an initial state,
+    and with decays large enough that a chunk's total decay underflows exp in fp32."""
+    from physlm_graph.components.ssm._ssd_kernels import ssd_chunked
+
+    torch.manual_seed(0)
+    b, H, P, N = 2, 4, 3, 5
+    x = torch.randn(b, T, H, P)
+    dt = F.softplus(torch.randn(b, T, H) * 3)  # some steps decay by e^-40 and more
+    A = -torch.tensor([0.5, 2.0, 8.0, 30.0])
+    Bm, Cm = torch.randn(b, T, G, N), torch.randn(b, T, G, N)
+    s0 = torch.randn(b, H, P, N) if init else None
+    leaves = [t.requires_grad_() for t in (x, dt, Bm, Cm) + ((s0,) if init else ())]
+    outs = []
+    for layout in ("folded", "head_major"):
+        y, s = ssd_chunked(x, dt, A, Bm, Cm, chunk_size=8, initial_state=s0, layout=layout)
+        grads = torch.autograd.grad((y * torch.linspace(-1, 1, P)).sum() + s.sum(), leaves)
+        outs.append([y, s, *grads])
+    for a, c in zip(*outs):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
+
+
+def test_ssd_unknown_layout_is_refused():
+    from physlm_graph.components.ssm._ssd_kernels import ssd_chunked
+
+    z = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="layout must be"):
+        ssd_chunked(z, z[..., 0], -torch.ones(2), z[:, :, :1], z[:, :, :1], chunk_size=4, layout="rows")
