@@ -57,20 +57,24 @@ def init_distributed() -> DistInfo:
 
 
 def wrap_model(model: nn.Module, info: DistInfo, strategy: str, block_paths: list[str], *,
-               bucket_mb: float = 250.0, bucket_view: bool = True) -> nn.Module:
+               bucket_mb: float = 250.0, bucket_view: bool = True,
+               param_dtype: torch.dtype | None = None) -> nn.Module:
     """DDP (the default) or FSDP2 (``fully_shard`` on every block instance, then the root).
 
     DDP all-reduces gradients in buckets of ``bucket_mb`` MiB while the backward still runs;
     with ``bucket_view`` the parameters' ``.grad`` are views into those buckets, which saves
-    a copy of every gradient per step and its memory."""
+    a copy of every gradient per step and its memory. FSDP2 with ``param_dtype`` (bf16 when
+    training under bf16 autocast) all-gathers the weights in that dtype and reduce-scatters
+    the gradients in fp32; the sharded master weights and the optimizer stay fp32."""
     if not info.enabled:
         return model
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
         for group in shard_groups(model, block_paths):
-            fully_shard(group)
-        fully_shard(model)
+            fully_shard(group, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 

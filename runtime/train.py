@@ -256,8 +256,12 @@ class Trainer:
         self.model = cm.module.to(self.device)
         self.model.train()
         blocks = [p for paths in cm.resolved.instances.values() for p in paths]
+        use_bf16 = self.cfg.dtype == "bfloat16" or (
+            self.cfg.dtype == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        # FSDP2 under bf16: gather bf16 weights (half the traffic), reduce gradients in fp32
         self.wrapped = wrap_model(self.model, self.dist, self.strategy, blocks,
-                                  bucket_mb=self.cfg.ddp_bucket_mb, bucket_view=self.cfg.ddp_bucket_view)
+                                  bucket_mb=self.cfg.ddp_bucket_mb, bucket_view=self.cfg.ddp_bucket_view,
+                                  param_dtype=torch.bfloat16 if use_bf16 else None)
         compile_ = functools.partial(torch.compile, mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
         self.forward = compile_(self.wrapped) if self.cfg.compile else self.wrapped
 
@@ -275,10 +279,18 @@ class Trainer:
         if ctx is not None and self.seq_len > ctx:
             raise TrainingError(f"seq_len {self.seq_len} is longer than the model's context {ctx}",
                                 fix=f"use seq_len <= {ctx}, or raise the context param")
-        use_bf16 = self.cfg.dtype == "bfloat16" or (
-            self.cfg.dtype == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
         self.dtype_name = "bfloat16 autocast" if use_bf16 else "float32"
+
+    def _fsdp_label(self) -> str:
+        """How FSDP2 moves weights: the all-gather dtype the shards were wrapped with."""
+        if self.strategy != "fsdp":
+            return ""
+        from torch.distributed.fsdp import FSDPModule
+
+        policy = self.model._get_fsdp_state()._mp_policy if isinstance(self.model, FSDPModule) else None
+        dtype = getattr(policy, "param_dtype", None) or torch.float32
+        return f", {str(dtype).removeprefix('torch.')} all-gathers"
 
     def _compile_label(self) -> str:
         mode = self.cfg.compile_mode
@@ -310,7 +322,7 @@ class Trainer:
         t.add_row("optimizer", f"AdamW lr {c.lr:g} -> {c.min_lr if c.min_lr is not None else c.lr / 10:g} ({c.schedule}, "
                   f"warmup {c.warmup}), wd {c.weight_decay:g}, clip {c.grad_clip:g}")
         t.add_row("device", f"{self.device} ({self.dtype_name}{self._compile_label() if c.compile else ''})"
-                  + (f", {self.dist.world} processes ({self.strategy})" if self.dist.enabled else ""))
+                  + (f", {self.dist.world} processes ({self.strategy}{self._fsdp_label()})" if self.dist.enabled else ""))
         t.add_row("data", f"{self.data} ({len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens)")
         t.add_row("tokenizer", f"{self.tokenizer.name} ({self.tokenizer.vocab_size:,} tokens)")
         t.add_row("output", str(self.out_dir) + (f" (resumed from {self.resume_from_path})" if self.resume_from_path else ""))
