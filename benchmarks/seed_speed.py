@@ -220,7 +220,7 @@ def main() -> int:
                     help="torch.compile mode (reduce-overhead: the step's kernels replay as CUDA graphs)")
     ap.add_argument("--fused-loss", action="store_true",
                     help="compile the loss with the model, as `physlm-graph train --compile` does")
-    ap.add_argument("--only", default="", help="comma-separated substrings of labels to keep (references always kept)")
+    ap.add_argument("--only", default="", help="comma-separated substrings of labels to keep (with the reference each is compared with)")
     ap.add_argument("--small", action="store_true", help="CPU smoke run: tiny sizes, fp32")
     args = ap.parse_args()
     device = pick_device()
@@ -238,7 +238,9 @@ def main() -> int:
     cands = models(P, P_long)
     if args.only:
         keep = [s.strip() for s in args.only.split(",")]
-        cands = [c for c in cands if c[0] in ("vanilla GPT", "LLaMA-ish attention, T=long") or any(k in c[0] for k in keep)]
+        chosen = [c for c in cands if any(k in c[0] for k in keep)]
+        groups = {c[1] for c in chosen}  # a reference runs only when a model compared with it does
+        cands = [c for c in cands if c in chosen or (c[0] in ("vanilla GPT", "LLaMA-ish attention, T=long") and c[1] in groups)]
 
     how = "eager"
     if args.compile:

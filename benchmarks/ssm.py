@@ -168,12 +168,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd scan")
+    ap.add_argument("--skip-cpu", action="store_true", help="only the CUDA measurements")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     torch.manual_seed(0)
-    bench_scan(args.T, args.batch, args.embed_dim, args.runs, torch.device("cpu"), not args.no_compile)
+    if not args.skip_cpu:
+        bench_scan(args.T, args.batch, args.embed_dim, args.runs, torch.device("cpu"), not args.no_compile)
     if torch.cuda.is_available():
         bench_scan(args.T, args.batch, args.embed_dim, args.runs, torch.device("cuda"), not args.no_compile)
         bench_vs_attention(args.T, args.batch, args.embed_dim, args.runs, torch.device("cuda"))

@@ -111,44 +111,35 @@ def hrr_bind_per_token_packed(qkv: Tensor, bases: tuple[Tensor, Tensor]) -> Tens
         return (_spec_mul(_spec_mul(qf, kf, conj_a=True), vf) @ inv).to(qkv.dtype)
 
 
-def decayed_causal_sum(x: Tensor, decay: Tensor, chunk: int = _CHUNK, time_dim: int = 2) -> Tensor:
-    """``out[:, h, t] = sum_{s <= t} exp(-decay_h (t - s)) x[:, h, s]`` along time, exactly, in O(T).
+def decayed_causal_sum(x: Tensor, decay: Tensor, chunk: int = _CHUNK) -> Tensor:
+    """``out[:, h, t] = sum_{s <= t} exp(-decay_h (t - s)) x[:, h, s]`` along dim 2, exactly, in O(T).
 
-    x (B, H, T, P) with ``time_dim=2``, or (B, T, H, P) with ``time_dim=1`` (the token-major
-    layout of a projection, which saves two transposes); decay (H,) >= 0. The linear
-    recurrence S_t = exp(-decay) S_{t-1} + x_t in chunked form (as SSD / chunked linear
-    attention): inside a chunk of C steps a (C, C) causal decay matrix (a batched matmul);
-    across chunks, each chunk's total decayed to its end (the intra result's last row) is
-    carried by an (n, n) causal decay matrix over the n = T/C chunks and decayed into each
-    position. Every factor is exp(-decay * (>= 0)) <= 1, so nothing overflows. Zero padding at
-    the end of time keeps it causal.
+    x (B, H, T, P), decay (H,) >= 0. The linear recurrence S_t = exp(-decay) S_{t-1} + x_t in
+    chunked form (as SSD / chunked linear attention): inside a chunk of C steps a (C, C) causal
+    decay matrix (a batched matmul); across chunks, each chunk's total decayed to its end
+    (the intra result's last row) is carried by an (n, n) causal decay matrix over the n = T/C
+    chunks and decayed into each position. Every factor is exp(-decay * (>= 0)) <= 1, so
+    nothing overflows. Zero padding at the end of time keeps it causal.
     """
-    if time_dim not in (1, 2):
-        raise ValueError(f"decayed_causal_sum: time_dim must be 1 or 2, not {time_dim}")
-    tm = time_dim == 1  # token-major (B, T, H, P)
-    B, P, T, H = x.shape[0], x.shape[3], x.shape[time_dim], x.shape[3 - time_dim]
+    B, H, T, P = x.shape
     C = min(chunk, T)
     n = -(-T // C)
     if n * C != T:
-        x = F.pad(x, (0, 0, 0, 0, 0, n * C - T)) if tm else F.pad(x, (0, 0, 0, n * C - T))
-    xc = x.reshape(B, n, C, H, P) if tm else x.reshape(B, H, n, C, P)
+        x = F.pad(x, (0, 0, 0, n * C - T))
+    xc = x.reshape(B, H, n, C, P)
     lam = decay.to(x.dtype).view(H, 1, 1)
     i = torch.arange(C, device=x.device, dtype=x.dtype)
     rel = i[:, None] - i[None, :]  # (C, C): t - s inside a chunk
     intra = torch.exp(-lam * rel.clamp(min=0)) * (rel >= 0)  # (H, C, C)
-    y = torch.einsum("hij,bnjhp->bnihp" if tm else "hij,bhnjp->bhnip", intra, xc)  # (B, n, C, H, P) / (B, H, n, C, P)
+    y = torch.einsum("hij,bhnjp->bhnip", intra, xc)  # (B, H, n, C, P)
     if n > 1:
         c = torch.arange(n, device=x.device, dtype=x.dtype)
         relc = c[:, None] - 1 - c[None, :]  # (n, n): chunk c reads chunks c' < c, decayed from c' end
         inter = torch.exp(-lam * C * relc.clamp(min=0)) * (relc >= 0)  # (H, n, n)
-        into = torch.exp(-lam * (i + 1)).view(H, C)  # decay from the previous chunk's end to i
-        if tm:
-            carry = torch.einsum("hnm,bmhp->bnhp", inter, y[:, :, -1])  # (B, n, H, P): state entering chunk n
-            y = y + into.T.reshape(1, 1, C, H, 1) * carry[:, :, None]
-        else:
-            carry = torch.einsum("hnm,bhmp->bhnp", inter, y[:, :, :, -1])  # (B, H, n, P)
-            y = y + into.view(1, H, 1, C, 1) * carry[:, :, :, None, :]
-    return y.reshape(B, n * C, H, P)[:, :T] if tm else y.reshape(B, H, n * C, P)[:, :, :T]
+        carry = torch.einsum("hnm,bhmp->bhnp", inter, y[:, :, :, -1])  # state entering chunk n
+        into = torch.exp(-lam * (i + 1))  # (H, 1, C): decay from the previous chunk's end to i
+        y = y + into.view(1, H, 1, C, 1) * carry[:, :, :, None, :]
+    return y.reshape(B, H, n * C, P)[:, :, :T]
 
 
 def hrr_bind_causal(
@@ -175,24 +166,6 @@ def hrr_bind_causal(
         w = torch.exp(-lam[:, None] * torch.arange(T, device=q.device, dtype=torch.float32))  # (H, T)
         mem = mem / torch.cumsum(w, dim=-1)[None, :, :, None]  # causal weighted mean
         return (_spec_mul(qf, mem, conj_a=True) @ inv).to(q.dtype)
-
-
-def hrr_bind_causal_packed(qkv: Tensor, decay: Tensor, bases: tuple[Tensor, Tensor]) -> Tensor:
-    """``hrr_bind_causal`` on the packed projection (B, T, 3, H, d) -> (B, T, H, d).
-
-    The same function; the three spectra come from one matmul on the projection as laid out
-    and the decayed sum runs token-major (``decayed_causal_sum(time_dim=1)``), so neither a
-    stacked copy of q, k, v nor a transpose of the result is made. Used without rope.
-    """
-    T = qkv.shape[1]
-    fwd, inv = (t.float() for t in bases)
-    with _fp32(qkv.device):
-        qf, kf, vf = (qkv.float() @ fwd).unbind(2)  # (B, T, H, 2h) each
-        lam = decay.float()
-        mem = decayed_causal_sum(_spec_mul(kf, vf), lam, time_dim=1)  # (B, T, H, 2h)
-        w = torch.exp(-lam[None, :] * torch.arange(T, device=qkv.device, dtype=torch.float32)[:, None])  # (T, H)
-        mem = mem / torch.cumsum(w, dim=0)[None, :, :, None]  # causal weighted mean
-        return (_spec_mul(qf, mem, conj_a=True) @ inv).to(qkv.dtype)
 
 
 class HolographicAttention(nn.Module):
@@ -271,8 +244,6 @@ class HolographicAttention(nn.Module):
         bases = (self.dft_fwd, self.dft_inv)
         if self.mode == "faithful" and rope is None:
             y = hrr_bind_per_token_packed(packed, bases).reshape(B, T, D)  # per token: layout-free
-        elif rope is None:
-            y = hrr_bind_causal_packed(packed, F.softplus(self.decay_raw), bases).reshape(B, T, D)  # token-major
         else:
             if self.mode == "faithful":
                 y = hrr_bind_per_token(q, k, v, bases)  # (B, H, T, d)
