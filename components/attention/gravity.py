@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from physlm_graph import ComponentParams, Example, Inputs, register
+from physlm_graph.components.attention import _gravity_triton
 from physlm_graph.components.attention._gravity_kernels import (
     NEG,
     GravityScore,
@@ -82,7 +83,12 @@ class GravityAttention(nn.Module):
     rebuilt from a dot product and per-token norms (clamped at 0, diagonal exactly 0), so the CPU
     path holds only (B, H, T, T) scores. ``exact=True`` (constructor only, for reference tests)
     uses the seed's explicit differences. Paths: gaussian -> SDPA (every device). Otherwise on
-    CUDA: with gradients, ``torch.compile`` of the materialised path (one fused elementwise +
+    CUDA, when Triton is importable: a fused flash-style Triton kernel (``gravity_triton``,
+    forward and hand-derived backward, attention dropout included, training and inference): d2
+    from an fp32 (non-tf32) dot and norms, the score, an online softmax and P @ V per block of
+    keys, so no (B, H, T, T) tensor is ever stored; it is a ``torch.library`` op, so a compiled
+    model traces it without a graph break. ``PHYSLM_GRAVITY_TRITON=0`` (or no Triton) falls
+    back to: with gradients, ``torch.compile`` of the materialised path (one fused elementwise +
     softmax pass over fp32 (B, H, T, T) scores; FlexAttention would have to capture the
     learnable gamma, beta and masses in ``score_mod``, whose backward is ~50x slower); without
     gradients and attention dropout, FlexAttention (``gravity_flex``). On CPU, the eager
@@ -138,6 +144,8 @@ class GravityAttention(nn.Module):
         if spec.kernel == "gaussian" and not self.exact:
             zc = zh - self.coord.bias.view(H, 1, self.head_coord_dim).float()  # b_z cancels in d2; better conditioned
             o = gravity_gaussian_sdpa(zc, v, gamma, r2 if spec.cutoff == "soft" else None, mq, p_drop)  # (B, H, T, d)
+        elif x.is_cuda and not self.exact and _gravity_triton.ENABLED:
+            o = _gravity_triton.gravity_triton(zh, v, spec, gamma, self.beta, mq, r2, p_drop)  # (B, H, T, d)
         elif x.is_cuda and not self.exact and flex_available and p_drop == 0.0 and not torch.is_grad_enabled():
             o = gravity_flex(zh.expand(B, -1, -1, -1), v, spec, gamma, self.beta, mq, r2)  # (B, H, T, d)
         elif x.is_cuda and not self.exact:

@@ -236,7 +236,9 @@ def test_flex_kernel_computes_the_same_function(mode, cutoff, mass_mode):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["faithful", "fixed"])
 @pytest.mark.parametrize("cutoff,mass_mode", CONFIGS)
-def test_cuda_flex_path_matches_cpu(mode, cutoff, mass_mode):
+def test_cuda_path_matches_cpu(mode, cutoff, mass_mode):
+    """With gradients on CUDA: the Triton kernel (or, without Triton or with
+    PHYSLM_GRAVITY_TRITON=0, the compiled materialised path) equals the CPU path."""
     mod = _build(mode, cutoff, mass_mode)
     x, z, mass = _inputs()
     _set_radius_to_median(mod, z)
@@ -472,7 +474,8 @@ def test_gaussian_bf16_error_at_realistic_size():
 @pytest.mark.parametrize("params", [dict(mode="faithful", cutoff="hard"), dict(mode="fixed", cutoff="soft"),
                                     dict(mode="fixed", cutoff="soft", kernel="gaussian")])
 def test_cuda_inference_paths_match_cpu(params):
-    """No grad on CUDA: FlexAttention (inverse kernels) or SDPA (gaussian) equals the CPU path."""
+    """No grad on CUDA: the Triton kernel (inverse kernels; FlexAttention without Triton) or SDPA
+    (gaussian) equals the CPU path."""
     mod = _build(mass_mode="score", **params)
     x, z, mass = _inputs()
     _set_radius_to_median(mod, z)
