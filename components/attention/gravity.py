@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from physlm_graph import ComponentParams, Example, Inputs, register
-from physlm_graph.components.attention import _gravity_triton
 from physlm_graph.components.attention._gravity_kernels import (
     NEG,
     GravityScore,
@@ -30,6 +29,15 @@ Mode = Literal["faithful", "fixed"]
 Cutoff = Literal["hard", "soft", "none"]
 MassMode = Literal["score", "value"]
 Kernel = Literal["inverse_square", "gaussian"]
+
+
+def _triton_kernels():
+    """The Triton kernel module, imported on first CUDA use: triton and torch's Triton-op
+    machinery add about a second to an import that CPU work never needs (``physlm-graph build``
+    must start in under 3 s). A compiled model imports it while tracing, without a graph break."""
+    from physlm_graph.components.attention import _gravity_triton
+
+    return _gravity_triton
 
 
 class GravityAttention(nn.Module):
@@ -144,8 +152,8 @@ class GravityAttention(nn.Module):
         if spec.kernel == "gaussian" and not self.exact:
             zc = zh - self.coord.bias.view(H, 1, self.head_coord_dim).float()  # b_z cancels in d2; better conditioned
             o = gravity_gaussian_sdpa(zc, v, gamma, r2 if spec.cutoff == "soft" else None, mq, p_drop)  # (B, H, T, d)
-        elif x.is_cuda and not self.exact and _gravity_triton.ENABLED:
-            o = _gravity_triton.gravity_triton(zh, v, spec, gamma, self.beta, mq, r2, p_drop)  # (B, H, T, d)
+        elif x.is_cuda and not self.exact and (tk := _triton_kernels()).ENABLED:
+            o = tk.gravity_triton(zh, v, spec, gamma, self.beta, mq, r2, p_drop)  # (B, H, T, d)
         elif x.is_cuda and not self.exact and flex_available and p_drop == 0.0 and not torch.is_grad_enabled():
             o = gravity_flex(zh.expand(B, -1, -1, -1), v, spec, gamma, self.beta, mq, r2)  # (B, H, T, d)
         elif x.is_cuda and not self.exact:
