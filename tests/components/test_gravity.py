@@ -484,3 +484,23 @@ def test_cuda_inference_paths_match_cpu(params):
         got = mod.to("cuda")(x.cuda(), z.cuda(), mass.cuda())
     for a, b in zip(got, want):
         torch.testing.assert_close(a.cpu(), b, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_kernels_load_lazily_and_trace_without_a_break():
+    """Loading the component library does not import the Triton kernels (about 1 s of start-up
+    that CPU work never needs); importing them from inside a compiled function breaks no graph."""
+    import subprocess
+    import sys
+
+    code = ("import sys, physlm_graph.components; "
+            "print('physlm_graph.components.attention._gravity_triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+    from physlm_graph.components.attention import gravity as g
+
+    def f(x):
+        return x * 2 if g._triton_kernels().__name__ else x
+
+    explained = torch._dynamo.explain(f)(torch.ones(3))
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, explained.break_reasons
