@@ -286,10 +286,12 @@ class Trainer:
         """How FSDP2 moves weights: the all-gather dtype the shards were wrapped with."""
         if self.strategy != "fsdp":
             return ""
-        from torch.distributed.fsdp import FSDPModule
-
-        policy = self.model._get_fsdp_state()._mp_policy if isinstance(self.model, FSDPModule) else None
-        dtype = getattr(policy, "param_dtype", None) or torch.float32
+        # read back from FSDP2's own state (private; if a torch release moves it, say nothing)
+        get_state = getattr(self.model, "_get_fsdp_state", None)
+        policy = getattr(get_state(), "_mp_policy", None) if callable(get_state) else None
+        if policy is None:
+            return ""
+        dtype = policy.param_dtype or torch.float32
         return f", {str(dtype).removeprefix('torch.')} all-gathers"
 
     def _compile_label(self) -> str:
