@@ -176,6 +176,39 @@ if triton_available:
         return g, ggam, ds0, gr2, ds1 * s0
 
     @triton.jit
+    def _head_consts(GAMMA, BETA, R2, SEED, h, bh, FAITHFUL: tl.constexpr, DROPOUT: tl.constexpr):
+        """gamma_h, beta_h (gamma when there is none), r^2 and the (b, h) Philox key."""
+        gamma = tl.load(GAMMA + h)
+        beta = gamma
+        if FAITHFUL:
+            beta = tl.load(BETA + h)
+        r2 = tl.load(R2)
+        seed_bh = bh
+        if DROPOUT:
+            seed_bh = tl.load(SEED).to(tl.int64) + (bh.to(tl.int64) << 32)
+        return gamma, beta, r2, seed_bh
+
+    @triton.jit
+    def _load_z(Zbh, offs, in_t, offs_c, s_zt, s_zc, C, TRANS: tl.constexpr):
+        """Coordinates of a block of tokens, fp32: (BLK, CP), or (CP, BLK) with TRANS."""
+        if TRANS:
+            z = tl.load(Zbh + offs_c[:, None] * s_zc + offs[None, :] * s_zt,
+                        mask=(offs_c[:, None] < C) & in_t[None, :], other=0.0)
+        else:
+            z = tl.load(Zbh + offs[:, None] * s_zt + offs_c[None, :] * s_zc,
+                        mask=in_t[:, None] & (offs_c[None, :] < C), other=0.0)
+        return z.to(tl.float32)
+
+    @triton.jit
+    def _load_nm(Nbh, MASS, b, offs, in_t, s_mb, s_mt, MASS_SCORE: tl.constexpr):
+        """|z|^2 and masses (|z|^2 again, unused, without mass_mode score) of a block of tokens."""
+        n = tl.load(Nbh + offs, mask=in_t, other=0.0)
+        m = n
+        if MASS_SCORE:
+            m = tl.load(MASS + b * s_mb + offs * s_mt, mask=in_t, other=1.0)
+        return n, m
+
+    @triton.jit
     def _dot_v(a, b, IEEE: tl.constexpr):
         """Products with the values (P V, dO V^T, P^T dO): ieee for fp32 v, native for bf16/fp16."""
         if IEEE:
@@ -192,12 +225,8 @@ if triton_available:
         offs_c = tl.arange(0, CP)
         offs_d = tl.arange(0, DP)
         in_n = offs_n < T
-        zkT = tl.load(Zbh + offs_c[:, None] * s_zc + offs_n[None, :] * s_zt,
-                      mask=(offs_c[:, None] < C) & in_n[None, :], other=0.0).to(tl.float32)  # (CP, BN)
-        nk = tl.load(Nbh + offs_n, mask=in_n, other=0.0)
-        mk = nk
-        if MASS_SCORE:
-            mk = tl.load(MASS + b * s_mb + offs_n * s_mt, mask=in_n, other=1.0)
+        zkT = _load_z(Zbh, offs_n, in_n, offs_c, s_zt, s_zc, C, True)  # (CP, BN)
+        nk, mk = _load_nm(Nbh, MASS, b, offs_n, in_n, s_mb, s_mt, MASS_SCORE)
         s, valid, _, _, _, _, _, _, _ = _score(zq, nq, mq, zkT, nk, mk, offs_m, offs_n, T, gamma, beta, r2, shift,
                                                width, FAITHFUL, CUTOFF, MASS_SCORE, MASK, False)
         if MASK or CUTOFF == 0:
@@ -243,20 +272,9 @@ if triton_available:
         Zbh = Z + b * s_zb + h * s_zh
         Nbh = NRM + b * s_nb + h * T  # |z|^2 (Bz, H, T), contiguous: one rounding for every kernel
         Vbh = V + b * s_vb + h * s_vh
-        zq = tl.load(Zbh + offs_m[:, None] * s_zt + offs_c[None, :] * s_zc,
-                     mask=(offs_m[:, None] < T) & (offs_c[None, :] < C), other=0.0).to(tl.float32)  # (BM, CP)
-        nq = tl.load(Nbh + offs_m, mask=offs_m < T, other=0.0)
-        mq = nq
-        if MASS_SCORE:
-            mq = tl.load(MASS + b * s_mb + offs_m * s_mt, mask=offs_m < T, other=1.0)
-        gamma = tl.load(GAMMA + h)
-        beta = gamma
-        if FAITHFUL:
-            beta = tl.load(BETA + h)
-        r2 = tl.load(R2)
-        seed_bh = bh
-        if DROPOUT:
-            seed_bh = tl.load(SEED).to(tl.int64) + (bh.to(tl.int64) << 32)
+        zq = _load_z(Zbh, offs_m, offs_m < T, offs_c, s_zt, s_zc, C, False)  # (BM, CP)
+        nq, mq = _load_nm(Nbh, MASS, b, offs_m, offs_m < T, s_mb, s_mt, MASS_SCORE)
+        gamma, beta, r2, seed_bh = _head_consts(GAMMA, BETA, R2, SEED, h, bh, FAITHFUL, DROPOUT)
 
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + NEG_F32
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -297,14 +315,9 @@ if triton_available:
         offs_c = tl.arange(0, CP)
         offs_d = tl.arange(0, DP)
         in_m = offs_m < T
-        zq = tl.load(Zbh + offs_m[:, None] * s_zt + offs_c[None, :] * s_zc,
-                     mask=in_m[:, None] & (offs_c[None, :] < C), other=0.0).to(tl.float32)  # (BM, CP)
-        zqT = tl.load(Zbh + offs_c[:, None] * s_zc + offs_m[None, :] * s_zt,
-                      mask=(offs_c[:, None] < C) & in_m[None, :], other=0.0).to(tl.float32)  # (CP, BM)
-        nq = tl.load(Nbh + offs_m, mask=in_m, other=0.0)
-        mq = nq
-        if MASS_SCORE:
-            mq = tl.load(MASS + b * s_mb + offs_m * s_mt, mask=in_m, other=1.0)
+        zq = _load_z(Zbh, offs_m, in_m, offs_c, s_zt, s_zc, C, False)  # (BM, CP)
+        zqT = _load_z(Zbh, offs_m, in_m, offs_c, s_zt, s_zc, C, True)  # (CP, BM)
+        nq, mq = _load_nm(Nbh, MASS, b, offs_m, in_m, s_mb, s_mt, MASS_SCORE)
         lse = tl.load(STATS + bh * T + offs_m, mask=in_m, other=0.0)
         sT, valid, raw, d2, inv, s0, s1, mm, aux = _score(
             zk, nk, mk, zqT, nq, mq, offs_n, offs_m, T, gamma, beta, r2, shift, width,
@@ -372,22 +385,10 @@ if triton_available:
         in_n = offs_n < T
         Zbh = Z + b * s_zb + h * s_zh
         Nbh = NRM + b * s_nb + h * T
-        gamma = tl.load(GAMMA + h)
-        beta = gamma
-        if FAITHFUL:
-            beta = tl.load(BETA + h)
-        r2 = tl.load(R2)
-        seed_bh = bh
-        if DROPOUT:
-            seed_bh = tl.load(SEED).to(tl.int64) + (bh.to(tl.int64) << 32)
-        zk = tl.load(Zbh + offs_n[:, None] * s_zt + offs_c[None, :] * s_zc,
-                     mask=in_n[:, None] & (offs_c[None, :] < C), other=0.0).to(tl.float32)  # (BN, CP)
-        zkT = tl.load(Zbh + offs_c[:, None] * s_zc + offs_n[None, :] * s_zt,
-                      mask=(offs_c[:, None] < C) & in_n[None, :], other=0.0).to(tl.float32)  # (CP, BN)
-        nk = tl.load(Nbh + offs_n, mask=in_n, other=0.0)
-        mk = nk
-        if MASS_SCORE:
-            mk = tl.load(MASS + b * s_mb + offs_n * s_mt, mask=in_n, other=1.0)
+        gamma, beta, r2, seed_bh = _head_consts(GAMMA, BETA, R2, SEED, h, bh, FAITHFUL, DROPOUT)
+        zk = _load_z(Zbh, offs_n, in_n, offs_c, s_zt, s_zc, C, False)  # (BN, CP)
+        zkT = _load_z(Zbh, offs_n, in_n, offs_c, s_zt, s_zc, C, True)  # (CP, BN)
+        nk, mk = _load_nm(Nbh, MASS, b, offs_n, in_n, s_mb, s_mt, MASS_SCORE)
         vk = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vt + offs_d[None, :] * s_vd,
                      mask=in_n[:, None] & (offs_d[None, :] < D), other=0.0)  # (BN, DP)
         DObh = DO + b * s_db + h * s_dh
