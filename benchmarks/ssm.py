@@ -1,6 +1,6 @@
 """Benchmark the chunked SSD scan against a sequential time-step scan (and, on CUDA, SDPA).
 
-    python benchmarks/ssm.py [--T 1024] [--batch 2] [--embed-dim 256] [--runs 5] [--threads N]
+    python benchmarks/ssm.py [--T 1024] [--batch 2] [--embed-dim 256] [--runs 5] [--threads N] [--profile]
 
 1. CPU (always; and on CUDA if present): the chunked SSD kernel (``ssm.ssd``'s scan) in both
    layouts (``folded``, what ``ssm.ssd`` runs on CPU; ``head_major``, what it runs on CUDA), eager
@@ -83,7 +83,20 @@ def scan_inputs(T: int, batch: int, embed_dim: int, device: torch.device, dtype:
     return [t.to(dtype) for t in (x, dt, A, B, C)], m.chunk_size
 
 
-def bench_scan(T: int, batch: int, embed_dim: int, runs: int, device: torch.device, compiled: bool = False) -> None:
+def profile_scan(fn: Callable[[], object], rows: int = 12) -> None:
+    """Where the compiled scan spends its CPU time: torch.profiler over 20 calls, inductor's
+    kernels named (cpp.enable_kernel_profile), sorted by self time."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(20):
+            fn()
+    print("\nprofile of the compiled scan (20 calls; the sum is the total, divide by 20 per call):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+
+
+def bench_scan(T: int, batch: int, embed_dim: int, runs: int, device: torch.device, compiled: bool = False,
+               prof: bool = False) -> None:
     (x, dt, A, B, C), chunk = scan_inputs(T, batch, embed_dim, device)
     default = "folded" if device.type == "cpu" else "head_major"  # what ssm.ssd runs on this device
     layouts = [default] + [k for k in ("folded", "head_major") if k != default]
@@ -92,6 +105,10 @@ def bench_scan(T: int, batch: int, embed_dim: int, runs: int, device: torch.devi
         for lay in layouts:
             fns[f"SSD {lay}"] = lambda lay=lay: ssd_chunked(x, dt, A, B, C, chunk_size=chunk, layout=lay)
         if compiled:  # the same function through torch.compile (inductor's C++/OpenMP or Triton code)
+            if prof and device.type == "cpu":
+                import torch._inductor.config as inductor_config
+
+                inductor_config.cpp.enable_kernel_profile = True  # name the generated kernels in the profile
             for lay in layouts:
                 try:
                     ssd_c = torch.compile(ssd_chunked, dynamic=False)
@@ -102,6 +119,8 @@ def bench_scan(T: int, batch: int, embed_dim: int, runs: int, device: torch.devi
                     break
         med = time_interleaved(fns, runs, device)
         seq = sequential_scan(x, dt, A, B, C)
+        if prof and f"SSD {default}, compiled" in fns:
+            profile_scan(fns[f"SSD {default}, compiled"])
         diffs = {k: (fn()[0] - seq).abs().max().item() for k, fn in fns.items() if k != "sequential"}
     H, P = x.shape[2], x.shape[3]
     print(f"\nSSD scan, {device.type}, fp32, B={batch} T={T} D={embed_dim} (H={H}, P={P}, N={B.shape[-1]}, chunk={chunk}), "
@@ -169,13 +188,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd scan")
     ap.add_argument("--skip-cpu", action="store_true", help="only the CUDA measurements")
+    ap.add_argument("--profile", action="store_true", help="also profile the compiled CPU scan (its kernels by self time)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     torch.manual_seed(0)
     if not args.skip_cpu:
-        bench_scan(args.T, args.batch, args.embed_dim, args.runs, torch.device("cpu"), not args.no_compile)
+        bench_scan(args.T, args.batch, args.embed_dim, args.runs, torch.device("cpu"), not args.no_compile, args.profile)
     if torch.cuda.is_available():
         bench_scan(args.T, args.batch, args.embed_dim, args.runs, torch.device("cuda"), not args.no_compile)
         bench_vs_attention(args.T, args.batch, args.embed_dim, args.runs, torch.device("cuda"))

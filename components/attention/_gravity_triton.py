@@ -4,7 +4,7 @@
 without materialising the (B, H, T, T) scores. Forward, per (b, h) and block of queries, the
 keys are streamed in blocks up to the diagonal (blocks above it are skipped)::
 
-    d2_ij = max(n_i + n_j - 2 z_i.z_j, 0), d2_ii = 0   # n = |z|^2; fp32 FMA dot ("ieee", no tf32)
+    d2_ij = max(n_i + n_j - 2 z_i.z_j, 0), d2_ii = 0   # n = |z|^2; 3xTF32 dot (fp32-accurate, not plain tf32)
     s_ij  = GravityScore(d2_ij, gamma_h, beta_h, m_i, m_j, r^2)   # fp32; j > i and hard-out: weight 0
     o_i   = sum_j dropout(softmax_j(s_ij)) v_j          # online softmax (FlashAttention-2)
 
@@ -79,8 +79,19 @@ except ImportError:  # pragma: no cover - torch < 2.6: launch the kernels direct
         return kernel
 
 
+# Precision of the coordinate products (the score's z_i.z_j and the backward's two dZ products):
+# "tf32x3" (the default: three tf32 tensor-core products, the 3xTF32 split) or "ieee" (fp32 FMA
+# on the CUDA cores). faithful's 1 / (d2 + 1e-6) cannot take plain tf32. On an H100 the two are
+# equally accurate against fp64 (benchmarks/gravity_precision.py: the same errors, ~1e-7 to 5e-6
+# relative in fp32) and tf32x3 makes the kernel's forward + backward 24-28% faster
+# (benchmarks/gravity_kernel.py). PHYSLM_GRAVITY_ZDOT picks one at import.
+ZDOT_PRECISION = os.environ.get("PHYSLM_GRAVITY_ZDOT", "tf32x3")
+if ZDOT_PRECISION not in ("ieee", "tf32x3"):
+    raise ValueError(f"PHYSLM_GRAVITY_ZDOT must be 'ieee' or 'tf32x3', not {ZDOT_PRECISION!r}")
+
 if triton_available:
     NEG_F32 = tl.constexpr(-3.4028234663852886e38)  # finfo(float32).min, as the materialised mask
+    ZDOT = tl.constexpr(ZDOT_PRECISION)
 
     @triton.jit
     def _keep(seed_bh, offs_m, offs_n, T, p_drop):
@@ -96,7 +107,7 @@ if triton_available:
         (forward) or the keys (KEYS_A, backward: the tile is S^T). zbT (CP, B): b's coordinates,
         loaded transposed. MASK: the tile touches the diagonal or T (causal / bounds / diagonal
         checks); off it every pair is a past, in-bounds, off-diagonal one."""
-        raw = na[:, None] + nb[None, :] - 2.0 * tl.dot(za, zbT, input_precision="ieee")  # (A, B)
+        raw = na[:, None] + nb[None, :] - 2.0 * tl.dot(za, zbT, input_precision=ZDOT)  # (A, B)
         if MASK:
             d2 = tl.where(offs_a[:, None] == offs_b[None, :], 0.0, tl.maximum(raw, 0.0))
             if KEYS_A:
@@ -119,6 +130,7 @@ if triton_available:
             mm = s0  # (unused)
             s1 = s0
         aux = d2  # faithful soft: 1 - d2 / r2; fixed soft: (d2 - r2) / width
+        e = d2  # fixed soft: exp(min(aux, 20)), kept for softplus' in the backward
         if CUTOFF == 0:
             if MASK:
                 valid = valid & (d2 <= r2)
@@ -127,20 +139,21 @@ if triton_available:
             s = s1
         elif CUTOFF == 1:
             if FAITHFUL:
-                aux = 1.0 - d2 / r2
+                aux = 1.0 - d2 * (1.0 / r2)  # one scalar reciprocal, not a division per pair
                 s = s1 * tl.maximum(aux, 0.0)
             else:
-                aux = (d2 - r2) / width
+                # the special-function unit is this kernel's bottleneck: one exp and one log per
+                # pair (log(1 + e) is off from log1p(e) by at most ~6e-8 absolute, where e < 1e-7;
+                # scores are O(1) or larger), and a multiply by 1 / width (a compile-time constant)
+                aux = (d2 - r2) * (1.0 / width)
                 e = tl.exp(tl.minimum(aux, 20.0))
-                u = 1.0 + e
-                log1p = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))  # accurate log1p(e)
-                s = s1 - tl.where(aux > 20.0, aux, log1p)  # F.softplus (threshold 20)
+                s = s1 - tl.where(aux > 20.0, aux, tl.log(1.0 + e))  # F.softplus (threshold 20)
         else:
             s = s1
-        return s, valid, raw, d2, inv, s0, s1, mm, aux
+        return s, valid, raw, d2, inv, s0, s1, mm, aux, e
 
     @triton.jit
-    def _score_grads(ds, offs_m, offs_n, raw, d2, inv, s0, s1, mm, aux, gamma, r2, width,
+    def _score_grads(ds, offs_m, offs_n, raw, d2, inv, s0, s1, mm, aux, e, gamma, r2, width,
                      FAITHFUL: tl.constexpr, CUTOFF: tl.constexpr, MASS: tl.constexpr, MASK: tl.constexpr):
         """From dS = dL/ds (0 on masked pairs): g = dL/d(d2) (0 on the diagonal and where sq_dist
         clamps), and the elementwise gradient terms of gamma, beta, r^2 and the mass product."""
@@ -161,12 +174,12 @@ if triton_available:
         gr2 = ggam  # (unused unless soft)
         if CUTOFF == 1:
             if FAITHFUL:
+                rr = 1.0 / r2  # scalar
                 t = tl.where(aux > 0.0, ds * s1, 0.0)  # relu'(1 - d2 / r2)
-                gd2 = gd2 - t / r2
-                gr2 = t * d2 / (r2 * r2)
-            else:
-                e = tl.exp(tl.minimum(aux, 20.0))
-                t = ds * tl.where(aux > 20.0, 1.0, e / (e + 1.0)) / width  # softplus' as torch computes it
+                gd2 = gd2 - t * rr
+                gr2 = t * d2 * (rr * rr)
+            else:  # e = exp(min(aux, 20)) from the recomputed score
+                t = ds * tl.where(aux > 20.0, 1.0, e / (e + 1.0)) * (1.0 / width)  # softplus' as torch computes it
                 gd2 = gd2 - t
                 gr2 = t
         keep = raw >= 0.0
@@ -227,7 +240,7 @@ if triton_available:
         in_n = offs_n < T
         zkT = _load_z(Zbh, offs_n, in_n, offs_c, s_zt, s_zc, C, True)  # (CP, BN)
         nk, mk = _load_nm(Nbh, MASS, b, offs_n, in_n, s_mb, s_mt, MASS_SCORE)
-        s, valid, _, _, _, _, _, _, _ = _score(zq, nq, mq, zkT, nk, mk, offs_m, offs_n, T, gamma, beta, r2, shift,
+        s, valid, _, _, _, _, _, _, _, _ = _score(zq, nq, mq, zkT, nk, mk, offs_m, offs_n, T, gamma, beta, r2, shift,
                                                width, FAITHFUL, CUTOFF, MASS_SCORE, MASK, False)
         if MASK or CUTOFF == 0:
             s = tl.where(valid, s, NEG_F32)
@@ -319,7 +332,7 @@ if triton_available:
         zqT = _load_z(Zbh, offs_m, in_m, offs_c, s_zt, s_zc, C, True)  # (CP, BM)
         nq, mq = _load_nm(Nbh, MASS, b, offs_m, in_m, s_mb, s_mt, MASS_SCORE)
         lse = tl.load(STATS + bh * T + offs_m, mask=in_m, other=0.0)
-        sT, valid, raw, d2, inv, s0, s1, mm, aux = _score(
+        sT, valid, raw, d2, inv, s0, s1, mm, aux, e = _score(
             zk, nk, mk, zqT, nq, mq, offs_n, offs_m, T, gamma, beta, r2, shift, width,
             FAITHFUL, CUTOFF, MASS_SCORE, MASK, True)  # (BN, BM)
         if MASK or CUTOFF == 0:
@@ -344,11 +357,11 @@ if triton_available:
             dv += _dot_v(pT.to(vk.dtype), do, V_IEEE)
         delta = tl.load(DELTA + bh * T + offs_m, mask=in_m, other=0.0)
         dsT = tl.where(one, 0.0, pT * (dpT - delta[None, :]))
-        gT, ggam, gbeta, gr2, gm = _score_grads(dsT, offs_n, offs_m, raw, d2, inv, s0, s1, mm, aux, gamma, r2, width,
+        gT, ggam, gbeta, gr2, gm = _score_grads(dsT, offs_n, offs_m, raw, d2, inv, s0, s1, mm, aux, e, gamma, r2, width,
                                                 FAITHFUL, CUTOFF, MASS_SCORE, MASK)
         # keys (this program): registers; queries: atomics into the row buffers
-        dzk += 2.0 * zk * tl.sum(gT, 1)[:, None] - 2.0 * tl.dot(gT, zq, input_precision="ieee")  # (BN, CP)
-        dzqT = 2.0 * zqT * tl.sum(gT, 0)[None, :] - 2.0 * tl.dot(zkT, gT, input_precision="ieee")  # (CP, BM)
+        dzk += 2.0 * zk * tl.sum(gT, 1)[:, None] - 2.0 * tl.dot(gT, zq, input_precision=ZDOT)  # (BN, CP)
+        dzqT = 2.0 * zqT * tl.sum(gT, 0)[None, :] - 2.0 * tl.dot(zkT, gT, input_precision=ZDOT)  # (CP, BM)
         row = bh * T + offs_m
         tl.atomic_add(DZR + offs_c[:, None] + row[None, :] * C, dzqT, mask=(offs_c[:, None] < C) & in_m[None, :],
                       sem="relaxed")

@@ -232,7 +232,11 @@ def test_module_imports_and_refuses_gaussian():
 @pytest.mark.parametrize("mode,cutoff", [("faithful", "hard"), ("fixed", "soft"), ("faithful", "soft")])
 def test_cuda_matches_materialised_bf16_and_fp32(mode, cutoff):
     """B 4, H 4, T 300, c 16, d 64 on the GPU: fp32 v to ~1e-5; bf16 v (P @ V in bf16, as the
-    materialised path does) within twice the materialised bf16 path's own error vs fp64."""
+    materialised path does) within twice the materialised bf16 path's own error vs fp64, four
+    times for the per-head scalars gamma, beta and r^2: their gradients are sums of cancelling
+    terms over all pairs, and which path lands nearer fp64 is luck (benchmarks/gravity_precision.py
+    on an H100, 5 seeds, either coordinate precision: kernel / materialised error 0.42 median,
+    3.21 worst for faithful soft's r^2, 1.86 for beta, 1.56 for gamma; under 1.0 for the rest)."""
     spec = _spec(mode, cutoff, "score")
     Bn, Hn, T, c, d = 4, 4, 300, 16, 64
     ins = _inputs(spec, 1, T, c, d, Bn=Bn, Hn=Hn)
@@ -251,7 +255,8 @@ def test_cuda_matches_materialised_bf16_and_fp32(mode, cutoff):
     assert _rel(got, want) <= 2 * _rel(base, want) + 1e-4
     for n in want_g:
         if want_g[n] is not None:
-            assert _rel(got_g[n], want_g[n]) <= 2 * _rel(base_g[n], want_g[n]) + 1e-4, n
+            k = 4 if n in ("gamma", "beta", "r2") else 2
+            assert _rel(got_g[n], want_g[n]) <= k * _rel(base_g[n], want_g[n]) + 1e-4, (n, k)
 
 
 @pytest.mark.gpu
