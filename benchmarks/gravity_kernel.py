@@ -2,11 +2,12 @@
 (``gravity_triton``) against ``compiled_materialised`` (torch.compile of the fp32 (B, H, T, T)
 softmax) and causal SDPA of the same B, H, T, d (the floor any attention pays).
 
-    python benchmarks/gravity_kernel.py [--batch 16] [--heads 8] [--T 512] [--d 64] [--c 16] [--iters 30]
+    python benchmarks/gravity_kernel.py [--batch 16] [--heads 8] [--T 512] [--d 64] [--c 16] [--iters 30] [--dropout 0.1]
 
 CUDA only (exits with a message otherwise). v is bf16 (as under autocast), coordinates fp32;
 one call = forward + backward of <out, w> for a fixed random w, all inputs requiring grad,
-attention dropout 0. Candidates are interleaved, CUDA-event timed, median of ``--iters`` (eager
+attention dropout 0 (``--dropout p`` adds the Triton kernels and SDPA with dropout p, as NGT
+trains: the kernel draws a Philox number per pair in the forward and again in the backward). Candidates are interleaved, CUDA-event timed, median of ``--iters`` (eager
 calls: Python and launch overhead included, which dominate at small sizes); the "GPU ms"
 column sums the device time of the kernels of one call (torch.profiler, mean of 5 calls): what
 a compiled, CUDA-graphed model pays. Configs: faithful-hard-score (the seed) and
@@ -52,9 +53,9 @@ def inputs(spec: GravityScore, B: int, H: int, T: int, d: int, c: int, seed: int
     return [t.requires_grad_() if t is not None else None for t in (zh, v, gamma, beta, mass, r2)]
 
 
-def step(fn, spec: GravityScore, ins: list, w: torch.Tensor):
+def step(fn, spec: GravityScore, ins: list, w: torch.Tensor, p: float = 0.0):
     zh, v, gamma, beta, mass, r2 = ins
-    out = fn(zh, v, spec, gamma, beta, mass, r2, 0.0)
+    out = fn(zh, v, spec, gamma, beta, mass, r2, p)
     leaves = [t for t in ins if t is not None]
     grads = torch.autograd.grad((out.float() * w).sum(), leaves, allow_unused=True)
     return out, grads
@@ -73,8 +74,8 @@ def gpu_ms(fn, n: int = 5) -> float:
     return sum(getattr(e, "device_time_total", 0) for e in prof.key_averages()) / n / 1e3
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor):
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, p: float = 0.0):
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
     return torch.autograd.grad((out.float() * w).sum(), [q, k, v])
 
 
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--c", type=int, default=16, help="per-head coordinate width c_h")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--dropout", type=float, default=0.0, help="also time the Triton kernels and SDPA with this dropout")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gravity_kernel.py: needs a CUDA GPU (none found); nothing to time")
@@ -114,6 +116,11 @@ def main() -> None:
         errs[label] = {"out": err(out, ref, r32), **{n: err(x, y, z) for n, x, y, z in zip(names, out_g, ref_g, r32_g)}}
         fns[f"{label} materialised (compiled)"] = lambda spec=spec, ins=ins: step(compiled_materialised, spec, ins, w)
         fns[f"{label} triton"] = lambda spec=spec, ins=ins: step(gt.gravity_triton, spec, ins, w)
+        if a.dropout > 0:
+            fns[f"{label} triton, dropout {a.dropout}"] = (
+                lambda spec=spec, ins=ins: step(gt.gravity_triton, spec, ins, w, a.dropout))
+    if a.dropout > 0:
+        fns[f"causal SDPA, dropout {a.dropout}"] = lambda: sdpa(q, k, vq, w, a.dropout)
     res = time_interleaved(fns, torch.device("cuda"), warmup=a.warmup, iters=a.iters)
     gpu = {name: gpu_ms(fn) for name, fn in fns.items() if not res[name].error}
     rows = []
@@ -122,7 +129,7 @@ def main() -> None:
         mat = f"{label} materialised (compiled)"
         ratio = (lambda x, y: fmt(x / y, ".2f") + "x" if x and y else "")  # noqa: E731
         rows.append([name, fmt(r.ms), fmt(gpu.get(name)), ratio(gpu.get(name), gpu.get("causal SDPA")),
-                     ratio(gpu.get(name), gpu.get(mat)) if name.endswith("triton") else "", r.error or ""])
+                     ratio(gpu.get(name), gpu.get(mat)) if "triton" in name else "", r.error or ""])
     print()
     print(table(["candidate (fwd + bwd)", "wall ms", "GPU ms", "GPU vs SDPA", "GPU vs materialised", "error"],
                 rows, "lrrrrl"))

@@ -13,9 +13,10 @@ P @ V runs in v's dtype (bf16 under autocast) with fp32 accumulation, as the mat
 exp(finfo.min - max) in the materialised softmax; the diagonal (d2 = 0) is always in radius,
 so every row has a real entry. Kept per row: lse_i, and whether the row is one-hot (every other
 weight underflowed: faithful's self score -gamma m^2 / eps ~ -1e6 when nothing else is in
-radius). Dropout: a Philox keep mask ``tl.rand(key, i T + j) >= p``, key (seed, b H + h), the
-seed drawn from torch's RNG per call and saved for the backward; applied to the normalised
-weights and scaled by 1 / (1 - p).
+radius). Dropout: a Philox keep mask, uniform(i, j) >= p, key (seed, b H + h), one Philox call
+(counter i ceil(T / 4) + j // 4) for four consecutive keys (``_uniform4``); the seed drawn from
+torch's RNG per call and saved for the backward; applied to the normalised weights and scaled
+by 1 / (1 - p).
 
 Backward, one program per (b, h) and block of keys, streaming the blocks of queries at and
 below the diagonal (the transposed tile, so no computed tensor is transposed)::
@@ -94,9 +95,14 @@ if triton_available:
     ZDOT = tl.constexpr(ZDOT_PRECISION)
 
     @triton.jit
-    def _keep(seed_bh, offs_m, offs_n, T, p_drop):
-        """Dropout keep mask of a (BM, BN) tile: Philox counter i T + j under key (seed, b H + h)."""
-        return tl.rand(seed_bh, offs_m[:, None] * T + offs_n[None, :]) >= p_drop
+    def _uniform4(seed_bh, offs_m, start_n, T, BM: tl.constexpr, BN: tl.constexpr):
+        """Uniform [0, 1) numbers of the (BM, BN) tile of pairs (i, j), j from start_n (a multiple
+        of 4): one Philox call (key (seed, b H + h), counter i ceil(T / 4) + j // 4) gives the four
+        numbers of keys 4g .. 4g + 3, a quarter of the integer work of one call per pair."""
+        g = start_n // 4 + tl.arange(0, BN // 4)
+        r0, r1, r2, r3 = tl.randint4x(seed_bh, offs_m[:, None] * ((T + 3) // 4) + g[None, :])
+        r = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # (BM, BN / 4, 2, 2): [i, g, b, a] = r_{2b + a}
+        return tl.uint_to_uniform_float(tl.reshape(r, (BM, BN)))  # as tl.rand converts
 
     @triton.jit
     def _score(za, na, ma, zbT, nb, mb, offs_a, offs_b, T, gamma, beta, r2, shift, width,
@@ -233,7 +239,8 @@ if triton_available:
     def _fwd_tile(acc, acc_lo, m_i, l_i, zq, nq, mq, offs_m, start_n, Zbh, Nbh, Vbh, MASS, b, s_mb, s_mt, s_zt, s_zc,
                   s_vt, s_vd, T, C, D, gamma, beta, r2, shift, width, seed_bh, p_drop, drop_scale,
                   FAITHFUL: tl.constexpr, CUTOFF: tl.constexpr, MASS_SCORE: tl.constexpr, DROPOUT: tl.constexpr,
-                  V_IEEE: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, CP: tl.constexpr, DP: tl.constexpr):
+                  V_IEEE: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CP: tl.constexpr, DP: tl.constexpr):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_c = tl.arange(0, CP)
         offs_d = tl.arange(0, DP)
@@ -252,7 +259,8 @@ if triton_available:
             p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            p = tl.where(_keep(seed_bh, offs_m, offs_n, T, p_drop), p * drop_scale, 0.0)
+            keep = _uniform4(seed_bh, offs_m, start_n, T, BLOCK_M, BLOCK_N) >= p_drop
+            p = tl.where(keep, p * drop_scale, 0.0)
         vk = tl.load(Vbh + offs_n[:, None] * s_vt + offs_d[None, :] * s_vd,
                      mask=in_n[:, None] & (offs_d[None, :] < D), other=0.0)  # (BN, DP)
         p_v = p.to(vk.dtype)  # P @ V in v's dtype, as the materialised p.to(v.dtype) @ v
@@ -297,11 +305,11 @@ if triton_available:
         for start_n in range(0, lo, BLOCK_N):
             acc, acc_lo, m_i, l_i = _fwd_tile(acc, acc_lo, m_i, l_i, zq, nq, mq, offs_m, start_n, Zbh, Nbh, Vbh, MASS, b, s_mb, s_mt,
                                       s_zt, s_zc, s_vt, s_vd, T, C, D, gamma, beta, r2, shift, width, seed_bh, p_drop,
-                                      drop_scale, FAITHFUL, CUTOFF, MASS_SCORE, DROPOUT, V_IEEE, False, BLOCK_N, CP, DP)
+                                      drop_scale, FAITHFUL, CUTOFF, MASS_SCORE, DROPOUT, V_IEEE, False, BLOCK_M, BLOCK_N, CP, DP)
         for start_n in range(lo, tl.minimum(lo + BLOCK_M, T), BLOCK_N):
             acc, acc_lo, m_i, l_i = _fwd_tile(acc, acc_lo, m_i, l_i, zq, nq, mq, offs_m, start_n, Zbh, Nbh, Vbh, MASS, b, s_mb, s_mt,
                                       s_zt, s_zc, s_vt, s_vd, T, C, D, gamma, beta, r2, shift, width, seed_bh, p_drop,
-                                      drop_scale, FAITHFUL, CUTOFF, MASS_SCORE, DROPOUT, V_IEEE, True, BLOCK_N, CP, DP)
+                                      drop_scale, FAITHFUL, CUTOFF, MASS_SCORE, DROPOUT, V_IEEE, True, BLOCK_M, BLOCK_N, CP, DP)
         in_m = offs_m < T
         l_i = tl.where(in_m, l_i, 1.0)
         o = acc / l_i[:, None]
@@ -321,7 +329,7 @@ if triton_available:
                   seed_bh, p_drop, drop_scale,
                   FAITHFUL: tl.constexpr, CUTOFF: tl.constexpr, MASS_SCORE: tl.constexpr, DROPOUT: tl.constexpr,
                   V_IEEE: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr, CP: tl.constexpr,
-                  DP: tl.constexpr):
+                  DP: tl.constexpr, start_n, BLOCK_N: tl.constexpr):
         """One (keys BN) x (queries BM) tile of the transposed problem (S^T, P^T, dS^T): no
         transposes of computed tensors; query-side operands are loaded in both layouts."""
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -350,7 +358,7 @@ if triton_available:
                       mask=(offs_d[:, None] < D) & in_m[None, :], other=0.0).to(vk.dtype)  # (DP, BM)
         dpT = _dot_v(vk, doT, V_IEEE)  # (BN, BM)
         if DROPOUT:
-            keepT = tl.rand(seed_bh, offs_m[None, :] * T + offs_n[:, None]) >= p_drop  # _keep's counters, as (BN, BM)
+            keepT = tl.trans(_uniform4(seed_bh, offs_m, start_n, T, BLOCK_M, BLOCK_N)) >= p_drop  # the forward's, (BN, BM)
             dv += _dot_v(tl.where(keepT, pT * drop_scale, 0.0).to(vk.dtype), do, V_IEEE)
             dpT = tl.where(keepT, dpT * drop_scale, 0.0)
         else:
@@ -418,17 +426,17 @@ if triton_available:
             dv, dzk, dmk, sg, sb, sr = _bwd_tile(
                 dv, dzk, dmk, sg, sb, sr, zk, zkT, nk, mk, vk, offs_n, start_m, Zbh, Nbh, DObh, MASS, STATS, DELTA, DZR,
                 DMR, bh, b, BH, s_mb, s_mt, s_zt, s_zc, s_dt, s_dd, T, C, D, gamma, beta, r2, shift, width, seed_bh,
-                p_drop, drop_scale, FAITHFUL, CUTOFF, MASS_SCORE, DROPOUT, V_IEEE, True, BLOCK_M, CP, DP)
+                p_drop, drop_scale, FAITHFUL, CUTOFF, MASS_SCORE, DROPOUT, V_IEEE, True, BLOCK_M, CP, DP, lo, BLOCK_N)
         for start_m in range(mid, full, BLOCK_M):
             dv, dzk, dmk, sg, sb, sr = _bwd_tile(
                 dv, dzk, dmk, sg, sb, sr, zk, zkT, nk, mk, vk, offs_n, start_m, Zbh, Nbh, DObh, MASS, STATS, DELTA, DZR,
                 DMR, bh, b, BH, s_mb, s_mt, s_zt, s_zc, s_dt, s_dd, T, C, D, gamma, beta, r2, shift, width, seed_bh,
-                p_drop, drop_scale, FAITHFUL, CUTOFF, MASS_SCORE, DROPOUT, V_IEEE, False, BLOCK_M, CP, DP)
+                p_drop, drop_scale, FAITHFUL, CUTOFF, MASS_SCORE, DROPOUT, V_IEEE, False, BLOCK_M, CP, DP, lo, BLOCK_N)
         for start_m in range(tl.maximum(mid, full), T, BLOCK_M):  # the partial last query block
             dv, dzk, dmk, sg, sb, sr = _bwd_tile(
                 dv, dzk, dmk, sg, sb, sr, zk, zkT, nk, mk, vk, offs_n, start_m, Zbh, Nbh, DObh, MASS, STATS, DELTA, DZR,
                 DMR, bh, b, BH, s_mb, s_mt, s_zt, s_zc, s_dt, s_dd, T, C, D, gamma, beta, r2, shift, width, seed_bh,
-                p_drop, drop_scale, FAITHFUL, CUTOFF, MASS_SCORE, DROPOUT, V_IEEE, True, BLOCK_M, CP, DP)
+                p_drop, drop_scale, FAITHFUL, CUTOFF, MASS_SCORE, DROPOUT, V_IEEE, True, BLOCK_M, CP, DP, lo, BLOCK_N)
         row = bh * T + offs_n
         tl.store(DZC + row[:, None] * C + offs_c[None, :], dzk, mask=in_n[:, None] & (offs_c[None, :] < C))
         tl.store(DV + row[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -462,7 +470,7 @@ if triton_available:
         seed_bh = tl.load(SEED).to(tl.int64) + (bh.to(tl.int64) << 32)
         offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
         offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
-        keep = _keep(seed_bh, offs_m, offs_n, T, p_drop)
+        keep = _uniform4(seed_bh, offs_m, pid_n * BLOCK, T, BLOCK, BLOCK) >= p_drop
         ptr = OUT + (bh * T + offs_m[:, None]).to(tl.int64) * T + offs_n[None, :]
         tl.store(ptr, keep.to(tl.int8), mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
 
