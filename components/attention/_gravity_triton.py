@@ -55,6 +55,7 @@ import os
 import torch
 from torch import Tensor
 
+from physlm_graph._errors import PhysLMError
 from physlm_graph.components.attention._gravity_kernels import GravityScore
 
 __all__ = ["triton_available", "ENABLED", "gravity_triton", "gravity_triton_keep_mask", "GravityTritonFn"]
@@ -87,8 +88,8 @@ except ImportError:  # pragma: no cover - torch < 2.6: launch the kernels direct
 # relative in fp32) and tf32x3 makes the kernel's forward + backward 24-28% faster
 # (benchmarks/gravity_kernel.py). PHYSLM_GRAVITY_ZDOT picks one at import.
 ZDOT_PRECISION = os.environ.get("PHYSLM_GRAVITY_ZDOT", "tf32x3")
-if ZDOT_PRECISION not in ("ieee", "tf32x3"):
-    raise ValueError(f"PHYSLM_GRAVITY_ZDOT must be 'ieee' or 'tf32x3', not {ZDOT_PRECISION!r}")
+if ZDOT_PRECISION not in ("ieee", "tf32x3"):  # a user's setting: a plain error, not an "internal error"
+    raise PhysLMError(f"the environment variable PHYSLM_GRAVITY_ZDOT must be 'ieee' or 'tf32x3', not {ZDOT_PRECISION!r}")
 
 if triton_available:
     NEG_F32 = tl.constexpr(-3.4028234663852886e38)  # finfo(float32).min, as the materialised mask

@@ -504,3 +504,19 @@ def test_triton_kernels_load_lazily_and_trace_without_a_break():
     explained = torch._dynamo.explain(f)(torch.ones(3))
     torch._dynamo.reset()
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_bad_kernel_precision_setting_is_a_plain_error():
+    """PHYSLM_GRAVITY_ZDOT is read when the Triton kernel module is imported (on first CUDA use):
+    a wrong value is a PhysLMError naming the variable (the CLI prints it as a user error)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from physlm_graph._errors import PhysLMError\n"
+            "try:\n    import physlm_graph.components.attention._gravity_triton\n"
+            "except PhysLMError as e:\n    print(e)\n    raise SystemExit(7)\n")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PHYSLM_GRAVITY_ZDOT": "tf32"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 7, r.stderr[-2000:]
+    assert "PHYSLM_GRAVITY_ZDOT must be 'ieee' or 'tf32x3', not 'tf32'" in r.stdout
