@@ -170,6 +170,17 @@ def test_dropout_seed_determinism_and_keep_fraction():
     assert abs(keep.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])  # per (b, h)
     assert torch.equal(keep, gt.gravity_triton_keep_mask(_seed_of(3), 4, 3, T, p, DEV))
+    # one Philox call serves four consecutive keys: each of the four lanes keeps 1 - p, and
+    # neighbouring keys (same call or the next) are uncorrelated
+    k = keep.float()
+    for lane in range(4):
+        m = k[..., lane::4]
+        assert abs(m.mean().item() - (1 - p)) < 4 * (p * (1 - p) / m.numel()) ** 0.5, lane
+    a_, b_ = k[..., :-1].flatten(), k[..., 1:].flatten()
+    corr = ((a_ - a_.mean()) * (b_ - b_.mean())).mean() / (a_.std() * b_.std())
+    assert abs(corr.item()) < 4 / a_.numel() ** 0.5
+    # and rows are not copies of one another (the counter advances by ceil(T / 4) per query)
+    assert not torch.equal(keep[0, 0, 10], keep[0, 0, 11])
 
 
 @runs_here
