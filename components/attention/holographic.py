@@ -22,6 +22,7 @@ Mode = Literal["faithful", "fixed"]
 
 
 _CHUNK = 64  # time-chunk length of the fixed mode's decayed causal sum
+_DENSE_MAX_T = 1024  # up to this length the causal mean is one product with a (H, T, T) weight matrix
 
 
 def real_dft_bases(d: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
@@ -142,6 +143,25 @@ def decayed_causal_sum(x: Tensor, decay: Tensor, chunk: int = _CHUNK) -> Tensor:
     return y.reshape(B, H, n * C, P)[:, :, :T]
 
 
+def decayed_causal_mean(x: Tensor, decay: Tensor) -> Tensor:
+    """``sum_{s <= t} w_h[t - s] x[:, h, s] / sum_{tau <= t} w_h[tau]`` with w_h[tau] = exp(-decay_h tau).
+
+    x (B, H, T, P), decay (H,) >= 0. Up to ``_DENSE_MAX_T`` steps: one batched product with the
+    row-normalised (H, T, T) causal weight matrix (32 MB at H = 8, T = 1024), so the sum and the
+    normalisation are a single matmul over the whole sequence, forward and backward, instead of
+    the chunked recurrence's several passes over x. Longer: ``decayed_causal_sum`` (O(T)) and a
+    cumulative-sum normaliser. The same function either way (tested against each other).
+    """
+    T = x.shape[2]
+    if T <= _DENSE_MAX_T:
+        t = torch.arange(T, device=x.device, dtype=x.dtype)
+        rel = t[:, None] - t[None, :]  # (T, T): t - s
+        w = torch.exp(-decay.to(x.dtype).view(-1, 1, 1) * rel.clamp(min=0)) * (rel >= 0)  # (H, T, T)
+        return torch.einsum("hts,bhsp->bhtp", w / w.sum(-1, keepdim=True), x)  # each row sums to 1
+    w = torch.exp(-decay.to(x.dtype)[:, None] * torch.arange(T, device=x.device, dtype=x.dtype))  # (H, T)
+    return decayed_causal_sum(x, decay) / torch.cumsum(w, dim=-1)[None, :, :, None]
+
+
 def hrr_bind_causal(
     q: Tensor, k: Tensor, v: Tensor, decay: Tensor, bases: tuple[Tensor, Tensor] | None = None
 ) -> Tensor:
@@ -153,18 +173,15 @@ def hrr_bind_causal(
         M^_t = sum_{s <= t} w_h[t - s] (k^_s * v^_s) / sum_{tau <= t} w_h[tau]   # bound pairs, superposed
         y_t  = irfft(conj(q^_t) * M^_t)                                          # unbind with the query
 
-    The transforms are real DFT-basis matmuls (as ``hrr_bind_per_token``); the decayed sum over
-    s <= t is the exponential-decay linear recurrence done exactly by ``decayed_causal_sum``
-    (chunked matmuls, O(T), causal). fp32 (autocast off). With ``decay -> inf`` (w = delta) it
-    is exactly the seed's per-token binding. q, k, v: (B, H, T, d) -> (B, H, T, d).
+    The transforms are real DFT-basis matmuls (as ``hrr_bind_per_token``); the decayed mean over
+    s <= t is ``decayed_causal_mean``: one product with a causal weight matrix up to 1024
+    steps, the chunked O(T) recurrence ``decayed_causal_sum`` beyond. fp32 (autocast off). With
+    ``decay -> inf`` (w = delta) it is exactly the seed's per-token binding. q, k, v:
+    (B, H, T, d) -> (B, H, T, d).
     """
-    T = q.shape[2]
     with _fp32(q.device):
         (qf, kf, vf), inv = _spectra(q, k, v, bases)  # (B, H, T, 2h) each
-        lam = decay.float()
-        mem = decayed_causal_sum(_spec_mul(kf, vf), lam)  # bound pairs k^ v^, decayed causal sum
-        w = torch.exp(-lam[:, None] * torch.arange(T, device=q.device, dtype=torch.float32))  # (H, T)
-        mem = mem / torch.cumsum(w, dim=-1)[None, :, :, None]  # causal weighted mean
+        mem = decayed_causal_mean(_spec_mul(kf, vf), decay.float())  # bound pairs k^ v^, causal weighted mean
         return (_spec_mul(qf, mem, conj_a=True) @ inv).to(q.dtype)
 
 
@@ -191,7 +208,8 @@ class HolographicAttention(nn.Module):
     - ``fixed`` (default): the README's claim made real. Path B binds along the sequence: each
       past token's key and value are bound (k^ v^), superposed in a decaying causal memory,
       and unbound by the query (``hrr_bind_causal``); the decaying sum along time is the
-      exponential-decay linear recurrence, done exactly as a chunked scan (matmuls), O(T).
+      exponential-decay linear recurrence, done exactly: one product with the (H, T, T) causal
+      weight matrix up to 1024 tokens, a chunked O(T) scan (matmuls) beyond.
       Per-head learnable decay rates (``decay_raw``, softplus) start with
       half-lives 1 .. 64 tokens. Causal.
 

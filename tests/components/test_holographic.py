@@ -214,6 +214,33 @@ def test_decayed_causal_sum_matches_loop(T, chunk):
     torch.testing.assert_close(decayed_causal_sum(x, decay, chunk=chunk), want)
 
 
+@pytest.mark.parametrize("T", [1, 9, 130])
+def test_dense_and_chunked_causal_mean_agree(T, monkeypatch):
+    """decayed_causal_mean's dense form (T <= 1024) and its chunked O(T) form (longer) are the
+    same function, values and gradients (decay included), slow and fast decays."""
+    from physlm_graph.components.attention import holographic as hol
+
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(2, 3, T, 6, generator=g, dtype=torch.float64)
+    decay = torch.tensor([1e-3, 0.3, 20.0], dtype=torch.float64)
+    cot = torch.randn(2, 3, T, 6, generator=g, dtype=torch.float64)
+
+    def run():
+        xs, ds = x.clone().requires_grad_(), decay.clone().requires_grad_()
+        y = hol.decayed_causal_mean(xs, ds)
+        (y * cot).sum().backward()
+        return y.detach(), xs.grad, ds.grad
+
+    dense = run()
+    monkeypatch.setattr(hol, "_DENSE_MAX_T", 0)
+    chunked = run()
+    for a, b in zip(dense, chunked):
+        torch.testing.assert_close(a, b)
+    # and the chunked form is what the loop reference says (via decayed_causal_sum's own test)
+    w = torch.exp(-decay[:, None] * torch.arange(T, dtype=torch.float64))
+    torch.testing.assert_close(chunked[0], hol.decayed_causal_sum(x, decay) / torch.cumsum(w, -1)[None, :, :, None])
+
+
 def test_gradients_match_fft():
     """Gradients wrt q, k, v and the decay agree with the torch.fft forms (float64 reference)."""
     from physlm_graph.components.attention.holographic import hrr_bind_causal, hrr_bind_per_token
