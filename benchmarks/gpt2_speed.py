@@ -10,7 +10,12 @@ as a whole (one synchronisation per round, as a training loop runs); ``--sync-ea
 times single steps instead.
 
     python benchmarks/gpt2_speed.py [--batch 32] [--seq 1024] [--rounds 6] [--round 10]
-        [--variants default:auto:model,default:cudnn:loss,...]
+        [--variants default:auto:model,default:cudnn:loss,...] [--profile 5]
+
+``--profile N`` then profiles N steps of the blueprint's model and prints where its GPU time
+goes: kernels grouped as matmuls, attention, the optimizer, inductor's Triton kernels and the
+rest, each as ms per step and as a share, beside the measured step time (the difference is
+time the GPU waits), and the top kernels by time. A diagnosis, not a goal check.
 """
 
 from __future__ import annotations
@@ -96,6 +101,8 @@ def main() -> None:
     ap.add_argument("--variants", default="default:auto:model",
                     help="comma list of COMPILE_MODE:SDPA:SCOPE, COMPILE_MODE in default|max-autotune-no-cudagraphs|"
                          "reduce-overhead|none, SDPA in auto|flash|cudnn, SCOPE model|loss (loss: loss inside compile)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile N steps of the blueprint's model (GPU time by kernel group)")
     args = ap.parse_args()
     for variant in args.variants.split(","):
         run_variant(args, *variant.split(":"))
@@ -168,6 +175,46 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str) -> None:
     print(f"tokens/s ratio physlm-graph / hand-written: {ratio:.3f} (goal >= 0.98)")
     mfu = res["physlm-graph gpt2-124m"] * flops_tok / PEAK
     print(f"physlm-graph MFU: {100 * mfu:.1f}% (goal >= 45%)")
+    if args.profile:
+        with sdpa_context(sdpa):
+            profile_step(steps["physlm-graph gpt2-124m"], x, y, args.profile,
+                         statistics.median(times["physlm-graph gpt2-124m"]))
+
+
+KINDS = (  # (group, substrings of kernel names), first match wins
+    ("attention", ("flash", "fmha", "sdpa", "attention", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "sm80_", "ampere")),
+    ("optimizer", ("multi_tensor", "adam", "optimizer")),
+    ("inductor Triton", ("triton_",)),
+)
+
+
+def profile_step(step, x, y, n: int, step_s: float) -> None:
+    """GPU time of n steps by kernel group and the top kernels (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step(x, y)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events) / n / 1e3
+    groups: dict[str, float] = {}
+    for e in events:
+        name = e.key.lower()
+        kind = next((g for g, keys in KINDS if any(k in name for k in keys)), "other")
+        groups[kind] = groups.get(kind, 0.0) + e.self_device_time_total / n / 1e3
+    print(f"\nprofile of the physlm-graph step ({n} steps): {total:.1f} ms of GPU kernels per step, "
+          f"step time {step_s * 1e3:.1f} ms (GPU idle {max(0.0, step_s * 1e3 - total):.1f} ms)")
+    print("| kernels | ms/step | share of kernel time |")
+    print("|---|---:|---:|")
+    for kind, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"| {kind} | {ms:.2f} | {100 * ms / total:.1f}% |")
+    print("\n| ms/step | calls/step | kernel |")
+    print("|---:|---:|---|")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:20]:
+        print(f"| {e.self_device_time_total / n / 1e3:.3f} | {e.count // n} | {e.key[:100]} |")
 
 
 if __name__ == "__main__":
