@@ -520,3 +520,19 @@ def test_bad_kernel_precision_setting_is_a_plain_error():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 7, r.stderr[-2000:]
     assert "PHYSLM_GRAVITY_ZDOT must be 'ieee' or 'tf32x3', not 'tf32'" in r.stdout
+
+
+def test_missing_triton_is_said_once(monkeypatch):
+    """On CUDA without triton the gravity kernels take the materialised path: a RuntimeWarning
+    says so, once per process (no silent slow path)."""
+    import warnings
+
+    from physlm_graph.components.attention import _gravity_triton, gravity
+
+    monkeypatch.setattr(_gravity_triton, "triton_available", False)
+    monkeypatch.setattr(gravity, "_TRITON_WARNED", False)
+    with pytest.warns(RuntimeWarning, match="triton is not importable"):
+        gravity._triton_kernels()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gravity._triton_kernels()  # said already: silent now
