@@ -104,13 +104,16 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile N steps of the blueprint's model (GPU time by kernel group)")
     args = ap.parse_args()
+    if args.profile < 0:
+        ap.error(f"--profile takes a number of steps >= 1 (0: no profile), not {args.profile}")
     for variant in args.variants.split(","):
         run_variant(args, *variant.split(":"))
 
 
 def run_variant(args, compile_mode: str, sdpa: str, scope: str) -> None:
     torch._dynamo.reset()
-    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    if not torch.cuda.is_available():
+        sys.exit("gpt2_speed.py: needs a CUDA GPU (none found); nothing to time")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     dev = "cuda"

@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dropout", type=float, default=0.0, help="also time the Triton kernels and SDPA with this dropout")
     a = ap.parse_args()
+    if not 0.0 <= a.dropout < 1.0:
+        ap.error(f"--dropout must be in [0, 1), not {a.dropout}")
     if not torch.cuda.is_available():
         sys.exit("gravity_kernel.py: needs a CUDA GPU (none found); nothing to time")
     if not gt.triton_available:

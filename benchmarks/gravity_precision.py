@@ -33,6 +33,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5)
     args = ap.parse_args()
+    if args.seeds < 1:
+        ap.error(f"--seeds must be at least 1, not {args.seeds}")
     if not torch.cuda.is_available():
         print("gravity_precision.py needs CUDA (the kernel's precision is a GPU question)", file=sys.stderr)
         return 2
