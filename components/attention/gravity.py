@@ -6,8 +6,8 @@ Reproduces ``GravityAttention`` of ``leetae9yu/newton-gravity-transformer`` @ aa
 
 from __future__ import annotations
 
+import functools
 import warnings
-
 from typing import Literal
 
 import torch
@@ -39,18 +39,14 @@ def _triton_kernels():
     must start in under 3 s). A compiled model imports it while tracing, without a graph break."""
     from physlm_graph.components.attention import _gravity_triton
 
-    if not _gravity_triton.triton_available and not _TRITON_WARNED:
+    if not _gravity_triton.triton_available:
         _warn_no_triton()
     return _gravity_triton
 
 
-_TRITON_WARNED = False
-
-
+@functools.cache
 def _warn_no_triton() -> None:
-    """No silent slow path: say once that the fused kernel is missing on this CUDA machine."""
-    global _TRITON_WARNED
-    _TRITON_WARNED = True
+    """No silent slow path: say once (per process: cached) that the fused kernel is missing."""
     warnings.warn("attention.gravity: triton is not importable, so the inverse-square kernel runs the compiled "
                   "materialised (B, H, T, T) path, 1.4x-1.5x slower per step at NGT's size on an H100; install triton "
                   "(CUDA builds of torch ship it) for the fused kernel", RuntimeWarning, stacklevel=3)

@@ -530,7 +530,7 @@ def test_missing_triton_is_said_once(monkeypatch):
     from physlm_graph.components.attention import _gravity_triton, gravity
 
     monkeypatch.setattr(_gravity_triton, "triton_available", False)
-    monkeypatch.setattr(gravity, "_TRITON_WARNED", False)
+    gravity._warn_no_triton.cache_clear()
     with pytest.warns(RuntimeWarning, match="triton is not importable"):
         gravity._triton_kernels()
     with warnings.catch_warnings():
