@@ -141,6 +141,10 @@ class TrainConfig(_Strict):
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile mode with compile on; reduce-overhead replays each step as CUDA graphs")
+    fused_loss: bool | Literal["auto"] = Field(
+        "auto", description="LM head + cross-entropy as one fused operation (no separate logits pass); auto: on "
+        "with compile on a CUDA GPU when the blueprint's logits come straight from a bias-free head.lm; true: "
+        "wherever the blueprint allows it (an error if it does not)")
     ddp_bucket_mb: float = Field(250.0, gt=0.0, description="DDP gradient bucket size in MiB (torch's default: 25)")
     ddp_bucket_view: bool = Field(True, description="DDP gradient_as_bucket_view: gradients live in the buckets, one copy less")
     nan_policy: Literal["stop", "skip"] = "stop"

@@ -38,6 +38,7 @@ from physlm_graph._schema import TrainConfig
 from .checkpoint import _read_json, find_checkpoint, load_weights, model_context, model_vocab, restore_optimizer, save_checkpoint
 from .data import RandomWindows, TokenCache, load_text, split
 from .distributed import barrier, full_state_dict, grad_sync, init_distributed, wrap_model
+from .fused_head import FusedLossModule
 from ._progress import CompileMonitor, Metrics, Progress
 from .optim import lr_at, make_optimizer, node_components
 from .tokenizers import load_tokenizer, make_tokenizer
@@ -258,16 +259,28 @@ class Trainer:
         blocks = [p for paths in cm.resolved.instances.values() for p in paths]
         use_bf16 = self.cfg.dtype == "bfloat16" or (
             self.cfg.dtype == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
-        # FSDP2 under bf16: gather bf16 weights (half the traffic), reduce gradients in fp32
-        self.wrapped = wrap_model(self.model, self.dist, self.strategy, blocks,
-                                  bucket_mb=self.cfg.ddp_bucket_mb, bucket_view=self.cfg.ddp_bucket_view,
-                                  param_dtype=torch.bfloat16 if use_bf16 else None)
         compile_ = functools.partial(torch.compile, mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
-        self.forward = compile_(self.wrapped) if self.cfg.compile else self.wrapped
+        split = self._fused_split()
+        if split is None:  # FSDP2 under bf16: gather bf16 weights (half the traffic), reduce gradients in fp32
+            self.wrapped = wrap_model(self.model, self.dist, self.strategy, blocks,
+                                      bucket_mb=self.cfg.ddp_bucket_mb, bucket_view=self.cfg.ddp_bucket_view,
+                                      param_dtype=torch.bfloat16 if use_bf16 else None)
+            self.forward = compile_(self.wrapped) if self.cfg.compile else self.wrapped
 
-        def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            return self.compute_loss(self.wrapped(x), y)
+            def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                return self.compute_loss(self.wrapped(x), y)
+        else:
+            # the training module computes the loss inside its forward (so DDP sees the head's use);
+            # evaluation and generation keep the original module, which shares every parameter
+            self.wrapped = wrap_model(FusedLossModule(*split), self.dist, self.strategy, blocks,
+                                      bucket_mb=self.cfg.ddp_bucket_mb, bucket_view=self.cfg.ddp_bucket_view)
+            self.forward = compile_(self.model) if self.cfg.compile else self.model
 
+            def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                ce, out = self.wrapped(x, y)
+                return self.compute_loss(out, y, ce=ce)
+
+        self.fused_loss = split is not None
         # with compile, the loss joins the compiled region: the log-softmax fuses into the head's
         # output instead of materialising fp32 logits (GPT-2 on an H100: 31.5% -> 41.7% MFU)
         self.forward_loss = compile_(forward_loss) if self.cfg.compile else forward_loss
@@ -325,6 +338,7 @@ class Trainer:
                   f"warmup {c.warmup}), wd {c.weight_decay:g}, clip {c.grad_clip:g}")
         t.add_row("device", f"{self.device} ({self.dtype_name}{self._compile_label() if c.compile else ''})"
                   + (f", {self.dist.world} processes ({self.strategy}{self._fsdp_label()})" if self.dist.enabled else ""))
+        t.add_row("loss", "fused head + cross-entropy (train.fused_loss)" if self.fused_loss else "cross-entropy on the logits")
         t.add_row("data", f"{self.data} ({len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens)")
         t.add_row("tokenizer", f"{self.tokenizer.name} ({self.tokenizer.vocab_size:,} tokens)")
         t.add_row("output", str(self.out_dir) + (f" (resumed from {self.resume_from_path})" if self.resume_from_path else ""))
@@ -337,11 +351,36 @@ class Trainer:
         c = self.cfg
         return lr_at(step, lr=c.lr, min_lr=c.min_lr, warmup=c.warmup, steps=c.steps, schedule=c.schedule)
 
-    def compute_loss(self, out: dict[str, Any], y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _fused_split(self) -> tuple[Any, Any] | None:
+        """The model split into body and head for the fused head + loss, or None (train.fused_loss)."""
+        from .fused_head import split_lm_head
+
+        mode = self.cfg.fused_loss
+        if mode is False:
+            return None
+        if self.dist.enabled and self.strategy == "fsdp":
+            why = "FSDP2 shards the head with the root module; the fused loss runs under DDP or on one device"
+        else:
+            from physlm_graph.components.head._linear_ce import triton_available
+
+            split = split_lm_head(self.model)
+            why = split if isinstance(split, str) else None
+            if why is None and mode == "auto" and not (self.cfg.compile and self.device.type == "cuda" and triton_available):
+                return None  # auto: only where it is measured to pay (compiled, CUDA, triton)
+            if why is None:
+                return split
+        if mode is True:
+            raise TrainingError(f"train.fused_loss is true but {why}", fix="set train.fused_loss: auto or false")
+        return None
+
+    def compute_loss(self, out: dict[str, Any], y: torch.Tensor,
+                     ce: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """CE(logits, y) + sum of weight * aux (+ the weighted exit losses, each logged as
-        ``exit.<point>``); returns the total and each unweighted term."""
-        logits = out["logits"]
-        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-100)
+        ``exit.<point>``); returns the total and each unweighted term. ``ce``: the cross-entropy
+        already computed by the fused head + loss (``out`` then has no logits)."""
+        if ce is None:
+            logits = out["logits"]
+            ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-100)
         total, parts = ce, {"ce": ce}
         for name, term in (out.get("aux") or {}).items():
             parts[name] = term

@@ -140,3 +140,28 @@ def test_fsdp_training_matches_ddp(tmp_path, dtype, tol):
     for k, v in states["ddp"].items():
         assert states["fsdp"][k].dtype == torch.float32, k
         torch.testing.assert_close(states["fsdp"][k], v, atol=tol, rtol=1e-4, msg=k)
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
+def test_ddp_with_the_fused_loss_matches_ddp_without(tmp_path):
+    """``train.fused_loss: true`` under DDP: the loss runs inside the wrapped module's forward, so
+    an untied head's gradient is all-reduced like every other; two gloo ranks with accumulation
+    write the same weights as the unfused run."""
+    text = tmp_path / "t.txt"
+    text.write_text(DATA.read_text()[:20000])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    states = {}
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        cmd = [sys.executable, "-m", "physlm_graph", "train", str(ROOT / "blueprints/baby-gpt-cpu.yaml"),
+               "--data", str(text), "--steps", "4", "--out", str(out), "--device", "cpu", "--no-progress",
+               "--gpus", "2", "--set", "layers=1", "--set", "dim=32", "--set", "heads=2", "--set", "nodes.head.tie=null",
+               "--set", "train.eval_every=4", "--set", "train.eval_iters=1", "--set", "train.accumulate=2",
+               "--batch-size", "4", "--set", f"train.fused_loss={'true' if mode == 'on' else 'false'}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert ("fused head + cross-entropy" in proc.stdout) == (mode == "on"), proc.stdout
+        states[mode] = load_checkpoint(out / "last").model.module.state_dict()
+    assert "head.weight" in states["on"] and not torch.equal(states["on"]["head.weight"], states["on"]["tok.weight"])
+    for k, v in states["off"].items():
+        torch.testing.assert_close(states["on"][k], v, atol=1e-5, rtol=1e-4, msg=k)

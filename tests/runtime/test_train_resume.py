@@ -211,6 +211,32 @@ def test_ddp_settings_reach_wrap_model(tmp_path, text_file, monkeypatch):
                     {"bucket_mb": 64.0, "bucket_view": False, "param_dtype": torch.bfloat16}]
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_loss_trains_the_same_weights(tmp_path, text_file, capsys, tie):
+    """train.fused_loss: true (the head + loss as one operation; on CPU its torch form) gives the
+    same losses and weights as false, with a tied and an untied head; the run table says which."""
+    ov = {} if tie else {"nodes.head.tie": None}
+    states, logs = {}, {}
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        train(BLUEPRINT, data=str(text_file), overrides={**TINY, **ov, "params.dropout": 0.0}, out_dir=out,
+              device="cpu", **{**FAST, "steps": 6, "eval_every": 6, "log_every": 1, "fused_loss": mode == "on"})
+        states[mode] = load_file(str(out / "last" / "model.safetensors"))
+        logs[mode] = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+        text = capsys.readouterr().out
+        assert ("fused head + cross-entropy" in text) == (mode == "on"), text
+    assert logs["on"] == pytest.approx(logs["off"], rel=1e-5)
+    assert states["on"].keys() == states["off"].keys()
+    for k, v in states["off"].items():
+        torch.testing.assert_close(states["on"][k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_fused_loss_on_says_why_it_cannot(tmp_path, text_file):
+    with pytest.raises(TrainingError, match="fused_loss is true but head.lm has a bias"):
+        train(BLUEPRINT, data=str(text_file), overrides={**TINY, "nodes.head.bias": True}, out_dir=tmp_path / "r",
+              device="cpu", **{**FAST, "steps": 1, "fused_loss": True})
+
+
 def test_compile_mode_reaches_torch_compile(tmp_path, text_file, monkeypatch):
     """train.compile_mode is handed to torch.compile (model and model+loss), and with
     reduce-overhead every micro-step starts a new CUDA-graph step; the default passes no mode."""
