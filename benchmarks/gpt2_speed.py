@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _handgpt import HandGPT  # noqa: E402
 
 from physlm_graph import compile_blueprint  # noqa: E402
+from physlm_graph.components.head._linear_ce import linear_cross_entropy  # noqa: E402
+from physlm_graph.runtime.fused_head import fused_lm_loss, split_lm_head  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PEAK = 989e12
@@ -47,15 +49,30 @@ def sdpa_context(kind: str):
     return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[kind])
 
 
-def make_step(model, opt, physlm: bool, compile_mode: str | None, loss_in_compile: bool):
+def make_step(model, opt, physlm: bool, compile_mode: str | None, loss_in_compile: bool, fused: bool = False):
     """One training step. With ``loss_in_compile`` the loss is inside the compiled region, so
-    inductor fuses the log-softmax into the head's output instead of materialising fp32 logits."""
+    inductor fuses the log-softmax into the head's output instead of materialising fp32 logits.
+    ``fused``: the head and the loss as one operation (``linear_cross_entropy``, chunked through
+    L2), for both models alike; implies ``loss_in_compile``."""
+    if fused:
+        if physlm:
+            split = split_lm_head(model)
+            assert not isinstance(split, str), split
 
-    def forward_loss(x, y):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(x)
-            logits = out["logits"] if physlm else out
-            return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+            def forward_loss(x, y):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return fused_lm_loss(split, x, y)[0]
+        else:
+            def forward_loss(x, y):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return linear_cross_entropy(model.hidden(x), model.lm_head.weight, y)
+        loss_in_compile = True
+    else:
+        def forward_loss(x, y):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(x)
+                logits = out["logits"] if physlm else out
+                return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
 
     if compile_mode is None:
         fwd = forward_loss
@@ -100,10 +117,15 @@ def main() -> None:
                          "time each round of --round steps with one synchronisation, as a training loop runs")
     ap.add_argument("--variants", default="default:auto:model",
                     help="comma list of COMPILE_MODE:SDPA:SCOPE, COMPILE_MODE in default|max-autotune-no-cudagraphs|"
-                         "reduce-overhead|none, SDPA in auto|flash|cudnn, SCOPE model|loss (loss: loss inside compile)")
+                         "reduce-overhead|none, SDPA in auto|flash|cudnn, SCOPE model|loss|fused (loss: loss inside compile; fused: head + loss as one chunked "
+                         "operation, both models)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile N steps of the blueprint's model (GPU time by kernel group)")
     args = ap.parse_args()
+    for variant in args.variants.split(","):
+        parts = variant.split(":")
+        if len(parts) != 3 or parts[2] not in ("model", "loss", "fused") or parts[1] not in ("auto", "flash", "cudnn"):
+            ap.error(f"--variants: {variant!r} is not COMPILE_MODE:SDPA:SCOPE (SDPA auto|flash|cudnn, SCOPE model|loss|fused)")
     if args.profile < 0:
         ap.error(f"--profile takes a number of steps >= 1 (0: no profile), not {args.profile}")
     for variant in args.variants.split(","):
@@ -129,7 +151,7 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str) -> None:
     for name, (m, is_physlm) in models.items():
         m.train()
         steps[name] = make_step(m, optimizer(m), is_physlm, None if compile_mode == "none" else compile_mode,
-                                scope == "loss")
+                                scope in ("loss", "fused"), fused=scope == "fused")
     x = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
     y = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
     times: dict[str, list[float]] = {k: [] for k in steps}
@@ -188,6 +210,7 @@ KINDS = (  # (group, substrings of kernel names), first match wins
     ("attention", ("flash", "fmha", "sdpa", "attention", "cudnn")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "sm80_", "ampere")),
     ("optimizer", ("multi_tensor", "adam", "optimizer")),
+    ("fused head + loss", ("_ce_rows",)),
     ("inductor Triton", ("triton_",)),
 )
 
