@@ -44,8 +44,10 @@ except ImportError:  # pragma: no cover - CPU-only installs
 
 __all__ = ["linear_cross_entropy", "triton_available"]
 
-# Triton's interpreter runs the kernel on CPU tensors (the tests use it); otherwise CUDA only.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The kernel runs on CUDA tensors; on CPU tensors only when a test asks for Triton's interpreter
+# with PHYSLM_LINEAR_CE_INTERPRET=1 (and TRITON_INTERPRET=1, read by triton). TRITON_INTERPRET
+# alone is not enough: another test file sets it in-process for its own kernels.
+_INTERPRET = os.environ.get("PHYSLM_LINEAR_CE_INTERPRET") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
 
 IGNORE = -100
 _MAX_BLOCK = 4096  # logits per step of a row's loop (the tests lower it to reach the multi-block paths)
