@@ -44,9 +44,10 @@ SMALL = dict(params={"dim": 64, "heads": 4, "context": 64, "dropout": 0.0},
              train=dict(steps=300, batch_size=8, seq_len=64, eval_every=25, eval_iters=8, warmup=20))
 
 
-def schedule(steps: int, op: str, depths: tuple[int, ...] = (2, 4, 6)) -> list[dict[str, Any]]:
-    """2 layers for the first quarter, 4 for the second, 6 for the second half."""
-    bounds = [steps // 4, steps // 2]
+def schedule(steps: int, op: str, depths: tuple[int, ...] = (2, 4, 6),
+             fractions: tuple[float, float] = (0.25, 0.5)) -> list[dict[str, Any]]:
+    """2 layers up to fractions[0] of the steps (a quarter by default), 4 up to fractions[1] (half), then 6."""
+    bounds = [max(1, round(steps * fractions[0])), max(2, round(steps * fractions[1]))]
     stages: list[dict[str, Any]] = [{"until": bounds[0], "params": {"layers": depths[0]}}]
     stages.append({"until": bounds[1], "params": {"layers": depths[1]}, "grow": op})
     stages.append({"params": {"layers": depths[2]}, "grow": op})
@@ -107,10 +108,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    ap.add_argument("--seed", type=int, default=None, help="train.seed of every run (default: the blueprint's)")
+    ap.add_argument("--bounds", default="0.25,0.5", metavar="F1,F2",
+                    help="fractions of the steps where the 2-layer and the 4-layer stages end (default 0.25,0.5)")
     args = ap.parse_args(argv)
+    try:
+        fractions = tuple(float(f) for f in args.bounds.split(","))
+    except ValueError:
+        fractions = ()
+    if len(fractions) != 2 or not 0 < fractions[0] < fractions[1] < 1:
+        ap.error(f"--bounds takes two fractions 0 < F1 < F2 < 1, not {args.bounds!r}")
     size = {k: dict(v) for k, v in (SMALL if args.small else FULL).items()}
     if args.steps:
         size["train"]["steps"] = args.steps
+    if args.seed is not None:
+        size["train"]["seed"] = args.seed
     if not args.data.is_file():
         print(f"no data at {args.data}; pass --data PATH to tinyshakespeare's input.txt", file=sys.stderr)
         return 2
@@ -122,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path(tmp)
         rows = [run("fixed-6", Trainer, overrides(size, None), size, args.data, device, out)]
         for op in args.grow:
-            rows.append(run(f"grown-2-4-6-{op}", GrowthTrainer, overrides(size, schedule(steps, op)), size, args.data,
-                            device, out))
+            name = f"grown-2-4-6-{op}" + ("" if args.bounds == "0.25,0.5" else f"@{args.bounds}")
+            rows.append(run(name, GrowthTrainer, overrides(size, schedule(steps, op, fractions=fractions)), size,
+                            args.data, device, out))
     fixed = rows[0]
     best = min(v for _, v in fixed["curve"])
     for r in rows:
