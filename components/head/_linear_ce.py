@@ -15,7 +15,8 @@ L2: a row is 100 KB at GPT-2's vocabulary) and writes it once, with one exp per 
 pass. The backward is the usual two matmuls on G: dh = (G W) g, dW = (G^T h) g, with g the
 incoming gradient of the loss. Rows whose target is ``ignore_index`` count neither in the loss
 nor in n; if every row is ignored the loss is 0 with zero gradients (``F.cross_entropy`` gives
-nan). The logits buffer is the only (N, V) tensor, in the matmul's dtype: no fp32 logits.
+nan). A target outside [0, V) makes the loss nan (the trainer then stops, or skips the batch,
+as for any nan loss): checking on the host would cost a synchronisation every step. The logits buffer is the only (N, V) tensor, in the matmul's dtype: no fp32 logits.
 
 This is the scheme of Liger-Kernel's fused linear cross-entropy (gradients computed in the
 forward, chunk by chunk); Apple's "Cut Cross-Entropy" (Wijmans et al. 2024) goes further and
@@ -84,9 +85,10 @@ if triton_available:
             mx = tl.max(m, 0)
             lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), 0))
         valid = y != ignore_index
-        y_safe = tl.where(valid, y, 0)
+        inside = (y >= 0) & (y < V)  # a target outside the vocabulary: a nan loss, never a read past the row
+        y_safe = tl.where(valid & inside, y, 0)
         x_y = tl.load(ptr + y_safe).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(valid, lse - x_y, 0.0))
+        tl.store(loss_ptr + row, tl.where(valid, tl.where(inside, lse - x_y, float("nan")), 0.0))
         scale = tl.where(valid, tl.load(scale_ptr), 0.0)
         # pass 2: the gradient of the mean loss, in place
         for start in range(0, V, BLOCK):
@@ -101,9 +103,11 @@ def _ce_rows_torch(g: Tensor, y: Tensor, loss: Tensor, scale: Tensor, ignore_ind
     x = g.float()
     lse = torch.logsumexp(x, dim=-1)
     valid = y != ignore_index
-    y_safe = torch.where(valid, y, torch.zeros_like(y))
+    inside = (y >= 0) & (y < x.shape[1])
+    y_safe = torch.where(valid & inside, y, torch.zeros_like(y))
     x_y = x.gather(1, y_safe[:, None]).squeeze(1)
-    loss.copy_(torch.where(valid, lse - x_y, torch.zeros_like(lse)))
+    row_loss = torch.where(inside, lse - x_y, torch.full_like(lse, float("nan")))
+    loss.copy_(torch.where(valid, row_loss, torch.zeros_like(lse)))
     p = torch.exp(x - lse[:, None])
     p.scatter_add_(1, y_safe[:, None], -torch.ones_like(lse)[:, None])
     p.mul_((scale * valid)[:, None])

@@ -88,6 +88,14 @@ def test_through_torch_compile_same_loss_and_gradients():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_a_target_outside_the_vocabulary_gives_a_nan_loss_not_a_wrong_one():
+    h, w, y = _case()
+    for bad in (w.shape[0], w.shape[0] + 40, -3):
+        yb = y.clone()
+        yb[5] = bad
+        assert torch.isnan(linear_cross_entropy(h, w, yb, chunk=8))
+
+
 def test_shape_errors_are_plain_errors():
     h, w, y = _case()
     with pytest.raises(PhysLMError, match="does not match weight"):
@@ -123,6 +131,8 @@ _KERNEL_SCRIPT = textwrap.dedent("""
         out = m.linear_cross_entropy(h, w, y, chunk=chunk); (3 * out).backward()
         worst = max(worst, abs(float(out - ref)) / float(ref), float((h.grad - 3 * rh).abs().max() / rh.abs().max()),
                     float((w.grad - 3 * rw).abs().max() / rw.abs().max()))
+    yb = torch.randint(0, 300, (6,)); yb[2] = 300 + 7  # past the row (and past its padding to 320)
+    assert torch.isnan(m.linear_cross_entropy(torch.randn(6, 8), torch.randn(300, 8), yb, chunk=3))
     print("WORST", worst)
 """)
 
