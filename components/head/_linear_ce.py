@@ -98,6 +98,13 @@ if triton_available:
             tl.store(ptr + idx, g.to(g_ptr.dtype.element_ty), mask=idx < V)
 
 
+def ce_rows(g: Tensor, y: Tensor, loss: Tensor, scale: Tensor, vocab: int, ignore_index: int = IGNORE) -> None:
+    """Launch the kernel on the rows of ``g`` (its first ``vocab`` columns): each row's loss into
+    ``loss``, its gradient (scaled by the 1-element ``scale``) over its logits."""
+    block = min(_MAX_BLOCK, triton.next_power_of_2(vocab))
+    _ce_rows_kernel[(g.shape[0],)](g, g.stride(0), y, loss, scale, vocab, ignore_index, BLOCK=block, num_warps=8)
+
+
 def _ce_rows_torch(g: Tensor, y: Tensor, loss: Tensor, scale: Tensor, ignore_index: int) -> None:
     """The kernel's work in torch, on one chunk (fp32 inside)."""
     x = g.float()
@@ -143,14 +150,12 @@ def _fwd_impl(h: Tensor, w: Tensor, y: Tensor, chunk: int, ignore_index: int) ->
     scale1 = scale.reshape(1)
     wt = _pad_rows(w).t()
     use_triton = triton_available and (h.is_cuda or _INTERPRET)
-    block = min(_MAX_BLOCK, triton.next_power_of_2(vocab)) if use_triton else 0
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         gc = g[s:e]
         torch.mm(h[s:e], wt, out=gc)
         if use_triton:
-            _ce_rows_kernel[(e - s,)](gc, gc.stride(0), y[s:e], losses[s:e], scale1, vocab, ignore_index,
-                                      BLOCK=block, num_warps=8)
+            ce_rows(gc, y[s:e], losses[s:e], scale1, vocab, ignore_index)
         else:
             _ce_rows_torch(gc[:, :vocab], y[s:e], losses[s:e], scale, ignore_index)
     loss = losses.sum() * scale
