@@ -1,0 +1,103 @@
+"""The GELU MLP as one operation (``components/ffn/_gelu_mlp.py``): output and every gradient equal
+``linear(gelu_tanh(linear(x)))`` in torch (CPU, fp64, eager and compiled), with and without biases;
+``ffn.mlp`` takes it only where it applies; on a GPU the cuBLASLt epilogues match the unfused
+bf16 path (marked ``gpu``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from physlm_graph.components.ffn import _gelu_mlp
+from physlm_graph.components.ffn._gelu_mlp import gelu_mlp
+from physlm_graph.components.ffn.mlp import MLP
+
+
+def _params(d=16, h=48, d2=16, bias=True, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = [torch.randn(7, 5, d, generator=g, dtype=dtype),
+         0.3 * torch.randn(h, d, generator=g, dtype=dtype), 0.3 * torch.randn(h, generator=g, dtype=dtype),
+         0.3 * torch.randn(d2, h, generator=g, dtype=dtype), 0.3 * torch.randn(d2, generator=g, dtype=dtype)]
+    if not bias:
+        t[2] = t[4] = None
+    return [None if x is None else x.to(device).requires_grad_() for x in t]
+
+
+def _reference(x, w1, b1, w2, b2):
+    return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
+
+
+def _value_and_grads(fn, params, dy):
+    for p in params:
+        if p is not None:
+            p.grad = None
+    y = fn(*params)
+    y.backward(dy)
+    return [y.detach()] + [None if p is None else p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_matches_the_three_step_mlp(bias, compiled):
+    params = _params(bias=bias)
+    dy = torch.randn(7, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fn = torch.compile(gelu_mlp, backend="aot_eager", fullgraph=True) if compiled else gelu_mlp
+    got = _value_and_grads(fn, params, dy)
+    want = _value_and_grads(_reference, params, dy)
+    names = ["y", "dx", "dw1", "db1", "dw2", "db2"]
+    for name, a, b in zip(names, got, want):
+        if b is None:
+            assert a is None, name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_the_exact_gelu_is_not_the_tanh_one():
+    """The check above can tell the two GELUs apart (so a fused path with the wrong one fails it)."""
+    x, w1, b1, w2, b2 = _params()
+    exact = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    assert (exact - gelu_mlp(x, w1, b1, w2, b2)).abs().max() > 1e-6
+
+
+def test_mlp_takes_the_fused_path_only_for_tanh():
+    assert MLP(embed_dim=16, hidden_dim=64, approximate="tanh").fused
+    assert not MLP(embed_dim=16, hidden_dim=64).fused  # exact GELU: cuBLASLt has only the tanh form
+    assert not MLP(embed_dim=16, hidden_dim=60, approximate="tanh").fused  # cuBLASLt's alignment
+    m = MLP(embed_dim=16, hidden_dim=64, approximate="tanh")
+    x = torch.randn(2, 3, 16)
+    assert _gelu_mlp.fused_dtype(x, m.fc.weight) is None  # CPU: the module's own three steps
+    torch.testing.assert_close(m(x), m.proj(F.gelu(m.fc(x), approximate="tanh")))
+
+
+def _gpu_ok():
+    return torch.cuda.is_available() and _gelu_mlp.AVAILABLE
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ok(), reason="needs CUDA and cuBLASLt")
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("options", [{}, {"timed_choice": False}, {"bgrad_epilogue": True}, {"lt_matmuls": True},
+                                     {"lt_matmuls": True, "bgrad_wgrad": True}], ids=str)
+def test_cublaslt_epilogues_match_bf16_torch(bias, options, monkeypatch):
+    """The GELU_AUX_BIAS forward and the DGELU backward (every way of splitting the backward into
+    calls) against the unfused path, both compared with fp32."""
+    monkeypatch.setattr(_gelu_mlp, "OPTIONS", {"bgrad_epilogue": False, "lt_matmuls": False, "bgrad_wgrad": False,
+                                               "timed_choice": True, **options})
+    params = _params(d=64, h=256, d2=64, bias=bias, dtype=torch.float32, device="cuda")
+    x = params[0].detach().repeat(40, 1, 1).requires_grad_()  # 280 x 5 tokens
+    params = [x] + params[1:]
+    dy = torch.randn(280, 5, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = _value_and_grads(lambda *p: gelu_mlp(*p, dtype=torch.bfloat16), params, dy)
+        bf16 = _value_and_grads(_reference, params, dy)
+    fp32 = _value_and_grads(_reference, params, dy)
+    for name, a, b, c in zip(["y", "dx", "dw1", "db1", "dw2", "db2"], got, bf16, fp32):
+        if c is None:
+            assert a is None
+            continue
+        err_fused = (a.float() - c).abs().max().item()
+        err_bf16 = (b.float() - c).abs().max().item()
+        scale = c.abs().max().item()
+        # as close to fp32 as the unfused bf16 path is (both round to bf16 at the same places)
+        assert err_fused <= 2 * err_bf16 + 1e-3 * scale, (name, err_fused, err_bf16, scale)
