@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from physlm_graph.components.ffn._gelu_mlp import fused_dtype, gelu_mlp
+
 
 class HandAttention(nn.Module):
     def __init__(self, d: int, h: int, bias: bool) -> None:
@@ -25,8 +27,9 @@ class HandAttention(nn.Module):
 
 
 class HandBlock(nn.Module):
-    def __init__(self, d: int, h: int, bias: bool) -> None:
+    def __init__(self, d: int, h: int, bias: bool, gelu: str = "none", fused_mlp: bool = False) -> None:
         super().__init__()
+        self.gelu, self.fused_mlp = gelu, fused_mlp
         self.ln_1 = nn.LayerNorm(d, bias=bias)
         self.attn = HandAttention(d, h, bias)
         self.ln_2 = nn.LayerNorm(d, bias=bias)
@@ -35,17 +38,28 @@ class HandBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
-        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x))))
+        h = self.ln_2(x)
+        dtype = fused_dtype(h, self.c_fc.weight) if self.fused_mlp else None
+        if dtype is not None:  # the GELU in cuBLASLt's epilogues, as physlm-graph's ffn.mlp does it
+            return x + gelu_mlp(h, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias, dtype)
+        return x + self.c_proj(F.gelu(self.c_fc(h), approximate=self.gelu))
 
 
 class HandGPT(nn.Module):
-    """nanoGPT's GPT written out by hand, independent of physlm-graph (no dropout)."""
+    """nanoGPT's GPT written out by hand, independent of physlm-graph (no dropout).
 
-    def __init__(self, vocab: int, ctx: int, d: int, h: int, layers: int, bias: bool = True) -> None:
+    ``gelu``: "none" (exact, nanoGPT's) or "tanh" (GPT-2's); ``fused_mlp`` (tanh only): the MLP as
+    physlm-graph's one-operation GELU MLP, so that both models get the same kernels.
+    """
+
+    def __init__(self, vocab: int, ctx: int, d: int, h: int, layers: int, bias: bool = True,
+                 gelu: str = "none", fused_mlp: bool = False) -> None:
         super().__init__()
+        if fused_mlp and gelu != "tanh":
+            raise ValueError("HandGPT: the fused MLP has only the tanh GELU")
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Embedding(ctx, d)
-        self.h = nn.ModuleList(HandBlock(d, h, bias) for _ in range(layers))
+        self.h = nn.ModuleList(HandBlock(d, h, bias, gelu, fused_mlp) for _ in range(layers))
         self.ln_f = nn.LayerNorm(d, bias=bias)
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.lm_head.weight = self.wte.weight

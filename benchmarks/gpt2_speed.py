@@ -28,12 +28,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config  # noqa: F401  (--coordinate-descent)
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _handgpt import HandGPT  # noqa: E402
 
 from physlm_graph import compile_blueprint  # noqa: E402
+from physlm_graph.components.ffn import _gelu_mlp  # noqa: E402
 from physlm_graph.components.head._linear_ce import linear_cross_entropy  # noqa: E402
 from physlm_graph.runtime.fused_head import fused_lm_loss, split_lm_head  # noqa: E402
 
@@ -118,32 +120,60 @@ def main() -> None:
     ap.add_argument("--variants", default="default:auto:model",
                     help="comma list of COMPILE_MODE:SDPA:SCOPE, COMPILE_MODE in default|max-autotune-no-cudagraphs|"
                          "reduce-overhead|none, SDPA in auto|flash|cudnn, SCOPE model|loss|fused (loss: loss inside compile; fused: head + loss as one chunked "
-                         "operation, both models)")
+                         "operation, both models); an optional fourth field MLP: fused (default: the blueprint's "
+                         "tanh GELU inside cuBLASLt's matmul epilogues), tanh (the same GELU as its own kernels) or "
+                         "exact (erf GELU, nanoGPT's; the blueprint before the seventh session)")
+    ap.add_argument("--mlp-options", default="",
+                    help="comma list of the fused MLP's OPTIONS to switch on (components/ffn/_gelu_mlp.py)")
+    ap.add_argument("--coordinate-descent", action="store_true",
+                    help="inductor's coordinate-descent tuning of its Triton kernels (longer compilation)")
+    ap.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublas",
+                    help="torch's matmul library for both models (torch.backends.cuda.preferred_blas_library)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile N steps of the blueprint's model (GPU time by kernel group)")
     args = ap.parse_args()
     for variant in args.variants.split(","):
         parts = variant.split(":")
-        if len(parts) != 3 or parts[2] not in ("model", "loss", "fused") or parts[1] not in ("auto", "flash", "cudnn"):
-            ap.error(f"--variants: {variant!r} is not COMPILE_MODE:SDPA:SCOPE (SDPA auto|flash|cudnn, SCOPE model|loss|fused)")
+        if (len(parts) not in (3, 4) or parts[2] not in ("model", "loss", "fused")
+                or parts[1] not in ("auto", "flash", "cudnn") or parts[3:] and parts[3] not in MLP_MODES):
+            ap.error(f"--variants: {variant!r} is not COMPILE_MODE:SDPA:SCOPE[:MLP] (SDPA auto|flash|cudnn, "
+                     f"SCOPE model|loss|fused, MLP {'|'.join(MLP_MODES)})")
     if args.profile < 0:
         ap.error(f"--profile takes a number of steps >= 1 (0: no profile), not {args.profile}")
     for variant in args.variants.split(","):
         run_variant(args, *variant.split(":"))
 
 
-def run_variant(args, compile_mode: str, sdpa: str, scope: str) -> None:
+MLP_MODES = ("fused", "tanh", "exact")
+
+
+def run_variant(args, compile_mode: str, sdpa: str, scope: str, mlp: str = "fused") -> None:
     torch._dynamo.reset()
     if not torch.cuda.is_available():
         sys.exit("gpt2_speed.py: needs a CUDA GPU (none found); nothing to time")
+    torch.backends.cuda.preferred_blas_library(args.blas)
+    torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent
+    for opt in filter(None, args.mlp_options.split(",")):
+        if opt not in _gelu_mlp.OPTIONS:
+            sys.exit(f"gpt2_speed.py: --mlp-options: {opt!r} is not one of {', '.join(_gelu_mlp.OPTIONS)}")
+        _gelu_mlp.OPTIONS[opt] = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     dev = "cuda"
     torch.manual_seed(0)
-    cm = compile_blueprint(ROOT / "blueprints/gpt2-124m.yaml", overrides={"params.vocab": args.vocab}, device=dev)
+    gelu = "none" if mlp == "exact" else "tanh"
+    cm = compile_blueprint(ROOT / "blueprints/gpt2-124m.yaml", overrides={"params.vocab": args.vocab,
+                                                                          "params.gelu": gelu}, device=dev)
+    n_fused = 0
+    for mod in cm.module.modules():
+        if hasattr(mod, "fused") and hasattr(mod, "act"):  # ffn.mlp
+            mod.fused = mlp == "fused"
+            n_fused += mod.fused
+    if mlp == "fused" and n_fused != cm.resolved.params["layers"]:
+        sys.exit(f"gpt2_speed.py: {n_fused} MLPs take the fused path, expected one per layer")
     p = cm.resolved.params
     L, H, D, ctx = p["layers"], p["heads"], p["dim"], p["context"]
-    hand = HandGPT(args.vocab, ctx, D, H, L, bias=True).to(dev)
+    hand = HandGPT(args.vocab, ctx, D, H, L, bias=True, gelu=gelu, fused_mlp=mlp == "fused").to(dev)
     n_params = cm.num_params - ctx * D
     flops_tok = 6 * n_params + 12 * L * H * (D // H) * args.seq
     models = {"physlm-graph gpt2-124m": (cm.module, True), "hand-written GPT-2": (hand, False)}
@@ -182,7 +212,8 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str) -> None:
     tokens = args.batch * args.seq
     print()
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch} x {args.seq}, "
-          f"vocab {args.vocab}, bf16 autocast, compile={compile_mode} ({scope}), "
+          f"vocab {args.vocab}, bf16 autocast, compile={compile_mode} ({scope}), MLP {mlp} {args.mlp_options}, blas {args.blas}, "
+          f"{'coordinate-descent tuning, ' if args.coordinate_descent else ''}"
           f"sdpa={sdpa}, fused AdamW, timed {'per step' if args.sync_each_step else f'per round of {args.round} steps'}; "
           f"N={n_params:,} (no wpe), {flops_tok / 1e9:.3f} GFLOP/token, peak 989 TFLOP/s")
     print()
@@ -239,7 +270,7 @@ def profile_step(step, x, y, n: int, step_s: float) -> None:
         print(f"| {kind} | {ms:.2f} | {100 * ms / total:.1f}% |")
     print("\n| ms/step | calls/step | kernel |")
     print("|---:|---:|---|")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:20]:
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:40]:
         print(f"| {e.self_device_time_total / n / 1e3:.3f} | {e.count // n} | {e.key[:100]} |")
 
 
