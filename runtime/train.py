@@ -414,6 +414,8 @@ class Trainer:
             for k, v in parts.items():
                 aux_sum[k] = aux_sum.get(k, 0.0) + v.detach().float() / c.accumulate
         self.tokens_seen += self.tokens_per_step
+        if self.deferred():
+            return self._deferred_step(step, lr, loss_sum, aux_sum)
         loss_val = float(loss_sum)
         finite = math.isfinite(loss_val)
         gnorm = None
@@ -430,6 +432,90 @@ class Trainer:
             return record
         self.optimizer.step()
         return record
+
+    def deferred(self) -> bool:
+        """Whether steps run without a host synchronisation: with the fused AdamW (on CUDA) a
+        non-finite step is skipped on the device (the kernel's ``found_inf``), and the loss, the
+        gradient norm and the non-finite steps reach the host only when ``resolve`` is called
+        (at log, evaluation and save steps). FSDP2 keeps the synchronous path, and so does
+        ``PHYSLM_SYNC_STEPS=1`` in the environment (every step checked at once, as before)."""
+        if os.environ.get("PHYSLM_SYNC_STEPS", "0") == "1" or self.strategy == "fsdp":
+            return False
+        return bool(self.optimizer.param_groups) and all(g.get("fused") for g in self.optimizer.param_groups)
+
+    def _deferred_step(self, step: int, lr: float, loss_sum: torch.Tensor,
+                       aux_sum: dict[str, torch.Tensor]) -> dict[str, Any]:
+        c = self.cfg
+        bad = ~torch.isfinite(loss_sum)
+        gnorm = None
+        if c.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            bad = bad | ~torch.isfinite(gnorm)
+        self.optimizer.found_inf = bad.float()  # the fused kernel leaves weights, moments and step as they were
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.found_inf = None
+        w = self._watch_state()
+        first = bad & (w["n"] == 0)
+        w["n"] += bad.long()
+        over = bad & (w["limit_step"] < 0) & (self.skipped + w["n"] > c.max_skips)
+        for tag, hit in (("first", first), ("limit", over)):
+            w[f"{tag}_step"] = torch.where(hit, step + 1, w[f"{tag}_step"])
+            w[f"{tag}_loss"] = torch.where(hit, loss_sum.float(), w[f"{tag}_loss"])
+            if gnorm is not None:
+                w[f"{tag}_gnorm"] = torch.where(hit, gnorm.float(), w[f"{tag}_gnorm"])
+        record: dict[str, Any] = {"step": step + 1, "loss": loss_sum, "lr": lr, "_bad": bad}
+        record.update({k: v for k, v in aux_sum.items() if k != "ce"})
+        if gnorm is not None:
+            record["grad_norm"] = gnorm
+        return record
+
+    def _watch_state(self) -> dict[str, torch.Tensor]:
+        """Device-side record of the non-finite steps since the last ``resolve``."""
+        if getattr(self, "_watch", None) is None:
+            z = torch.zeros((), device=self.device)
+            self._watch = {"n": torch.zeros((), dtype=torch.long, device=self.device),
+                           **{f"{t}_{k}": z.clone() - (1 if k == "step" else 0)
+                              for t in ("first", "limit") for k in ("step", "loss", "gnorm")}}
+        return self._watch
+
+    def resolve(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A step's record with host numbers (one synchronisation), after acting on the
+        non-finite steps since the last call as ``nan_policy`` says. Synchronous records pass."""
+        keys = [k for k, v in record.items() if isinstance(v, torch.Tensor)]
+        if not keys:
+            return record
+        w = self._watch_state()
+        wkeys = list(w)
+        vals = torch.stack([record[k].detach().float().reshape(()) for k in keys]
+                           + [w[k].float() for k in wkeys]).tolist()
+        out = {**record, **dict(zip(keys, vals))}
+        seen = dict(zip(wkeys, vals[len(keys):]))
+        if out.pop("_bad"):
+            out["skipped"] = True
+        n = int(seen["n"])
+        if n:
+            self._watch = None
+            has_gnorm = self.cfg.grad_clip > 0
+            if self.cfg.nan_policy == "stop":
+                self._raise_nonfinite(int(seen["first_step"]), seen["first_loss"],
+                                      seen["first_gnorm"] if has_gnorm else None, "")
+            self.skipped += n
+            if self.skipped > self.cfg.max_skips:
+                self._raise_nonfinite(int(seen["limit_step"]), seen["limit_loss"],
+                                      seen["limit_gnorm"] if has_gnorm else None,
+                                      f": {self.cfg.max_skips + 1} batches skipped, more than max_skips "
+                                      f"{self.cfg.max_skips}")
+        return out
+
+    def _raise_nonfinite(self, step: int, loss: float, gnorm: float | None, detail: str) -> None:
+        what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {gnorm}"
+        kept = f"; the last good checkpoint is kept in {self.out_dir / 'last'}" if (self.out_dir / "last").exists() else ""
+        if detail:
+            raise TrainingError(f"{what} at step {step}{detail}{kept}", fix="lower lr or raise warmup")
+        raise TrainingError(f"{what} at step {step}{kept}",
+                            fix="lower lr, raise warmup, or set train.nan_policy: skip to skip such batches")
 
     def on_nonfinite(self, step: int, loss: float, gnorm: float | None) -> None:
         what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {gnorm}"
@@ -527,6 +613,8 @@ class Trainer:
         start_step, t_run = self.step, time.perf_counter()
         t_log, tok_log = time.perf_counter(), self.tokens_seen
         last: dict[str, Any] = {}
+        shown = float("nan")  # the loss on the progress bar, as of the last resolved step
+        self._watch = None
         monitor = CompileMonitor() if c.compile else None
         try:
             with bar:
@@ -537,9 +625,13 @@ class Trainer:
                         for line in monitor.check():
                             bar.log(f"[bold yellow]warning:[/] {escape(line)}")
                         last.update(monitor.counts())
+                    evaluated = self.step % c.eval_every == 0 or self.step == end
+                    if self.step % c.log_every == 0 or evaluated or self.step % save_every == 0:
+                        last = self.resolve(last)  # the only host synchronisation of a deferred step
+                    if not isinstance(last["loss"], torch.Tensor):
+                        shown = last["loss"]
                     now = time.perf_counter()
                     tps = (self.tokens_seen - tok_log) / max(now - t_log, 1e-9)
-                    evaluated = self.step % c.eval_every == 0 or self.step == end
                     if evaluated:
                         self.last_val = last["val_loss"] = self.evaluate()
                         if self.best_val is None or self.last_val < self.best_val:
@@ -554,7 +646,7 @@ class Trainer:
                         self.elapsed += time.perf_counter() - t_run
                         t_run = time.perf_counter()
                         self.save("last")
-                    bar.update(self.step, last["loss"], tps)
+                    bar.update(self.step, shown, tps)
         except KeyboardInterrupt:
             if self.step > start_step:
                 self.save("last")

@@ -110,6 +110,28 @@ def test_too_little_data_names_the_file(tmp_path, capsys):
 # ------------------------------------------------------------------ non-finite losses
 
 
+@pytest.fixture(params=["synchronous", "deferred"])
+def step_mode(request, monkeypatch):
+    """Both ways a step meets a non-finite loss: checked on the host every step (CPU's AdamW), or
+    skipped on the device by the fused AdamW and reported at the next log/save step (the CUDA
+    path, run here on CPU with the fused AdamW)."""
+    if request.param == "deferred":
+        _use_fused_adamw(monkeypatch)
+    return request.param
+
+
+def _use_fused_adamw(monkeypatch) -> None:
+    from physlm_graph.runtime import optim as optim_mod
+    from physlm_graph.runtime import train as train_mod
+
+    def fused(*args, **kw):
+        opt = optim_mod.make_optimizer(*args, **kw)
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+        return torch.optim.AdamW(groups, lr=opt.defaults["lr"], betas=opt.defaults["betas"], fused=True)
+
+    monkeypatch.setattr(train_mod, "make_optimizer", fused)
+
+
 class _Poisoned(Trainer):
     """Multiplies the loss of the steps in ``bad`` (0-based) by ``factor`` (nan or inf)."""
 
@@ -125,7 +147,7 @@ class _Poisoned(Trainer):
 
 def _poisoned(tmp_path: Path, text: Path, bad: set[int], factor: float, **kw) -> _Poisoned:
     cls = type("P", (_Poisoned,), {"bad": bad, "factor": factor})
-    return cls(TINY, data=str(text), out_dir=tmp_path / "run", steps=6, save_every=2, **{**FAST, **kw})
+    return cls(TINY, data=str(text), out_dir=tmp_path / "run", **{"steps": 6, "save_every": 2, **FAST, **kw})
 
 
 def _finite_weights(folder: Path) -> bool:
@@ -133,9 +155,11 @@ def _finite_weights(folder: Path) -> bool:
 
 
 @pytest.mark.parametrize("factor, shown", [(float("nan"), "nan"), (float("inf"), "inf")])
-def test_nonfinite_loss_stops_naming_the_step(tmp_path, text, factor, shown):
+def test_nonfinite_loss_stops_naming_the_step(tmp_path, text, factor, shown, step_mode):
     with pytest.raises(TrainingError) as err:
-        _poisoned(tmp_path, text, {3}, factor, nan_policy="stop").fit()
+        t = _poisoned(tmp_path, text, {3}, factor, nan_policy="stop")
+        t.fit()
+    assert t.deferred() == (step_mode == "deferred")
     last = tmp_path / "run" / "last"
     assert str(err.value) == (
         f"train error: the loss is {shown} at step 4; the last good checkpoint is kept in {last}\n"
@@ -145,7 +169,7 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path, text, factor, shown):
     assert _finite_weights(last)
 
 
-def test_nonfinite_loss_is_skipped_with_nan_policy_skip(tmp_path, text):
+def test_nonfinite_loss_is_skipped_with_nan_policy_skip(tmp_path, text, step_mode):
     result = _poisoned(tmp_path, text, {3}, float("nan"), nan_policy="skip").fit()
     assert result["steps"] == 6 and result["skipped"] == 1
     assert math.isfinite(result["final_loss"])
@@ -157,7 +181,7 @@ def test_nonfinite_loss_is_skipped_with_nan_policy_skip(tmp_path, text):
     assert [r.get("skipped", False) for r in losses] == [False, False, False, True, False, False]
 
 
-def test_too_many_skips_stop_and_keep_the_last_good_checkpoint(tmp_path, text):
+def test_too_many_skips_stop_and_keep_the_last_good_checkpoint(tmp_path, text, step_mode):
     with pytest.raises(TrainingError) as err:
         _poisoned(tmp_path, text, {2, 3, 4, 5}, float("nan"), nan_policy="skip", max_skips=1).fit()
     last = tmp_path / "run" / "last"
@@ -166,6 +190,30 @@ def test_too_many_skips_stop_and_keep_the_last_good_checkpoint(tmp_path, text):
         f"the last good checkpoint is kept in {last}")
     assert load_checkpoint(last).trainer_state["step"] == 2
     assert _finite_weights(last)
+
+
+def test_deferred_steps_report_at_the_next_log_step(tmp_path, text, step_mode):
+    """With log_every 4, a deferred run learns of the bad step 3 at step 4, and still names step 3;
+    the synchronous run stops at step 3 itself. Either way the checkpoint of step 2 is kept."""
+    with pytest.raises(TrainingError, match="the loss is nan at step 3; the last good checkpoint"):
+        _poisoned(tmp_path, text, {2}, float("nan"), nan_policy="stop", log_every=4).fit()
+    assert load_checkpoint(tmp_path / "run" / "last").trainer_state["step"] == 2
+
+
+def test_a_skipped_deferred_step_leaves_the_weights_as_a_synchronous_skip(tmp_path, text, monkeypatch):
+    """The fused AdamW's found_inf skip (weights, moments and step count untouched) against the
+    host-side skip with the same fused AdamW: the same weights, bit for bit."""
+    _use_fused_adamw(monkeypatch)
+    weights = {}
+    for mode in ("synchronous", "deferred"):
+        t = _poisoned(tmp_path / mode, text, {1, 3}, float("nan"), nan_policy="skip", log_every=3, save_every=3)
+        if mode == "synchronous":
+            t.deferred = lambda: False
+        result = t.fit()
+        assert result["skipped"] == 2
+        weights[mode] = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+    for k, v in weights["synchronous"].items():
+        assert torch.equal(weights["deferred"][k], v), k
 
 
 # ------------------------------------------------------------------ damaged resume state
