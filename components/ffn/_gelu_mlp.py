@@ -61,6 +61,8 @@ EPI_DGELU, EPI_DGELU_BGRAD = 192, 208
 EPI_BGRADA, EPI_BGRADB = 256, 512
 _WORKSPACE = 32 << 20
 _CANDIDATES = 16  # algorithms asked of the heuristic and timed on first use of a shape
+_TIMED_MIN_MACS = 1 << 30  # below this m*n*k the heuristic's first choice is kept
+_MAX_PLANS = 256
 _DTYPES = {torch.bfloat16: _R_16BF, torch.float16: _R_16F}
 
 
@@ -113,6 +115,9 @@ class _CublasLt:
             "cublasLtMatmulAlgoGetHeuristic": [vp, vp, vp, vp, vp, vp, vp, ctypes.c_int,
                                                ctypes.POINTER(_Heuristic), ctypes.POINTER(ctypes.c_int)],
             "cublasLtMatmul": [vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, sz, vp],
+            "cublasLtMatmulDescDestroy": [vp],
+            "cublasLtMatrixLayoutDestroy": [vp],
+            "cublasLtMatmulPreferenceDestroy": [vp],
         }
         for name, args in sig.items():
             fn = getattr(self.lib, name)
@@ -161,9 +166,19 @@ class _CublasLt:
         self._check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "preference")
         self._set(lib.cublasLtMatmulPreferenceSetAttribute, pref, _PREF_MAX_WORKSPACE, ctypes.c_uint64(ws))
         results, count = (_Heuristic * _CANDIDATES)(), ctypes.c_int(0)
-        self._check(lib.cublasLtMatmulAlgoGetHeuristic(self.handle, desc, lay_b, lay_a, lay_d, lay_d, pref,
-                                                       _CANDIDATES, results, ctypes.byref(count)), "heuristic")
+        status = lib.cublasLtMatmulAlgoGetHeuristic(self.handle, desc, lay_b, lay_a, lay_d, lay_d, pref,
+                                                    _CANDIDATES, results, ctypes.byref(count))
+        lib.cublasLtMatmulPreferenceDestroy(pref)
+        self._check(status, "heuristic")
         algos = [results[i] for i in range(count.value) if results[i].state == 0]
+        if m * n * k < _TIMED_MIN_MACS:
+            algos = algos[:1]  # small products (decoding, odd batches): not worth timing
+        if len(self.plans) >= _MAX_PLANS:  # many shapes (dynamic lengths): start the cache afresh
+            for old in self.plans.values():
+                lib.cublasLtMatmulDescDestroy(old[0])
+                for lay in old[1:4]:
+                    lib.cublasLtMatrixLayoutDestroy(lay)
+            self.plans.clear()
         if not algos:
             raise PhysLMError(f"fused GELU MLP: cuBLASLt has no algorithm for epilogue {epi} at "
                               f"m={m} n={n} k={k}; set PHYSLM_FUSED_GELU=0 to use the unfused path")

@@ -82,6 +82,8 @@ def _gpu_ok():
 def test_cublaslt_epilogues_match_bf16_torch(bias, options, monkeypatch):
     """The GELU_AUX_BIAS forward and the DGELU backward (every way of splitting the backward into
     calls) against the unfused path, both compared with fp32."""
+    monkeypatch.setattr(_gelu_mlp, "_TIMED_MIN_MACS", 0)  # time the candidates even at this small size
+    _gelu_mlp._lt().plans.clear()  # each case chooses its algorithms afresh
     monkeypatch.setattr(_gelu_mlp, "OPTIONS", {"bgrad_epilogue": False, "lt_matmuls": False, "bgrad_wgrad": False,
                                                "timed_choice": True, **options})
     params = _params(d=64, h=256, d2=64, bias=bias, dtype=torch.float32, device="cuda")
@@ -101,3 +103,20 @@ def test_cublaslt_epilogues_match_bf16_torch(bias, options, monkeypatch):
         scale = c.abs().max().item()
         # as close to fp32 as the unfused bf16 path is (both round to bf16 at the same places)
         assert err_fused <= 2 * err_bf16 + 1e-3 * scale, (name, err_fused, err_bf16, scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ok(), reason="needs CUDA and cuBLASLt")
+def test_decoding_sizes_match_the_unfused_mlp():
+    """One to a few tokens at a time, no autograd (generation): the same outputs as the three steps."""
+    torch.manual_seed(0)
+    m = MLP(embed_dim=64, hidden_dim=256, approximate="tanh").cuda().eval()
+    assert m.fused
+    for tokens in (1, 3, 17):
+        x = torch.randn(2, tokens, 64, device="cuda")
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            fused = m(x)
+            m.fused = False
+            plain = m(x)
+            m.fused = True
+        torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
