@@ -71,5 +71,5 @@ def fused_lm_loss(split: tuple[fx.GraphModule, nn.Module], x: torch.Tensor, y: t
 
     body, head = split
     out = body(x)
-    ce = linear_cross_entropy(out["hidden"], head.weight, y, ignore_index=ignore_index)
+    ce = linear_cross_entropy(out["hidden"], head.weight, y, ignore_index=ignore_index, limit=head.logit_limit)
     return ce, out

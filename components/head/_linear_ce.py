@@ -141,8 +141,9 @@ def _pad_rows(w: Tensor) -> Tensor:
     return w if vp == w.shape[0] else torch.nn.functional.pad(w, (0, 0, 0, vp - w.shape[0]))
 
 
-def _fwd_impl(h: Tensor, w: Tensor, y: Tensor, chunk: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+def _fwd_impl(h: Tensor, w: Tensor, y: Tensor, chunk: int, ignore_index: int, limit: int) -> tuple[Tensor, Tensor]:
     n, vocab = h.shape[0], w.shape[0]
+    limit = min(limit, vocab) if limit > 0 else vocab  # the real ids; the rest get no probability
     g = torch.empty((n, _padded(vocab)), dtype=h.dtype, device=h.device)
     losses = torch.empty(n, dtype=torch.float32, device=h.device)
     n_valid = (y != ignore_index).sum()
@@ -155,25 +156,27 @@ def _fwd_impl(h: Tensor, w: Tensor, y: Tensor, chunk: int, ignore_index: int) ->
         gc = g[s:e]
         torch.mm(h[s:e], wt, out=gc)
         if use_triton:
-            ce_rows(gc, y[s:e], losses[s:e], scale1, vocab, ignore_index)
+            ce_rows(gc, y[s:e], losses[s:e], scale1, limit, ignore_index)
         else:
-            _ce_rows_torch(gc[:, :vocab], y[s:e], losses[s:e], scale, ignore_index)
+            _ce_rows_torch(gc[:, :limit], y[s:e], losses[s:e], scale, ignore_index)
+        if limit < vocab:
+            gc[:, limit:vocab].zero_()  # the padded ids' logits: no gradient (as -inf logits give)
     loss = losses.sum() * scale
     return loss, g
 
 
 @torch.library.custom_op("physlm_graph::linear_ce_fwd", mutates_args=())
-def _fwd_op(h: Tensor, w: Tensor, y: Tensor, chunk: int, ignore_index: int) -> tuple[Tensor, Tensor]:
-    return _fwd_impl(h, w, y, chunk, ignore_index)
+def _fwd_op(h: Tensor, w: Tensor, y: Tensor, chunk: int, ignore_index: int, limit: int) -> tuple[Tensor, Tensor]:
+    return _fwd_impl(h, w, y, chunk, ignore_index, limit)
 
 
 @_fwd_op.register_fake
-def _(h, w, y, chunk, ignore_index):
+def _(h, w, y, chunk, ignore_index, limit):
     return h.new_empty((), dtype=torch.float32), h.new_empty((h.shape[0], _padded(w.shape[0])))
 
 
 def _setup(ctx, inputs, output):
-    h, w, y, chunk, ignore_index = inputs
+    h, w, y, chunk, ignore_index, limit = inputs
     _, g = output
     ctx.save_for_backward(h, w, g)
     ctx.mark_non_differentiable(g)
@@ -185,20 +188,22 @@ def _backward(ctx, dloss, dg):
     go = dloss.to(h.dtype)
     dh = torch.mm(g, _pad_rows(w)) * go
     dw = torch.mm(g.t(), h)[: w.shape[0]] * go
-    return dh, dw, None, None, None
+    return dh, dw, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, ignore_index: int = IGNORE,
-                         chunk: int | None = None) -> Tensor:
+                         chunk: int | None = None, limit: int | None = None) -> Tensor:
     """Mean cross-entropy of the logits ``h @ weight.T`` against ``target``, fused (see the module).
 
     h (..., D), weight (V, D), target (...) int64 -> a 0-dim fp32 loss, equal to
     ``F.cross_entropy((h @ weight.T).float().flatten(0, -2), target.flatten(), ignore_index=...)``
     up to the rounding of the logits to the matmul's dtype. Under CUDA/CPU autocast both operands
-    go to the autocast dtype, as ``F.linear`` would; gradients reach h and weight.
+    go to the autocast dtype, as ``F.linear`` would; gradients reach h and weight. ``limit``: only
+    the first ``limit`` rows of weight are real ids (``head.lm``'s ``logit_limit``); the others
+    count as -inf logits (no probability, zero gradient), and a target past them makes the loss nan.
     """
     if weight.dim() != 2 or h.shape[-1] != weight.shape[1]:
         raise PhysLMError(f"linear_cross_entropy: h (..., {h.shape[-1]}) does not match weight {tuple(weight.shape)}")
@@ -211,5 +216,5 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, ignore_in
     y = target.reshape(-1)
     with torch.autocast(dev, enabled=False):
         c = chunk or default_chunk(h2.shape[0], w2.shape[0], h2.element_size())
-        loss, _ = _fwd_op(h2, w2, y, int(c), int(ignore_index))
+        loss, _ = _fwd_op(h2, w2, y, int(c), int(ignore_index), int(limit or 0))
     return loss

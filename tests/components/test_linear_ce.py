@@ -96,6 +96,26 @@ def test_a_target_outside_the_vocabulary_gives_a_nan_loss_not_a_wrong_one():
         assert torch.isnan(linear_cross_entropy(h, w, yb, chunk=8))
 
 
+@pytest.mark.parametrize("chunk", [4, 37])
+def test_a_logit_limit_counts_the_ids_past_it_as_minus_infinity(chunk):
+    """``limit`` (head.lm's logit_limit, for a padded vocabulary): the loss and gradients of the
+    first ``limit`` logits alone; the padded rows of the weight get exactly zero gradient."""
+    h, w, y = _case(v=101)
+    y = torch.where(y >= 80, y - 40, y)  # real ids only
+    masked = lambda h, w, y: F.cross_entropy((h @ w.T).masked_fill(torch.arange(101) >= 80, float("-inf")), y)  # noqa: E731
+    ref = _grads(masked, h, w, y, scale=2.0)
+    out = _grads(lambda h, w, y: linear_cross_entropy(h, w, y, chunk=chunk, limit=80), h, w, y, scale=2.0)
+    assert torch.allclose(out[0].double(), ref[0], rtol=1e-6, atol=0)
+    assert torch.allclose(out[1], ref[1], rtol=1e-6, atol=1e-7)
+    assert torch.allclose(out[2], ref[2], rtol=1e-6, atol=1e-7)
+    assert out[2][80:].abs().max() == 0
+    unlimited = linear_cross_entropy(h, w, y, chunk=chunk)
+    assert abs(float(unlimited) - float(out[0])) > 1e-3  # the limit changes the loss: the check can fail
+    yb = y.clone()
+    yb[0] = 90  # a padded id as a target
+    assert torch.isnan(linear_cross_entropy(h, w, yb, chunk=chunk, limit=80))
+
+
 def test_shape_errors_are_plain_errors():
     h, w, y = _case()
     with pytest.raises(PhysLMError, match="does not match weight"):
@@ -119,16 +139,17 @@ _KERNEL_SCRIPT = textwrap.dedent("""
     m._MAX_BLOCK = 64  # several blocks per row at these vocabularies
     torch.manual_seed(0)
     worst = 0.0
-    for n, d, v, chunk in [(37, 16, 101, 8), (20, 8, 300, 20), (5, 4, 7, 2), (6, 8, 300, 3)]:
+    for n, d, v, chunk, limit in [(37, 16, 101, 8, None), (20, 8, 300, 20, None), (5, 4, 7, 2, None),
+                                  (6, 8, 300, 3, None), (9, 8, 130, 4, 100)]:
         h = torch.randn(n, d)
         w = torch.randn(v, d)
         if n == 6:  # rows 0 and 4: a logit ~200 above the first block's max, past it (the overflow path)
             h[[0, 4]] = 0.0; h[[0, 4], 0] = 10.0; w[250, 0] = 20.0; w[70, 0] = -5.0
         h.requires_grad_(); w.requires_grad_()
-        y = torch.randint(0, v, (n,)); y[1] = -100
-        ref = F.cross_entropy(h @ w.T, y); ref.backward()
+        y = torch.randint(0, limit or v, (n,)); y[1] = -100
+        ref = F.cross_entropy((h @ w.T)[:, :limit], y); ref.backward()
         rh, rw = h.grad.clone(), w.grad.clone(); h.grad = w.grad = None
-        out = m.linear_cross_entropy(h, w, y, chunk=chunk); (3 * out).backward()
+        out = m.linear_cross_entropy(h, w, y, chunk=chunk, limit=limit); (3 * out).backward()
         worst = max(worst, abs(float(out - ref)) / float(ref), float((h.grad - 3 * rh).abs().max() / rh.abs().max()),
                     float((w.grad - 3 * rw).abs().max() / rw.abs().max()))
     yb = torch.randint(0, 300, (6,)); yb[2] = 300 + 7  # past the row (and past its padding to 320)
@@ -149,17 +170,20 @@ def test_triton_kernel_under_the_interpreter():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_kernel_matches_compiled_cross_entropy_in_bf16():
+@pytest.mark.parametrize("limit", [None, 50257])
+def test_gpu_kernel_matches_compiled_cross_entropy_in_bf16(limit):
     torch.manual_seed(0)
     n, d, v = 4096, 256, 50304
     h = torch.randn(n, d, device="cuda", requires_grad=True)
     w = (0.05 * torch.randn(v, d, device="cuda")).requires_grad_()
-    y = torch.randint(0, v, (n,), device="cuda")
+    y = torch.randint(0, limit or v, (n,), device="cuda")
     y[:7] = -100
+    pad = torch.arange(v, device="cuda") >= (limit or v)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        ref = _grads(lambda h, w, y: F.cross_entropy(F.linear(h, w).float(), y), h, w, y)
+        ref = _grads(lambda h, w, y: F.cross_entropy(F.linear(h, w).float().masked_fill(pad, float("-inf")), y),
+                     h, w, y)
         for chunk in (128, 1000, n):
-            out = _grads(lambda h, w, y: linear_cross_entropy(h, w, y, chunk=chunk), h, w, y)
+            out = _grads(lambda h, w, y: linear_cross_entropy(h, w, y, chunk=chunk, limit=limit), h, w, y)
             assert abs(float(out[0] - ref[0])) < 1e-3 * float(ref[0])
             for a, b in zip(out[1:], ref[1:]):  # gradients rounded to bf16 on both sides
                 assert float((a - b).abs().max() / b.abs().max()) < 2e-2
