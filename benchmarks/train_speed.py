@@ -1,9 +1,10 @@
 """The trainer's own speed: ``physlm-graph train`` runs of one blueprint under several settings,
 one after another in one script, each read back from its ``metrics.jsonl``.
 
-A setting is a set of environment variables (``PHYSLM_FUSED_GELU=0``: the MLP's GELU as its own
-kernels; ``PHYSLM_SYNC_STEPS=1``: the host checks every step's loss, as before the seventh
-session). Tokens/s is the median over the log intervals after the first two (which hold the
+A setting is a list of NAME=VALUE items: environment variables (``PHYSLM_FUSED_GELU=0``: the
+MLP's GELU as its own kernels; ``PHYSLM_SYNC_STEPS=1``: the host checks every step's loss, as
+before the seventh session) or, when NAME has a dot, blueprint overrides given to ``--set``
+(``train.vocab_multiple=1``: the tokenizer's vocabulary unpadded). Tokens/s is the median over the log intervals after the first two (which hold the
 compilation); the table gives each setting's ratio to the first.
 
     python benchmarks/train_speed.py --data input.txt --tokenizer gpt2 [--blueprint blueprints/gpt2-124m.yaml]
@@ -25,14 +26,18 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SETTINGS = "PHYSLM_FUSED_GELU=0 PHYSLM_SYNC_STEPS=1;PHYSLM_SYNC_STEPS=1;"
 
 
-def parse_setting(text: str) -> dict[str, str]:
-    env = {}
+def parse_setting(text: str) -> tuple[dict[str, str], list[str]]:
+    """(environment variables, --set arguments) of one setting."""
+    env, sets = {}, []
     for item in text.split():
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"train_speed.py: --settings: {item!r} is not NAME=VALUE")
-        env[key] = value
-    return env
+        if "." in key:
+            sets += ["--set", item]
+        else:
+            env[key] = value
+    return env, sets
 
 
 def main() -> None:
@@ -42,21 +47,21 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--settings", default=DEFAULT_SETTINGS,
-                    help="';'-separated settings, each a space-separated list of NAME=VALUE environment variables "
-                         "('' is the defaults)")
+                    help="';'-separated settings, each a space-separated list of NAME=VALUE environment variables or "
+                         "dotted blueprint overrides ('' is the defaults)")
     args, extra = ap.parse_known_args()
     extra = [a for a in extra if a != "--"]
     settings = [parse_setting(s) for s in args.settings.split(";")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, env in enumerate(settings):
+        for i, (env, sets) in enumerate(settings):
             out = Path(tmp) / f"run{i}"
             cmd = [sys.executable, "-m", "physlm_graph", "train", args.blueprint, "--data", args.data,
                    "--steps", str(args.steps), "--out", str(out), "--compile", "--no-progress",
-                   "--set", "train.log_every=10", "--set", "train.eval_iters=20", *extra]
+                   "--set", "train.log_every=10", "--set", "train.eval_iters=20", *sets, *extra]
             if args.tokenizer:
                 cmd += ["--tokenizer", args.tokenizer]
-            label = " ".join(f"{k}={v}" for k, v in env.items()) or "defaults"
+            label = " ".join([f"{k}={v}" for k, v in env.items()] + sets[1::2]) or "defaults"
             print(f"== {label}: {' '.join(cmd[1:])}", flush=True)
             proc = subprocess.run(cmd, env={**os.environ, **env}, cwd=ROOT, capture_output=True, text=True)
             if proc.returncode != 0:

@@ -145,6 +145,9 @@ class TrainConfig(_Strict):
         "auto", description="LM head + cross-entropy as one fused operation (no separate logits pass); auto: on "
         "with compile on a CUDA GPU when the blueprint's logits come straight from a bias-free head.lm; true: "
         "wherever the blueprint allows it (an error if it does not)")
+    vocab_multiple: int = Field(
+        1, ge=1, description="round the model's vocabulary (params.vocab) up to a multiple of this (64 suits GPU "
+        "matmuls); the padded ids get -inf logits through head.lm's logit_limit, so the function is unchanged")
     ddp_bucket_mb: float = Field(250.0, gt=0.0, description="DDP gradient bucket size in MiB (torch's default: 25)")
     ddp_bucket_view: bool = Field(True, description="DDP gradient_as_bucket_view: gradients live in the buckets, one copy less")
     nan_policy: Literal["stop", "skip"] = "stop"

@@ -39,7 +39,7 @@ from torch import fx, nn
 from physlm_graph._errors import PhysLMError
 from physlm_graph._ir import Ref, Resolved
 
-from .train import Trainer
+from .train import Trainer, vocab_overrides
 
 __all__ = [
     "GrowthError",
@@ -560,12 +560,10 @@ class GrowthTrainer(Trainer):
         state = self._resume_state()
         self.stage = int(state.get("stage") or 0)
         self.history = list(state.get("growth_history") or [])
-        overrides = dict(self.overrides)
         vocab = self.tokenizer.vocab_size
-        params = self.base.blueprint.get("params") or {}
-        if "vocab" in params and params["vocab"] != vocab:
-            overrides["params.vocab"] = vocab
-            self.notes.append(f"params.vocab set to {vocab} (the tokenizer's vocabulary)")
+        extra, notes = vocab_overrides(self.base.blueprint, vocab, self.cfg.vocab_multiple)
+        overrides = {**dict(self.overrides), **extra}
+        self.notes.extend(notes)
         cm = compile_blueprint(self.source, overrides=overrides, stage=self.stage, seed=self.cfg.seed, device="cpu")
         mv = model_vocab(cm)
         if mv is not None and mv < vocab:

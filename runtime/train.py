@@ -91,6 +91,34 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["torch_cuda"]])
 
 
+
+def vocab_overrides(doc: dict[str, Any], vocab: int, multiple: int = 1) -> tuple[dict[str, Any], list[str]]:
+    """Overrides that fit a blueprint's ``params.vocab`` to a tokenizer of ``vocab`` ids, rounded up
+    to ``multiple`` (``train.vocab_multiple``). Padding needs the ``logits`` output to come straight
+    from a top-level ``head.lm`` node, whose ``logit_limit`` then gives the padded ids -inf logits;
+    otherwise the vocabulary stays unpadded and a note says why. Returns (overrides, notes)."""
+    params = doc.get("params") or {}
+    if "vocab" not in params:
+        return {}, []
+    padded = -(-vocab // multiple) * multiple
+    out_ref = str((doc.get("outputs") or {}).get("logits", "")).split(".")[0]
+    head = (doc.get("nodes") or {}).get(out_ref)
+    notes = []
+    if padded != vocab and not (isinstance(head, dict) and head.get("use") == "head.lm"):
+        notes.append(f"train.vocab_multiple {multiple} not applied: the logits do not come straight from a "
+                     "top-level head.lm node, which would give the padded ids -inf logits")
+        padded = vocab
+    overrides: dict[str, Any] = {}
+    if params["vocab"] != padded:
+        overrides["params.vocab"] = padded
+        why = f"the tokenizer's {vocab} ids, padded to a multiple of {multiple}" if padded != vocab \
+            else "the tokenizer's vocabulary"
+        notes.append(f"params.vocab set to {padded} ({why}; the blueprint said {params['vocab']})")
+    if padded != vocab:
+        overrides[f"nodes.{out_ref}.logit_limit"] = vocab
+    return overrides, notes
+
+
 class Trainer:
     """One training run. ``fit()`` runs it; the methods are the seams for subclasses."""
 
@@ -234,12 +262,10 @@ class Trainer:
         """Compile the blueprint with the tokenizer's vocabulary; returns the CompiledModel."""
         from physlm_graph._compile import compile_blueprint
 
-        overrides = dict(self.overrides)
         vocab = self.tokenizer.vocab_size
-        params = self.base.blueprint.get("params") or {}
-        if "vocab" in params and params["vocab"] != vocab:
-            overrides["params.vocab"] = vocab
-            self.notes.append(f"params.vocab set to {vocab} (the tokenizer's vocabulary; the blueprint said {params['vocab']})")
+        extra, notes = vocab_overrides(self.base.blueprint, vocab, self.cfg.vocab_multiple)
+        overrides = {**dict(self.overrides), **extra}
+        self.notes.extend(notes)
         cm = compile_blueprint(self.source, overrides=overrides, seed=self.cfg.seed, device="cpu")
         mv = model_vocab(cm)
         if mv is not None and mv < vocab:

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from physlm_graph import CheckpointError, TrainingError
 from physlm_graph.runtime.checkpoint import load_checkpoint
 from physlm_graph.runtime.commands import main
+from physlm_graph.runtime.generate import generate
 from physlm_graph.runtime.optim import lr_at
 from physlm_graph.runtime.train import Trainer, train
 
@@ -211,16 +212,18 @@ def test_ddp_settings_reach_wrap_model(tmp_path, text_file, monkeypatch):
                     {"bucket_mb": 64.0, "bucket_view": False, "param_dtype": torch.bfloat16}]
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_fused_loss_trains_the_same_weights(tmp_path, text_file, capsys, tie):
+@pytest.mark.parametrize("tie, multiple", [(True, 1), (False, 1), (True, 64)])
+def test_fused_loss_trains_the_same_weights(tmp_path, text_file, capsys, tie, multiple):
     """train.fused_loss: true (the head + loss as one operation; on CPU its torch form) gives the
-    same losses and weights as false, with a tied and an untied head; the run table says which."""
+    same losses and weights as false, with a tied and an untied head, and with a padded
+    vocabulary (the fused loss then leaves the padded ids out); the run table says which."""
     ov = {} if tie else {"nodes.head.tie": None}
     states, logs = {}, {}
     for mode in ("off", "on"):
         out = tmp_path / mode
         train(BLUEPRINT, data=str(text_file), overrides={**TINY, **ov, "params.dropout": 0.0}, out_dir=out,
-              device="cpu", **{**FAST, "steps": 6, "eval_every": 6, "log_every": 1, "fused_loss": mode == "on"})
+              device="cpu", **{**FAST, "steps": 6, "eval_every": 6, "log_every": 1, "fused_loss": mode == "on",
+                               "vocab_multiple": multiple})
         states[mode] = load_file(str(out / "last" / "model.safetensors"))
         logs[mode] = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
         text = capsys.readouterr().out
@@ -229,6 +232,35 @@ def test_fused_loss_trains_the_same_weights(tmp_path, text_file, capsys, tie):
     assert states["on"].keys() == states["off"].keys()
     for k, v in states["off"].items():
         torch.testing.assert_close(states["on"][k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_vocab_multiple_pads_the_table_and_masks_the_padded_ids(tmp_path, text_file, capsys):
+    """train.vocab_multiple: the table grows to a multiple of 64, head.lm's logit_limit gives the
+    padded ids -inf logits, so evaluation and generation never see them; resume works."""
+    _run(tmp_path / "r", text_file, steps=10, eval_every=10, vocab_multiple=64, stop_after=5)
+    result = _run(tmp_path / "r", text_file, steps=10, eval_every=10, vocab_multiple=64, resume=True)
+    assert result["steps"] == 10 and math.isfinite(result["best_val_loss"])
+    assert "padded to a multiple of 64" in " ".join(capsys.readouterr().out.split())
+    ck = load_checkpoint(tmp_path / "r")
+    real = ck.tokenizer.vocab_size
+    assert real % 64 and ck.config["vocab_size"] == -(-real // 64) * 64
+    assert yaml.safe_load((ck.path / "blueprint.yaml").read_text())["nodes"]["head"]["logit_limit"] == real
+    logits = ck.module(torch.randint(0, real, (2, 16)))["logits"]
+    assert torch.isinf(logits[..., real:]).all() and torch.isfinite(logits[..., :real]).all()
+    ids = generate(ck.model, [1, 2, 3], max_new_tokens=300, temperature=5.0, seed=0)
+    assert max(ids) < real
+
+
+def test_vocab_multiple_needs_logits_straight_from_head_lm(tmp_path, text_file, capsys):
+    doc = copy.deepcopy(yaml.safe_load(BLUEPRINT.read_text()))
+    doc["nodes"]["capped"] = {"use": "scale", "in": "head", "factor": 0.5}
+    doc["outputs"]["logits"] = "capped"
+    train(doc, data=str(text_file), overrides=TINY, out_dir=tmp_path / "r", device="cpu",
+          **{**FAST, "steps": 2, "vocab_multiple": 64})
+    out = " ".join(capsys.readouterr().out.split())
+    assert "train.vocab_multiple 64 not applied" in out, out
+    ck = load_checkpoint(tmp_path / "r")
+    assert ck.config["vocab_size"] == ck.tokenizer.vocab_size
 
 
 def test_fused_loss_on_says_why_it_cannot(tmp_path, text_file):
