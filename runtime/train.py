@@ -675,6 +675,7 @@ class Trainer:
                     bar.update(self.step, shown, tps)
         except KeyboardInterrupt:
             if self.step > start_step:
+                self.resolve(last)  # steps not yet reported: nan_policy acts before anything is saved
                 self.save("last")
             raise
         finally:

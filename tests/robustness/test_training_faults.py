@@ -216,6 +216,36 @@ def test_a_skipped_deferred_step_leaves_the_weights_as_a_synchronous_skip(tmp_pa
         assert torch.equal(weights["deferred"][k], v), k
 
 
+class _Interrupted(_Poisoned):
+    """Raises KeyboardInterrupt in the step after ``stop_at`` (0-based), as Ctrl-C would."""
+
+    stop_at = 4
+
+    def train_step(self, step):
+        if step == self.stop_at + 1:
+            raise KeyboardInterrupt
+        return super().train_step(step)
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_an_interrupt_reports_the_unreported_steps_before_saving(tmp_path, text, step_mode, policy):
+    """Ctrl-C between log steps: a deferred run first acts on the non-finite steps it has not
+    reported (skip: counted in the saved state; stop: the error, and the checkpoint of step 4 stays).
+    Step 5 is bad, Ctrl-C comes before step 6, and nothing is reported between steps 4 and 8."""
+    cls = type("I", (_Interrupted,), {"bad": {4}, "factor": float("nan")})
+    t = cls(TINY, data=str(text), out_dir=tmp_path / "run", **{**FAST, "steps": 8, "save_every": 4, "log_every": 8,
+                                                                "nan_policy": policy})
+    if policy == "skip":
+        with pytest.raises(KeyboardInterrupt):
+            t.fit()
+        state = json.loads((tmp_path / "run" / "last" / "trainer_state.json").read_text())
+        assert state["step"] == 5 and state["skipped"] == 1
+    else:
+        with pytest.raises(TrainingError, match="the loss is nan at step 5"):
+            t.fit()
+        assert load_checkpoint(tmp_path / "run" / "last").trainer_state["step"] == 4
+
+
 # ------------------------------------------------------------------ damaged resume state
 
 
