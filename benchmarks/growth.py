@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="train.seed of every run (default: the blueprint's)")
     ap.add_argument("--bounds", default="0.25,0.5", metavar="F1,F2",
                     help="fractions of the steps where the 2-layer and the 4-layer stages end (default 0.25,0.5)")
+    ap.add_argument("--from-log", type=Path, default=None, metavar="LOG",
+                    help="train nothing: read the evaluations of a growth.py output (the fixed run, then one grown "
+                         "run, --grow/--bounds/--steps/--small as it ran), even one cut short after the fixed run, "
+                         "and say when the grown run first reached the fixed run's final loss")
     args = ap.parse_args(argv)
     try:
         fractions = tuple(float(f) for f in args.bounds.split(","))
@@ -126,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.is_file():
         print(f"no data at {args.data}; pass --data PATH to tinyshakespeare's input.txt", file=sys.stderr)
         return 2
+    if args.from_log is not None:
+        return from_log(args.from_log, size, args.grow[0], fractions)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     if device == "cpu":
         torch.set_num_threads(min(4, torch.get_num_threads()))
@@ -146,6 +152,42 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, device=device, small=args.small, steps=steps)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def from_log(path: Path, size: dict[str, Any], op: str, fractions: tuple[float, float]) -> int:
+    """Reach figures from a saved output: the evaluations ("step N: ... val loss X") of the fixed
+    run (complete) and of the grown run (to where it got), with the same FLOPs accounting."""
+    import re
+
+    if not path.is_file():
+        print(f"no log at {path}", file=sys.stderr)
+        return 2
+    runs: list[list[tuple[int, float]]] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("train "):
+            runs.append([])
+        m = re.match(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", line)
+        if m and runs:
+            runs[-1].append((int(m.group(1)), float(m.group(2))))
+    steps = size["train"]["steps"]
+    if len(runs) < 2 or not runs[0] or runs[0][-1][0] != steps:
+        print(f"{path}: needs a complete fixed run of {steps} steps and a grown run after it", file=sys.stderr)
+        return 2
+    tokens = size["train"]["batch_size"] * size["train"]["seq_len"]
+    fixed_flops = flops_per_step(overrides(size, None), steps, tokens)
+    grown_flops = flops_per_step(overrides(size, schedule(steps, op, fractions=fractions)), steps, tokens)
+    target, total = runs[0][-1][1], sum(fixed_flops)
+    print(f"{path.name}: fixed run final val loss {target:.4f}; grown run evaluated up to step {runs[1][-1][0]} "
+          f"of {steps}")
+    for step, loss in runs[1]:
+        if loss <= target:
+            spent = sum(grown_flops[:step])
+            print(f"grown run first at or below it at step {step} (val loss {loss:.4f}): {spent:.3g} FLOPs = "
+                  f"{spent / total:.0%} of the fixed run's {total:.3g}")
+            return 0
+    print(f"grown run not at or below it by step {runs[1][-1][0]} ({sum(grown_flops[:runs[1][-1][0]]) / total:.0%} "
+          "of the fixed run's FLOPs)")
     return 0
 
 
