@@ -525,35 +525,32 @@ class Trainer:
             self._watch = None
             has_gnorm = self.cfg.grad_clip > 0
             if self.cfg.nan_policy == "stop":
-                self._raise_nonfinite(int(seen["first_step"]), seen["first_loss"],
-                                      seen["first_gnorm"] if has_gnorm else None, "")
+                raise self.nonfinite_error(int(seen["first_step"]), seen["first_loss"],
+                                           seen["first_gnorm"] if has_gnorm else None)
             self.skipped += n
             if self.skipped > self.cfg.max_skips:
-                self._raise_nonfinite(int(seen["limit_step"]), seen["limit_loss"],
-                                      seen["limit_gnorm"] if has_gnorm else None,
-                                      f": {self.cfg.max_skips + 1} batches skipped, more than max_skips "
-                                      f"{self.cfg.max_skips}")
+                raise self.nonfinite_error(int(seen["limit_step"]), seen["limit_loss"],
+                                           seen["limit_gnorm"] if has_gnorm else None, self.cfg.max_skips + 1)
         return out
 
-    def _raise_nonfinite(self, step: int, loss: float, gnorm: float | None, detail: str) -> None:
+    def nonfinite_error(self, step: int, loss: float, gnorm: float | None, skipped: int | None = None) -> TrainingError:
+        """The error for a non-finite loss or gradient norm at ``step``: ``nan_policy: stop``'s
+        (``skipped`` None), or the one for ``skipped`` batches, more than ``max_skips``."""
         what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {gnorm}"
         kept = f"; the last good checkpoint is kept in {self.out_dir / 'last'}" if (self.out_dir / "last").exists() else ""
-        if detail:
-            raise TrainingError(f"{what} at step {step}{detail}{kept}", fix="lower lr or raise warmup")
-        raise TrainingError(f"{what} at step {step}{kept}",
-                            fix="lower lr, raise warmup, or set train.nan_policy: skip to skip such batches")
+        if skipped is None:
+            return TrainingError(f"{what} at step {step}{kept}",
+                                 fix="lower lr, raise warmup, or set train.nan_policy: skip to skip such batches")
+        return TrainingError(f"{what} at step {step}: {skipped} batches skipped, more than max_skips "
+                             f"{self.cfg.max_skips}{kept}", fix="lower lr or raise warmup")
 
     def on_nonfinite(self, step: int, loss: float, gnorm: float | None) -> None:
-        what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {gnorm}"
-        kept = f"; the last good checkpoint is kept in {self.out_dir / 'last'}" if (self.out_dir / "last").exists() else ""
         if self.cfg.nan_policy == "stop":
-            raise TrainingError(f"{what} at step {step}{kept}",
-                                fix="lower lr, raise warmup, or set train.nan_policy: skip to skip such batches")
+            raise self.nonfinite_error(step, loss, gnorm)
         self.optimizer.zero_grad(set_to_none=True)
         self.skipped += 1
         if self.skipped > self.cfg.max_skips:
-            raise TrainingError(f"{what} at step {step}: {self.skipped} batches skipped, more than max_skips "
-                                f"{self.cfg.max_skips}{kept}", fix="lower lr or raise warmup")
+            raise self.nonfinite_error(step, loss, gnorm, self.skipped)
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
