@@ -70,6 +70,49 @@ def test_mlp_takes_the_fused_path_only_for_tanh():
     torch.testing.assert_close(m(x), m.proj(F.gelu(m.fc(x), approximate="tanh")))
 
 
+class _TorchLt:
+    """cuBLASLt's ``gemm`` (row-major ``out = op(a) @ op(b)``) with its epilogues, written in torch
+    from cuBLASLt's documentation: lets the GPU backward's choice of calls run on CPU."""
+
+    def gemm(self, out, a, b, *, trans_a=False, trans_b=False, epilogue=_gelu_mlp.EPI_DEFAULT, bias=None, aux=None):
+        m = _gelu_mlp
+        r = (a.t() if trans_a else a) @ (b.t() if trans_b else b)
+        if epilogue in (m.EPI_BIAS, m.EPI_GELU_AUX_BIAS):
+            r = r + bias
+        if epilogue in (m.EPI_GELU_AUX, m.EPI_GELU_AUX_BIAS):
+            aux.copy_(r)
+            r = F.gelu(r, approximate="tanh")
+        if epilogue in (m.EPI_DGELU, m.EPI_DGELU_BGRAD):
+            r = torch.ops.aten.gelu_backward(r, aux, approximate="tanh")
+        if epilogue == m.EPI_DGELU_BGRAD:
+            bias.copy_(r.sum(0))
+        if epilogue == m.EPI_BGRADB:  # the reduction over k of op(a): its column sums
+            bias.copy_((a.t() if trans_a else a).sum(1))
+        out.copy_(r)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("options", [{}, {"bgrad_epilogue": True}, {"lt_matmuls": True},
+                                     {"lt_matmuls": True, "bgrad_wgrad": True}], ids=str)
+def test_every_split_of_the_gpu_backward_asks_for_the_right_products(bias, options, monkeypatch):
+    """The GPU backward's calls (which epilogue, which bias buffer, under each of OPTIONS) with
+    cuBLASLt replaced by its torch description: the same five gradients as the torch backward."""
+    monkeypatch.setattr(_gelu_mlp, "_lt", lambda: _TorchLt())
+    monkeypatch.setattr(_gelu_mlp, "OPTIONS", {"bgrad_epilogue": False, "lt_matmuls": False, "bgrad_wgrad": False,
+                                               "timed_choice": True, **options})
+    x, w1, b1, w2, b2 = (t.detach() if t is not None else None for t in _params(bias=bias))
+    x = x.reshape(-1, x.shape[-1])
+    y, g, pre = _gelu_mlp._fwd_impl(x, w1, b1, w2, b2)
+    dy = torch.randn_like(y)
+    got = _gelu_mlp._bwd_cuda(dy, x, w1, w2, g, pre, bias, bias)
+    want = _gelu_mlp._bwd_op(dy, x, w1, w2, g, pre, bias, bias)
+    for name, a, b in zip(["dx", "dw1", "db1", "dw2", "db2"], got, want):
+        if not bias and name in ("db1", "db2"):
+            assert a is None
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
 def _gpu_ok():
     return torch.cuda.is_available() and _gelu_mlp.AVAILABLE
 
