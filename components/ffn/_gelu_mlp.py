@@ -315,33 +315,31 @@ def _colsum(a: Tensor) -> Tensor:
 
 
 def _bwd_cuda(dy, x, w1, w2, g, pre, has_b1, has_b2):
-    lt, opt = _lt(), OPTIONS
+    opt = OPTIONS
     dpre = torch.empty_like(pre)
-    db1 = db2 = None
-    if has_b1 and opt["bgrad_epilogue"]:
-        db1 = pre.new_empty(pre.shape[1])
-        lt.gemm(dpre, dy, w2, epilogue=EPI_DGELU_BGRAD, bias=db1, aux=pre)
+    db1 = pre.new_empty(pre.shape[1]) if has_b1 and opt["bgrad_epilogue"] else None
+    _lt().gemm(dpre, dy, w2, epilogue=EPI_DGELU if db1 is None else EPI_DGELU_BGRAD, bias=db1, aux=pre)
+    db2 = None
+    if opt["lt_matmuls"]:
+        dx = x.new_empty(x.shape)
+        _lt().gemm(dx, dpre, w1)
+        dw1, db1 = _lt_wgrad(dpre, x, w1, db1, has_b1 and db1 is None and opt["bgrad_wgrad"])
+        dw2, db2 = _lt_wgrad(dy, g, w2, None, has_b2 and opt["bgrad_wgrad"])
     else:
-        lt.gemm(dpre, dy, w2, epilogue=EPI_DGELU, aux=pre)
-    if not opt["lt_matmuls"]:
-        db1 = _colsum(dpre) if has_b1 and db1 is None else db1
-        db2 = _colsum(dy) if has_b2 else None
-        return dpre @ w1, dpre.t() @ x, db1, dy.t() @ g, db2
-    dx, dw1, dw2 = x.new_empty(x.shape), torch.empty_like(w1), torch.empty_like(w2)
-    lt.gemm(dx, dpre, w1)
-    if has_b1 and db1 is None and opt["bgrad_wgrad"]:  # db1 = column sums of dpre, in dW1's epilogue
-        db1 = pre.new_empty(pre.shape[1])
-        lt.gemm(dw1, dpre, x, trans_a=True, epilogue=EPI_BGRADB, bias=db1)
-    else:
-        lt.gemm(dw1, dpre, x, trans_a=True)
-    if has_b2 and opt["bgrad_wgrad"]:
-        db2 = dy.new_empty(dy.shape[1])
-        lt.gemm(dw2, dy, g, trans_a=True, epilogue=EPI_BGRADB, bias=db2)
-    else:
-        lt.gemm(dw2, dy, g, trans_a=True)
+        dx, dw1, dw2 = dpre @ w1, dpre.t() @ x, dy.t() @ g
     db1 = _colsum(dpre) if has_b1 and db1 is None else db1
     db2 = _colsum(dy) if has_b2 and db2 is None else db2
     return dx, dw1, db1, dw2, db2
+
+
+def _lt_wgrad(d: Tensor, a: Tensor, like: Tensor, db: Tensor | None, bgrad: bool) -> tuple[Tensor, Tensor | None]:
+    """The weight gradient ``d^T a`` through cuBLASLt; with ``bgrad``, d's column sums (the bias
+    gradient) from the same matmul's BGRADB epilogue, else ``db`` as given."""
+    dw = torch.empty_like(like)
+    if bgrad:
+        db = d.new_empty(d.shape[1])
+    _lt().gemm(dw, d, a, trans_a=True, epilogue=EPI_BGRADB if bgrad else EPI_DEFAULT, bias=db if bgrad else None)
+    return dw, db
 
 
 @torch.library.custom_op("physlm_graph::gelu_mlp_bwd", mutates_args=())
