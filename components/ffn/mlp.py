@@ -51,7 +51,8 @@ class MLPParams(ComponentParams):
     "ffn.mlp",
     params=MLPParams,
     decode="stateless",
-    examples=[Example({"hidden_dim": 64}, {"x": (2, 8, 16)})],
+    examples=[Example({"hidden_dim": 64}, {"x": (2, 8, 16)}),
+              Example({"hidden_dim": 64, "approximate": "tanh"}, {"x": (2, 8, 16)})],
 )
 def build_mlp(p: MLPParams, ins: Inputs) -> MLP:
     return MLP(embed_dim=ins["x"].dim, hidden_dim=p.hidden_dim, dropout=p.dropout, bias=p.bias,
