@@ -116,6 +116,21 @@ def time_interleaved(
     return results
 
 
+def kernel_times(fn: Callable[[], object], n: int = 1) -> list[tuple[float, int, str]]:
+    """The GPU kernels of ``n`` calls of ``fn`` (torch.profiler): (ms per call, launches per call,
+    kernel name), slowest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.self_device_time_total / n / 1e3, e.count // n, e.key) for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[0])
+
+
 def table(headers: list[str], rows: list[list[object]], align: str | None = None) -> str:
     """A markdown table; ``align`` is one char per column ('l' or 'r')."""
     align = align or "l" + "r" * (len(headers) - 1)

@@ -18,6 +18,9 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import kernel_times  # noqa: E402
+
 from physlm_graph.components.ffn import _gelu_mlp  # noqa: E402
 from physlm_graph.components.ffn.mlp import MLP  # noqa: E402
 
@@ -52,18 +55,10 @@ def timed(fn, iters: int) -> float:
 
 
 def profile(name: str, fn, n: int = 5) -> None:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as prof
-
     fn()
-    torch.cuda.synchronize()
-    with prof(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-    rows = [(e.self_device_time_total / n / 1e3, e.key) for e in p.key_averages() if e.self_device_time_total > 0]
+    rows = kernel_times(fn, n)
     print(f"{name}: {sum(r[0] for r in rows):.3f} ms of kernels per step")
-    for ms, key in sorted(rows, reverse=True)[:8]:
+    for ms, _, key in rows[:8]:
         print(f"    {ms:7.3f} ms  {key[:110]}")
 
 

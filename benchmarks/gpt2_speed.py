@@ -32,6 +32,7 @@ import torch._inductor.config  # noqa: F401  (--coordinate-descent)
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import kernel_times  # noqa: E402
 from _handgpt import HandGPT  # noqa: E402
 
 from physlm_graph import compile_blueprint  # noqa: E402
@@ -248,20 +249,13 @@ KINDS = (  # (group, substrings of kernel names), first match wins
 
 def profile_step(step, x, y, n: int, step_s: float) -> None:
     """GPU time of n steps by kernel group and the top kernels (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            step(x, y)
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total = sum(e.self_device_time_total for e in events) / n / 1e3
+    rows = kernel_times(lambda: step(x, y), n)
+    total = sum(ms for ms, _, _ in rows)
     groups: dict[str, float] = {}
-    for e in events:
-        name = e.key.lower()
+    for ms, _, key in rows:
+        name = key.lower()
         kind = next((g for g, keys in KINDS if any(k in name for k in keys)), "other")
-        groups[kind] = groups.get(kind, 0.0) + e.self_device_time_total / n / 1e3
+        groups[kind] = groups.get(kind, 0.0) + ms
     print(f"\nprofile of the physlm-graph step ({n} steps): {total:.1f} ms of GPU kernels per step, "
           f"step time {step_s * 1e3:.1f} ms (GPU idle {max(0.0, step_s * 1e3 - total):.1f} ms)")
     print("| kernels | ms/step | share of kernel time |")
@@ -270,9 +264,8 @@ def profile_step(step, x, y, n: int, step_s: float) -> None:
         print(f"| {kind} | {ms:.2f} | {100 * ms / total:.1f}% |")
     print("\n| ms/step | calls/step | kernel |")
     print("|---:|---:|---|")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:40]:
-        print(f"| {e.self_device_time_total / n / 1e3:.3f} | {e.count // n} | {e.key[:100]} |")
-
+    for ms, calls, key in rows[:40]:
+        print(f"| {ms:.3f} | {calls} | {key[:100]} |")
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ import sys
 import torch
 from torch.nn import functional as F
 
+from _bench import kernel_times
 from physlm_graph.components.head import _linear_ce
 from physlm_graph.components.head._linear_ce import default_chunk, linear_cross_entropy
 
@@ -90,18 +91,11 @@ def main() -> None:
         d = diffs[name]
         print(f"| {name} | {ms:.2f} | {ms / base:.2f}x | {flops / ms / 1e9:.0f} | {d[0]:.1e} | {d[1]:.1e} | {d[2]:.1e} |")
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
         for name, fn in variants.items():
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                run(fn)
-                torch.cuda.synchronize()
-            ev = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-            tot = sum(e.self_device_time_total for e in ev) / 1e3
-            print(f"\n{name}: {tot:.2f} ms of kernels")
-            for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:8]:
-                print(f"  {e.self_device_time_total / 1e3:7.3f} ms  {e.count:4d} x  {e.key[:90]}")
+            rows = kernel_times(lambda: run(fn))
+            print(f"\n{name}: {sum(r[0] for r in rows):.2f} ms of kernels")
+            for ms, calls, key in rows[:8]:
+                print(f"  {ms:7.3f} ms  {calls:4d} x  {key[:90]}")
     loss_only(args)
 
 
