@@ -37,6 +37,7 @@ from _handgpt import HandGPT  # noqa: E402
 
 from physlm_graph import compile_blueprint  # noqa: E402
 from physlm_graph.components.ffn import _gelu_mlp  # noqa: E402
+from physlm_graph.components.ffn.mlp import MLP  # noqa: E402
 from physlm_graph.components.head._linear_ce import linear_cross_entropy  # noqa: E402
 from physlm_graph.runtime.fused_head import fused_lm_loss, split_lm_head  # noqa: E402
 
@@ -167,7 +168,7 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str, mlp: str = "fuse
                                                                           "params.gelu": gelu}, device=dev)
     n_fused = 0
     for mod in cm.module.modules():
-        if hasattr(mod, "fused") and hasattr(mod, "act"):  # ffn.mlp
+        if isinstance(mod, MLP):
             mod.fused = mlp == "fused"
             n_fused += mod.fused
     if mlp == "fused" and n_fused != cm.resolved.params["layers"]:
