@@ -111,10 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="train.seed of every run (default: the blueprint's)")
     ap.add_argument("--bounds", default="0.25,0.5", metavar="F1,F2",
                     help="fractions of the steps where the 2-layer and the 4-layer stages end (default 0.25,0.5)")
-    ap.add_argument("--from-log", type=Path, default=None, metavar="LOG",
-                    help="train nothing: read the evaluations of a growth.py output (the fixed run, then one grown "
-                         "run, --grow/--bounds/--steps/--small as it ran), even one cut short after the fixed run, "
-                         "and say when the grown run first reached the fixed run's final loss")
+    ap.add_argument("--runs", nargs="+", default=["fixed", "grown"], choices=["fixed", "grown"],
+                    help="which runs to train (default both); one alone prints its evaluations and no table, so "
+                         "the two can run as separate processes and their outputs be joined for --from-log")
+    ap.add_argument("--from-log", type=Path, nargs="+", default=None, metavar="LOG",
+                    help="train nothing: read the evaluations of growth.py outputs (each the fixed run, then one "
+                         "grown run, --grow/--bounds/--steps/--small as it ran), even one cut short after the fixed "
+                         "run, and say when the grown run first reached the fixed run's final loss; with several "
+                         "(one per seed), also the median and mean and the same measure on the seed-averaged curves")
     args = ap.parse_args(argv)
     try:
         fractions = tuple(float(f) for f in args.bounds.split(","))
@@ -138,11 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     steps = size["train"]["steps"]
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
-        rows = [run("fixed-6", Trainer, overrides(size, None), size, args.data, device, out)]
-        for op in args.grow:
+        rows = [run("fixed-6", Trainer, overrides(size, None), size, args.data, device, out)] \
+            if "fixed" in args.runs else []
+        for op in args.grow if "grown" in args.runs else []:
             name = f"grown-2-4-6-{op}" + ("" if args.bounds == "0.25,0.5" else f"@{args.bounds}")
             rows.append(run(name, GrowthTrainer, overrides(size, schedule(steps, op, fractions=fractions)), size,
                             args.data, device, out))
+    if "fixed" not in args.runs or len(rows) < 2:
+        print("one kind of run only: no table (join the outputs, fixed first, and read them with --from-log)")
+        return 0
     fixed = rows[0]
     best = min(v for _, v in fixed["curve"])
     for r in rows:
@@ -155,14 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def from_log(path: Path, size: dict[str, Any], op: str, fractions: tuple[float, float]) -> int:
-    """Reach figures from a saved output: the evaluations ("step N: ... val loss X") of the fixed
-    run (complete) and of the grown run (to where it got), with the same FLOPs accounting."""
+def read_log(path: Path) -> list[list[tuple[int, float]]]:
+    """The evaluations ("step N: ... val loss X") of each run ("train ..." starts one) in a saved output."""
     import re
 
-    if not path.is_file():
-        print(f"no log at {path}", file=sys.stderr)
-        return 2
     runs: list[list[tuple[int, float]]] = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.startswith("train "):
@@ -170,24 +174,63 @@ def from_log(path: Path, size: dict[str, Any], op: str, fractions: tuple[float, 
         m = re.match(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", line)
         if m and runs:
             runs[-1].append((int(m.group(1)), float(m.group(2))))
+    return runs
+
+
+def first_at(curve: list[tuple[int, float]], target: float) -> int | None:
+    return next((step for step, loss in curve if loss <= target), None)
+
+
+def from_log(paths: list[Path], size: dict[str, Any], op: str, fractions: tuple[float, float]) -> int:
+    """Reach figures from saved outputs: the evaluations of the fixed run (complete) and of the grown
+    run (to where it got), with the same FLOPs accounting; for several outputs (seeds), a summary."""
+    import statistics
+
     steps = size["train"]["steps"]
-    if len(runs) < 2 or not runs[0] or runs[0][-1][0] != steps:
-        print(f"{path}: needs a complete fixed run of {steps} steps and a grown run after it", file=sys.stderr)
-        return 2
     tokens = size["train"]["batch_size"] * size["train"]["seq_len"]
     fixed_flops = flops_per_step(overrides(size, None), steps, tokens)
     grown_flops = flops_per_step(overrides(size, schedule(steps, op, fractions=fractions)), steps, tokens)
-    target, total = runs[0][-1][1], sum(fixed_flops)
-    print(f"{path.name}: fixed run final val loss {target:.4f}; grown run evaluated up to step {runs[1][-1][0]} "
-          f"of {steps}")
-    for step, loss in runs[1]:
-        if loss <= target:
-            spent = sum(grown_flops[:step])
-            print(f"grown run first at or below it at step {step} (val loss {loss:.4f}): {spent:.3g} FLOPs = "
-                  f"{spent / total:.0%} of the fixed run's {total:.3g}")
-            return 0
-    print(f"grown run not at or below it by step {runs[1][-1][0]} ({sum(grown_flops[:runs[1][-1][0]]) / total:.0%} "
-          "of the fixed run's FLOPs)")
+    total = sum(fixed_flops)
+    fracs: list[float | None] = []
+    complete: list[list[list[tuple[int, float]]]] = []
+    for path in paths:
+        if not path.is_file():
+            print(f"no log at {path}", file=sys.stderr)
+            return 2
+        runs = read_log(path)
+        if len(runs) < 2 or not runs[0] or runs[0][-1][0] != steps:
+            print(f"{path}: needs a complete fixed run of {steps} steps and a grown run after it", file=sys.stderr)
+            return 2
+        target, last = runs[0][-1][1], runs[1][-1][0]
+        if last == steps:
+            complete.append(runs[:2])
+        print(f"{path.name}: fixed run final val loss {target:.4f}; grown run evaluated up to step {last} of {steps}")
+        step = first_at(runs[1], target)
+        if step is None:
+            fracs.append(None)
+            print(f"grown run not at or below it by step {last} ({sum(grown_flops[:last]) / total:.0%} "
+                  "of the fixed run's FLOPs)")
+            continue
+        spent = sum(grown_flops[:step])
+        fracs.append(spent / total)
+        print(f"grown run first at or below it at step {step} (val loss {dict(runs[1])[step]:.4f}): {spent:.3g} "
+              f"FLOPs = {spent / total:.0%} of the fixed run's {total:.3g}")
+    if len(paths) > 1:
+        known = [f for f in fracs if f is not None]
+        print(f"{len(paths)} outputs: " + ", ".join("not reached" if f is None else f"{f:.0%}" for f in fracs)
+              + (f"; median {statistics.median(known):.1%}, mean {statistics.mean(known):.1%} of the reached"
+                 if known else "; none reached"))
+        same = len({tuple(s for s, _ in r[0]) + tuple(s for s, _ in r[1]) for r in complete}) == 1
+        if len(complete) > 1 and same:
+            # the seed-averaged curves: one target and one crossing, less evaluation noise than each seed's
+            mean_fixed = [(s, statistics.mean(r[0][i][1] for r in complete)) for i, (s, _) in enumerate(complete[0][0])]
+            mean_grown = [(s, statistics.mean(r[1][i][1] for r in complete)) for i, (s, _) in enumerate(complete[0][1])]
+            target = mean_fixed[-1][1]
+            step = first_at(mean_grown, target)
+            reached = "never" if step is None else (
+                f"at step {step}: {sum(grown_flops[:step]) / total:.1%} of the fixed run's FLOPs")
+            print(f"seed-averaged curves of the {len(complete)} complete outputs: fixed final val loss {target:.4f}, "
+                  f"grown final {mean_grown[-1][1]:.4f}; the grown curve first at or below the fixed final {reached}")
     return 0
 
 
