@@ -12,6 +12,11 @@ times single steps instead.
     python benchmarks/gpt2_speed.py [--batch 32] [--seq 1024] [--rounds 6] [--round 10]
         [--variants default:auto:model,default:cudnn:loss,...] [--profile 5]
 
+``--inductor KEY=VALUE,...`` sets inductor options for both models. ``--ab KEY=VALUE,...``
+replaces the hand-written model with the blueprint's model compiled under those options (an A/B of
+compiler settings, B/A ratio). ``--second-first`` builds and warms up the second model first: a check
+that the order does not decide the ratio (the first-built model ran about 0.3 ms slower on an H100).
+
 ``--profile N`` then profiles N steps of the blueprint's model and prints where its GPU time
 goes: kernels grouped as matmuls, attention, the optimizer, inductor's Triton kernels and the
 rest, each as ms per step and as a share, beside the measured step time (the difference is
@@ -21,6 +26,7 @@ time the GPU waits), and the top kernels by time. A diagnosis, not a goal check.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import statistics
 import sys
@@ -101,6 +107,21 @@ def make_step(model, opt, physlm: bool, compile_mode: str | None, loss_in_compil
     return step
 
 
+def inductor_settings(text: str, flag: str) -> dict:
+    """``KEY=VALUE,...`` (values Python literals) as a dict for ``torch._inductor.config.patch``."""
+    out = {}
+    for setting in filter(None, text.split(",")):
+        key, _, value = setting.partition("=")
+        key = key.strip()
+        if key not in torch._inductor.config._config:
+            sys.exit(f"gpt2_speed.py: {flag}: this torch ({torch.__version__}) has no inductor setting {key!r}")
+        try:
+            out[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            sys.exit(f"gpt2_speed.py: {flag}: {setting!r}: the value is not a Python literal")
+    return out
+
+
 def optimizer(model):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -129,6 +150,15 @@ def main() -> None:
                     help="comma list of the fused MLP's OPTIONS to switch on (components/ffn/_gelu_mlp.py)")
     ap.add_argument("--coordinate-descent", action="store_true",
                     help="inductor's coordinate-descent tuning of its Triton kernels (longer compilation)")
+    ap.add_argument("--inductor", default="", metavar="KEY=VALUE,...",
+                    help="inductor config settings for both models, e.g. triton.mix_order_reduction_max_reads=0 "
+                         "(values are Python literals)")
+    ap.add_argument("--ab", default=None, metavar="KEY=VALUE,...",
+                    help="A/B instead of the hand-written model: the blueprint's model twice, the second compiled "
+                         "under these inductor settings; prints the B/A tokens/s ratio")
+    ap.add_argument("--second-first", action="store_true",
+                    help="build, compile and warm up the second model (hand-written, or B) first; a check that the "
+                         "order does not decide the ratio")
     ap.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublas",
                     help="torch's matmul library for both models (torch.backends.cuda.preferred_blas_library)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -147,6 +177,14 @@ def main() -> None:
 
 
 MLP_MODES = ("fused", "tanh", "exact")
+B_NAME = "physlm-graph gpt2-124m, B"
+
+
+def under_settings(step, settings: dict):
+    def run(x, y):
+        with torch._inductor.config.patch(settings):
+            return step(x, y)
+    return run
 
 
 def run_variant(args, compile_mode: str, sdpa: str, scope: str, mlp: str = "fused") -> None:
@@ -155,6 +193,7 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str, mlp: str = "fuse
         sys.exit("gpt2_speed.py: needs a CUDA GPU (none found); nothing to time")
     torch.backends.cuda.preferred_blas_library(args.blas)
     torch._inductor.config.coordinate_descent_tuning = args.coordinate_descent
+    torch._inductor.config.patch(inductor_settings(args.inductor, "--inductor")).__enter__()
     for opt in filter(None, args.mlp_options.split(",")):
         if opt not in _gelu_mlp.OPTIONS:
             sys.exit(f"gpt2_speed.py: --mlp-options: {opt!r} is not one of {', '.join(_gelu_mlp.OPTIONS)}")
@@ -179,11 +218,25 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str, mlp: str = "fuse
     n_params = cm.num_params - ctx * D
     flops_tok = 6 * n_params + 12 * L * H * (D // H) * args.seq
     models = {"physlm-graph gpt2-124m": (cm.module, True), "hand-written GPT-2": (hand, False)}
+    ab = inductor_settings(args.ab, "--ab") if args.ab is not None else None
+    if ab is not None:  # the same blueprint and initialisation, compiled under other settings
+        del models["hand-written GPT-2"], hand
+        torch.manual_seed(0)
+        cm_b = compile_blueprint(ROOT / "blueprints/gpt2-124m.yaml", overrides={"params.vocab": args.vocab,
+                                                                                "params.gelu": gelu}, device=dev)
+        for mod in cm_b.module.modules():
+            if isinstance(mod, MLP):
+                mod.fused = mlp == "fused"
+        models[B_NAME] = (cm_b.module, True)
     steps = {}
     for name, (m, is_physlm) in models.items():
         m.train()
         steps[name] = make_step(m, optimizer(m), is_physlm, None if compile_mode == "none" else compile_mode,
                                 scope in ("loss", "fused"), fused=scope == "fused")
+    if ab is not None:  # every call under the settings: compilation (forward, backward) happens inside one
+        steps[B_NAME] = under_settings(steps[B_NAME], ab)
+    if args.second_first:
+        steps = dict(reversed(list(steps.items())))
     x = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
     y = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
     times: dict[str, list[float]] = {k: [] for k in steps}
@@ -216,6 +269,7 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str, mlp: str = "fuse
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch} x {args.seq}, "
           f"vocab {args.vocab}, bf16 autocast, compile={compile_mode} ({scope}), MLP {mlp} {args.mlp_options}, blas {args.blas}, "
           f"{'coordinate-descent tuning, ' if args.coordinate_descent else ''}"
+          f"{'inductor ' + args.inductor + ', ' if args.inductor else ''}"
           f"sdpa={sdpa}, fused AdamW, timed {'per step' if args.sync_each_step else f'per round of {args.round} steps'}; "
           f"N={n_params:,} (no wpe), {flops_tok / 1e9:.3f} GFLOP/token, peak 989 TFLOP/s")
     print()
@@ -228,11 +282,17 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str, mlp: str = "fuse
         mfu = tps * flops_tok / PEAK
         res[name] = tps
         print(f"| {name} | {med * 1e3:.1f} | {tps:,.0f} | {100 * mfu:.1f}% |")
-    ratio = res["physlm-graph gpt2-124m"] / res["hand-written GPT-2"]
     print()
-    print(f"tokens/s ratio physlm-graph / hand-written: {ratio:.3f} (goal >= 0.98)")
-    mfu = res["physlm-graph gpt2-124m"] * flops_tok / PEAK
-    print(f"physlm-graph MFU: {100 * mfu:.1f}% (goal >= 45%)")
+    if ab is not None:
+        print(f"tokens/s ratio B ({args.ab}) / A: {res[B_NAME] / res['physlm-graph gpt2-124m']:.3f}")
+        mfu_b = res[B_NAME] * flops_tok / PEAK
+        print(f"physlm-graph MFU: A {100 * res['physlm-graph gpt2-124m'] * flops_tok / PEAK:.1f}%, "
+              f"B {100 * mfu_b:.1f}% (goal >= 45%)")
+    else:
+        ratio = res["physlm-graph gpt2-124m"] / res["hand-written GPT-2"]
+        print(f"tokens/s ratio physlm-graph / hand-written: {ratio:.3f} (goal >= 0.98)")
+        mfu = res["physlm-graph gpt2-124m"] * flops_tok / PEAK
+        print(f"physlm-graph MFU: {100 * mfu:.1f}% (goal >= 45%)")
     if args.profile:
         with sdpa_context(sdpa):
             profile_step(steps["physlm-graph gpt2-124m"], x, y, args.profile,
