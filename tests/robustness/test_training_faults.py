@@ -327,3 +327,25 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, text):
         assert not [p for p in out.iterdir() if p.name.startswith(".")], f"trial {trial}: leftovers"
     print(f"\n{trials} trials, {killed} killed mid-run; steps lost per trial: {lost}")
     assert killed >= 20, "most runs ended before the kill: raise KILL_STEPS"
+
+
+def test_clipping_inside_the_fused_adamw_matches_clip_grad_norm(tmp_path, text, monkeypatch):
+    """The fused AdamW's grad_scale carries the clipping (no in-place pass over the gradients):
+    the same weights as clip_grad_norm_ followed by the step, to fp32 rounding, with a clip small
+    enough that every step clips; and grad_scale does not outlive its step."""
+    _use_fused_adamw(monkeypatch)
+    weights, norms = {}, {}
+    for mode in ("clip_grad_norm_", "grad_scale"):
+        t = Trainer(TINY, data=str(text), out_dir=tmp_path / mode, **{"steps": 6, **FAST, "grad_clip": 0.05,
+                                                                      "log_every": 1})
+        if mode == "clip_grad_norm_":
+            t.clip_gradients = lambda t=t: torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
+        t.fit()
+        assert getattr(t.optimizer, "grad_scale", None) is None
+        weights[mode] = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+        norms[mode] = [json.loads(line).get("grad_norm") for line in
+                       (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+    assert all(n is not None and n > 0.05 for n in norms["grad_scale"][:2]), norms  # it did clip
+    assert norms["grad_scale"] == pytest.approx(norms["clip_grad_norm_"], rel=1e-5)
+    for k, v in weights["clip_grad_norm_"].items():
+        torch.testing.assert_close(weights["grad_scale"][k], v, rtol=1e-5, atol=1e-6, msg=k)
