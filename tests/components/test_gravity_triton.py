@@ -247,11 +247,15 @@ def test_cuda_matches_materialised_bf16_and_fp32(mode, cutoff):
     times for the per-head scalars gamma, beta and r^2: their gradients are sums of cancelling
     terms over all pairs, and which path lands nearer fp64 is luck (benchmarks/gravity_precision.py
     on an H100, 5 seeds, either coordinate precision: kernel / materialised error 0.42 median,
-    3.21 worst for faithful soft's r^2, 1.86 for beta, 1.56 for gamma; under 1.0 for the rest)."""
+    3.21 worst for faithful soft's r^2, 1.86 for beta, 1.56 for gamma; under 1.0 for the rest;
+    10 seeds, eighth session: 7.83 worst for fixed soft's r^2, median 1.03). Those three also get
+    bf16's unit roundoff as an absolute floor: with the upstream gradient unseeded, one draw gave
+    fixed soft a kernel error of 1.9e-3 (bf16 level) against a lucky 8.1e-5 for the materialised
+    path. The upstream gradient is seeded now."""
     spec = _spec(mode, cutoff, "score")
     Bn, Hn, T, c, d = 4, 4, 300, 16, 64
     ins = _inputs(spec, 1, T, c, d, Bn=Bn, Hn=Hn)
-    w = torch.randn(Bn, Hn, T, d, dtype=torch.float64).cuda()
+    w = torch.randn(Bn, Hn, T, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64).cuda()
     want, want_g = _run(gravity_materialised, spec, _leaves(ins, torch.float64, "cuda"), w)
     got, got_g = _run(gt.gravity_triton, spec, _leaves(ins, torch.float32, "cuda"), w)
     assert _rel(got, want) < 2e-5
@@ -266,8 +270,12 @@ def test_cuda_matches_materialised_bf16_and_fp32(mode, cutoff):
     assert _rel(got, want) <= 2 * _rel(base, want) + 1e-4
     for n in want_g:
         if want_g[n] is not None:
-            k = 4 if n in ("gamma", "beta", "r2") else 2
-            assert _rel(got_g[n], want_g[n]) <= k * _rel(base_g[n], want_g[n]) + 1e-4, (n, k)
+            scalar = n in ("gamma", "beta", "r2")
+            # a per-head scalar is a sum of cancelling bf16 products: either path may land far nearer
+            # fp64 than bf16's precision by luck, so its floor is bf16's unit roundoff (2^-8)
+            k, floor = (4, 2.0 ** -8) if scalar else (2, 1e-4)
+            err, base_err = _rel(got_g[n], want_g[n]), _rel(base_g[n], want_g[n])
+            assert err <= k * base_err + floor, (n, err, base_err)
 
 
 @pytest.mark.gpu
