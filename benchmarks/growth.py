@@ -12,8 +12,11 @@ reached the fixed run's final loss, also as a fraction of all the fixed run's FL
     python benchmarks/growth.py                       # the baby GPT of nanoGPT (use a GPU)
     python benchmarks/growth.py --small               # a CPU smoke run: 64 wide, 300 steps
     python benchmarks/growth.py --grow zero_init stack mask
+    python benchmarks/growth.py --small --steps 16000 --grow stack --bounds 0.1,0.2 --seed 1   # issue #7's setting
+    python benchmarks/growth.py ... --runs fixed > f.txt; python benchmarks/growth.py ... --runs grown > g.txt
+    cat f.txt g.txt > seed1.txt; python benchmarks/growth.py ... --from-log seed1.txt seed2.txt ...
 
-Runs on CUDA when available (bf16 autocast there, as ``physlm-graph train`` does), else CPU.
+``benchmarks/growth_seeds.sh`` runs several seeds that way, side by side on one GPU. Runs on CUDA when available (bf16 autocast there, as ``physlm-graph train`` does), else CPU.
 """
 
 from __future__ import annotations
