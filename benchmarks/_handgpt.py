@@ -50,11 +50,14 @@ class HandGPT(nn.Module):
 
     ``gelu``: "none" (exact, nanoGPT's) or "tanh" (GPT-2's); ``fused_mlp`` (tanh only): the MLP as
     physlm-graph's one-operation GELU MLP, so that both models get the same kernels.
+    ``bf16_residual``: under autocast, the residual stream in the autocast dtype from the
+    embedding on (as the blueprint's ``params.residual: autocast``; llm.c's numerics).
     """
 
     def __init__(self, vocab: int, ctx: int, d: int, h: int, layers: int, bias: bool = True,
-                 gelu: str = "none", fused_mlp: bool = False) -> None:
+                 gelu: str = "none", fused_mlp: bool = False, bf16_residual: bool = False) -> None:
         super().__init__()
+        self.bf16_residual = bf16_residual
         if fused_mlp and gelu != "tanh":
             raise ValueError("HandGPT: the fused MLP has only the tanh GELU")
         self.wte = nn.Embedding(vocab, d)
@@ -68,6 +71,8 @@ class HandGPT(nn.Module):
         """The final LayerNorm's output, the head's input."""
         pos = torch.arange(idx.shape[1], device=idx.device)
         x = self.wte(idx) + self.wpe(pos)
+        if self.bf16_residual and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         for block in self.h:
             x = block(x)
         return self.ln_f(x)

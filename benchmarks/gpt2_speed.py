@@ -159,6 +159,9 @@ def main() -> None:
     ap.add_argument("--second-first", action="store_true",
                     help="build, compile and warm up the second model (hand-written, or B) first; a check that the "
                          "order does not decide the ratio")
+    ap.add_argument("--residual", choices=("keep", "autocast"), default="keep",
+                    help="the residual stream's dtype for both models: keep (fp32 under autocast, the default) "
+                         "or autocast (bf16 from the embedding on: params.residual of the blueprint; other numerics)")
     ap.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublas",
                     help="torch's matmul library for both models (torch.backends.cuda.preferred_blas_library)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -203,8 +206,8 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str, mlp: str = "fuse
     dev = "cuda"
     torch.manual_seed(0)
     gelu = "none" if mlp == "exact" else "tanh"
-    cm = compile_blueprint(ROOT / "blueprints/gpt2-124m.yaml", overrides={"params.vocab": args.vocab,
-                                                                          "params.gelu": gelu}, device=dev)
+    blueprint_overrides = {"params.vocab": args.vocab, "params.gelu": gelu, "params.residual": args.residual}
+    cm = compile_blueprint(ROOT / "blueprints/gpt2-124m.yaml", overrides=blueprint_overrides, device=dev)
     n_fused = 0
     for mod in cm.module.modules():
         if isinstance(mod, MLP):
@@ -214,7 +217,8 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str, mlp: str = "fuse
         sys.exit(f"gpt2_speed.py: {n_fused} MLPs take the fused path, expected one per layer")
     p = cm.resolved.params
     L, H, D, ctx = p["layers"], p["heads"], p["dim"], p["context"]
-    hand = HandGPT(args.vocab, ctx, D, H, L, bias=True, gelu=gelu, fused_mlp=mlp == "fused").to(dev)
+    hand = HandGPT(args.vocab, ctx, D, H, L, bias=True, gelu=gelu, fused_mlp=mlp == "fused",
+                   bf16_residual=args.residual == "autocast").to(dev)
     n_params = cm.num_params - ctx * D
     flops_tok = 6 * n_params + 12 * L * H * (D // H) * args.seq
     models = {"physlm-graph gpt2-124m": (cm.module, True), "hand-written GPT-2": (hand, False)}
@@ -222,8 +226,7 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str, mlp: str = "fuse
     if ab is not None:  # the same blueprint and initialisation, compiled under other settings
         del models["hand-written GPT-2"], hand
         torch.manual_seed(0)
-        cm_b = compile_blueprint(ROOT / "blueprints/gpt2-124m.yaml", overrides={"params.vocab": args.vocab,
-                                                                                "params.gelu": gelu}, device=dev)
+        cm_b = compile_blueprint(ROOT / "blueprints/gpt2-124m.yaml", overrides=blueprint_overrides, device=dev)
         for mod in cm_b.module.modules():
             if isinstance(mod, MLP):
                 mod.fused = mlp == "fused"
@@ -267,7 +270,7 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str, mlp: str = "fuse
     tokens = args.batch * args.seq
     print()
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch} x {args.seq}, "
-          f"vocab {args.vocab}, bf16 autocast, compile={compile_mode} ({scope}), MLP {mlp} {args.mlp_options}, blas {args.blas}, "
+          f"vocab {args.vocab}, bf16 autocast, residual {args.residual}, compile={compile_mode} ({scope}), MLP {mlp} {args.mlp_options}, blas {args.blas}, "
           f"{'coordinate-descent tuning, ' if args.coordinate_descent else ''}"
           f"{'inductor ' + args.inductor + ', ' if args.inductor else ''}"
           f"sdpa={sdpa}, fused AdamW, timed {'per step' if args.sync_each_step else f'per round of {args.round} steps'}; "
