@@ -140,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_log is not None:
         return from_log(args.from_log, size, args.grow[0], fractions)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        ap.error(f"--device: {device!r} is not a torch device (auto, cpu, cuda, cuda:N)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {device}: this torch sees no CUDA GPU")
     if device == "cpu":
         torch.set_num_threads(min(4, torch.get_num_threads()))
     steps = size["train"]["steps"]

@@ -15,10 +15,12 @@ SEEDS=${SEEDS:-"1337 1 2 3 7"}; STEPS=${STEPS:-8000}; OUT=${OUT:-growth-seeds}
 DEVICE=${DEVICE:-cuda}; BOUNDS=${BOUNDS:-0.1,0.2}; GROW=${GROW:-stack}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=1
+pids=(); names=()
 common=(--small --steps "$STEPS" --grow "$GROW" --bounds "$BOUNDS" --data "$DATA")
 for s in $SEEDS; do
   for r in fixed grown; do
     python3 benchmarks/growth.py "${common[@]}" --seed "$s" --device "$DEVICE" --runs $r > "$OUT/seed$s-$r.txt" 2>&1 &
+    pids+=("$!"); names+=("$OUT/seed$s-$r.txt")
   done
 done
 t0=$(date +%s)
@@ -27,7 +29,14 @@ while [ -n "$(jobs -r)" ]; do
   now=$(date +%s); evals=$(cat "$OUT"/seed*-*.txt | grep -c "^step " || true)
   echo "$((now - t0)) s: $evals evaluations so far"
 done
-wait  # the exit status of each run
+failed=0
+for i in "${!pids[@]}"; do  # bash keeps each finished child's exit status for wait PID
+  if ! wait "${pids[$i]}"; then
+    echo "growth_seeds.sh: a run failed; its output: ${names[$i]}" >&2
+    failed=1
+  fi
+done
+[ "$failed" = 0 ] || exit 1
 logs=()
 for s in $SEEDS; do
   cat "$OUT/seed$s-fixed.txt" "$OUT/seed$s-grown.txt" > "$OUT/growth-small-$STEPS-seed$s.txt"

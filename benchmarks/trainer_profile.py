@@ -25,6 +25,7 @@ from _bench import kernel_times, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from physlm_graph import PhysLMError  # noqa: E402
 from physlm_graph.runtime.train import Trainer  # noqa: E402
 
 GROUPS = (("attention", ("flash", "fmha", "sdpa", "cudnn")),
@@ -61,10 +62,16 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("trainer_profile.py: needs a CUDA GPU (none found)")
+    for flag, path in (("--blueprint", args.blueprint), ("--data", args.data)):
+        if not Path(path).exists():
+            sys.exit(f"trainer_profile.py: {flag}: no file or folder at {path}")
     with tempfile.TemporaryDirectory() as tmp:
         t = Trainer(args.blueprint, out_dir=tmp, data=args.data, tokenizer=args.tokenizer, compile=True,
                     progress=False, overrides=args.set, steps=10**6)
-        t.setup()
+        try:
+            t.setup()
+        except PhysLMError as err:  # a broken blueprint, override, tokenizer or text: said where, no traceback
+            sys.exit(f"trainer_profile.py: {err}")
         step = [0]
         pending: list = []
 
