@@ -72,3 +72,19 @@ def test_gpt2_residual_trains_a_step_with_gradients_everywhere(residual):
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in cm.module.parameters())
     assert all(p.grad.dtype == torch.float32 for p in cm.module.parameters())  # fp32 weights, fp32 gradients
+
+
+def test_gpt2_bf16_residual_is_causal():
+    """Changing tokens after t leaves the logits at positions <= t unchanged, under bf16 autocast."""
+    cm = _gpt2("autocast")
+    cm.module.eval()
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 64, (2, 16), generator=g)
+    for t in (0, 7, 14):
+        changed = tokens.clone()
+        changed[:, t + 1:] = torch.randint(0, 64, changed[:, t + 1:].shape, generator=g)
+        assert not torch.equal(changed, tokens)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = cm.module(tokens)["logits"], cm.module(changed)["logits"]
+        assert torch.equal(a[:, : t + 1], b[:, : t + 1]), t
+        assert not torch.equal(a[:, t + 1:], b[:, t + 1:])  # the check can see a change where there is one
