@@ -131,6 +131,17 @@ def kernel_times(fn: Callable[[], object], n: int = 1) -> list[tuple[float, int,
     return sorted(rows, key=lambda r: -r[0])
 
 
+def kernel_groups(rows: list[tuple[float, int, str]], kinds) -> dict[str, float]:
+    """``kernel_times`` rows summed by group: ``kinds`` is ((group, substrings of lower-case kernel
+    names), ...), the first match wins, the rest is "other"."""
+    groups: dict[str, float] = {}
+    for ms, _, key in rows:
+        name = key.lower()
+        kind = next((g for g, keys in kinds if any(k in name for k in keys)), "other")
+        groups[kind] = groups.get(kind, 0.0) + ms
+    return groups
+
+
 def table(headers: list[str], rows: list[list[object]], align: str | None = None) -> str:
     """A markdown table; ``align`` is one char per column ('l' or 'r')."""
     align = align or "l" + "r" * (len(headers) - 1)

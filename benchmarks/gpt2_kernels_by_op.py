@@ -25,8 +25,6 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpt2_speed as G  # noqa: E402
 
-from physlm_graph import compile_blueprint  # noqa: E402
-from physlm_graph.components.ffn.mlp import MLP  # noqa: E402
 
 
 def main() -> None:
@@ -39,11 +37,7 @@ def main() -> None:
         sys.exit("gpt2_kernels_by_op.py: needs a CUDA GPU (none found)")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
-    cm = compile_blueprint(G.ROOT / "blueprints/gpt2-124m.yaml", overrides={"params.vocab": 50304}, device="cuda")
-    for mod in cm.module.modules():
-        if isinstance(mod, MLP):
-            mod.fused = True
-    model = cm.module.train()
+    model = G.blueprint_gpt2(50304, "tanh", "keep", True, "cuda").module.train()
     step = G.make_step(model, G.optimizer(model), True, "default", True, fused=True)
     x = torch.randint(0, 50304, (args.batch, 1024), device="cuda")
     y = torch.randint(0, 50304, (args.batch, 1024), device="cuda")

@@ -38,7 +38,7 @@ import torch._inductor.config  # noqa: F401  (--coordinate-descent)
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import kernel_times  # noqa: E402
+from _bench import kernel_groups, kernel_times  # noqa: E402
 from _handgpt import HandGPT  # noqa: E402
 
 from physlm_graph import compile_blueprint  # noqa: E402
@@ -105,6 +105,19 @@ def make_step(model, opt, physlm: bool, compile_mode: str | None, loss_in_compil
         return loss
 
     return step
+
+
+def blueprint_gpt2(vocab: int, gelu: str, residual: str, fused: bool, device: str):
+    """``gpt2-124m.yaml`` compiled with these params, each MLP's GELU in cuBLASLt's epilogues (fused)
+    or as its own kernels; stops if the fused path does not reach one MLP per layer."""
+    cm = compile_blueprint(ROOT / "blueprints/gpt2-124m.yaml", device=device, overrides={
+        "params.vocab": vocab, "params.gelu": gelu, "params.residual": residual})
+    mlps = [mod for mod in cm.module.modules() if isinstance(mod, MLP)]
+    for mod in mlps:
+        mod.fused = fused
+    if fused and sum(mod.fused for mod in mlps) != cm.resolved.params["layers"]:
+        sys.exit(f"gpt2_speed.py: {sum(mod.fused for mod in mlps)} MLPs take the fused path, expected one per layer")
+    return cm
 
 
 def inductor_settings(text: str, flag: str) -> dict:
@@ -206,15 +219,7 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str, mlp: str = "fuse
     dev = "cuda"
     torch.manual_seed(0)
     gelu = "none" if mlp == "exact" else "tanh"
-    blueprint_overrides = {"params.vocab": args.vocab, "params.gelu": gelu, "params.residual": args.residual}
-    cm = compile_blueprint(ROOT / "blueprints/gpt2-124m.yaml", overrides=blueprint_overrides, device=dev)
-    n_fused = 0
-    for mod in cm.module.modules():
-        if isinstance(mod, MLP):
-            mod.fused = mlp == "fused"
-            n_fused += mod.fused
-    if mlp == "fused" and n_fused != cm.resolved.params["layers"]:
-        sys.exit(f"gpt2_speed.py: {n_fused} MLPs take the fused path, expected one per layer")
+    cm = blueprint_gpt2(args.vocab, gelu, args.residual, mlp == "fused", dev)
     p = cm.resolved.params
     L, H, D, ctx = p["layers"], p["heads"], p["dim"], p["context"]
     hand = HandGPT(args.vocab, ctx, D, H, L, bias=True, gelu=gelu, fused_mlp=mlp == "fused",
@@ -226,10 +231,7 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str, mlp: str = "fuse
     if ab is not None:  # the same blueprint and initialisation, compiled under other settings
         del models["hand-written GPT-2"], hand
         torch.manual_seed(0)
-        cm_b = compile_blueprint(ROOT / "blueprints/gpt2-124m.yaml", overrides=blueprint_overrides, device=dev)
-        for mod in cm_b.module.modules():
-            if isinstance(mod, MLP):
-                mod.fused = mlp == "fused"
+        cm_b = blueprint_gpt2(args.vocab, gelu, args.residual, mlp == "fused", dev)
         models[B_NAME] = (cm_b.module, True)
     steps = {}
     for name, (m, is_physlm) in models.items():
@@ -315,11 +317,7 @@ def profile_step(step, x, y, n: int, step_s: float) -> None:
     """GPU time of n steps by kernel group and the top kernels (torch.profiler)."""
     rows = kernel_times(lambda: step(x, y), n)
     total = sum(ms for ms, _, _ in rows)
-    groups: dict[str, float] = {}
-    for ms, _, key in rows:
-        name = key.lower()
-        kind = next((g for g, keys in KINDS if any(k in name for k in keys)), "other")
-        groups[kind] = groups.get(kind, 0.0) + ms
+    groups = kernel_groups(rows, KINDS)
     print(f"\nprofile of the physlm-graph step ({n} steps): {total:.1f} ms of GPU kernels per step, "
           f"step time {step_s * 1e3:.1f} ms (GPU idle {max(0.0, step_s * 1e3 - total):.1f} ms)")
     print("| kernels | ms/step | share of kernel time |")

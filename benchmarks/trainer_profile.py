@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import kernel_times, table  # noqa: E402
+from _bench import kernel_groups, kernel_times, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,11 +32,6 @@ GROUPS = (("attention", ("flash", "fmha", "sdpa", "cudnn")),
           ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "splitkreduce")),
           ("optimizer", ("adam",)), ("foreach (clip, norms)", ("multi_tensor", "foreach")),
           ("loss", ("_ce_rows",)), ("inductor Triton", ("triton_",)))
-
-
-def group(name: str) -> str:
-    low = name.lower()
-    return next((g for g, keys in GROUPS if any(k in low for k in keys)), "other")
 
 
 def timed(fn, rounds: int, per: int) -> float:
@@ -104,9 +99,7 @@ def main() -> None:
     for name in ("trainer", "bare"):
         total = sum(ms for ms, _, _ in kernels[name])
         step_ms = times[name] * 1e3
-        by = {}
-        for ms, _, key in kernels[name]:
-            by[group(key)] = by.get(group(key), 0.0) + ms
+        by = kernel_groups(kernels[name], GROUPS)
         rows.append([name, f"{step_ms:.2f}", f"{tokens / times[name]:,.0f}", f"{total:.2f}",
                      f"{step_ms - total:.2f}"] + [f"{by.get(g, 0.0):.2f}" for g, _ in GROUPS] + [f"{by.get('other', 0):.2f}"])
     print(table(["step", "ms/step", "tokens/s", "GPU kernels ms", "GPU waits ms"] + [g for g, _ in GROUPS] + ["other"],
