@@ -7,6 +7,12 @@ CUDA-event medians of interleaved repetitions; the table also gives each fused v
 gradient differences from the compiled reference (both bf16, so differences of bf16 rounding).
 
     python benchmarks/linear_ce.py [--tokens 32768] [--dim 768] [--vocab 50304] [--chunks 256,512,1024,4096]
+        [--limit 50257]
+
+``--limit L`` adds the head as the trainer runs GPT-2 (``train.vocab_multiple``: 50304 rows, the
+first 50257 real ids, ``head.lm``'s ``logit_limit``): the fused head + loss with that limit beside
+the one without, and in the loss-only table the kernel on rows of the padded width given the real
+ids as its row length (before the ninth session) against the padded width with -inf past the ids.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--chunks", default="256,512,1024,4096")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--limit", type=int, default=None, help="also time the fused head with only the first LIMIT ids real")
     ap.add_argument("--profile", action="store_true", help="also list the GPU kernels of one step of each variant")
     args = ap.parse_args()
     try:
@@ -38,13 +45,15 @@ def main() -> None:
         ap.error(f"--chunks takes a comma list of row counts, not {args.chunks!r}")
     if any(c < 1 for c in chunks) or min(args.tokens, args.dim, args.vocab, args.reps) < 1:
         ap.error("--chunks, --tokens, --dim, --vocab and --reps must be positive")
+    if args.limit is not None and not 1 <= args.limit <= args.vocab:
+        ap.error(f"--limit takes 1..{args.vocab} (--vocab), not {args.limit}")
     if not torch.cuda.is_available():
         sys.exit("linear_ce.py: needs a CUDA GPU (none found); nothing to time")
     dev = "cuda"
     torch.manual_seed(0)
     h = torch.randn(args.tokens, args.dim, device=dev, requires_grad=True)
     w = (0.02 * torch.randn(args.vocab, args.dim, device=dev)).requires_grad_()
-    y = torch.randint(0, args.vocab, (args.tokens,), device=dev)
+    y = torch.randint(0, args.limit or args.vocab, (args.tokens,), device=dev)
 
     @torch.compile
     def compiled(h, w, y):
@@ -62,11 +71,24 @@ def main() -> None:
     for c in chunks:
         variants[f"fused, chunk {c}" + (" (default)" if c == auto else "")] = (
             lambda c: lambda h, w, y: linear_cross_entropy(h, w, y, chunk=c))(c)
-    ref = run(compiled)
+    refs = {None: run(compiled)}
+    limited: set[str] = set()
+    if args.limit is not None:
+        pad = torch.arange(args.vocab, device=dev) >= args.limit
+
+        @torch.compile
+        def compiled_limited(h, w, y):  # the padded ids as -inf logits
+            return F.cross_entropy(F.linear(h, w).float().masked_fill(pad, float("-inf")), y)
+
+        refs[args.limit] = run(compiled_limited)
+        name = f"fused, chunk {auto} (default), first {args.limit} ids real"
+        variants[name] = lambda h, w, y: linear_cross_entropy(h, w, y, chunk=auto, limit=args.limit)
+        limited.add(name)
     diffs = {}
     for name, fn in variants.items():
         for _ in range(3):
             out = run(fn)
+        ref = refs[args.limit if name in limited else None]
         diffs[name] = (abs(float(out[0] - ref[0])),
                        float((out[1] - ref[1]).abs().max() / ref[1].abs().max()),
                        float((out[2] - ref[2]).abs().max() / ref[2].abs().max()))
@@ -104,7 +126,7 @@ def loss_only(args) -> None:
     fused kernel's one launch over all rows (loss and gradient in place), and the bytes each moves."""
     torch.manual_seed(1)
     logits = (3 * torch.randn(args.tokens, args.vocab, device="cuda")).bfloat16().requires_grad_()
-    y = torch.randint(0, args.vocab, (args.tokens,), device="cuda")
+    y = torch.randint(0, args.limit or args.vocab, (args.tokens,), device="cuda")
 
     @torch.compile
     def ce(lg, y):
@@ -126,6 +148,20 @@ def loss_only(args) -> None:
         buf.copy_(logits.detach())
 
     fns = {"compiled log-softmax fwd + bwd": compiled, "fused kernel (+ a copy)": fused, "the copy alone": copy_only}
+    if args.limit is not None:
+        lim = args.limit
+
+        def rows_of_ids():  # before the ninth session: the real ids as the row length
+            buf.copy_(logits.detach())
+            _linear_ce.ce_rows(buf, y, losses, scale, lim)
+
+        def padded_rows():  # now: the padded width, -inf past the real ids
+            buf.copy_(logits.detach())
+            buf[:, lim:].fill_(float("-inf"))
+            _linear_ce.ce_rows(buf, y, losses, scale, args.vocab, n_ids=lim)
+
+        fns[f"kernel, row length {lim} (+ a copy)"] = rows_of_ids
+        fns[f"kernel, row length {args.vocab}, -inf past {lim} (+ a copy and the fill)"] = padded_rows
     for fn in fns.values():
         for _ in range(3):
             fn()
@@ -149,6 +185,9 @@ def loss_only(args) -> None:
     for k, v in med.items():
         print(f"| {k} | {v:.2f} | |")
     print(f"| fused kernel alone (difference) | {kernel:.2f} | {gb / kernel * 1e3:.0f} |")
+    for k in list(med)[3:]:
+        alone = med[k] - med["the copy alone"]
+        print(f"| {k.split(' (+')[0]} alone (difference) | {alone:.2f} | {gb / alone * 1e3:.0f} |")
 
 
 if __name__ == "__main__":

@@ -154,6 +154,8 @@ _KERNEL_SCRIPT = textwrap.dedent("""
                     float((w.grad - 3 * rw).abs().max() / rw.abs().max()))
     yb = torch.randint(0, 300, (6,)); yb[2] = 300 + 7  # past the row (and past its padding to 320)
     assert torch.isnan(m.linear_cross_entropy(torch.randn(6, 8), torch.randn(300, 8), yb, chunk=3))
+    yl = torch.randint(0, 100, (6,)); yl[4] = 110  # past the limit, inside the row (its logit is -inf there)
+    assert torch.isnan(m.linear_cross_entropy(torch.randn(6, 8), torch.randn(130, 8), yl, chunk=3, limit=100))
     print("WORST", worst)
 """)
 
