@@ -2,7 +2,8 @@
 
 ``gpt2_speed.py --profile`` groups kernels by name; this script attributes them to the operator
 that launched them (an aten op, a physlm_graph custom op, or an inductor kernel), which is how
-the eighth session found the LayerNorm backward's separate bf16 casts and its eager partial sums.
+the eighth session found the LayerNorm backward's separate bf16 casts and its eager partial sums
+(with ``--residual keep``: an fp32 residual stream, the blueprint's default until the ninth session).
 The blueprint's model as ``gpt2_speed.py`` times it: bf16 autocast, ``torch.compile`` (default
 mode), head + loss fused, the MLP's GELU in cuBLASLt's epilogues, cuDNN attention, fused AdamW.
 
@@ -32,12 +33,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="profiled steps (after 4 warm-up steps)")
     ap.add_argument("--top", type=int, default=60, help="rows of the (operator, kernel) table")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--residual", choices=("keep", "autocast"), default="autocast",
+                    help="params.residual: autocast (bf16 stream, the blueprint's default) or keep (fp32 stream, "
+                         "the numerics the eighth session diagnosed)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpt2_kernels_by_op.py: needs a CUDA GPU (none found)")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
-    model = G.blueprint_gpt2(50304, "tanh", "keep", True, "cuda").module.train()
+    model = G.blueprint_gpt2(50304, "tanh", args.residual, True, "cuda").module.train()
     step = G.make_step(model, G.optimizer(model), True, "default", True, fused=True)
     x = torch.randint(0, 50304, (args.batch, 1024), device="cuda")
     y = torch.randint(0, 50304, (args.batch, 1024), device="cuda")

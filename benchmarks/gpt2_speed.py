@@ -14,8 +14,10 @@ times single steps instead.
 
 ``--inductor KEY=VALUE,...`` sets inductor options for both models. ``--ab KEY=VALUE,...``
 replaces the hand-written model with the blueprint's model compiled under those options (an A/B of
-compiler settings, B/A ratio). ``--second-first`` builds and warms up the second model first: a check
-that the order does not decide the ratio (the first-built model ran about 0.3 ms slower on an H100).
+compiler settings, B/A ratio); ``--ab-residual keep|autocast`` makes B the blueprint with that residual
+stream (alone or with ``--ab``): ``--residual keep --ab-residual autocast`` is an A/B of the two
+streams. ``--second-first`` builds and warms up the second model first: a check that the order
+does not decide the ratio (the first-built model ran about 0.3 ms slower on an H100).
 
 ``--profile N`` then profiles N steps of the blueprint's model and prints where its GPU time
 goes: kernels grouped as matmuls, attention, the optimizer, inductor's Triton kernels and the
@@ -169,12 +171,16 @@ def main() -> None:
     ap.add_argument("--ab", default=None, metavar="KEY=VALUE,...",
                     help="A/B instead of the hand-written model: the blueprint's model twice, the second compiled "
                          "under these inductor settings; prints the B/A tokens/s ratio")
+    ap.add_argument("--ab-residual", choices=("keep", "autocast"), default=None,
+                    help="A/B instead of the hand-written model: the blueprint's model twice, the second with this "
+                         "params.residual (with --ab, under those settings too); prints the B/A tokens/s ratio")
     ap.add_argument("--second-first", action="store_true",
                     help="build, compile and warm up the second model (hand-written, or B) first; a check that the "
                          "order does not decide the ratio")
-    ap.add_argument("--residual", choices=("keep", "autocast"), default="keep",
-                    help="the residual stream's dtype for both models: keep (fp32 under autocast, the default) "
-                         "or autocast (bf16 from the embedding on: params.residual of the blueprint; other numerics)")
+    ap.add_argument("--residual", choices=("keep", "autocast"), default="autocast",
+                    help="the residual stream's dtype for both models (the blueprint's params.residual): autocast "
+                         "(bf16 from the embedding on, llm.c's numerics; the blueprint's default since the ninth "
+                         "session) or keep (fp32 under autocast, nanoGPT's)")
     ap.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublas",
                     help="torch's matmul library for both models (torch.backends.cuda.preferred_blas_library)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -228,10 +234,11 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str, mlp: str = "fuse
     flops_tok = 6 * n_params + 12 * L * H * (D // H) * args.seq
     models = {"physlm-graph gpt2-124m": (cm.module, True), "hand-written GPT-2": (hand, False)}
     ab = inductor_settings(args.ab, "--ab") if args.ab is not None else None
-    if ab is not None:  # the same blueprint and initialisation, compiled under other settings
+    is_ab = ab is not None or args.ab_residual is not None
+    if is_ab:  # the same blueprint and initialisation, compiled under other settings or with another residual
         del models["hand-written GPT-2"], hand
         torch.manual_seed(0)
-        cm_b = blueprint_gpt2(args.vocab, gelu, args.residual, mlp == "fused", dev)
+        cm_b = blueprint_gpt2(args.vocab, gelu, args.ab_residual or args.residual, mlp == "fused", dev)
         models[B_NAME] = (cm_b.module, True)
     steps = {}
     for name, (m, is_physlm) in models.items():
@@ -288,8 +295,9 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str, mlp: str = "fuse
         res[name] = tps
         print(f"| {name} | {med * 1e3:.1f} | {tps:,.0f} | {100 * mfu:.1f}% |")
     print()
-    if ab is not None:
-        print(f"tokens/s ratio B ({args.ab}) / A: {res[B_NAME] / res['physlm-graph gpt2-124m']:.3f}")
+    if is_ab:
+        b_label = ", ".join(filter(None, [args.ab, args.ab_residual and f"residual {args.ab_residual}"]))
+        print(f"tokens/s ratio B ({b_label}) / A: {res[B_NAME] / res['physlm-graph gpt2-124m']:.3f}")
         mfu_b = res[B_NAME] * flops_tok / PEAK
         print(f"physlm-graph MFU: A {100 * res['physlm-graph gpt2-124m'] * flops_tok / PEAK:.1f}%, "
               f"B {100 * mfu_b:.1f}% (goal >= 45%)")
@@ -298,10 +306,11 @@ def run_variant(args, compile_mode: str, sdpa: str, scope: str, mlp: str = "fuse
         print(f"tokens/s ratio physlm-graph / hand-written: {ratio:.3f} (goal >= 0.98)")
         mfu = res["physlm-graph gpt2-124m"] * flops_tok / PEAK
         print(f"physlm-graph MFU: {100 * mfu:.1f}% (goal >= 45%)")
-    if args.profile:
-        with sdpa_context(sdpa):
-            profile_step(steps["physlm-graph gpt2-124m"], x, y, args.profile,
-                         statistics.median(times["physlm-graph gpt2-124m"]))
+    if args.profile:  # the blueprint's model; with an A/B, B too
+        for name in [n for n in steps if n.startswith("physlm-graph")]:
+            print(f"\nprofile of {name}:")
+            with sdpa_context(sdpa):
+                profile_step(steps[name], x, y, args.profile, statistics.median(times[name]))
 
 
 KINDS = (  # (group, substrings of kernel names), first match wins

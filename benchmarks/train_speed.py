@@ -71,14 +71,19 @@ def main() -> None:
             tps = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][2:]
             if not tps:
                 sys.exit(f"train_speed.py: the run '{label}' logged too few intervals; raise --steps")
-            rows.append((label, statistics.median(tps), records[-1].get("loss")))
+            vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+            print("   step: train loss (log interval) / validation loss: " + ", ".join(
+                f"{r['step']}: {r['loss']:.4f} / {r['val_loss']:.4f}" for r in records if r.get("val_loss") is not None),
+                flush=True)
+            rows.append((label, statistics.median(tps), records[-1].get("loss"), vals[-1] if vals else None))
     print()
     print(f"blueprint {Path(args.blueprint).name}, {args.steps} steps, --compile {' '.join(extra)}")
     print()
-    print("| setting | tokens/s (median of log intervals) | vs first | final train loss |")
-    print("|---|---:|---:|---:|")
-    for label, tps, loss in rows:
-        print(f"| {label} | {tps:,.0f} | {tps / rows[0][1]:.3f}x | {loss:.4f} |")
+    print("| setting | tokens/s (median of log intervals) | vs first | final train loss | last validation loss |")
+    print("|---|---:|---:|---:|---:|")
+    for label, tps, loss, val in rows:
+        val_text = "-" if val is None else f"{val:.4f}"
+        print(f"| {label} | {tps:,.0f} | {tps / rows[0][1]:.3f}x | {loss:.4f} | {val_text} |")
 
 
 if __name__ == "__main__":

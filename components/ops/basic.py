@@ -58,7 +58,8 @@ def cast(x: Tensor, *, to: str = "keep") -> Tensor:
     residual add reads and writes fp32, and every branch's gradient is cast back to bf16 on its
     own. Cast once to ``autocast`` after the embedding, the stream and its gradient are bf16 (as
     llm.c trains GPT-2). This halves that traffic and rounds every residual add to bf16: a change of
-    numerics, so blueprints keep ``keep`` unless asked (``gpt2-124m.yaml``'s ``params.residual``).
+    numerics, so the op's default is ``keep``; ``gpt2-124m.yaml`` asks for ``autocast`` through its
+    ``params.residual`` (measured: docs/blueprint.md).
     """
     if to == "keep":
         return x

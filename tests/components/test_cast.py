@@ -88,3 +88,13 @@ def test_gpt2_bf16_residual_is_causal():
             a, b = cm.module(tokens)["logits"], cm.module(changed)["logits"]
         assert torch.equal(a[:, : t + 1], b[:, : t + 1]), t
         assert not torch.equal(a[:, t + 1:], b[:, t + 1:])  # the check can see a change where there is one
+
+
+def test_gpt2_blueprint_ships_the_bf16_stream():
+    """The shipped blueprint's default (no params.residual override) is the bf16 stream under autocast."""
+    torch.manual_seed(0)
+    cm = compile_blueprint(ROOT / "blueprints" / "gpt2-124m.yaml", overrides=TINY_GPT2)
+    tokens = torch.randint(0, 64, (2, 16))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, dtypes = _stream_dtypes(cm.module, tokens)
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
