@@ -2,7 +2,7 @@
 torchrun), the same blueprint and per-GPU batch, in one run. Goal on 2 H200s: >= 1.85x.
 
     python benchmarks/ddp_scaling.py --data TEXT --tokenizer TOKENIZER [--gpus 2] [--steps 60]
-        [--configs default accum2:accumulate=2 fsdp:strategy=fsdp ...]
+        [--configs default accum2:accumulate=2 bf16:ddp_reduce_dtype=bfloat16 fsdp:strategy=fsdp ...]
 
 tokens/s is read from each run's metrics.jsonl (global tokens over all ranks), the median of
 the logged records after the first --skip steps (compilation and warm-up).
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # settings that change only how the N-GPU run communicates; the 1-GPU baseline ignores them
-COMM_ONLY = ("strategy", "ddp_bucket_mb", "ddp_bucket_view")
+COMM_ONLY = ("strategy", "ddp_bucket_mb", "ddp_bucket_view", "ddp_reduce_dtype")
 
 
 def parse_config(text: str) -> tuple[str, dict[str, str]]:

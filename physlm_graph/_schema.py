@@ -150,6 +150,10 @@ class TrainConfig(_Strict):
         "matmuls); the padded ids get -inf logits through head.lm's logit_limit, so the function is unchanged")
     ddp_bucket_mb: float = Field(250.0, gt=0.0, description="DDP gradient bucket size in MiB (torch's default: 25)")
     ddp_bucket_view: bool = Field(True, description="DDP gradient_as_bucket_view: gradients live in the buckets, one copy less")
+    ddp_reduce_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of DDP's gradient all-reduce: bfloat16 sends half the bytes (each bucket "
+        "cast to bf16 and divided by the world size, summed, cast back); the gradients and the optimizer stay "
+        "fp32. DDP only")
     nan_policy: Literal["stop", "skip"] = "stop"
     max_skips: int = Field(10, ge=0)
 

@@ -222,6 +222,9 @@ class Trainer:
     # ------------------------------------------------------------ setup
     def setup(self) -> None:
         self.cfg = self.resolve_config()
+        if self.strategy == "fsdp" and self.cfg.ddp_reduce_dtype != "float32":
+            raise TrainingError(f"train.ddp_reduce_dtype: {self.cfg.ddp_reduce_dtype} is for DDP; FSDP2 reduce-scatters "
+                                "its gradients in fp32", fix="drop train.ddp_reduce_dtype, or train with --strategy ddp")
         self.resume_from_path = self.find_resume() if self.resume else None
         if not self.resume and (self.out_dir / "last").exists():
             raise TrainingError("the output folder already holds a run", loc=Loc(file=str(self.out_dir)),
@@ -290,7 +293,8 @@ class Trainer:
         if split is None:  # FSDP2 under bf16: gather bf16 weights (half the traffic), reduce gradients in fp32
             self.wrapped = wrap_model(self.model, self.dist, self.strategy, blocks,
                                       bucket_mb=self.cfg.ddp_bucket_mb, bucket_view=self.cfg.ddp_bucket_view,
-                                      param_dtype=torch.bfloat16 if use_bf16 else None)
+                                      param_dtype=torch.bfloat16 if use_bf16 else None,
+                                      reduce_dtype=self.cfg.ddp_reduce_dtype)
             self.forward = compile_(self.wrapped) if self.cfg.compile else self.wrapped
 
             def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -299,7 +303,8 @@ class Trainer:
             # the training module computes the loss inside its forward (so DDP sees the head's use);
             # evaluation and generation keep the original module, which shares every parameter
             self.wrapped = wrap_model(FusedLossModule(*split), self.dist, self.strategy, blocks,
-                                      bucket_mb=self.cfg.ddp_bucket_mb, bucket_view=self.cfg.ddp_bucket_view)
+                                      bucket_mb=self.cfg.ddp_bucket_mb, bucket_view=self.cfg.ddp_bucket_view,
+                                      reduce_dtype=self.cfg.ddp_reduce_dtype)
             self.forward = compile_(self.model) if self.cfg.compile else self.model
 
             def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -322,9 +327,10 @@ class Trainer:
         self.dtype_name = "bfloat16 autocast" if use_bf16 else "float32"
 
     def _fsdp_label(self) -> str:
-        """How FSDP2 moves weights: the all-gather dtype the shards were wrapped with."""
+        """How FSDP2 moves weights: the all-gather dtype the shards were wrapped with; for DDP,
+        a bf16 gradient all-reduce."""
         if self.strategy != "fsdp":
-            return ""
+            return ", bf16 gradient all-reduce" if self.cfg.ddp_reduce_dtype == "bfloat16" else ""
         # read back from FSDP2's own state (private; if a torch release moves it, say nothing)
         get_state = getattr(self.model, "_get_fsdp_state", None)
         policy = getattr(get_state(), "_mp_policy", None) if callable(get_state) else None

@@ -4,6 +4,7 @@ writes one checkpoint that loads in a single process."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,87 @@ def test_ddp_with_the_fused_loss_matches_ddp_without(tmp_path):
     assert "head.weight" in states["on"] and not torch.equal(states["on"]["head.weight"], states["on"]["tok.weight"])
     for k, v in states["off"].items():
         torch.testing.assert_close(states["on"][k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
+def test_bf16_gradient_all_reduce_trains_close_to_fp32(tmp_path):
+    """``train.ddp_reduce_dtype: bfloat16`` registers DDP's bf16 compression hook: two gloo ranks
+    write weights that differ from the fp32 all-reduce's (the hook ran) by bf16 rounding only, and
+    the run summary says so."""
+    text = tmp_path / "t.txt"
+    text.write_text(DATA.read_text()[:20000])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    states = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        cmd = [sys.executable, "-m", "physlm_graph", "train", str(ROOT / "blueprints/baby-gpt-cpu.yaml"),
+               "--data", str(text), "--steps", "4", "--out", str(out), "--device", "cpu", "--no-progress",
+               "--gpus", "2", "--set", "layers=1", "--set", "dim=32", "--set", "heads=2",
+               "--set", "train.eval_every=4", "--set", "train.eval_iters=1", "--batch-size", "4",
+               "--set", f"train.ddp_reduce_dtype={dtype}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert ("2 processes (ddp, bf16 gradient all-reduce)" in proc.stdout) == (dtype == "bfloat16"), proc.stdout
+        states[dtype] = load_checkpoint(out / "last").model.module.state_dict()
+    worst = max(float((states["bfloat16"][k] - v).abs().max()) for k, v in states["float32"].items())
+    print("worst weight difference", worst)
+    assert 0.0 < worst < 1e-3
+    for k, v in states["float32"].items():
+        assert states["bfloat16"][k].dtype == torch.float32, k
+
+
+def test_bf16_gradient_all_reduce_is_refused_under_fsdp(tmp_path):
+    """FSDP2 reduce-scatters in fp32: asking it for DDP's bf16 all-reduce is an error, not ignored."""
+    from physlm_graph.runtime.train import Trainer, TrainingError
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 500)
+    trainer = Trainer(ROOT / "blueprints/baby-gpt-cpu.yaml", data=str(text), out_dir=tmp_path / "o", device="cpu",
+                      strategy="fsdp", ddp_reduce_dtype="bfloat16")
+    with pytest.raises(TrainingError, match="ddp_reduce_dtype: bfloat16 is for DDP"):
+        trainer.setup()
+
+
+_HOOK_SCRIPT = r"""
+import os, torch, torch.distributed as dist
+from torch import nn
+from physlm_graph.runtime.distributed import DistInfo, wrap_model
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+net = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+info = DistInfo(rank=rank, world=2, local_rank=rank)
+ddp = wrap_model(net, info, "ddp", [], bucket_mb=1e-6, reduce_dtype="bfloat16")  # one bucket per tensor
+torch.manual_seed(1 + rank)
+x = torch.randn(16, 64) * (1 + 9 * rank)  # ranks with gradients of different sizes
+own = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+own.load_state_dict(net.state_dict())
+own(x).pow(2).mean().backward()
+ddp(x).pow(2).mean().backward()
+worst, exact = 0.0, True
+for p, q in zip(net.parameters(), own.parameters()):
+    mine = q.grad.clone()
+    dist.all_reduce(mine)  # fp32 sum of both ranks' own gradients
+    mean = mine / 2
+    worst = max(worst, float((p.grad - mean).abs().max() / mean.abs().max()))
+    exact = exact and torch.equal(p.grad, mean)
+print(f"rank {rank} worst {worst:.3e} exact {exact}", flush=True)
+dist.barrier()
+dist.destroy_process_group()
+os._exit(0)
+"""
+
+
+def test_bf16_all_reduce_hook_gives_the_mean_to_bf16_rounding(tmp_path):
+    """The hook's result is the mean of the ranks' gradients (not their sum), within bf16 rounding
+    of the fp32 mean, and not equal to it (the bf16 path ran)."""
+    script = tmp_path / "hook.py"
+    script.write_text(_HOOK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    found = re.findall(r"rank (\d) worst (\S+) exact (True|False)", proc.stdout)  # ranks' lines may interleave
+    assert sorted(r for r, _, _ in found) == ["0", "1"], proc.stdout
+    for _, worst, exact in found:
+        assert float(worst) < 2 ** -7 and exact == "False", proc.stdout

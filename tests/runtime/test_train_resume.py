@@ -193,8 +193,8 @@ def test_compiled_training_says_a_graph_break_once(tmp_path, text_file, monkeypa
 
 
 def test_ddp_settings_reach_wrap_model(tmp_path, text_file, monkeypatch):
-    """train.ddp_bucket_mb and train.ddp_bucket_view are handed to the DDP wrapper (defaults
-    250 and true), and the FSDP2 all-gather dtype follows train.dtype (none in fp32, bf16 under
+    """train.ddp_bucket_mb, train.ddp_bucket_view and train.ddp_reduce_dtype are handed to the DDP
+    wrapper (defaults 250, true and float32), and the FSDP2 all-gather dtype follows train.dtype (none in fp32, bf16 under
     bf16 autocast); the 2-process tests in test_distributed check what DDP and FSDP do with them."""
     import physlm_graph.runtime.train as train_mod
 
@@ -207,9 +207,10 @@ def test_ddp_settings_reach_wrap_model(tmp_path, text_file, monkeypatch):
 
     monkeypatch.setattr(train_mod, "wrap_model", spy)
     _run(tmp_path / "a", text_file, steps=1, eval_every=1)
-    _run(tmp_path / "b", text_file, steps=1, eval_every=1, ddp_bucket_mb=64.0, ddp_bucket_view=False, dtype="bfloat16")
-    assert seen == [{"bucket_mb": 250.0, "bucket_view": True, "param_dtype": None},
-                    {"bucket_mb": 64.0, "bucket_view": False, "param_dtype": torch.bfloat16}]
+    _run(tmp_path / "b", text_file, steps=1, eval_every=1, ddp_bucket_mb=64.0, ddp_bucket_view=False, dtype="bfloat16",
+         ddp_reduce_dtype="bfloat16")
+    assert seen == [{"bucket_mb": 250.0, "bucket_view": True, "param_dtype": None, "reduce_dtype": "float32"},
+                    {"bucket_mb": 64.0, "bucket_view": False, "param_dtype": torch.bfloat16, "reduce_dtype": "bfloat16"}]
 
 
 @pytest.mark.parametrize("tie, multiple", [(True, 1), (False, 1), (True, 64)])
