@@ -112,6 +112,24 @@ def test_accumulation_communicates_only_on_the_last_micro_batch(tmp_path, strate
     assert proc.stdout.count(f"allreduce calls {calls}") == 2, proc.stdout
 
 
+def _train_on_two_ranks(tmp_path: Path, name: str, *args: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """``physlm-graph train`` of a tiny baby-gpt-cpu on two gloo ranks (4 steps, batch 4 per rank,
+    width 32, on 20,000 characters of Shakespeare) with ``args`` added; returns the run's stdout
+    and the written weights."""
+    text = tmp_path / "t.txt"
+    if not text.exists():
+        text.write_text(DATA.read_text()[:20000])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "200"}  # no wrapped table rows
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "physlm_graph", "train", str(ROOT / "blueprints/baby-gpt-cpu.yaml"),
+           "--data", str(text), "--steps", "4", "--out", str(out), "--device", "cpu", "--no-progress",
+           "--gpus", "2", "--set", "dim=32", "--set", "heads=2", "--set", "train.eval_every=4",
+           "--set", "train.eval_iters=1", "--batch-size", "4", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout, load_checkpoint(out / "last").model.module.state_dict()
+
+
 @pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 5e-4)])
 def test_fsdp_training_matches_ddp(tmp_path, dtype, tol):
@@ -121,22 +139,13 @@ def test_fsdp_training_matches_ddp(tmp_path, dtype, tol):
     accumulation; the weights written equal those of the same run under DDP. Under bf16 the
     shards are all-gathered in bf16 (said in the run summary) and the written weights stay
     fp32, within bf16 rounding of DDP's."""
-    text = tmp_path / "t.txt"
-    text.write_text(DATA.read_text()[:20000])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "200"}  # no wrapped table rows
     states = {}
     for strategy in ("ddp", "fsdp"):
-        out = tmp_path / strategy
-        cmd = [sys.executable, "-m", "physlm_graph", "train", str(ROOT / "blueprints/baby-gpt-cpu.yaml"),
-               "--data", str(text), "--steps", "4", "--out", str(out), "--device", "cpu", "--no-progress",
-               "--gpus", "2", "--strategy", strategy, "--set", "layers=2", "--set", "dim=32", "--set", "heads=2",
-               "--set", "train.eval_every=4", "--set", "train.eval_iters=1", "--set", "train.accumulate=2",
-               "--batch-size", "4", "--set", f"train.dtype={dtype}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        stdout, states[strategy] = _train_on_two_ranks(
+            tmp_path, strategy, "--strategy", strategy, "--set", "layers=2", "--set", "train.accumulate=2",
+            "--set", f"train.dtype={dtype}")
         label = f"fsdp, {dtype} all-gathers" if strategy == "fsdp" else strategy
-        assert f"2 processes ({label})" in proc.stdout, proc.stdout
-        states[strategy] = load_checkpoint(out / "last").model.module.state_dict()
+        assert f"2 processes ({label})" in stdout, stdout
     assert states["ddp"].keys() == states["fsdp"].keys()
     for k, v in states["ddp"].items():
         assert states["fsdp"][k].dtype == torch.float32, k
@@ -148,21 +157,12 @@ def test_ddp_with_the_fused_loss_matches_ddp_without(tmp_path):
     """``train.fused_loss: true`` under DDP: the loss runs inside the wrapped module's forward, so
     an untied head's gradient is all-reduced like every other; two gloo ranks with accumulation
     write the same weights as the unfused run."""
-    text = tmp_path / "t.txt"
-    text.write_text(DATA.read_text()[:20000])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     states = {}
     for mode in ("off", "on"):
-        out = tmp_path / mode
-        cmd = [sys.executable, "-m", "physlm_graph", "train", str(ROOT / "blueprints/baby-gpt-cpu.yaml"),
-               "--data", str(text), "--steps", "4", "--out", str(out), "--device", "cpu", "--no-progress",
-               "--gpus", "2", "--set", "layers=1", "--set", "dim=32", "--set", "heads=2", "--set", "nodes.head.tie=null",
-               "--set", "train.eval_every=4", "--set", "train.eval_iters=1", "--set", "train.accumulate=2",
-               "--batch-size", "4", "--set", f"train.fused_loss={'true' if mode == 'on' else 'false'}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        assert ("fused head + cross-entropy" in proc.stdout) == (mode == "on"), proc.stdout
-        states[mode] = load_checkpoint(out / "last").model.module.state_dict()
+        stdout, states[mode] = _train_on_two_ranks(
+            tmp_path, mode, "--set", "layers=1", "--set", "nodes.head.tie=null", "--set", "train.accumulate=2",
+            "--set", f"train.fused_loss={'true' if mode == 'on' else 'false'}")
+        assert ("fused head + cross-entropy" in stdout) == (mode == "on"), stdout
     assert "head.weight" in states["on"] and not torch.equal(states["on"]["head.weight"], states["on"]["tok.weight"])
     for k, v in states["off"].items():
         torch.testing.assert_close(states["on"][k], v, atol=1e-5, rtol=1e-4, msg=k)
@@ -170,24 +170,14 @@ def test_ddp_with_the_fused_loss_matches_ddp_without(tmp_path):
 
 @pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
 def test_bf16_gradient_all_reduce_trains_close_to_fp32(tmp_path):
-    """``train.ddp_reduce_dtype: bfloat16`` registers DDP's bf16 compression hook: two gloo ranks
+    """``train.ddp_reduce_dtype: bfloat16`` registers the bf16 all-reduce hook: two gloo ranks
     write weights that differ from the fp32 all-reduce's (the hook ran) by bf16 rounding only, and
     the run summary says so."""
-    text = tmp_path / "t.txt"
-    text.write_text(DATA.read_text()[:20000])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     states = {}
     for dtype in ("float32", "bfloat16"):
-        out = tmp_path / dtype
-        cmd = [sys.executable, "-m", "physlm_graph", "train", str(ROOT / "blueprints/baby-gpt-cpu.yaml"),
-               "--data", str(text), "--steps", "4", "--out", str(out), "--device", "cpu", "--no-progress",
-               "--gpus", "2", "--set", "layers=1", "--set", "dim=32", "--set", "heads=2",
-               "--set", "train.eval_every=4", "--set", "train.eval_iters=1", "--batch-size", "4",
-               "--set", f"train.ddp_reduce_dtype={dtype}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        assert ("2 processes (ddp, bf16 gradient all-reduce)" in proc.stdout) == (dtype == "bfloat16"), proc.stdout
-        states[dtype] = load_checkpoint(out / "last").model.module.state_dict()
+        stdout, states[dtype] = _train_on_two_ranks(
+            tmp_path, dtype, "--set", "layers=1", "--set", f"train.ddp_reduce_dtype={dtype}")
+        assert ("2 processes (ddp, bf16 gradient all-reduce)" in stdout) == (dtype == "bfloat16"), stdout
     worst = max(float((states["bfloat16"][k] - v).abs().max()) for k, v in states["float32"].items())
     print("worst weight difference", worst)
     assert 0.0 < worst < 1e-3
