@@ -7,7 +7,9 @@ specified in ``shared/reference/SEEDS.md`` §1.1.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -63,6 +65,25 @@ def _spec_mul(a: Tensor, b: Tensor, conj_a: bool = False) -> Tensor:
     re = torch.where(slot0, rr, rr + sign * ii)
     im = torch.where(slot0, ii, torch.addcmul(ar * bi, ai, br, value=-sign))
     return torch.stack((re, im), dim=-2).flatten(-2)
+
+
+def _triton_kernels():
+    """The fused kernels of path B (``_holographic_triton``), imported on first CUDA use (triton's
+    import costs about a second that CPU work never needs); None without triton, said once."""
+    from physlm_graph.components.attention import _holographic_triton
+
+    if not _holographic_triton.triton_available:
+        _warn_no_triton()
+        return None
+    return _holographic_triton
+
+
+@functools.cache
+def _warn_no_triton() -> None:
+    """No silent slow path: say once per process that the fused kernels are missing."""
+    warnings.warn("attention.holographic: triton is not importable, so the fixed mode's path B runs as separate "
+                  "torch kernels (slower on a GPU); install triton (CUDA builds of torch ship it) for the fused "
+                  "kernels", RuntimeWarning, stacklevel=3)
 
 
 _AUTOCAST_DEVICES = frozenset({"cuda", "cpu", "xpu", "mps", "hpu", "mtia", "maia"})
@@ -211,7 +232,10 @@ class HolographicAttention(nn.Module):
       exponential-decay linear recurrence, done exactly: one product with the (H, T, T) causal
       weight matrix up to 1024 tokens, a chunked O(T) scan (matmuls) beyond.
       Per-head learnable decay rates (``decay_raw``, softplus) start with
-      half-lives 1 .. 64 tokens. Causal.
+      half-lives 1 .. 64 tokens. Causal. On CUDA with Triton (even head dims up to 128) path B
+      runs as fused kernels (``_holographic_triton``: the weights built in registers, y written
+      token-major; the same function, tested against this path); ``PHYSLM_HOLOGRAPHIC_TRITON=0``
+      turns them off.
 
     Quirks kept in both modes: the effective initial mix is sigmoid(0.1) ~ 0.525, not 0.1, and
     the clamp after the sigmoid gives s zero gradient once the gate sits at a bound. Weights are
@@ -260,7 +284,11 @@ class HolographicAttention(nn.Module):
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, d)
         bases = (self.dft_fwd, self.dft_inv)
-        if self.mode == "faithful" and rope is None:
+        if self.mode == "fixed" and x.is_cuda and (tk := _triton_kernels()) is not None and tk.ENABLED \
+                and tk.supports(self.head_dim):
+            qkv = packed.permute(2, 0, 3, 1, 4) if rope is None else torch.stack((q, k, v))  # (3, B, H, T, d)
+            y = tk.hrr_causal_triton(qkv, F.softplus(self.decay_raw), *bases).reshape(B, T, D)  # token-major
+        elif self.mode == "faithful" and rope is None:
             y = hrr_bind_per_token_packed(packed, bases).reshape(B, T, D)  # per token: layout-free
         else:
             if self.mode == "faithful":
