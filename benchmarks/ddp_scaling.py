@@ -1,7 +1,7 @@
 """Data-parallel scaling: tokens/s of `physlm-graph train` on 1 GPU and on N GPUs (DDP through
 torchrun), the same blueprint and per-GPU batch, in one run. Goal on 2 H200s: >= 1.85x.
 
-    python benchmarks/ddp_scaling.py --data TEXT --tokenizer TOKENIZER [--gpus 2] [--steps 60]
+    python benchmarks/ddp_scaling.py --data TEXT --tokenizer TOKENIZER [--gpus 2] [--steps 60] [--batch N]
         [--configs default accum2:accumulate=2 bf16:ddp_reduce_dtype=bfloat16 fsdp:strategy=fsdp ...]
 
 tokens/s is read from each run's metrics.jsonl (global tokens over all ranks), the median of
@@ -33,10 +33,18 @@ def parse_config(text: str) -> tuple[str, dict[str, str]]:
     return label, sets
 
 
+def blueprint_batch(path: Path) -> str:
+    """The blueprint's own train.batch_size, for the header ("blueprint's" if it has none)."""
+    import yaml
+
+    train = (yaml.safe_load(path.read_text()) or {}).get("train") or {}
+    return f"{train['batch_size']} (the blueprint's)" if "batch_size" in train else "the blueprint's"
+
+
 def run(n: int, args: argparse.Namespace, sets: dict[str, str], out: Path) -> float | str:
     cmd = [sys.executable, "-m", "physlm_graph", "train", str(ROOT / args.blueprint), "--data", args.data,
-           "--tokenizer", args.tokenizer, "--steps", str(args.steps), "--batch-size", str(args.batch),
-           "--out", str(out), "--no-progress", "--set", "train.eval_every=100000", "--set", "train.log_every=5",
+           "--tokenizer", args.tokenizer, "--steps", str(args.steps),
+           *(["--batch-size", str(args.batch)] if args.batch else []), "--out", str(out), "--no-progress", "--set", "train.eval_every=100000", "--set", "train.log_every=5",
            "--set", "train.eval_iters=1", "--set", f"train.seq_len={args.seq}"]
     for k, v in sets.items():
         cmd += ["--strategy", v] if k == "strategy" else ["--set", f"train.{k}={v}"]
@@ -62,7 +70,8 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--skip", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="per-GPU batch (default: the blueprint's train.batch_size, 32 for gpt2-124m.yaml)")
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--repeats", type=int, default=1, help="run everything this many times; report medians")
@@ -75,7 +84,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="ddp-"))
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"{args.blueprint}, per-GPU batch {args.batch} x {args.seq}, {args.steps} steps "
+    batch = args.batch or blueprint_batch(ROOT / args.blueprint)
+    print(f"{args.blueprint}, per-GPU batch {batch} x {args.seq}, {args.steps} steps "
           f"(median after step {args.skip}), compile={args.compile}, {args.repeats} repeat(s), {name}, "
           f"torch {torch.__version__}", flush=True)
     configs = []  # (label, settings text, sets, key of the 1-GPU baseline it needs)
