@@ -46,13 +46,16 @@ def run(n: int, args: argparse.Namespace, sets: dict[str, str], out: Path) -> fl
            "--tokenizer", args.tokenizer, "--steps", str(args.steps),
            *(["--batch-size", str(args.batch)] if args.batch else []), "--out", str(out), "--no-progress", "--set", "train.eval_every=100000", "--set", "train.log_every=5",
            "--set", "train.eval_iters=1", "--set", f"train.seq_len={args.seq}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for k, v in sets.items():
-        cmd += ["--strategy", v] if k == "strategy" else ["--set", f"train.{k}={v}"]
+        if k.startswith("env."):
+            env[k[4:]] = v
+        else:
+            cmd += ["--strategy", v] if k == "strategy" else ["--set", f"train.{k}={v}"]
     if args.compile:
         cmd.append("--compile")
     if n > 1:
         cmd += ["--gpus", str(n)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-4000:], flush=True)
@@ -77,8 +80,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="run everything this many times; report medians")
     ap.add_argument("--configs", nargs="+", default=["default"],
                     help="runs to compare, each LABEL or LABEL:key=value,... with train keys (accumulate=2, "
-                         "ddp_bucket_mb=100, ddp_bucket_view=false) or strategy=fsdp; the 1-GPU baseline is run "
-                         "once per distinct set of non-communication keys")
+                         "ddp_bucket_mb=100, ddp_bucket_view=false), strategy=fsdp, or env.NAME=VALUE (an "
+                         "environment variable of the N-GPU run, e.g. env.NCCL_ALGO=Ring); the 1-GPU "
+                         "baseline is run once per distinct set of non-communication keys")
     args = ap.parse_args()
     import torch
 
@@ -92,7 +96,7 @@ def main() -> None:
     for text in args.configs:
         label, sets = parse_config(text)
         configs.append((label, text.partition(":")[2] or "-", sets,
-                        tuple(sorted((k, v) for k, v in sets.items() if k not in COMM_ONLY))))
+                        tuple(sorted((k, v) for k, v in sets.items() if k not in COMM_ONLY and not k.startswith("env.")))))
     ones: dict[tuple, list[float | str]] = {}
     manys: dict[int, list[float | str]] = {}
     for r in range(args.repeats):  # repeats alternate 1-GPU and N-GPU runs, so drift hits both

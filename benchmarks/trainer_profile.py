@@ -7,6 +7,12 @@ AdamW without the trainer around it (what ``gpt2_speed.py`` times).
 
 Prints the median step time of each, the GPU kernel time per step by group (the difference is
 time the GPU waits for the host), and the kernels the trainer runs that the bare step does not.
+
+Under torchrun it profiles the DDP step (rank 0 reports; the bare step then includes DDP's
+all-reduces too): ``torchrun --nproc-per-node 2 benchmarks/trainer_profile.py ...``. The NCCL
+kernels run on their own stream beside the compute, so "compute kernels ms" leaves them out and
+"not computing ms" (step minus compute kernels) is the time the compute stream spends waiting:
+on the host, or on an all-reduce that nothing overlaps.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from physlm_graph import PhysLMError  # noqa: E402
 from physlm_graph.runtime.train import Trainer  # noqa: E402
 
-GROUPS = (("attention", ("flash", "fmha", "sdpa", "cudnn")),
+GROUPS = (("all-reduce (NCCL)", ("nccl",)), ("attention", ("flash", "fmha", "sdpa", "cudnn")),
           ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "splitkreduce")),
           ("optimizer", ("adam",)), ("foreach (clip, norms)", ("multi_tensor", "foreach")),
           ("loss", ("_ce_rows",)), ("inductor Triton", ("triton_",)))
@@ -91,19 +97,21 @@ def main() -> None:
         torch.cuda.synchronize()
         times = {"trainer": timed(trainer_step, args.rounds, 10), "bare": timed(bare_step, args.rounds, 10)}
         kernels = {"trainer": kernel_times(trainer_step, args.profile), "bare": kernel_times(bare_step, args.profile)}
+    if not t.dist.main:
+        return
     tokens = t.tokens_per_step
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, {Path(args.blueprint).name}, "
           f"{tokens:,} tokens/step, compile mode {t.cfg.compile_mode}, grad clip {t.cfg.grad_clip:g}, "
-          f"deferred steps {t.deferred()}\n")
+          f"deferred steps {t.deferred()}, {t.dist.world} process(es)\n")
     rows = []
     for name in ("trainer", "bare"):
-        total = sum(ms for ms, _, _ in kernels[name])
         step_ms = times[name] * 1e3
         by = kernel_groups(kernels[name], GROUPS)
-        rows.append([name, f"{step_ms:.2f}", f"{tokens / times[name]:,.0f}", f"{total:.2f}",
-                     f"{step_ms - total:.2f}"] + [f"{by.get(g, 0.0):.2f}" for g, _ in GROUPS] + [f"{by.get('other', 0):.2f}"])
-    print(table(["step", "ms/step", "tokens/s", "GPU kernels ms", "GPU waits ms"] + [g for g, _ in GROUPS] + ["other"],
-                rows))
+        compute = sum(ms for g, ms in by.items() if g != GROUPS[0][0])
+        rows.append([name, f"{step_ms:.2f}", f"{tokens / times[name]:,.0f}", f"{compute:.2f}",
+                     f"{step_ms - compute:.2f}"] + [f"{by.get(g, 0.0):.2f}" for g, _ in GROUPS] + [f"{by.get('other', 0):.2f}"])
+    print(table(["step", "ms/step", "tokens/s", "compute kernels ms", "not computing ms"] + [g for g, _ in GROUPS]
+                + ["other"], rows))
     print(f"\ntrainer / bare tokens/s: {times['bare'] / times['trainer']:.3f}")
     bare = {key: (ms, n) for ms, n, key in kernels["bare"]}
     extra = []
