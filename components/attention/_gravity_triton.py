@@ -56,29 +56,15 @@ import torch
 from torch import Tensor
 
 from physlm_graph._errors import PhysLMError
+from physlm_graph.components._triton import define_op, pow2, tl, triton, triton_available, wrap_triton
 from physlm_graph.components.attention._gravity_kernels import GravityScore
 
 __all__ = ["triton_available", "ENABLED", "gravity_triton", "gravity_triton_keep_mask", "GravityTritonFn"]
-
-try:
-    import triton
-    import triton.language as tl
-
-    triton_available = True
-except ImportError:  # pragma: no cover - CPU-only installs
-    triton_available = False
 
 ENABLED = triton_available and os.environ.get("PHYSLM_GRAVITY_TRITON", "1") != "0"
 
 HARD, SOFT, NONE = 0, 1, 2
 _CUTOFF = {"hard": HARD, "soft": SOFT, "none": NONE}
-
-try:
-    from torch.library import wrap_triton
-except ImportError:  # pragma: no cover - torch < 2.6: launch the kernels directly
-
-    def wrap_triton(kernel):  # type: ignore[no-redef]
-        return kernel
 
 
 # Precision of the coordinate products (the score's z_i.z_j and the backward's two dZ products):
@@ -476,10 +462,6 @@ if triton_available:
         tl.store(ptr, keep.to(tl.int8), mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
 
 
-def _pow2(n: int) -> int:
-    return max(16, 1 << (int(n) - 1).bit_length())
-
-
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by value head dim; the backward's BLOCK_N (keys per
 # program) must be a multiple of its BLOCK_M (queries per step), the forward's BLOCK_M of its BLOCK_N.
 # d = 64: the fastest of a small sweep on an H100 (B 16, H 8, T 512, c_h 16); d = 32 / 128: run and
@@ -519,7 +501,7 @@ def _fwd(zh: Tensor, v: Tensor, gamma: Tensor, beta: Tensor | None, mass: Tensor
         mass_.stride(0) if mass is not None else 0, mass_.stride(-1),
         H, T, C, D, shift, width, p, 1.0 / (1.0 - p),
         FAITHFUL=faithful, CUTOFF=cutoff, MASS_SCORE=mass is not None, DROPOUT=p > 0.0,
-        V_IEEE=v.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, CP=_pow2(C), DP=_pow2(D),
+        V_IEEE=v.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, CP=pow2(C), DP=pow2(D),
         num_warps=warps, num_stages=stages,
     )
     return o, stats, o32
@@ -545,7 +527,7 @@ def _bwd(do: Tensor, zh: Tensor, v: Tensor, o: Tensor, stats: Tensor, gamma: Ten
     if not v.is_meta:  # (meta: shape inference only)
         wrap_triton(_delta_kernel)[(triton.cdiv(T, 64), B * H)](
             do, o, delta, do.stride(0), do.stride(1), do.stride(2), do.stride(3),
-            o.stride(0), o.stride(1), o.stride(2), o.stride(3), H, T, D, BLOCK=64, DP=_pow2(D),
+            o.stride(0), o.stride(1), o.stride(2), o.stride(3), H, T, D, BLOCK=64, DP=pow2(D),
         )
         nrm = zh.float().square().sum(-1).contiguous()  # (Bz, H, T), as in the forward
         wrap_triton(_bwd_kernel)[(n_blocks, B * H)](
@@ -556,7 +538,7 @@ def _bwd(do: Tensor, zh: Tensor, v: Tensor, o: Tensor, stats: Tensor, gamma: Ten
             mass_.stride(0) if mass is not None else 0, mass_.stride(-1),
             H, T, C, D, shift, width, p, 1.0 / (1.0 - p),
             FAITHFUL=faithful, CUTOFF=cutoff, MASS_SCORE=mass is not None, DROPOUT=p > 0.0,
-            V_IEEE=v.dtype == torch.float32, BLOCK_N=bn, BLOCK_M=bm, CP=_pow2(C), DP=_pow2(D),
+            V_IEEE=v.dtype == torch.float32, BLOCK_N=bn, BLOCK_M=bm, CP=pow2(C), DP=pow2(D),
             num_warps=warps, num_stages=stages,
         )
     dz = dzr + dzc  # (B, H, T, C)
@@ -604,15 +586,6 @@ def _grads_out(g: tuple[Tensor, ...], beta: Tensor | None, mass: Tensor | None, 
 
 _op_available = False
 if triton_available:
-    _triton_op = getattr(torch.library, "triton_op", None)
-
-    def _define(name: str, fn, fake):
-        if _triton_op is not None:  # traceable launcher: its own fake impl
-            return _triton_op(f"physlm_graph::{name}", fn, mutates_args=())
-        op = torch.library.custom_op(f"physlm_graph::{name}", fn, mutates_args=())
-        op.register_fake(fake)
-        return op
-
     def _fwd_op_impl(zh: Tensor, v: Tensor, gamma: Tensor, beta: Tensor | None, mass: Tensor | None, r2: Tensor,
                      seed: Tensor | None, faithful: bool, cutoff: int, shift: float, width: float,
                      p: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -635,8 +608,8 @@ if triton_available:
             gamma.new_empty(gamma.shape), dm, r2.new_empty(())
 
     try:
-        _fwd_op = _define("gravity_fwd", _fwd_op_impl, _fwd_fake)
-        _bwd_op = _define("gravity_bwd", _bwd_op_impl, _bwd_fake)
+        _fwd_op = define_op("gravity_fwd", _fwd_op_impl, _fwd_fake)
+        _bwd_op = define_op("gravity_bwd", _bwd_op_impl, _bwd_fake)
 
         def _setup(ctx, inputs, output):
             zh, v, gamma, beta, mass, r2, seed, faithful, cutoff, shift, width, p = inputs

@@ -50,25 +50,11 @@ import os
 import torch
 from torch import Tensor
 
+from physlm_graph.components._triton import define_op, pow2, tl, triton, triton_available, wrap_triton
+
 __all__ = ["triton_available", "ENABLED", "supports", "hrr_causal_triton", "HoloTritonFn"]
 
-try:
-    import triton
-    import triton.language as tl
-
-    triton_available = True
-except ImportError:  # pragma: no cover - CPU-only installs
-    triton_available = False
-
 ENABLED = triton_available and os.environ.get("PHYSLM_HOLOGRAPHIC_TRITON", "1") != "0"
-
-try:
-    from torch.library import wrap_triton
-except ImportError:  # pragma: no cover - torch < 2.6: launch the kernels directly
-
-    def wrap_triton(kernel):  # type: ignore[no-redef]
-        return kernel
-
 
 MAX_HEAD_DIM = 128
 
@@ -134,6 +120,16 @@ if triton_available:
         return tl.dot(sr, br, input_precision=PREC) + tl.dot(si, bi, input_precision=PREC)
 
     @triton.jit
+    def _bound_pairs(QKV, s_w, s_t, s_d, offs_t, offs_d, FWD, T, D, Hh, slot0,
+                     DP: tl.constexpr, HP: tl.constexpr, PREC: tl.constexpr):
+        """Spectra of the k and v rows ``offs_t`` (QKV at this (b, h)) and their bound pairs
+        P = k^ * v^: kr, ki, vr, vi, pr, pi, each (len(offs_t), HP)."""
+        kr, ki = _spectrum(_tile(QKV + s_w, s_t, s_d, offs_t, offs_d, T, D), FWD, D, Hh, DP, HP, PREC)
+        vr, vi = _spectrum(_tile(QKV + 2 * s_w, s_t, s_d, offs_t, offs_d, T, D), FWD, D, Hh, DP, HP, PREC)
+        pr, pi = _spec_mul(kr, ki, vr, vi, slot0, False)
+        return kr, ki, vr, vi, pr, pi
+
+    @triton.jit
     def _pairs_kernel(QKV, s_w, s_b, s_h, s_t, s_d, FWD, DECAY, P, E, H, T, D, Hh,
                       C: tl.constexpr, DP: tl.constexpr, HP: tl.constexpr, PREC: tl.constexpr):
         """Per chunk c of C tokens: P_s = k^_s * v^_s (fp32, re | im halves of width HP), and the
@@ -145,10 +141,8 @@ if triton_available:
         offs_t = pid * C + tl.arange(0, C)
         offs_d = tl.arange(0, DP)
         offs_h = tl.arange(0, HP)
-        base = QKV + b * s_b + h * s_h
-        kr, ki = _spectrum(_tile(base + s_w, s_t, s_d, offs_t, offs_d, T, D), FWD, D, Hh, DP, HP, PREC)
-        vr, vi = _spectrum(_tile(base + 2 * s_w, s_t, s_d, offs_t, offs_d, T, D), FWD, D, Hh, DP, HP, PREC)
-        pr, pi = _spec_mul(kr, ki, vr, vi, (offs_h == 0)[None, :], False)
+        _, _, _, _, pr, pi = _bound_pairs(QKV + b * s_b + h * s_h, s_w, s_t, s_d, offs_t, offs_d, FWD, T, D, Hh,
+                                          (offs_h == 0)[None, :], DP, HP, PREC)
         ptr = P + bh * T * 2 * HP + offs_t[:, None] * 2 * HP + offs_h[None, :]
         mask = offs_t[:, None] < T
         tl.store(ptr, pr, mask=mask)
@@ -278,10 +272,8 @@ if triton_available:
         offs_d = tl.arange(0, DP)
         offs_h = tl.arange(0, HP)
         slot0 = (offs_h == 0)[None, :]
-        base = QKV + b * s_b + h * s_h
-        kr, ki = _spectrum(_tile(base + s_w, s_t, s_d, offs_n, offs_d, T, D), FWD, D, Hh, DP, HP, PREC)
-        vr, vi = _spectrum(_tile(base + 2 * s_w, s_t, s_d, offs_n, offs_d, T, D), FWD, D, Hh, DP, HP, PREC)
-        pr, pi = _spec_mul(kr, ki, vr, vi, slot0, False)
+        kr, ki, vr, vi, pr, pi = _bound_pairs(QKV + b * s_b + h * s_h, s_w, s_t, s_d, offs_n, offs_d, FWD, T, D, Hh,
+                                              slot0, DP, HP, PREC)
         lam = tl.load(DECAY + h).to(tl.float32)
         key_in = offs_n < T
         # the later chunks, k = m - n - 1 chunks between: t - e = (t - m C + 1) + C k
@@ -335,14 +327,10 @@ if triton_available:
         tl.store(gbase + 2 * g_w, dv.to(DQKV.dtype.element_ty), mask=mask)
 
 
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, 1 << (int(n) - 1).bit_length())
-
-
 def _chunk(T: int, d: int) -> tuple[int, int]:
     """(chunk length, warps): 64-token chunks at d <= 64, 32 at d = 128 (registers); shorter
     sequences one power-of-two chunk (at least 16, tl.dot's least)."""
-    return min(64 if d <= 64 else 32, _pow2(T)), 4
+    return min(64 if d <= 64 else 32, pow2(T)), 4
 
 
 def _prec() -> str:
@@ -362,7 +350,7 @@ def _check(qkv: Tensor, decay: Tensor, fwd: Tensor, inv: Tensor) -> None:
 def _fwd(qkv: Tensor, decay: Tensor, fwd: Tensor, inv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """-> y (B, T, H, d) in qkv's dtype, M (B, H, T, 2 HP) fp32, Z (B, H, T) fp32."""
     _, B, H, T, d = qkv.shape
-    HP = _pow2(d // 2)
+    HP = pow2(d // 2)
     y = torch.empty((B, T, H, d), dtype=qkv.dtype, device=qkv.device)
     m = torch.empty((B, H, T, 2 * HP), dtype=torch.float32, device=qkv.device)
     z = torch.empty((B, H, T), dtype=torch.float32, device=qkv.device)
@@ -372,7 +360,7 @@ def _fwd(qkv: Tensor, decay: Tensor, fwd: Tensor, inv: Tensor) -> tuple[Tensor, 
     n_c = triton.cdiv(T, C)
     p = torch.empty_like(m)
     e = torch.empty((B * H, n_c, 2 * HP + 1), dtype=torch.float32, device=qkv.device)
-    DP, prec = _pow2(d), _prec()
+    DP, prec = pow2(d), _prec()
     s = qkv.stride()
     wrap_triton(_pairs_kernel)[(n_c, B * H)](
         qkv, *s, fwd, decay, p, e, H, T, d, d // 2, C=C, DP=DP, HP=HP, PREC=prec, num_warps=warps)
@@ -395,7 +383,7 @@ def _bwd(dy: Tensor, qkv: Tensor, decay: Tensor, fwd: Tensor, inv: Tensor, m: Te
         dy = dy.contiguous()  # (B, T, H, d)
         g = torch.empty((B, H, T, 2 * HP + 1), dtype=torch.float32, device=qkv.device)  # G_t, c_t
         sums = torch.empty((B * H, n_c, 4 * HP + 2), dtype=torch.float32, device=qkv.device)
-        DP, prec = _pow2(d), _prec()
+        DP, prec = pow2(d), _prec()
         s, gs = qkv.stride(), dqkv.stride()
         wrap_triton(_query_kernel)[(n_c, B * H)](
             qkv, *s, dy, dy.stride(0), dy.stride(1), dy.stride(2), fwd, inv, decay, m, z, g, sums, dqkv, *gs,
@@ -425,21 +413,12 @@ class HoloTritonFn(torch.autograd.Function):
 
 _op_available = False
 if triton_available:
-    _triton_op = getattr(torch.library, "triton_op", None)
-
-    def _define(name: str, fn, fake):
-        if _triton_op is not None:  # traceable launcher: its own fake impl
-            return _triton_op(f"physlm_graph::{name}", fn, mutates_args=())
-        op = torch.library.custom_op(f"physlm_graph::{name}", fn, mutates_args=())
-        op.register_fake(fake)
-        return op
-
     def _fwd_op_impl(qkv: Tensor, decay: Tensor, fwd: Tensor, inv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return _fwd(qkv, decay, fwd, inv)
 
     def _fwd_fake(qkv, decay, fwd, inv):
         _, B, H, T, d = qkv.shape
-        HP = _pow2(d // 2)
+        HP = pow2(d // 2)
         return qkv.new_empty((B, T, H, d)), qkv.new_empty((B, H, T, 2 * HP), dtype=torch.float32), \
             qkv.new_empty((B, H, T), dtype=torch.float32)
 
@@ -452,8 +431,8 @@ if triton_available:
         return qkv.new_empty((B, T, 3, H, d)).permute(2, 0, 3, 1, 4), decay.new_empty((H,))
 
     try:
-        _fwd_op = _define("holo_causal_fwd", _fwd_op_impl, _fwd_fake)
-        _bwd_op = _define("holo_causal_bwd", _bwd_op_impl, _bwd_fake)
+        _fwd_op = define_op("holo_causal_fwd", _fwd_op_impl, _fwd_fake)
+        _bwd_op = define_op("holo_causal_bwd", _bwd_op_impl, _bwd_fake)
 
         def _setup(ctx, inputs, output):
             qkv, decay, fwd, inv = inputs

@@ -6,8 +6,6 @@ Reproduces ``GravityAttention`` of ``leetae9yu/newton-gravity-transformer`` @ aa
 
 from __future__ import annotations
 
-import functools
-import warnings
 from typing import Literal
 
 import torch
@@ -40,16 +38,12 @@ def _triton_kernels():
     from physlm_graph.components.attention import _gravity_triton
 
     if not _gravity_triton.triton_available:
-        _warn_no_triton()
+        from physlm_graph.components._triton import warn_slow_path
+
+        warn_slow_path("attention.gravity: triton is not importable, so the inverse-square kernel runs the compiled "
+                       "materialised (B, H, T, T) path, 1.4x-1.5x slower per step at NGT's size on an H100; install "
+                       "triton (CUDA builds of torch ship it) for the fused kernel")
     return _gravity_triton
-
-
-@functools.cache
-def _warn_no_triton() -> None:
-    """No silent slow path: say once (per process: cached) that the fused kernel is missing."""
-    warnings.warn("attention.gravity: triton is not importable, so the inverse-square kernel runs the compiled "
-                  "materialised (B, H, T, T) path, 1.4x-1.5x slower per step at NGT's size on an H100; install triton "
-                  "(CUDA builds of torch ship it) for the fused kernel", RuntimeWarning, stacklevel=3)
 
 
 class GravityAttention(nn.Module):

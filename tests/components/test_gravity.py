@@ -527,10 +527,11 @@ def test_missing_triton_is_said_once(monkeypatch):
     says so, once per process (no silent slow path)."""
     import warnings
 
+    from physlm_graph.components import _triton
     from physlm_graph.components.attention import _gravity_triton, gravity
 
     monkeypatch.setattr(_gravity_triton, "triton_available", False)
-    gravity._warn_no_triton.cache_clear()
+    _triton.warn_slow_path.cache_clear()
     with pytest.warns(RuntimeWarning, match="triton is not importable"):
         gravity._triton_kernels()
     with warnings.catch_warnings():

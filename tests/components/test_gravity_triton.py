@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -37,12 +35,8 @@ B, H = 2, 2
 
 
 @pytest.mark.skipif(CUDA or INTERPRETED, reason="the tests run in this process")
-def test_file_under_the_interpreter_in_a_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                       env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+def test_file_under_the_interpreter_in_a_subprocess(rerun_under_triton_interpreter):
+    rerun_under_triton_interpreter(__file__)
 
 
 def _spec(mode, cutoff, mass_mode, use_rsqrt=False, width=1.0):
