@@ -27,9 +27,15 @@ COMM_ONLY = ("strategy", "ddp_bucket_mb", "ddp_bucket_view", "ddp_reduce_dtype")
 
 
 def parse_config(text: str) -> tuple[str, dict[str, str]]:
-    """``label`` or ``label:key=value,key=value`` (train keys, or strategy=fsdp)."""
+    """``label`` or ``label:key=value,key=value`` (train keys, strategy=fsdp, or env.NAME=VALUE);
+    a malformed one stops the script with the config named."""
     label, _, rest = text.partition(":")
-    sets = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+    sets = {}
+    for kv in filter(None, rest.split(",")):
+        key, eq, value = kv.partition("=")
+        if not eq or not key or key == "env.":
+            sys.exit(f"ddp_scaling.py: --configs {text!r}: {kv!r} is not key=value (or env.NAME=VALUE)")
+        sets[key] = value
     return label, sets
 
 

@@ -7,9 +7,7 @@ specified in ``shared/reference/SEEDS.md`` §1.1.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import warnings
 from typing import Literal
 
 import torch
@@ -67,23 +65,26 @@ def _spec_mul(a: Tensor, b: Tensor, conj_a: bool = False) -> Tensor:
     return torch.stack((re, im), dim=-2).flatten(-2)
 
 
-def _triton_kernels():
+def _triton_kernels(head_dim: int):
     """The fused kernels of path B (``_holographic_triton``), imported on first CUDA use (triton's
-    import costs about a second that CPU work never needs); None without triton, said once."""
-    from physlm_graph.components.attention import _holographic_triton
+    import costs about a second that CPU work never needs); None where they cannot run (said once
+    per process: no triton, or a head dim they do not take) or are turned off."""
+    from physlm_graph.components import _triton
+    from physlm_graph.components.attention import _holographic_triton as ht
 
-    if not _holographic_triton.triton_available:
-        _warn_no_triton()
+    if not ht.triton_available:
+        _triton.warn_slow_path("attention.holographic: triton is not importable, so the fixed mode's path B runs as "
+                               "separate torch kernels (slower on a GPU); install triton (CUDA builds of torch ship "
+                               "it) for the fused kernels")
         return None
-    return _holographic_triton
-
-
-@functools.cache
-def _warn_no_triton() -> None:
-    """No silent slow path: say once per process that the fused kernels are missing."""
-    warnings.warn("attention.holographic: triton is not importable, so the fixed mode's path B runs as separate "
-                  "torch kernels (slower on a GPU); install triton (CUDA builds of torch ship it) for the fused "
-                  "kernels", RuntimeWarning, stacklevel=3)
+    if not ht.ENABLED:  # PHYSLM_HOLOGRAPHIC_TRITON=0: asked for
+        return None
+    if not ht.supports(head_dim):
+        _triton.warn_slow_path(f"attention.holographic: the fused kernels take even head dims up to "
+                               f"{ht.MAX_HEAD_DIM}, not {head_dim}, so the fixed mode's path B runs as separate "
+                               "torch kernels (slower on a GPU)")
+        return None
+    return ht
 
 
 _AUTOCAST_DEVICES = frozenset({"cuda", "cpu", "xpu", "mps", "hpu", "mtia", "maia"})
@@ -284,8 +285,7 @@ class HolographicAttention(nn.Module):
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, d)
         bases = (self.dft_fwd, self.dft_inv)
-        if self.mode == "fixed" and x.is_cuda and (tk := _triton_kernels()) is not None and tk.ENABLED \
-                and tk.supports(self.head_dim):
+        if self.mode == "fixed" and x.is_cuda and (tk := _triton_kernels(self.head_dim)) is not None:
             qkv = packed.permute(2, 0, 3, 1, 4) if rope is None else torch.stack((q, k, v))  # (3, B, H, T, d)
             y = tk.hrr_causal_triton(qkv, F.softplus(self.decay_raw), *bases).reshape(B, T, D)  # token-major
         elif self.mode == "faithful" and rope is None:

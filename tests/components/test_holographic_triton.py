@@ -12,12 +12,9 @@ triton first (kernels compiled, not interpreted), this file re-runs itself in a 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -39,12 +36,8 @@ runs_here = pytest.mark.skipif(not (CUDA or INTERPRETED), reason="kernels compil
 
 
 @pytest.mark.skipif(CUDA or INTERPRETED, reason="the tests run in this process")
-def test_file_under_the_interpreter_in_a_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                       env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+def test_file_under_the_interpreter_in_a_subprocess(rerun_under_triton_interpreter):
+    rerun_under_triton_interpreter(__file__)
 
 
 def _inputs(B, H, T, d, seed=0, dtype=torch.float64, device=DEV):
@@ -152,6 +145,32 @@ def test_refuses_what_it_cannot_take():
         ht.hrr_causal_triton(torch.zeros(1, 4, 16), torch.ones(1), fwd, inv)
     with pytest.raises(ValueError, match="decay must be"):
         ht.hrr_causal_triton(torch.zeros(3, 1, 2, 4, 16), torch.ones(3), fwd, inv)
+
+
+def test_missing_triton_or_head_dim_is_said_once(monkeypatch):
+    """On CUDA without triton, or with a head dim the kernels do not take, the fixed mode keeps its
+    torch path: a RuntimeWarning says why, once per process (no silent slow path), and the module
+    gets no kernels. Turned off by PHYSLM_HOLOGRAPHIC_TRITON=0 (ENABLED): no kernels, no warning."""
+    import warnings
+
+    from physlm_graph.components import _triton
+    from physlm_graph.components.attention import holographic
+
+    _triton.warn_slow_path.cache_clear()
+    with pytest.warns(RuntimeWarning, match="even head dims up to 128, not 63"):
+        assert holographic._triton_kernels(63) is None
+    monkeypatch.setattr(ht, "triton_available", False)
+    with pytest.warns(RuntimeWarning, match="attention.holographic: triton is not importable"):
+        assert holographic._triton_kernels(64) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert holographic._triton_kernels(64) is None  # said already: silent now
+        assert holographic._triton_kernels(63) is None
+        monkeypatch.setattr(ht, "triton_available", True)
+        monkeypatch.setattr(ht, "ENABLED", False)
+        assert holographic._triton_kernels(64) is None
+        monkeypatch.setattr(ht, "ENABLED", True)
+        assert holographic._triton_kernels(64) is ht
 
 
 # ------------------------------------------------------------------ GPU
