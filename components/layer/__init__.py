@@ -1,1 +1,1 @@
-"""Layers from the QLLM (sschepis/qllm) HEAD architecture (``layer.*``)."""
+"""Layer components (``layer.*``): whole residual layers that are not a single mixer or FFN."""
