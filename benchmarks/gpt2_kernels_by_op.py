@@ -2,8 +2,8 @@
 
 ``gpt2_speed.py --profile`` groups kernels by name; this script attributes them to the operator
 that launched them (an aten op, a physlm_graph custom op, or an inductor kernel), which is how
-the eighth session found the LayerNorm backward's separate bf16 casts and its eager partial sums
-(with ``--residual keep``: an fp32 residual stream, the blueprint's default until the ninth session).
+the LayerNorm backward's separate bf16 casts and its eager partial sums were found (2026-11-23,
+with ``--residual keep``: an fp32 residual stream, the blueprint's default until commit 86f4393).
 The blueprint's model as ``gpt2_speed.py`` times it: bf16 autocast, ``torch.compile`` (default
 mode), head + loss fused, the MLP's GELU in cuBLASLt's epilogues, cuDNN attention, fused AdamW.
 
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--residual", choices=("keep", "autocast"), default="autocast",
                     help="params.residual: autocast (bf16 stream, the blueprint's default) or keep (fp32 stream, "
-                         "the numerics the eighth session diagnosed)")
+                         "the numerics diagnosed on 2026-11-23)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpt2_kernels_by_op.py: needs a CUDA GPU (none found)")

@@ -153,14 +153,14 @@ def main() -> None:
     ap.add_argument("--round", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--sync-each-step", action="store_true",
-                    help="time every step between two synchronisations (the first session's method); default: "
+                    help="time every step between two synchronisations (how gpt2_speed.py timed before commit e2873b8); default: "
                          "time each round of --round steps with one synchronisation, as a training loop runs")
     ap.add_argument("--variants", default="default:auto:model",
                     help="comma list of COMPILE_MODE:SDPA:SCOPE, COMPILE_MODE in default|max-autotune-no-cudagraphs|"
                          "reduce-overhead|none, SDPA in auto|flash|cudnn, SCOPE model|loss|fused (loss: loss inside compile; fused: head + loss as one chunked "
                          "operation, both models); an optional fourth field MLP: fused (default: the blueprint's "
                          "tanh GELU inside cuBLASLt's matmul epilogues), tanh (the same GELU as its own kernels) or "
-                         "exact (erf GELU, nanoGPT's; the blueprint before the seventh session)")
+                         "exact (erf GELU, nanoGPT's; the blueprint before commit 276785d)")
     ap.add_argument("--mlp-options", default="",
                     help="comma list of the fused MLP's OPTIONS to switch on (components/ffn/_gelu_mlp.py)")
     ap.add_argument("--coordinate-descent", action="store_true",
@@ -179,8 +179,8 @@ def main() -> None:
                          "order does not decide the ratio")
     ap.add_argument("--residual", choices=("keep", "autocast"), default="autocast",
                     help="the residual stream's dtype for both models (the blueprint's params.residual): autocast "
-                         "(bf16 from the embedding on, llm.c's numerics; the blueprint's default since the ninth "
-                         "session) or keep (fp32 under autocast, nanoGPT's)")
+                         "(bf16 from the embedding on, llm.c's numerics; the blueprint's default since "
+                         "commit 86f4393) or keep (fp32 under autocast, nanoGPT's)")
     ap.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublas",
                     help="torch's matmul library for both models (torch.backends.cuda.preferred_blas_library)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",

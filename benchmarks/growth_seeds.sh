@@ -7,7 +7,7 @@
 #   DATA=input.txt SEEDS="1337 1 2 3 7" STEPS=16000 OUT=growth-out bash benchmarks/growth_seeds.sh
 #
 # DEVICE (default cuda), BOUNDS (default 0.1,0.2), GROW (default stack). Each process is given
-# one CPU thread; ten processes shared one H100 and 16 cores in the eighth session.
+# one CPU thread; ten processes shared one H100 and 16 cores in the 2026-11-23 runs (commit b61689f).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${DATA:?set DATA to the tiny Shakespeare input.txt}"

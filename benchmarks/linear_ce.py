@@ -12,7 +12,7 @@ gradient differences from the compiled reference (both bf16, so differences of b
 ``--limit L`` adds the head as the trainer runs GPT-2 (``train.vocab_multiple``: 50304 rows, the
 first 50257 real ids, ``head.lm``'s ``logit_limit``): the fused head + loss with that limit beside
 the one without, and in the loss-only table the kernel on rows of the padded width given the real
-ids as its row length (before the ninth session) against the padded width with -inf past the ids.
+ids as its row length (before commit 6cadcfe) against the padded width with -inf past the ids.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def loss_only(args) -> None:
     if args.limit is not None:
         lim = args.limit
 
-        def rows_of_ids():  # before the ninth session: the real ids as the row length
+        def rows_of_ids():  # before commit 6cadcfe: the real ids as the row length
             buf.copy_(logits.detach())
             _linear_ce.ce_rows(buf, y, losses, scale, lim)
 

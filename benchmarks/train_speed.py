@@ -3,7 +3,7 @@ one after another in one script, each read back from its ``metrics.jsonl``.
 
 A setting is a list of NAME=VALUE items: environment variables (``PHYSLM_FUSED_GELU=0``: the
 MLP's GELU as its own kernels; ``PHYSLM_SYNC_STEPS=1``: the host checks every step's loss, as
-before the seventh session) or, when NAME has a dot, blueprint overrides given to ``--set``
+before commit 519d9b4) or, when NAME has a dot, blueprint overrides given to ``--set``
 (``train.vocab_multiple=1``: the tokenizer's vocabulary unpadded). Tokens/s is the median over the log intervals after the first two (which hold the
 compilation); the table gives each setting's ratio to the first.
 

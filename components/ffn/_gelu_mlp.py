@@ -3,7 +3,7 @@
 ``y = W2 gelu_tanh(W1 x + b1) + b2``, x (M, D) -> (M, D'). Compiled, the usual path runs the
 activation as its own kernels: a pass over the (M, H) pre-activation in the forward and two in
 the backward (the GELU gradient and the bias gradient's reduction), 5.5 ms of a 67.8 ms GPT-2
-124M step on an H100 (``benchmarks/gpt2_speed.py --profile``, fifth session). Here::
+124M step on an H100 (``benchmarks/gpt2_speed.py --profile``, 2026-11-22). Here::
 
     forward:   g = gelu(x W1^T + b1), pre = x W1^T + b1   # one cuBLASLt matmul, GELU_AUX_BIAS epilogue
                y = g W2^T + b2                           # cuBLAS (bias in the epilogue)

@@ -242,7 +242,7 @@ def test_cuda_matches_materialised_bf16_and_fp32(mode, cutoff):
     terms over all pairs, and which path lands nearer fp64 is luck (benchmarks/gravity_precision.py
     on an H100, 5 seeds, either coordinate precision: kernel / materialised error 0.42 median,
     3.21 worst for faithful soft's r^2, 1.86 for beta, 1.56 for gamma; under 1.0 for the rest;
-    10 seeds, eighth session: 7.83 worst for fixed soft's r^2, median 1.03). Those three also get
+    10 seeds, 2026-11-23: 7.83 worst for fixed soft's r^2, median 1.03). Those three also get
     bf16's unit roundoff as an absolute floor: with the upstream gradient unseeded, one draw gave
     fixed soft a kernel error of 1.9e-3 (bf16 level) against a lucky 8.1e-5 for the materialised
     path. The upstream gradient is seeded now."""
