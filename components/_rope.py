@@ -17,6 +17,14 @@ second ``+sin``) and ``partner`` is the index of the other channel of the pair. 
 
     table: (1, T, 3, head_dim) = [cos, sin_signed, partner index (as float)]
 
+Two variants of the angles (``embed.rope``'s ``frequencies`` and ``sign``):
+
+- ``frequencies="truncated"`` (half-truncated RoPE, modded-nanogpt): of the d/2 pairs only the
+  first d/4 turn, at ``theta_k = base ** (-k / (d/4 - 1))`` for ``k = 0 .. d/4 - 1`` (the first
+  at 1, the last at 1 / base); the other d/4 pairs have ``theta = 0`` and pass unchanged;
+- ``sign=-1`` turns every pair the other way (angle ``-t * theta``): with the half layout,
+  ``y1 = x1 cos + x2 sin``, ``y2 = -x1 sin + x2 cos`` (modded-nanogpt's direction).
+
 Import from other components as ``from physlm_graph.components._rope import apply_rope``.
 """
 
@@ -27,9 +35,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["RopeStyle", "rope_inv_freq", "rope_table", "apply_rope"]
+__all__ = ["RopeStyle", "RopeFrequencies", "rope_inv_freq", "truncated_inv_freq", "rope_table", "apply_rope"]
 
 RopeStyle = Literal["half", "interleaved"]
+RopeFrequencies = Literal["rope", "truncated"]
 
 
 def rope_inv_freq(head_dim: int, base: float, device: torch.device | str | None = None) -> Tensor:
@@ -41,14 +50,30 @@ def rope_inv_freq(head_dim: int, base: float, device: torch.device | str | None 
     return 1.0 / (base**exponents)
 
 
+def truncated_inv_freq(head_dim: int, base: float, device: torch.device | str | None = None) -> Tensor:
+    """Half-truncated frequencies, float32 (head_dim/2,): ``base ** (-k / (q - 1))`` for
+    ``k < q = head_dim / 4``, then q zeros (pairs that do not turn). ``head_dim`` a multiple of 4,
+    at least 8."""
+    q = head_dim // 4
+    turning = (1.0 / base) ** torch.linspace(0, 1, steps=q, dtype=torch.float32, device=device)  # (q,)
+    return torch.cat([turning, turning.new_zeros(head_dim // 2 - q)])
+
+
 def rope_table(
-    offset: int, length: int, *, head_dim: int, base: float, style: RopeStyle, device: torch.device | str | None = None
+    offset: int, length: int, *, head_dim: int, base: float, style: RopeStyle, device: torch.device | str | None = None,
+    frequencies: RopeFrequencies = "rope", sign: int = 1,
 ) -> Tensor:
-    """The RoPE table for absolute positions ``offset .. offset + length - 1``: (1, length, 3, head_dim) float32."""
+    """The RoPE table for absolute positions ``offset .. offset + length - 1``: (1, length, 3, head_dim) float32.
+
+    ``frequencies``: ``rope`` (``rope_inv_freq``) or ``truncated`` (``truncated_inv_freq``);
+    ``sign``: 1, or -1 to turn every pair by the opposite angle."""
+    if frequencies not in ("rope", "truncated") or sign not in (1, -1):
+        raise ValueError(f"unknown RoPE frequencies {frequencies!r} or sign {sign!r}; expected 'rope' or 'truncated', 1 or -1")
     half = head_dim // 2
+    inv_freq = truncated_inv_freq(head_dim, base, device) if frequencies == "truncated" else rope_inv_freq(head_dim, base, device)
     pos = torch.arange(offset, offset + length, dtype=torch.float32, device=device)  # (T,)
-    angles = pos[:, None] * rope_inv_freq(head_dim, base, device)[None, :]  # (T, hd/2)
-    cos, sin = angles.cos(), angles.sin()
+    angles = pos[:, None] * inv_freq[None, :]  # (T, hd/2)
+    cos, sin = angles.cos(), angles.sin() * sign
     idx = torch.arange(head_dim, device=device)  # (hd,)
     if style == "half":
         # out[:h] = x[:h] cos - x[h:] sin ;  out[h:] = x[h:] cos + x[:h] sin

@@ -30,6 +30,7 @@ import torch
 
 from physlm_graph._errors import Loc, RuntimeDataError
 
+from .shards import ShardText, read_shards, shard_files
 from .tokenizers import Tokenizer, text_fingerprint
 
 __all__ = [
@@ -59,11 +60,15 @@ def load_text(source: str | Path) -> str:
       followed by a newline when it does not end with one;
     - ``*.json``/``*.jsonl``/``*.parquet``: through ``datasets``, column ``text``;
     - ``hf:NAME[:CONFIG][@SPLIT]``: a local file through ``datasets`` (``.csv`` too), or a hub
-      dataset (split ``train`` unless named), which needs network access or the local HF cache.
+      dataset (split ``train`` unless named), which needs network access or the local HF cache;
+    - token shards (``*.bin``, a glob or a folder of them): no text, the ids (``runtime/shards.py``).
     """
     spec = str(source)
     if spec.startswith("hf:"):
         return _load_hf(spec[3:], spec)
+    shards = shard_files(spec)  # token shards (.bin, a glob, a folder of them): runtime/shards.py
+    if shards is not None:
+        return ShardText(read_shards(shards), spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         return _read_folder(path)
@@ -252,6 +257,8 @@ class TokenCache:
 
     def tokens(self, text: str, tokenizer: Tokenizer, *, progress: bool | None = None) -> np.ndarray:
         """The ids of ``text``: read-only memmap, encoded now if not cached yet."""
+        if isinstance(text, ShardText):  # already token ids
+            return text.tokens_for(tokenizer)
         data = text_fingerprint(text)
         binary, sidecar = self.paths(text, tokenizer, data_fingerprint=data)
         meta = self._valid_meta(binary, sidecar)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -22,6 +24,11 @@ class CausalSelfAttention(nn.Module):
     one key/value head; ``y = softmax(q k^T / sqrt(hd) + causal mask) v``; ``out = proj(y)``.
     H_kv = H is multi-head attention (GPT-2), H_kv < H grouped-query (LLaMA 2 70B, LLaMA 3).
 
+    ``qk_norm="rms"``: q and k are RMS-normalised over each head's hd channels before the rotary
+    embedding, without learned weights, ``q / sqrt(mean(q^2) + eps)`` computed in float32 with eps
+    float32's machine epsilon (``F.rms_norm``'s defaults; modded-nanogpt). ``scale`` replaces the softmax's
+    ``1 / sqrt(hd)`` (modded-nanogpt: 0.12 on unit-RMS q and k).
+
     Shapes: x (B, T, D), rope (1, T, 3, hd) or None -> (B, T, D). ``qkv`` is one fused Linear
     D -> (H + 2 H_kv) hd laid out [q | k | v], heads contiguous inside each (as GPT-2's
     ``c_attn``); ``proj`` is H hd -> D. ``dropout`` applies to the attention weights and to
@@ -41,15 +48,23 @@ class CausalSelfAttention(nn.Module):
         head_dim: int,
         dropout: float = 0.0,
         bias: bool = True,
+        scale: float | None = None,
+        qk_norm: Literal["none", "rms"] = "none",
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dropout = dropout
+        self.scale = scale
+        self.qk_norm = qk_norm
         self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias)
         self.proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
         self.resid_drop = nn.Dropout(dropout)
+
+    def norm_qk(self, t: Tensor) -> Tensor:
+        """q or k (B, H, T, hd) after ``qk_norm``: RMS-normalised per head, or as they are."""
+        return F.rms_norm(t, (self.head_dim,)) if self.qk_norm == "rms" else t
 
     def _extend_cache(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append this chunk's keys/values to the decode cache (if decoding); return all of them."""
@@ -77,6 +92,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, Hkv, hd).transpose(1, 2)  # (B, H_kv, T, hd)
         v = v.view(B, T, Hkv, hd).transpose(1, 2)  # (B, H_kv, T, hd)
+        q, k = self.norm_qk(q), self.norm_qk(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         k, v = self._extend_cache(k, v)  # (B, H_kv, S, hd), S = cached + T
@@ -96,13 +112,16 @@ class CausalSelfAttention(nn.Module):
                 k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, hd)
                 v = v.repeat_interleave(H // Hkv, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0, **kw
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale, **kw
         )  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H hd)
         return self.resid_drop(self.proj(y))  # (B, T, D)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dropout={self.dropout}"
+        extra = (f", scale={self.scale}" if self.scale is not None else "") + (
+            f", qk_norm={self.qk_norm!r}" if self.qk_norm != "none" else "")
+        return f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dropout={self.dropout}{extra}"
 
 
 class CausalAttentionParams(ComponentParams):
@@ -113,6 +132,11 @@ class CausalAttentionParams(ComponentParams):
     head_dim: int | None = Field(None, gt=0, description="per-head width (None: input width // num_heads)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on attention weights and on the output, training only")
     bias: bool = Field(True, description="biases on the qkv and output projections (GPT-2: yes, LLaMA: no)")
+    scale: float | None = Field(None, gt=0.0, description="the softmax's scale on q k^T (None: 1 / sqrt(head_dim); "
+                                                           "modded-nanogpt: 0.12)")
+    qk_norm: Literal["none", "rms"] = Field(
+        "none", description="rms: q and k RMS-normalised per head, no learned weights, before the rotary embedding "
+                            "(modded-nanogpt)")
 
 
 def _divisors(n: int) -> str:
@@ -134,6 +158,11 @@ def _divisors(n: int) -> str:
             {"num_heads": 4, "num_kv_heads": 1, "head_dim": 6, "bias": False},
             {"x": (2, 8, 32), "rope": ((1, 8, 3, 6), torch.long)},
             int_high=6,
+        ),
+        Example(
+            {"num_heads": 2, "head_dim": 8, "scale": 0.12, "qk_norm": "rms"},
+            {"x": (2, 8, 32), "rope": ((1, 8, 3, 8), torch.long)},
+            int_high=8,
         ),
     ],
 )
@@ -167,5 +196,6 @@ def build_causal_attention(p: CausalAttentionParams, ins: Inputs) -> CausalSelfA
             fix=f"give embed.rope head_dim: {head_dim}",
         )
     return CausalSelfAttention(
-        embed_dim=width, num_heads=p.num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dropout=p.dropout, bias=p.bias
+        embed_dim=width, num_heads=p.num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dropout=p.dropout, bias=p.bias,
+        scale=p.scale, qk_norm=p.qk_norm,
     )

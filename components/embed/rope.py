@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
-from physlm_graph.components._rope import RopeStyle, rope_table
+from physlm_graph.components._rope import RopeFrequencies, RopeStyle, rope_table
 
 
 class RotaryTable(nn.Module):
@@ -21,18 +23,26 @@ class RotaryTable(nn.Module):
     - ``half``: channel i pairs with i + d/2 (Hugging Face / GPT-NeoX ``rotate_half``);
     - ``interleaved``: channel 2i pairs with 2i + 1 (RoFormer, Meta's LLaMA reference code).
 
+    ``frequencies="truncated"`` is half-truncated RoPE (modded-nanogpt): only the first d/4 pairs
+    turn, at ``base ** (-k / (d/4 - 1))``, k = 0 .. d/4 - 1; the other d/4 pairs keep theta = 0.
+    ``sign=-1`` turns the pairs the other way: with ``half``, ``y1 = x1 cos + x2 sin``,
+    ``y2 = -x1 sin + x2 cos`` (modded-nanogpt's direction; 1 gives ``y1 = x1 cos - x2 sin``).
+
     Shapes: tokens (B, T) (only T is read) -> (1, T, 3, head_dim) float32. Positions start at
     ``decode_context().offset`` during incremental generation, else 0. No parameters; the table
     is computed on the fly (T x head_dim/2 cos/sin, negligible next to attention), so it is
     right on any device the graph is moved to.
     """
 
-    def __init__(self, *, head_dim: int, base: float = 10000.0, max_seq_len: int, style: RopeStyle = "half") -> None:
+    def __init__(self, *, head_dim: int, base: float = 10000.0, max_seq_len: int, style: RopeStyle = "half",
+                 frequencies: RopeFrequencies = "rope", sign: int = 1) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.base = base
         self.max_seq_len = max_seq_len
         self.style = style
+        self.frequencies = frequencies
+        self.sign = sign
 
     def forward(self, tokens: Tensor) -> Tensor:
         ctx = decode_context()
@@ -44,11 +54,13 @@ class RotaryTable(nn.Module):
                 f"max_seq_len {self.max_seq_len}; shorten the sequence or raise max_seq_len"
             )
         return rope_table(
-            offset, seq_len, head_dim=self.head_dim, base=self.base, style=self.style, device=tokens.device
+            offset, seq_len, head_dim=self.head_dim, base=self.base, style=self.style, device=tokens.device,
+            frequencies=self.frequencies, sign=self.sign,
         )  # (1, T, 3, hd)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, base={self.base}, max_seq_len={self.max_seq_len}, style={self.style!r}"
+        extra = "" if self.frequencies == "rope" and self.sign == 1 else f", frequencies={self.frequencies!r}, sign={self.sign}"
+        return f"head_dim={self.head_dim}, base={self.base}, max_seq_len={self.max_seq_len}, style={self.style!r}{extra}"
 
 
 class RotaryTableParams(ComponentParams):
@@ -56,11 +68,19 @@ class RotaryTableParams(ComponentParams):
     base: float = Field(10000.0, gt=1.0, description="frequency base theta (LLaMA 1/2: 10000, LLaMA 3: 500000)")
     max_seq_len: int = Field(gt=0, description="longest sequence (context length) allowed")
     style: RopeStyle = Field("half", description="channel pairing: 'half' (HF rotate_half) or 'interleaved'")
+    frequencies: RopeFrequencies = Field(
+        "rope", description="rope: pair i turns at base^(-2i/d); truncated: the first d/4 pairs at "
+                            "base^(-k/(d/4-1)), the other d/4 not at all (modded-nanogpt, base 1024)")
+    sign: Literal[1, -1] = Field(
+        1, description="direction of the turn: 1 (RoFormer, LLaMA: y1 = x1 cos - x2 sin) or -1 "
+                       "(modded-nanogpt: y1 = x1 cos + x2 sin)")
 
     @model_validator(mode="after")
     def _even_head_dim(self) -> RotaryTableParams:
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.frequencies == "truncated" and (self.head_dim % 4 or self.head_dim < 8):
+            raise ValueError(f"frequencies: truncated needs head_dim a multiple of 4 and at least 8, got {self.head_dim}")
         return self
 
 
@@ -72,7 +92,10 @@ class RotaryTableParams(ComponentParams):
     examples=[
         Example({"head_dim": 8, "max_seq_len": 16}, {"tokens": ((2, 8), torch.long)}),
         Example({"head_dim": 8, "max_seq_len": 16, "style": "interleaved", "base": 500000.0}, {"tokens": ((2, 8), torch.long)}),
+        Example({"head_dim": 16, "max_seq_len": 16, "base": 1024.0, "frequencies": "truncated", "sign": -1},
+                {"tokens": ((2, 8), torch.long)}),
     ],
 )
 def build_rotary_table(p: RotaryTableParams, ins: Inputs) -> RotaryTable:
-    return RotaryTable(head_dim=p.head_dim, base=p.base, max_seq_len=p.max_seq_len, style=p.style)
+    return RotaryTable(head_dim=p.head_dim, base=p.base, max_seq_len=p.max_seq_len, style=p.style,
+                       frequencies=p.frequencies, sign=p.sign)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -16,12 +18,19 @@ class TokenEmbedding(nn.Module):
     Shapes: tokens (B, T) integer -> (B, T, embed_dim). ``weight`` is (vocab_size, embed_dim),
     initialised N(0, 0.02) as in GPT-2 / nanoGPT; it is the parameter ``tie:`` shares with
     ``head.lm`` (weight tying, Press & Wolf 2017).
+
+    ``dtype`` is the table's storage dtype, and so its output's: ``bfloat16`` halves the table
+    and its optimizer state (modded-nanogpt keeps its embedding in bf16). The values are drawn in
+    float32 and then rounded, so a bf16 table is the rounded float32 one of the same seed. A
+    blueprint that computes in float32 casts the lookup (``cast`` to float32, then to
+    ``autocast`` for a bf16 stream under autocast: ``blueprints/speedrun-track3.yaml``).
     """
 
-    def __init__(self, *, vocab_size: int, embed_dim: int) -> None:
+    def __init__(self, *, vocab_size: int, embed_dim: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, embed_dim))
-        nn.init.normal_(self.weight, mean=0.0, std=0.02)
+        weight = torch.empty(vocab_size, embed_dim)
+        nn.init.normal_(weight, mean=0.0, std=0.02)
+        self.weight = nn.Parameter(weight.to(dtype))
 
     def forward(self, tokens: Tensor) -> Tensor:
         return F.embedding(tokens, self.weight)  # (B, T, D)
@@ -30,6 +39,8 @@ class TokenEmbedding(nn.Module):
 class TokenEmbeddingParams(ComponentParams):
     vocab_size: int = Field(gt=0, description="number of token ids (rows of the table)")
     embed_dim: int = Field(gt=0, description="width of each embedding vector")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="storage dtype of the table and of its lookups (bfloat16: modded-nanogpt's embedding)")
 
 
 @register(
@@ -38,7 +49,8 @@ class TokenEmbeddingParams(ComponentParams):
     inputs=("tokens",),
     decode="stateless",
     tie_param="weight",
-    examples=[Example({"vocab_size": 50, "embed_dim": 16}, {"tokens": ((2, 8), torch.long)})],
+    examples=[Example({"vocab_size": 50, "embed_dim": 16}, {"tokens": ((2, 8), torch.long)}),
+              Example({"vocab_size": 50, "embed_dim": 16, "dtype": "bfloat16"}, {"tokens": ((2, 8), torch.long)})],
 )
 def build_token_embedding(p: TokenEmbeddingParams, ins: Inputs) -> TokenEmbedding:
-    return TokenEmbedding(vocab_size=p.vocab_size, embed_dim=p.embed_dim)
+    return TokenEmbedding(vocab_size=p.vocab_size, embed_dim=p.embed_dim, dtype=getattr(torch, p.dtype))

@@ -1,0 +1,150 @@
+"""The speedrun recipe's pure pieces (runtime/recipe.py): groups and init by name pattern, the
+warmup-stable-decay schedule, and torch.optim.Muon set up as the program's Muon."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from physlm_graph import compile_blueprint
+from physlm_graph.runtime.recipe import (
+    SPEEDRUN_GROUPS,
+    SPEEDRUN_INIT,
+    GroupRule,
+    InitRule,
+    apply_init_rules,
+    describe_optimizers,
+    make_optimizers,
+    select_groups,
+    wsd_lr,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = {"params.layers": 2, "params.dim": 64, "params.head_dim": 32, "params.vocab": 128, "params.context": 32,
+         "train.seq_len": 32}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    return compile_blueprint(ROOT / "blueprints" / "speedrun-track3.yaml", overrides=SMALL).module
+
+
+def test_speedrun_groups(model):
+    groups = {g["group"]: g for g in select_groups(model, SPEEDRUN_GROUPS)}
+    assert list(groups) == ["blocks", "embed", "head", "vectors"]
+    assert groups["blocks"]["names"] == [f"trunk.{i}.{m}.weight" for i in range(2)
+                                         for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")]
+    assert groups["embed"]["names"] == ["tok.weight"] and groups["head"]["names"] == ["head.weight"]
+    vectors = groups["vectors"]["names"]
+    assert "head.bias" in vectors and "x0.weight" in vectors and "trunk.1.n2.weight" in vectors
+    assert all(p.ndim == 1 for p in groups["vectors"]["params"])
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+    assert (groups["blocks"]["lr"], groups["blocks"]["weight_decay"]) == (0.025, 0.05)
+    assert groups["embed"]["betas"] == (0.8, 0.95) and groups["embed"]["eps"] == 1e-10
+
+
+def test_a_parameter_no_rule_matches_is_named(model):
+    rules = [GroupRule("blocks", ("trunk.**",), "muon", {"lr": 0.1}, shape="matrix")]
+    with pytest.raises(ValueError, match=r"no optimizer group rule matches parameter\(s\) tok.weight, x0.weight, "
+                                         r"trunk.0.n1.weight, trunk.0.attn.qkv.bias, trunk.0.attn.proj.bias, \.\.\."):
+        select_groups(model, rules)
+    with pytest.raises(ValueError, match="no init rule matches parameter"):
+        apply_init_rules(model, [InitRule(("**.bias",), "zeros")])
+
+
+def test_wsd_lr_is_the_programs_schedule():
+    steps = 3250
+    for step in (0, 1, 974, 975, 976, 2000, 3249):
+        progress = step / steps
+        eta = 1.0 if progress < 0.3 else (1 - progress) / 0.7  # the speedrun's set_hparams
+        assert wsd_lr(step, lr=0.025, steps=steps) == pytest.approx(0.025 * eta, rel=1e-12)
+    assert wsd_lr(3, lr=1.0, steps=100, warmup=9) == pytest.approx(0.4)
+    assert wsd_lr(100, lr=1.0, steps=100, min_lr=0.1) == pytest.approx(0.1)
+    assert wsd_lr(90, lr=1.0, steps=100, decay_frac=0.0) == 1.0
+
+
+def test_speedrun_init(model):
+    torch.manual_seed(0)
+    apply_init_rules(model, SPEEDRUN_INIT)
+    sd = model.state_dict()
+    for name in ("trunk.0.attn.proj.weight", "trunk.1.mlp.proj.weight", "head.weight", "head.bias", "trunk.0.mlp.fc.bias"):
+        assert not sd[name].any(), name
+    for name in ("x0.weight", "norm.weight", "trunk.1.n1.weight"):
+        assert torch.equal(sd[name], torch.ones_like(sd[name])), name
+    assert sd["tok.weight"].dtype == torch.bfloat16 and abs(sd["tok.weight"].float().std().item() - 1.0) < 0.05
+    for name, fan_in in (("trunk.0.attn.qkv.weight", 64), ("trunk.0.mlp.fc.weight", 64)):
+        assert abs(sd[name].std().item() - math.sqrt(0.33 / fan_in)) < 0.1 * math.sqrt(0.33 / fan_in), name
+
+
+def _program_muon_step(p, grad, buf, *, lr, wd, mu=0.95):
+    """The simple baseline's Muon update, written out here."""
+    buf.mul_(mu).add_(grad, alpha=1 - mu)
+    g = (1 - mu) * grad + mu * buf
+    x = g.bfloat16()
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / (x.norm() + 1e-7)
+    for _ in range(12):
+        a = x @ x.T
+        x = 2 * x + (-1.5 * a + 0.5 * a @ a) @ x
+    x = (x.T if tall else x).float() * max(1, grad.shape[0] / grad.shape[1]) ** 0.5
+    p.mul_(1 - lr * wd).add_(x, alpha=-lr)
+
+
+@pytest.mark.parametrize("shape", [(16, 8), (8, 24)])
+def test_muon_is_the_programs_update(shape):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(shape))
+    ref, buf = w.detach().clone(), torch.zeros(shape)
+    (opt,) = make_optimizers([{"group": "m", "optimizer": "muon", "params": [w], "names": ["w"], "lr": 0.05,
+                               "weight_decay": 0.1}])
+    assert type(opt) is torch.optim.Muon
+    for _ in range(3):
+        grad = torch.randn(shape)
+        w.grad = grad.clone()
+        opt.step()
+        _program_muon_step(ref, grad, buf, lr=0.05, wd=0.1)
+        torch.testing.assert_close(w.detach(), ref, atol=2e-2 * 0.05, rtol=0)  # bf16 iterations, two orders
+
+
+def test_torchs_default_muon_is_not_the_programs():
+    """The comparison above can fail: torch's own quintic iteration moves the weights differently."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(16, 8))
+    ref, buf = w.detach().clone(), torch.zeros(16, 8)
+    (opt,) = make_optimizers([{"group": "m", "optimizer": "muon", "params": [w], "names": ["w"], "lr": 0.05,
+                               "weight_decay": 0.1}], muon={"ns_coefficients": (3.4445, -4.775, 2.0315), "ns_steps": 5})
+    w.grad = torch.randn(16, 8)
+    _program_muon_step(ref, w.grad.clone(), buf, lr=0.05, wd=0.1)
+    opt.step()
+    assert (w.detach() - ref).abs().max() > 5e-3
+
+
+def test_a_few_recipe_steps_lower_the_summed_loss(model):
+    torch.manual_seed(0)
+    apply_init_rules(model, SPEEDRUN_INIT)
+    opts = make_optimizers(select_groups(model, SPEEDRUN_GROUPS))
+    lines = describe_optimizers(opts)
+    assert lines[0].startswith("blocks: Muon lr 0.025, weight decay 0.05, 8 tensors, ")
+    assert [ln.split(":")[0] for ln in lines] == ["blocks", "embed", "head", "vectors"]
+    assert lines[1].startswith("embed: AdamW lr 0.7, weight decay 0.001, 1 tensors, 8,192 parameters")
+    x = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for step in range(6):
+        loss = F.cross_entropy(model(x[:, :-1])["logits"].reshape(-1, 128), x[:, 1:].reshape(-1), reduction="sum")
+        loss.backward()
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = wsd_lr(step, lr=g["initial_lr"], steps=6)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(4 * 31 * math.log(128), rel=1e-4)  # a zero head: uniform logits
+    assert losses[-1] < 0.9 * losses[0]
