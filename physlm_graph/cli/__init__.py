@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["main", "make_parser", "console", "MODULES"]
+__all__ = ["main", "make_parser", "console", "to_argv", "MODULES"]
 
 MODULES = ("blueprint", "viz", "runs", "study")  # modules of this package, each with add_commands(sub)
 
@@ -50,6 +50,40 @@ def make_parser() -> argparse.ArgumentParser:
     for name in MODULES:
         importlib.import_module(f"{__name__}.{name}").add_commands(sub)
     return p
+
+
+def to_argv(parser: argparse.ArgumentParser, args: argparse.Namespace, *, drop: frozenset[str] | set[str] = frozenset()
+            ) -> list[str]:
+    """The command line that parses back to ``args`` (less the destinations in ``drop``).
+
+    Built from the parser's declared actions and the parsed values, never from the text the user
+    typed, so ``--gpus=2``, ``--gpus 2`` and abbreviations all give the same line. An option at
+    its default is left out; one with a value is written ``--name=VALUE`` (a value that starts with
+    ``-`` stays a value)."""
+    out: list[str] = []
+    for action in parser._actions:
+        dest = action.dest
+        if isinstance(action, argparse._SubParsersAction):
+            name = getattr(args, dest)
+            out += [name, *to_argv(action.choices[name], args, drop=drop)]
+            continue
+        if dest in drop or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        value = getattr(args, dest, action.default)
+        if not action.option_strings:  # a positional
+            out += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+            continue
+        if value == action.default or value is None:
+            continue
+        opt = action.option_strings[-1]
+        if isinstance(action, argparse._StoreConstAction):  # store_true / store_false / store_const
+            if value == action.const:
+                out.append(opt)
+        elif isinstance(action, argparse._AppendAction):
+            out += [f"{opt}={v}" for v in value]
+        else:
+            out.append(f"{opt}={value}")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

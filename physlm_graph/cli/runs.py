@@ -96,12 +96,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     import sys
 
     if args.gpus is not None and args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        from physlm_graph.cli import make_parser, to_argv
         from physlm_graph.runtime.distributed import launch_torchrun
 
-        argv = list(sys.argv[1:])
-        i = argv.index("--gpus")
-        del argv[i : i + 2]
-        return launch_torchrun(args.gpus, argv)
+        return launch_torchrun(args.gpus, to_argv(make_parser(), args, drop={"gpus"}))
     out = args.out or str(Path("runs") / Path(args.blueprint).stem)
     extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("compile_mode", args.compile_mode))
              if v is not None}
