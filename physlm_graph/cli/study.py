@@ -31,7 +31,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from physlm_graph.cli import console as _console
-    from physlm_graph._study import run_study
+    from physlm_graph.runtime.study import run_study
 
     res = run_study(args.study, out=args.out, device=args.device, progress=not args.json and not args.no_progress,
                     console=_console(stderr=True))
