@@ -1,6 +1,6 @@
-"""The layering of docs/STYLE (compiler core < components < runtime < CLI and Hugging Face):
-nothing in the compiler core imports the runtime. Checked statically over every import
-statement in physlm_graph/, function-level imports included."""
+"""The layering (compiler core < components < runtime < CLI and Hugging Face): nothing in the
+compiler core or the components imports the runtime. Checked statically over every import
+statement, function-level imports included."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ PKG = Path(__file__).resolve().parents[1] / "physlm_graph"
 ALLOWED = {"cli", "hf.py", "_hf.py"}
 
 
-def _module_name(path: Path, root: Path) -> str:
+def _module_name(path: Path, root: Path, prefix: str) -> str:
     parts = list(path.relative_to(root).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    return prefix + ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def runtime_imports(path: Path, root: Path = PKG.parent) -> list[str]:
-    """``file:line: statement`` for each import of physlm_graph.runtime in ``path`` (a file of
-    the package physlm_graph under ``root``)."""
+def runtime_imports(path: Path, root: Path = PKG.parent, prefix: str = "") -> list[str]:
+    """``file:line: statement`` for each import of physlm_graph.runtime in ``path``, a file whose
+    module name is ``prefix`` + its path under ``root`` (components/ installs as physlm_graph.components)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    module = _module_name(path, root)
+    module = _module_name(path, root, prefix)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = []
     for node in ast.walk(tree):
@@ -64,4 +64,12 @@ def test_only_the_cli_and_hugging_face_import_the_runtime():
         if rel.parts[0] in ALLOWED:
             continue
         offenders += runtime_imports(path)
+    assert offenders == []
+
+
+def test_the_components_do_not_import_the_runtime():
+    root = PKG.parent
+    offenders = []
+    for path in sorted((root / "components").rglob("*.py")):
+        offenders += runtime_imports(path, root, "physlm_graph.")
     assert offenders == []
