@@ -103,7 +103,7 @@ def load_study(path: str | os.PathLike[str]) -> tuple[StudyDoc, Path]:
         raise StudyError("no such study file", loc=Loc(file=str(path)), fix="check the path")
     doc = load_document(path)
     if not is_study_document(doc.data):
-        raise StudyError("this file is a blueprint, not a study", loc=doc.loc(("physlm",)),
+        raise StudyError("this is a blueprint, not an ablation study file", loc=doc.loc(("physlm",)),
                          fix=f"train it with `physlm-graph train {path}` or check it with `physlm-graph validate "
                              f"{path}`; a study file has `study:`, `base:` and `variants:` (docs/ablations.md)")
     try:

@@ -54,7 +54,7 @@ def test_a_blueprint_given_to_ablate_says_so(capsys):
     bp = ROOT / "examples" / "growth" / "tiny-growth.yaml"
     assert main(["ablate", str(bp)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"study error: {bp}:1:1: this file is a blueprint, not a study\n"
+    assert err == (f"study error: {bp}:1:1: this is a blueprint, not an ablation study file\n"
                    f"  fix: train it with `physlm-graph train {bp}` or check it with `physlm-graph validate {bp}`; "
                    "a study file has `study:`, `base:` and `variants:` (docs/ablations.md)\n")
 
