@@ -6,7 +6,7 @@ from setuptools import find_packages, setup
 
 SUBPACKAGES = {"components": "physlm_graph.components", "runtime": "physlm_graph.runtime"}
 
-packages = ["physlm_graph"]
+packages = ["physlm_graph", "physlm_graph.cli"]
 for folder, name in SUBPACKAGES.items():
     packages += [name + p[len(folder):] for p in find_packages(".", include=[folder, f"{folder}.*"])]
 

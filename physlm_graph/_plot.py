@@ -13,7 +13,7 @@ from typing import Any
 
 from physlm_graph._errors import Loc, PhysLMError, RuntimeDataError
 
-__all__ = ["read_metrics", "plot_runs", "add_commands"]
+__all__ = ["read_metrics", "plot_runs"]
 
 
 def read_metrics(run: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -78,23 +78,3 @@ def plot_runs(runs: list[str | Path], out: str | Path, *, log_y: bool = False) -
     fig.savefig(str(out))
     plt.close(fig)
     return summary
-
-
-def cmd_plot(args: Any) -> int:
-    import sys
-
-    summary = plot_runs(args.runs, args.output, log_y=args.log)
-    if args.json:
-        print(json.dumps({"output": args.output, "runs": summary}, indent=2))
-    else:
-        print(f"wrote {args.output} ({len(summary)} runs)", file=sys.stderr)
-    return 0
-
-
-def add_commands(sub: Any) -> None:
-    p = sub.add_parser("plot", help="draw training and validation loss curves of runs (metrics.jsonl)")
-    p.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
-    p.add_argument("-o", "--output", required=True, help="curves.png (or .svg, .pdf)")
-    p.add_argument("--log", action="store_true", help="logarithmic loss axis")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=cmd_plot)

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from physlm_graph._schema import BLOCK_USE_KEYS, NODE_KEYS, BlueprintDoc
 
-__all__ = ["blueprint_json_schema", "write_schema", "add_commands", "SCHEMA_ID"]
+__all__ = ["blueprint_json_schema", "write_schema", "SCHEMA_ID"]
 
 SCHEMA_ID = "https://physlm-graph.invalid/blueprint.schema.json"
 EXPR = {"type": "string", "pattern": r"\$\{", "description": "a ${...} expression, evaluated by the compiler"}
@@ -192,21 +192,3 @@ def write_schema(path: str | Path | None) -> str:
     if path is not None:
         Path(path).write_text(text, encoding="utf-8")
     return text
-
-
-def cmd_schema(args: Any) -> int:
-    import sys
-
-    text = write_schema(args.output)
-    if args.output is None:
-        sys.stdout.write(text)
-    else:
-        n = len(blueprint_json_schema()["definitions"])
-        print(f"wrote {args.output} ({n} definitions)", file=sys.stderr)
-    return 0
-
-
-def add_commands(sub: Any) -> None:
-    s = sub.add_parser("schema", help="write the blueprint JSON Schema (for editor completion)")
-    s.add_argument("-o", "--output", default=None, help="file to write (default: stdout)")
-    s.set_defaults(fn=cmd_schema)

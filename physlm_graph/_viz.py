@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["render_html", "render_svg", "layout", "node_colour", "add_commands"]
+__all__ = ["render_html", "render_svg", "layout", "node_colour"]
 
 BOX_W, BOX_H, GAP_X, GAP_Y, PAD = 210, 58, 26, 34, 20
 PALETTE = {  # one colour per component family; others get a stable colour from their name
@@ -179,31 +179,3 @@ def render_html(cm: Any) -> str:
             f'<button onclick="setAll(false)">collapse all blocks</button>'
             f'<details class="diagram-wrap"><summary>diagram</summary><div class="diagram">{render_svg(cm)}</div>'
             f'</details><div id="graph">{"".join(body)}</div></body></html>\n')
-
-
-def cmd_viz(args: Any) -> int:
-    import sys
-
-    from physlm_graph import PhysLMError, compile_blueprint
-
-    out = Path(args.output)
-    if out.suffix.lower() not in (".html", ".htm", ".svg"):
-        raise PhysLMError(f"cannot tell the picture format from {out.name!r}", expected=".html or .svg",
-                          fix="name the output graph.html or graph.svg")
-    cm = compile_blueprint(args.blueprint, overrides=list(args.set or []), device="meta", build=False)
-    text = render_svg(cm) if out.suffix.lower() == ".svg" else render_html(cm)
-    out.write_text(text, encoding="utf-8")
-    if args.json:
-        print(json.dumps({"output": str(out), "nodes": len(cm.resolved.nodes), "hash": cm.hash}))
-    else:
-        print(f"wrote {out} ({len(cm.resolved.nodes)} nodes)", file=sys.stderr)
-    return 0
-
-
-def add_commands(sub: Any) -> None:
-    v = sub.add_parser("viz", help="draw a blueprint's graph as self-contained HTML or SVG (offline)")
-    v.add_argument("blueprint")
-    v.add_argument("-o", "--output", required=True, help="graph.html or graph.svg")
-    v.add_argument("--set", action="append", metavar="PATH=VALUE", help="override a value (repeatable)")
-    v.add_argument("--json", action="store_true")
-    v.set_defaults(fn=cmd_viz)

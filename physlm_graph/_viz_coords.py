@@ -1,11 +1,12 @@
-"""``physlm-graph viz-coords CKPT -o coords.html``: where an NGT model puts its tokens.
+"""Where an NGT model puts its tokens (drawn by ``physlm-graph viz-coords CKPT -o coords.html``).
 
 The Newton Gravity Transformer carries coordinates ``z`` beside the hidden state: ``embed.ngt_coords``
 gives the first ones, every ``attention.gravity`` layer the next (its ``z_next`` port), and
-``embed.ngt_mass`` gives each token a mass. This command runs the checkpoint on probe tokens
-(a text, or the vocabulary itself in context-sized chunks), takes the coordinates of the *last*
-gravity layer, projects them to 3D with PCA, and writes a self-contained page: a canvas the
-reader rotates by dragging, one dot per token, the dot's area proportional to its mass.
+``embed.ngt_mass`` gives each token a mass. ``token_coordinates`` runs a model on probe tokens
+(a text, or the vocabulary itself in context-sized chunks) and takes the coordinates of the
+*last* gravity layer; ``pca3`` projects them to 3D; ``render_coords_html`` writes a
+self-contained page: a canvas the reader rotates by dragging, one dot per token, the dot's area
+proportional to its mass. The command (physlm_graph/cli/viz.py) loads the checkpoint.
 No CDN: the drawing script is the few lines in ``JS`` below.
 """
 
@@ -20,7 +21,7 @@ import torch
 
 from physlm_graph._errors import PhysLMError
 
-__all__ = ["token_coordinates", "pca3", "render_coords_html", "add_commands"]
+__all__ = ["token_coordinates", "pca3", "render_coords_html"]
 
 
 def _ngt_nodes(cm: Any) -> tuple[str, str | None]:
@@ -105,54 +106,3 @@ def render_coords_html(points: torch.Tensor, mass: list[float], labels: list[str
             f'<body><h1 style="font-size:20px">{html.escape(title)}</h1><div class="note">{html.escape(note)}</div>'
             '<canvas id="cv" width="900" height="700"></canvas>'
             f'<script type="application/json" id="data">{blob}</script><script>{JS}</script></body></html>\n')
-
-
-def _label(tok: Any, i: int) -> str:
-    if tok is None:
-        return str(i)
-    try:
-        return repr(tok.decode([i]))[1:-1] or str(i)
-    except Exception:
-        return str(i)
-
-
-def cmd_viz_coords(args: Any) -> int:
-    import sys
-
-    from physlm_graph.runtime.checkpoint import load_checkpoint, model_context, model_vocab
-
-    ck = load_checkpoint(args.checkpoint)
-    cm = ck.model
-    context = model_context(cm) or 256
-    if args.text is not None:
-        if ck.tokenizer is None:
-            raise PhysLMError("--text needs the checkpoint's tokenizer, and this checkpoint has none",
-                              fix="leave out --text to show the whole vocabulary")
-        ids = ck.tokenizer.encode(args.text)
-    else:
-        ids = list(range(min(model_vocab(cm) or 0, args.max_tokens)))
-    if not ids:
-        raise PhysLMError("no probe tokens", fix="give --text or a model with a vocabulary")
-    z, m, layer = token_coordinates(cm, ids, context)
-    p, var = pca3(z)
-    mass = [float(v) for v in m] if m is not None else [1.0] * len(ids)
-    labels = [_label(ck.tokenizer, i) for i in ids]
-    note = (f"final coordinates ({layer}.z_next, {z.size(1)} dims) of {len(ids)} tokens, PCA to 3D "
-            f"(variance explained {', '.join(f'{v:.0%}' for v in var)}); dot area ~ mass; drag to rotate")
-    Path(args.output).write_text(render_coords_html(p, mass, labels, f"{cm.name}: token coordinates", note),
-                                 encoding="utf-8")
-    if args.json:
-        print(json.dumps({"output": args.output, "tokens": len(ids), "layer": layer, "variance": var}))
-    else:
-        print(f"wrote {args.output} ({len(ids)} tokens)", file=sys.stderr)
-    return 0
-
-
-def add_commands(sub: Any) -> None:
-    v = sub.add_parser("viz-coords", help="3D view of an NGT checkpoint's token coordinates (self-contained HTML)")
-    v.add_argument("checkpoint", help="a checkpoint or run folder")
-    v.add_argument("-o", "--output", required=True, help="coords.html")
-    v.add_argument("--text", default=None, help="probe text (default: the vocabulary)")
-    v.add_argument("--max-tokens", type=int, default=2048, help="at most this many vocabulary tokens")
-    v.add_argument("--json", action="store_true")
-    v.set_defaults(fn=cmd_viz_coords)

@@ -22,7 +22,7 @@ def test_wheel_has_one_namespace_and_imports(tmp_path):
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)
-    code = ("import physlm_graph, physlm_graph.runtime.train; from physlm_graph import REGISTRY; "
+    code = ("import physlm_graph, physlm_graph.cli, physlm_graph.runtime.train; from physlm_graph import REGISTRY; "
             "print(physlm_graph.__file__); print(len(REGISTRY.names()))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}).stdout.split()

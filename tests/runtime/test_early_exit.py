@@ -412,7 +412,7 @@ def test_trainer_adds_and_logs_exit_losses(tmp_path, capsys):
 
 def _check_commands(run: Path, data: Path, capsys) -> None:
     """`physlm-graph eval/generate --exit-threshold` on the checkpoint just trained."""
-    from physlm_graph.runtime.commands import main
+    from physlm_graph.cli import main
 
     capsys.readouterr()
     assert main(["eval", str(run), "--data", str(data), "--device", "cpu", "--json"]) == 0

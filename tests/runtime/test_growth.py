@@ -411,7 +411,7 @@ def test_the_trainer_stops_when_growth_changes_the_function(tmp_path, text_file,
 
 
 def test_the_train_command_grows_the_example(tmp_path, text_file):
-    from physlm_graph.runtime.commands import main
+    from physlm_graph.cli import main
 
     out = tmp_path / "run"
     assert main(["train", str(TINY), "--data", str(text_file), "--steps", "25", "--out", str(out), "--device", "cpu",

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from physlm_graph import CheckpointError, TrainingError
 from physlm_graph.runtime.checkpoint import load_checkpoint
-from physlm_graph.runtime.commands import main
+from physlm_graph.cli import main
 from physlm_graph.runtime.generate import generate
 from physlm_graph.runtime.optim import lr_at
 from physlm_graph.runtime.train import Trainer, train

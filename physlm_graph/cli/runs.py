@@ -1,9 +1,8 @@
-"""The ``train``, ``generate`` and ``eval`` subcommands of ``physlm-graph``.
+"""``train``, ``generate`` and ``eval``: the subcommands that run models (through the runtime).
 
 ``physlm_graph.cli`` calls ``add_commands(subparsers)``; each subcommand's handler (stored as
-``func`` on the parsed arguments) returns an exit code. ``PhysLMError``s are raised, not
-caught: the top level prints them and exits with 2. ``python -m physlm_graph.runtime.commands``
-runs the three subcommands on their own.
+``fn`` on the parsed arguments) returns an exit code. ``PhysLMError``s are raised, not
+caught: the top level prints them and exits with 2.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_commands", "cmd_train", "cmd_generate", "cmd_eval", "main"]
+__all__ = ["add_commands", "cmd_train", "cmd_generate", "cmd_eval"]
 
 
 def add_commands(subparsers: Any) -> None:
@@ -41,7 +40,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--gpus", type=int, help="train on N GPUs of this machine (launches torchrun)")
     p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
                    help="with several GPUs: DDP (replicated) or FSDP2 (sharded, for models that do not fit)")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(fn=cmd_train)
 
     g = subparsers.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its last, else best)")
@@ -67,7 +66,7 @@ def add_commands(subparsers: Any) -> None:
                         "the rest of the model (output = full depth's greedy decoding; needs --temperature 0)")
     g.add_argument("--draft-exit", help="the exit that drafts for --speculate: an exit point (e.g. trunk.1) or its "
                                         "index, shallowest first from 0 (default: the shallowest)")
-    g.set_defaults(func=cmd_generate)
+    g.set_defaults(fn=cmd_generate)
 
     e = subparsers.add_parser("eval", help="perplexity of a checkpoint on a text")
     e.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its last, else best)")
@@ -79,7 +78,7 @@ def add_commands(subparsers: Any) -> None:
     e.add_argument("--json", action="store_true")
     e.add_argument("--exit-threshold", type=float, help="score under the early-exit policy at threshold T")
     e.add_argument("--exit-rule", choices=["top1", "margin", "entropy", "saturation"], help="early exit rule (default: the blueprint's)")
-    e.set_defaults(func=cmd_eval)
+    e.set_defaults(fn=cmd_eval)
 
 
 def _device(name: str) -> str:
@@ -91,18 +90,16 @@ def _device(name: str) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .train import train
+    from physlm_graph.runtime.train import train
 
     import os
     import sys
 
     if args.gpus is not None and args.gpus > 1 and "WORLD_SIZE" not in os.environ:
-        from .distributed import launch_torchrun
+        from physlm_graph.cli import make_parser, to_argv
+        from physlm_graph.runtime.distributed import launch_torchrun
 
-        argv = list(sys.argv[1:])
-        i = argv.index("--gpus")
-        del argv[i : i + 2]
-        return launch_torchrun(args.gpus, argv)
+        return launch_torchrun(args.gpus, to_argv(make_parser(), args, drop={"gpus"}))
     out = args.out or str(Path("runs") / Path(args.blueprint).stem)
     extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("compile_mode", args.compile_mode))
              if v is not None}
@@ -124,9 +121,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from physlm_graph._errors import CheckpointError, Loc, PhysLMError
 
-    from .checkpoint import load_checkpoint
-    from .early_exit import generate_with_exits
-    from .generate import can_cache, generate
+    from physlm_graph.runtime.checkpoint import load_checkpoint
+    from physlm_graph.runtime.early_exit import generate_with_exits
+    from physlm_graph.runtime.generate import can_cache, generate
 
     ck = load_checkpoint(args.checkpoint, device=_device(args.device))
     tok = ck.tokenizer
@@ -175,7 +172,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         exits = None
         if args.speculate is not None:  # self-speculative (runtime/speculative.py)
-            from .speculative import generate_self_speculative
+            from physlm_graph.runtime.speculative import generate_self_speculative
 
             _, spec = generate_self_speculative(ck.model, ids, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id,
                                                 draft_exit=int(args.draft_exit) if (args.draft_exit or "").isdigit()
@@ -223,7 +220,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from physlm_graph.runtime.evaluate import evaluate
 
     report = evaluate(args.checkpoint, args.data, seq_len=args.seq_len, stride=args.stride,
                       batch_size=args.batch_size, device=_device(args.device), exit_threshold=args.exit_threshold,
@@ -252,20 +249,3 @@ def cmd_eval(args: argparse.Namespace) -> int:
     Console().print(t)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; a ``PhysLMError`` becomes a message on stderr and exit code 2."""
-    from physlm_graph._errors import PhysLMError
-
-    parser = argparse.ArgumentParser(prog="physlm-graph")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except PhysLMError as err:
-        print(str(err), file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""``physlm-graph diff`` and ``physlm-graph ablate`` (added to the CLI by ``cli.make_parser``)."""
+"""``diff`` and ``ablate``: compare two compiled models; train and tabulate a study."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(d.to_json(), indent=2, default=str))
     else:
-        from physlm_graph.cli import _console
+        from physlm_graph.cli import console as _console
 
         con = _console()
         if d.identical:
@@ -30,8 +30,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from physlm_graph._study import run_study
-    from physlm_graph.cli import _console
+    from physlm_graph.cli import console as _console
+    from physlm_graph.runtime.study import run_study
 
     res = run_study(args.study, out=args.out, device=args.device, progress=not args.json and not args.no_progress,
                     console=_console(stderr=True))

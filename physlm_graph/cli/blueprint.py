@@ -1,7 +1,6 @@
-"""The ``physlm-graph`` command line.
+"""``build``, ``validate``, ``components`` and ``schema``: the subcommands about blueprints.
 
-Every command reports user mistakes as ``physlm-graph`` errors (file:line:col, node, expected
-vs got, fix) on stderr with exit code 2, never a traceback. ``--json`` gives machine output.
+They compile on the meta device (no weights) and never import the runtime.
 """
 
 from __future__ import annotations
@@ -9,20 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["main"]
+from physlm_graph.cli import console as _console
 
-
-def _console(stderr: bool = False) -> Any:
-    import shutil
-
-    from rich.console import Console
-
-    stream = sys.stderr if stderr else sys.stdout
-    width = None if stream.isatty() else max(shutil.get_terminal_size((160, 40)).columns, 160)
-    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
+__all__ = ["add_commands", "cmd_build", "cmd_validate", "cmd_components", "cmd_schema", "build_table"]
 
 
 def _fmt_int(n: float) -> str:
@@ -185,12 +175,19 @@ def cmd_components(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="physlm-graph", description="Compile, train and study LM blueprints.")
-    p.add_argument("--debug", action="store_true", help="show Python tracebacks for internal errors")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+def cmd_schema(args: argparse.Namespace) -> int:
+    from physlm_graph._schema_export import blueprint_json_schema, write_schema
 
+    text = write_schema(args.output)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        n = len(blueprint_json_schema()["definitions"])
+        print(f"wrote {args.output} ({n} definitions)", file=sys.stderr)
+    return 0
+
+
+def add_commands(sub: Any) -> None:
     b = sub.add_parser("build", help="compile a blueprint and print its node table")
     b.add_argument("blueprint")
     b.add_argument("--set", action="append", metavar="PATH=VALUE", help="override a value (repeatable)")
@@ -211,42 +208,6 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_components)
 
-    for mod in ("physlm_graph._schema_export", "physlm_graph._viz", "physlm_graph._plot", "physlm_graph._viz_coords"):
-        __import__(mod, fromlist=["add_commands"]).add_commands(sub)  # schema, viz, plot, viz-coords
-
-    for mod in ("physlm_graph.runtime.commands", "physlm_graph._study_commands"):
-        try:
-            m = __import__(mod, fromlist=["add_commands"])
-        except ImportError:
-            continue
-        m.add_commands(sub)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from physlm_graph._errors import PhysLMError
-
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    try:
-        code = (getattr(args, "fn", None) or args.func)(args)
-        return int(code or 0)
-    except PhysLMError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # output piped into `head`: not an error
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # an internal bug: say so plainly, keep the traceback behind --debug
-        if args.debug:
-            raise
-        print(f"physlm-graph internal error: {type(exc).__name__}: {exc}\n"
-              "  this is a bug in physlm-graph; rerun with --debug for the traceback and report it",
-              file=sys.stderr)
-        return 3
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    s = sub.add_parser("schema", help="write the blueprint JSON Schema (for editor completion)")
+    s.add_argument("-o", "--output", default=None, help="file to write (default: stdout)")
+    s.set_defaults(fn=cmd_schema)
