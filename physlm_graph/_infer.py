@@ -243,8 +243,10 @@ def infer_shapes(res: Resolved, checked: Checked) -> Inferred:
             if id(p) not in seen:
                 seen.add(id(p))
                 total += p.numel()
+    shapes = {f"{path}.{name}": tuple(t.shape) for path, m in modules.items() for name, t in m.state_dict().items()}
     return Inferred(resolved=res, specs=specs, reports=reports, total_params=total,
-                    flops_per_token=sum(r.flops_per_token for r in reports), sample={"batch": _B1, "seq": t1})
+                    flops_per_token=sum(r.flops_per_token for r in reports), sample={"batch": _B1, "seq": t1},
+                    tensor_shapes=shapes)
 
 
 _INIT_FNS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",

@@ -14,11 +14,29 @@ from pydantic import ValidationError
 
 from physlm_graph._errors import Diagnostic, ValidateError
 from physlm_graph._ir import Ref, Resolved
+from physlm_graph._load import Document
 from physlm_graph._registry import REGISTRY, ComponentInfo
 
-__all__ = ["validate", "Checked", "topo_order"]
+__all__ = ["validate", "Checked", "topo_order", "check_file_kind"]
 
 Checked = dict[str, Any]  # node path -> its checked params model
+
+
+# ---------------------------------------------------------------- the kind of file
+
+
+def check_file_kind(doc: Document) -> None:
+    """A study file (``study:`` at the top, no ``nodes``) given where a blueprint belongs is
+    said to be one, with the command that runs it."""
+    data = doc.data
+    if isinstance(data, dict) and "study" in data and "nodes" not in data:
+        target = doc.file if doc.file and not doc.file.startswith("<") else "STUDY.yaml"
+        raise ValidateError(Diagnostic(
+            "this is an ablation study file, not a blueprint", loc=doc.loc(("study",)),
+            fix=f"run it with `physlm-graph ablate {target} --out DIR`; `validate`, `build` and `train` take blueprints"))
+
+
+# ---------------------------------------------------------------- nodes
 
 
 def _param_errors(exc: ValidationError, node: Any, res: Resolved, info: ComponentInfo) -> list[Diagnostic]:
