@@ -24,10 +24,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from physlm_graph._errors import Diagnostic, PhysLMError, ValidateError
+from physlm_graph._growth_residual import new_instance_errors
 from physlm_graph._ir import Inferred
 from physlm_graph._load import Document
 
-__all__ = ["GrowthPhase", "check_growth", "depth_plan", "residual_stream_errors"]
+__all__ = ["GrowthPhase", "check_growth", "depth_plan"]
 
 _GROWING_KEYS = ("grow", "where", "ramp_steps", "rewarmup")
 _CACHE: dict[str, list["GrowthPhase"]] = {}
@@ -152,15 +153,17 @@ def _schedule_errors(doc: Document, stages: list[Any]) -> list[Diagnostic]:
 # ---------------------------------------------------------------- each stage on meta
 
 
-def _infer_stage(doc: Document, i: int) -> Inferred:
-    """Stage ``i`` through resolve, validate and shape inference; its errors say which stage."""
+def _infer_stage(doc: Document, i: int) -> tuple[Inferred, Any]:
+    """Stage ``i`` through resolve, validate and shape inference (the inferred stage and its
+    checked params); its errors say which stage."""
     from physlm_graph._infer import infer_shapes
     from physlm_graph._resolve import resolve
     from physlm_graph._validate import validate
 
     try:
         res = resolve(doc, stage=i)
-        return infer_shapes(res, validate(res))
+        checked = validate(res)
+        return infer_shapes(res, checked), checked
     except PhysLMError as exc:
         diags = [d if d.message.startswith(f"growth stage {i}") else replace(d, message=f"growth stage {i}: {d.message}")
                  for d in exc.diagnostics]
@@ -200,45 +203,11 @@ def _rename(name: str, moves: dict[str, str]) -> str:
     return name if head is None else moves[head] + name[len(head):]
 
 
-def residual_stream_errors(res: Any, instance: str) -> list[Diagnostic]:
-    """Why a block instance is not a pre-norm residual block (``x + branch(x)`` adds whose
-    output is the instance's output), which zero_init and mask need; [] when it is one. The
-    stream starts at the instance's inputs; an ``add`` with exactly one input on it continues it."""
-    from physlm_graph._validate import topo_order
-
-    inside = {p for p in res.nodes if p.startswith(instance + ".")}
-    stream: set[str] = set()
-    for path in topo_order(res):
-        node = res.nodes[path]
-        if path not in inside or node.use != "add":
-            continue
-        on = [j for j, (_, r) in enumerate(node.inputs) if r.node not in inside or r.node in stream]
-        if len(on) > 1:
-            return [Diagnostic(f"cannot tell the residual stream from the branch (inputs "
-                               f"{', '.join(str(r) for _, r in node.inputs)} all carry the stream)",
-                               loc=res.doc.loc(node.src), node=path,
-                               fix="write the block as x + branch(x) (pre-norm), or grow with stack/interpolate")]
-        if len(on) == 1:
-            stream.add(path)
-    outs = list((res.instance_outputs.get(instance) or {}).values())
-    off = [r for r in outs if r.node in inside and r.node not in stream]
-    if stream and not off:
-        return []
-    what = f"its output {off[0]} is not the residual stream" if off else "it has no residual add"
-    first = next((res.nodes[p] for p in sorted(inside)), None)
-    src = first.src if first else ()
-    if src[:1] == ("blocks",):
-        src = src[:2] + ("out",)  # the block's `out`, where the stream should end
-    return [Diagnostic(f"block instance {instance!r} is not a pre-norm residual block: {what}",
-                       loc=res.doc.loc(src) if first else None, node=instance,
-                       fix="zero_init and mask need x + branch(norm(x)) blocks; grow with stack or interpolate")]
-
-
 def _more(k: int) -> str:
     return "" if k <= 0 else f" (and {k} more tensor{'s' if k > 1 else ''})"
 
 
-def _pair_errors(doc: Document, i: int, st: Any, old: Inferred, new: Inferred,
+def _pair_errors(doc: Document, i: int, st: Any, old: Inferred, new: Inferred, checked: Any,
                  ) -> tuple[list[Diagnostic], dict[str, str], dict[str, str | None]]:
     """Stage ``i`` against stage ``i - 1``: repeat counts, ``where``, surviving tensors."""
     errors: list[Diagnostic] = []
@@ -270,11 +239,7 @@ def _pair_errors(doc: Document, i: int, st: Any, old: Inferred, new: Inferred,
     if errors:
         return errors, moves, fresh
     if st.grow in ("zero_init", "mask"):
-        for inst in fresh:
-            problems = residual_stream_errors(new.resolved, inst)
-            if problems:
-                errors += problems
-                break  # every new instance of a block has the same wiring
+        errors += new_instance_errors(new, checked, st.grow, list(fresh))
     given = [k for k in ("grow", "where", "ramp_steps") if k in _raw(doc, i)]
     if not fresh and given:
         errors.append(_err(doc, f"growth stage {i} adds no layers, so `{given[0]}` does not apply", i, given[0],
@@ -344,10 +309,11 @@ def check_growth(doc: Document, stages: list[Any]) -> list[GrowthPhase]:
     errors = _schedule_errors(doc, stages)
     if errors:
         raise ValidateError(errors)
-    inferred = [_infer_stage(doc, i) for i in range(len(stages))]
+    compiled = [_infer_stage(doc, i) for i in range(len(stages))]
+    inferred = [inf for inf, _ in compiled]
     phases = [_phase(0, stages[0], inferred[0], {}, {})]
     for i in range(1, len(stages)):
-        errs, moves, fresh = _pair_errors(doc, i, stages[i], inferred[i - 1], inferred[i])
+        errs, moves, fresh = _pair_errors(doc, i, stages[i], inferred[i - 1], inferred[i], compiled[i][1])
         errors += errs
         phases.append(_phase(i, stages[i], inferred[i], moves, fresh))
     if errors:
