@@ -209,7 +209,24 @@ def _more(k: int) -> str:
 
 def _pair_errors(doc: Document, i: int, st: Any, old: Inferred, new: Inferred, checked: Any,
                  ) -> tuple[list[Diagnostic], dict[str, str], dict[str, str | None]]:
-    """Stage ``i`` against stage ``i - 1``: repeat counts, ``where``, surviving tensors."""
+    """Stage ``i`` against stage ``i - 1``: repeat counts and ``where``, the new instances
+    (zero_init, mask), the options that need new layers, surviving tensors."""
+    errors, moves, fresh = _plan_instances(doc, i, st, old, new)
+    if errors:
+        return errors, moves, fresh
+    if st.grow in ("zero_init", "mask"):
+        errors += new_instance_errors(new, checked, st.grow, list(fresh))
+    given = [k for k in ("grow", "where", "ramp_steps") if k in _raw(doc, i)]
+    if not fresh and given:
+        errors.append(_err(doc, f"growth stage {i} adds no layers, so `{given[0]}` does not apply", i, given[0],
+                           fix=f"drop `{given[0]}`, or raise a repeat count in this stage"))
+    return errors + _tensor_errors(doc, i, st, old, new, moves, fresh), moves, fresh
+
+
+def _plan_instances(doc: Document, i: int, st: Any, old: Inferred, new: Inferred,
+                    ) -> tuple[list[Diagnostic], dict[str, str], dict[str, str | None]]:
+    """Each repeated block's instances from stage ``i - 1`` to ``i``: old -> new instance for
+    the survivors, new instance -> its source (None: fresh) for the new ones."""
     errors: list[Diagnostic] = []
     moves: dict[str, str] = {}
     fresh: dict[str, str | None] = {}
@@ -236,14 +253,14 @@ def _pair_errors(doc: Document, i: int, st: Any, old: Inferred, new: Inferred, c
         old_to_new, new_src = depth_plan(n, m, st.grow, st.where)
         moves.update({f"{block}.{a}": f"{block}.{b}" for a, b in old_to_new.items()})
         fresh.update({f"{block}.{j}": None if s is None else f"{block}.{s}" for j, s in new_src.items()})
-    if errors:
-        return errors, moves, fresh
-    if st.grow in ("zero_init", "mask"):
-        errors += new_instance_errors(new, checked, st.grow, list(fresh))
-    given = [k for k in ("grow", "where", "ramp_steps") if k in _raw(doc, i)]
-    if not fresh and given:
-        errors.append(_err(doc, f"growth stage {i} adds no layers, so `{given[0]}` does not apply", i, given[0],
-                           fix=f"drop `{given[0]}`, or raise a repeat count in this stage"))
+    return errors, moves, fresh
+
+
+def _tensor_errors(doc: Document, i: int, st: Any, old: Inferred, new: Inferred, moves: dict[str, str],
+                   fresh: dict[str, str | None]) -> list[Diagnostic]:
+    """Every tensor of stage ``i - 1`` lives on in stage ``i`` (renamed per ``moves``) with its
+    shape; stage ``i`` adds tensors only inside its new instances."""
+    errors: list[Diagnostic] = []
     old_sd, new_sd = _tensor_shapes(old), _tensor_shapes(new)
     inverse = {b: a for a, b in moves.items()}
     sources: dict[str, str] = {}  # new tensor -> the old tensor it is copied from
@@ -278,7 +295,7 @@ def _pair_errors(doc: Document, i: int, st: Any, old: Inferred, new: Inferred, c
     if lost:
         errors.append(_err(doc, f"growth stage {i} drops {lost[0]}" + _more(len(lost) - 1), i, "params",
                            fix="growth only adds; stages must not remove nodes or their tensors"))
-    return errors, moves, fresh
+    return errors
 
 
 # ---------------------------------------------------------------- the whole check
