@@ -98,7 +98,7 @@ class ExitsDoc(_Strict):
     weighting: Union[Literal["uniform", "depth"], list[float]] = "depth"
     weight: float = Field(1.0, ge=0.0, description="overall weight of the exit losses")
     rule: ExitRule = "margin"
-    threshold: float = 0.9
+    threshold: float = Field(0.9, allow_inf_nan=False, description="the rule's threshold (a finite number)")
 
     @model_validator(mode="after")
     def _where(self) -> "ExitsDoc":
