@@ -2,6 +2,8 @@
 
     load -> merge (extends, --set) -> resolve -> validate -> infer_shapes -> build_fx -> passes
 
+With a ``growth:`` list, the checks after shape inference also compile every growth stage on
+meta and compare consecutive stages (``_growth_spec``), once per merged document.
 ``compile_blueprint(..., dump_ir="resolve")`` prints the IR after any stage.
 """
 
@@ -18,12 +20,13 @@ import yaml
 from torch import fx
 
 from physlm_graph._errors import PhysLMError
+from physlm_graph._growth_spec import GrowthPhase, check_growth
 from physlm_graph._infer import infer_shapes
 from physlm_graph._ir import Inferred, NodeReport, Resolved
 from physlm_graph._load import Document, load_document
 from physlm_graph._merge import apply_overrides, merge_extends
 from physlm_graph._resolve import resolve
-from physlm_graph._validate import Checked, validate
+from physlm_graph._validate import Checked, check_file_kind, validate
 
 __all__ = ["compile_blueprint", "CompiledModel", "STAGES", "canonical_graph", "blueprint_yaml"]
 
@@ -68,6 +71,7 @@ class CompiledModel:
     inferred: Inferred
     checked: Checked
     passes: list[tuple[str, bool]] = field(default_factory=list)
+    growth_stages: list[GrowthPhase] = field(default_factory=list)  # checked; [] without growth
 
     @property
     def resolved(self) -> Resolved:
@@ -158,6 +162,7 @@ def compile_blueprint(
     if dump_ir is not None and dump_ir not in STAGES:
         raise PhysLMError(f"unknown stage {dump_ir!r} for dump_ir", expected=", ".join(STAGES))
     doc = load_document(source)
+    check_file_kind(doc)
     _dump("load", doc, dump_ir, dump)
     doc = apply_overrides(merge_extends(doc), overrides)
     _dump("merge", doc, dump_ir, dump)
@@ -167,6 +172,7 @@ def compile_blueprint(
     _dump("validate", res, dump_ir, dump)
     inf = infer_shapes(res, checked)
     _dump("infer_shapes", inf, dump_ir, dump)
+    phases = check_growth(doc, list(res.spec.growth))
     graph = canonical_graph(res)
     module = None
     applied: list[tuple[str, bool]] = []
@@ -183,4 +189,4 @@ def compile_blueprint(
         module, applied = run_passes(module, passes or [], res)
         _dump("passes", module, dump_ir, dump)
     return CompiledModel(module=module, blueprint=doc.data, graph=graph, hash=_hash(graph), inferred=inf,
-                         checked=checked, passes=applied)
+                         checked=checked, passes=applied, growth_stages=phases)

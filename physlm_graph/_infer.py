@@ -21,7 +21,7 @@ from physlm_graph._ir import Inferred, NodeReport, Ref, Resolved
 from physlm_graph._registry import REGISTRY, TensorSpec
 from physlm_graph._validate import Checked, topo_order
 
-__all__ = ["infer_shapes", "sample_seq_len", "node_input_specs"]
+__all__ = ["infer_shapes", "sample_seq_len", "node_input_specs", "check_output_shapes"]
 
 _B1, _B2 = 2, 3
 
@@ -243,8 +243,54 @@ def infer_shapes(res: Resolved, checked: Checked) -> Inferred:
             if id(p) not in seen:
                 seen.add(id(p))
                 total += p.numel()
+    check_output_shapes(res, specs)
+    shapes = {f"{path}.{name}": tuple(t.shape) for path, m in modules.items() for name, t in m.state_dict().items()}
     return Inferred(resolved=res, specs=specs, reports=reports, total_params=total,
-                    flops_per_token=sum(r.flops_per_token for r in reports), sample={"batch": _B1, "seq": t1})
+                    flops_per_token=sum(r.flops_per_token for r in reports), sample={"batch": _B1, "seq": t1},
+                    tensor_shapes=shapes)
+
+
+def check_output_shapes(res: Resolved, specs: dict[str, list[TensorSpec]]) -> None:
+    """What the runtime reads of the graph has the shape it needs: ``logits`` is (batch, seq,
+    vocab), every loss source is a scalar, every exit's hidden state is shaped like what the
+    final head reads."""
+    from physlm_graph._resolve import exit_heads
+
+    errors: list[Diagnostic] = []
+    ref = res.outputs.get("logits")
+    if ref is not None:
+        got = _spec_of(res, ref, specs)
+        if len(got.shape) != 3 or tuple(got.symbols or ())[:2] != ("batch", "seq") or got.shape[-1] < 2:
+            errors.append(Diagnostic(
+                f"output 'logits' ({ref}) is not shaped (batch, seq, vocab)", loc=res.doc.loc(("outputs", "logits")),
+                node=ref.node, expected="[batch, seq, vocab], vocab >= 2", got=got.pretty(),
+                fix="point logits at the LM head (head.lm), whose output is one score per token of the vocabulary"))
+    for loss in res.losses:
+        for r in loss.refs:
+            got = _spec_of(res, r, specs)
+            if got.shape != ():
+                errors.append(Diagnostic(
+                    f"loss {loss.name!r}: {r} is not a scalar", loc=res.doc.loc(loss.src + ("from",)), node=r.node,
+                    expected="a scalar (shape [])", got=got.pretty(),
+                    fix="a loss gathers scalar ports (e.g. moe.topk's balance, loss.gravity_repulsion's loss)"))
+                break  # one per loss: a glob repeats the same mistake in every instance
+    if res.exit_points and res.spec.exits is not None:
+        plan, _ = exit_heads(res.spec, res.nodes, res.outputs)
+        if plan is not None:
+            reader = res.nodes[plan.norm or plan.head]
+            want = _spec_of(res, reader.inputs[0][1], specs) if reader.inputs else None
+            for p in res.exit_points:
+                outs = res.instance_outputs.get(p)
+                got = _spec_of(res, next(iter(outs.values())) if outs else Ref(p), specs)
+                if want is not None and got.pretty() != want.pretty():
+                    after = res.spec.exits.after
+                    src = ("exits", "after", after.index(p)) if p in after else ("exits", "every")
+                    errors.append(Diagnostic(
+                        f"exit point {p!r} is not shaped like the input of the exit head ({reader.path} reads "
+                        f"{want.pretty()})", loc=res.doc.loc(src), expected=want.pretty(), got=got.pretty(),
+                        fix="exit after block instances (or nodes) that carry the residual stream the final head reads"))
+    if errors:
+        raise ShapeError(errors)
 
 
 _INIT_FNS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",

@@ -89,3 +89,5 @@ class Inferred:
     flops_per_token: float
     sample: dict[str, int]
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    # every node tensor (parameters and persistent buffers) by its state-dict name -> shape
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)

@@ -22,7 +22,7 @@ from physlm_graph._expr import ExprError, references, substitute
 from physlm_graph._ir import LossSpec, NodeSpec, Ref, Resolved
 from physlm_graph._load import Document
 from physlm_graph._registry import REGISTRY
-from physlm_graph._schema import BLOCK_USE_KEYS, NODE_KEYS, BlueprintDoc
+from physlm_graph._schema import BLOCK_USE_KEYS, NODE_KEYS, BlueprintDoc, unknown_key_fix
 
 __all__ = ["resolve", "glob_to_regex", "exit_heads", "ExitHeads", "MAX_REPEAT", "MAX_NODES_EXPANDED"]
 
@@ -515,14 +515,15 @@ def _pydantic_errors(exc: ValidationError, doc: Document, prefix: tuple = ()) ->
         path = prefix + tuple("from" if x == "from_" else x for x in loc)
         where = ".".join(str(x) for x in path) or "the document"
         msg = e["msg"]
-        got = None
+        got = fix = None
         if e["type"] == "extra_forbidden":
             msg = f"unknown key {path[-1]!r}"
+            fix = unknown_key_fix(path)
         elif e["type"] == "missing":
             msg = f"missing required key {path[-1]!r}"
         elif "input" in e and not isinstance(e["input"], (dict, list)):
             got = repr(e["input"])
-        diags.append(Diagnostic(f"{where}: {msg}", loc=doc.loc(path), got=got, expected=None))
+        diags.append(Diagnostic(f"{where}: {msg}", loc=doc.loc(path), got=got, expected=None, fix=fix))
     return diags
 
 

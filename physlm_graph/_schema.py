@@ -6,6 +6,7 @@ component's own model, and the wiring by the graph checks in ``_validate``.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -20,6 +21,7 @@ __all__ = [
     "TrainConfig",
     "NODE_KEYS",
     "BLOCK_USE_KEYS",
+    "unknown_key_fix",
 ]
 
 # Keys of a node that are not component parameters.
@@ -96,7 +98,7 @@ class ExitsDoc(_Strict):
     weighting: Union[Literal["uniform", "depth"], list[float]] = "depth"
     weight: float = Field(1.0, ge=0.0, description="overall weight of the exit losses")
     rule: ExitRule = "margin"
-    threshold: float = 0.9
+    threshold: float = Field(0.9, allow_inf_nan=False, description="the rule's threshold (a finite number)")
 
     @model_validator(mode="after")
     def _where(self) -> "ExitsDoc":
@@ -115,8 +117,20 @@ class ExtensionDoc(BaseModel):
     at: Union[str, list[str]]
 
 
+_EXPONENT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
+def _yaml12_float(v: Any) -> Any:
+    """``3e-4`` as a number: YAML 1.2 reads it so, PyYAML (YAML 1.1) leaves it a string."""
+    return float(v) if isinstance(v, str) and _EXPONENT.fullmatch(v.strip()) else v
+
+
 class TrainConfig(_Strict):
-    """Defaults for ``physlm-graph train``; the command line overrides them."""
+    """Defaults for ``physlm-graph train``; the command line overrides them. Strict types: a
+    string is not a number (``steps: "10"``), a float not an int (``steps: 10.0``), and only
+    true/false are booleans (``compile: "yes"`` is refused)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     data: str | None = None
     tokenizer: str = "bytes"
@@ -157,6 +171,17 @@ class TrainConfig(_Strict):
     nan_policy: Literal["stop", "skip"] = "stop"
     max_skips: int = Field(10, ge=0)
 
+    @field_validator("val_fraction", "lr", "min_lr", "weight_decay", "grad_clip", "ddp_bucket_mb", mode="before")
+    @classmethod
+    def _exponent_float(cls, v: Any) -> Any:
+        return _yaml12_float(v)
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_from_list(cls, v: Any) -> Any:
+        # YAML and JSON give lists; the items stay strict
+        return tuple(_yaml12_float(x) for x in v) if isinstance(v, list) else v
+
 
 class InitDoc(_Strict):
     """How weights start: each component's own init (``default``) or GPT-2's (``gpt2``)."""
@@ -195,3 +220,29 @@ class BlueprintDoc(_Strict):
     @classmethod
     def _empty_exits(cls, v: Any) -> Any:
         return None if v in ({}, None) else v
+
+
+def _keys(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def unknown_key_fix(path: tuple[str | int, ...]) -> str | None:
+    """The fix for an unknown key at document path ``path``: the closest known keys of the
+    section it is in (did you mean ...?), else where the keys are listed."""
+    import difflib
+
+    parent = path[:-1]
+    sections: dict[tuple[str | int, ...], type[BaseModel]] = {
+        (): BlueprintDoc, ("train",): TrainConfig, ("init",): InitDoc, ("exits",): ExitsDoc}
+    model = sections.get(parent)
+    if model is None and len(parent) == 2:
+        model = {"losses": LossDoc, "growth": GrowthStage, "blocks": BlockDoc}.get(str(parent[0]))
+    if model is None or not path:
+        return None
+    keys = _keys(model)
+    near = difflib.get_close_matches(str(path[-1]), keys, n=3)
+    if near:
+        return f"did you mean {', '.join(near)}?"
+    if len(keys) <= 12:
+        return f"known keys: {', '.join(keys)}"
+    return "`physlm-graph schema` writes every key with its type and doc"

@@ -14,11 +14,29 @@ from pydantic import ValidationError
 
 from physlm_graph._errors import Diagnostic, ValidateError
 from physlm_graph._ir import Ref, Resolved
+from physlm_graph._load import Document
 from physlm_graph._registry import REGISTRY, ComponentInfo
 
-__all__ = ["validate", "Checked", "topo_order"]
+__all__ = ["validate", "Checked", "topo_order", "check_file_kind"]
 
 Checked = dict[str, Any]  # node path -> its checked params model
+
+
+# ---------------------------------------------------------------- the kind of file
+
+
+def check_file_kind(doc: Document) -> None:
+    """A study file (``study:`` at the top, no ``nodes``) given where a blueprint belongs is
+    said to be one, with the command that runs it."""
+    data = doc.data
+    if isinstance(data, dict) and "study" in data and "nodes" not in data:
+        target = doc.file if doc.file and not doc.file.startswith("<") else "STUDY.yaml"
+        raise ValidateError(Diagnostic(
+            "this is an ablation study file, not a blueprint", loc=doc.loc(("study",)),
+            fix=f"run it with `physlm-graph ablate {target} --out DIR`; `validate`, `build` and `train` take blueprints"))
+
+
+# ---------------------------------------------------------------- nodes
 
 
 def _param_errors(exc: ValidationError, node: Any, res: Resolved, info: ComponentInfo) -> list[Diagnostic]:
@@ -147,9 +165,42 @@ def _check_node(res: Resolved, path: str, checked: Checked, errors: list[Diagnos
             fix="use mode: fixed, or set `allow_leak: true` on the node to reproduce the leak on purpose"))
 
 
+# ---------------------------------------------------------------- outputs and losses
+
+_LOGITS_USERS = "`train`, `eval`, `generate`, early exits and the Hugging Face loader read outputs.logits"
+
+
+def _check_port(res: Resolved, ref: Ref, src: tuple, what: str, errors: list[Diagnostic]) -> None:
+    ports = _source_ports(res, ref)
+    if ports is not None and ref.port is not None and ref.port not in ports:
+        near = difflib.get_close_matches(ref.port, list(ports), n=3)
+        errors.append(Diagnostic(
+            f"{what}: {ref.node!r} has no output port {ref.port!r}", loc=res.doc.loc(src),
+            fix=f"did you mean {ref.node}.{near[0]}?" if near else f"its ports: {', '.join(ports)}"))
+
+
+def _check_outputs(res: Resolved, errors: list[Diagnostic]) -> None:
+    """``outputs`` names ``logits`` (a causal LM's next-token scores), and every output and
+    every loss source names a port its node has."""
+    if "logits" not in res.spec.outputs:
+        have = ", ".join(res.spec.outputs) or "none"
+        errors.append(Diagnostic(
+            f"outputs has no `logits` (it has {have}): {_LOGITS_USERS}", loc=res.doc.loc(("outputs",)),
+            fix="name the LM head's node: outputs: {logits: head}"))
+    for name, ref in res.outputs.items():
+        _check_port(res, ref, ("outputs", name), f"output {name!r}", errors)
+    for loss in res.losses:
+        for ref in loss.refs:
+            _check_port(res, ref, loss.src + ("from",), f"loss {loss.name!r}", errors)
+
+
+# ---------------------------------------------------------------- the whole graph
+
+
 def validate(res: Resolved) -> Checked:
     errors: list[Diagnostic] = []
     checked: Checked = {}
+    _check_outputs(res, errors)
     for name, symbols in res.inputs.items():
         for i, sym in enumerate(symbols):
             if sym not in ("batch", "seq") and not (sym.isascii() and sym.isdigit() and int(sym) > 0):

@@ -71,22 +71,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 def _build_stages(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from physlm_graph._load import load_document
-    from physlm_graph._merge import apply_overrides, merge_extends
-
-    doc = apply_overrides(merge_extends(load_document(args.blueprint)), list(args.set or []))
-    stages = doc.data.get("growth") or []
-    if not stages:
+    cm = _compile(args, build=False)
+    if not cm.growth_stages:
         from physlm_graph import ResolveError
 
-        raise ResolveError("the blueprint has no `growth` stages", loc=doc.loc(("growth",)))
-    rows = []
-    for i, st in enumerate(stages):
-        cm = _compile(args, build=False, stage=i)
-        layers = sum(len(v) for v in cm.resolved.instances.values())
-        rows.append({"stage": i, "until": st.get("until") or st.get("until_tokens") or "end",
-                     "grow": st.get("grow", "zero_init") if i else "-", "params_set": st.get("params", {}),
-                     "layers": layers, "params": cm.num_params, "flops_per_token": cm.flops_per_token})
+        raise ResolveError("the blueprint has no `growth` stages", loc=cm.resolved.doc.loc(("growth",)))
+    rows = [{"stage": p.index, "until": p.until or p.until_tokens or "end", "grow": p.grow if p.index else "-", "params_set": p.params_set,
+             "layers": p.layers, "params": p.num_params, "flops_per_token": p.flops_per_token}
+            for p in cm.growth_stages]
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0

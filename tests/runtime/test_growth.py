@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
-from physlm_graph import compile_blueprint
+from physlm_graph import PhysLMError, compile_blueprint
 from physlm_graph.runtime.growth import (
     GrowthError,
     GrowthTrainer,
@@ -225,9 +225,10 @@ def test_optimizer_state_is_carried_by_name():
 
 
 def _error(overrides: dict, stage: int = 1, source=TINY) -> str:
-    cm = compile_blueprint(source, overrides=overrides, stage=stage - 1)
-    with pytest.raises(GrowthError) as err:
-        grow(cm, stage)
+    """The error a schedule gets: from the compiler when it is a spec error (the compiler checks
+    every stage), else from growing at run time."""
+    with pytest.raises(PhysLMError) as err:
+        grow(compile_blueprint(source, overrides=overrides, stage=stage - 1), stage)
     return str(err.value)
 
 
@@ -242,10 +243,9 @@ def test_errors_point_into_the_blueprint_file(tmp_path):
     doc["growth"] = [{"until": 5, "params": {"layers": 2}}, {"params": {"layers": 4}, "grow": "stack", "where": "start"}]
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    cm = compile_blueprint(path, stage=0)
-    with pytest.raises(GrowthError) as err:
-        grow(cm, 1)
-    assert str(err.value).startswith(f"growth error: {path}:")
+    with pytest.raises(PhysLMError) as err:
+        compile_blueprint(path, stage=0)
+    assert str(err.value).startswith(f"validate error: {path}:")
     assert "`stack` copies the trained stack on top of itself, so `where` must be end (expected end, got 'start')" in str(err.value)
 
 
