@@ -180,8 +180,11 @@ def test_fuzzer_findings(text, message):
 
 def test_fuzzer_finding_set_on_a_non_mapping_params():
     with pytest.raises(PhysLMError) as err:
-        compile_blueprint(TINY_PATH, overrides=["params=1", "0="], device="meta", build=False)
+        compile_blueprint(TINY_PATH, overrides=["params=1"], device="meta", build=False)
     assert str(err.value) == f"validate error: {TINY_PATH}:3:1: `params` must be a mapping of names to values"
+    with pytest.raises(PhysLMError) as err:  # a key the document has no place for is the override's error
+        compile_blueprint(TINY_PATH, overrides=["params=1", "0="], device="meta", build=False)
+    assert str(err.value) == "resolve error: <command line>: --set 0=: the top level has no key '0'"
 
 
 def test_fuzzer_finding_extends_name_too_long():
