@@ -8,6 +8,7 @@ silently). Limits on size, nesting depth and node count protect against hostile 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import yaml
 
 from physlm_graph._errors import Diagnostic, LoadError, Loc
 
-__all__ = ["Document", "load_document", "MAX_BYTES", "MAX_DEPTH", "MAX_NODES"]
+__all__ = ["Document", "load_document", "read_scalar", "MAX_BYTES", "MAX_DEPTH", "MAX_NODES"]
 
 MAX_BYTES = 2_000_000
 MAX_DEPTH = 48
@@ -34,6 +35,21 @@ _STD_TAGS = {
     "tag:yaml.org,2002:seq",
     "tag:yaml.org,2002:timestamp",
 }
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader that also reads ``1e-3`` as a number (YAML 1.1 wants ``1.0e-3``; 1.2
+    and every user expect a number), so a typed field never sees it as text."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def read_scalar(text: str) -> Any:
+    """A command-line value read as a blueprint would read it (``4`` an int, ``1e-3`` a float)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 @dataclass
@@ -61,7 +77,7 @@ def _loc(file: str, mark: Any) -> Loc:
 
 
 class _Converter:
-    def __init__(self, file: str, loader: yaml.SafeLoader) -> None:
+    def __init__(self, file: str, loader: _Loader) -> None:
         self.file = file
         self.loader = loader
         self.pos: dict[Path_, Loc] = {}
@@ -128,7 +144,7 @@ class _Converter:
         return value
 
 
-def _type_name(loader: yaml.SafeLoader, node: yaml.Node) -> str:
+def _type_name(loader: _Loader, node: yaml.Node) -> str:
     """The Python type a root node would load as (its tag when that cannot be constructed)."""
     if node.tag not in _STD_TAGS:
         return node.tag
@@ -150,7 +166,7 @@ def load_text(text: str, file: str) -> Document:
             fix="a blueprint describes a model; use `repeat` and `blocks` instead of writing layers out",
         )
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
     except yaml.reader.ReaderError as exc:  # a control character: the reader checks the whole text first
         before = text[: exc.position]
         line, col = before.count("\n") + 1, exc.position - (before.rfind("\n") + 1) + 1

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from physlm_graph._errors import Diagnostic, Loc, ResolveError
-from physlm_graph._load import Document, load_document
+from physlm_graph._load import Document, load_document, read_scalar
 from physlm_graph._paths import key_rule, used_names
 
 __all__ = ["merge_extends", "apply_overrides", "parse_override", "MAX_EXTENDS_DEPTH"]
@@ -278,7 +278,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not path:
         raise ResolveError(f"--set {item!r}: the path is empty", loc=Loc("<command line>"))
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_scalar(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return path, value

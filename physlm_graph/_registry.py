@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
+
+from physlm_graph._strict import StrictScalars
 
 __all__ = [
     "ComponentParams",
@@ -42,8 +44,9 @@ __all__ = [
 DecodeKind = Literal["stateless", "cached", "none"]
 
 
-class ComponentParams(BaseModel):
-    """Base of every component's parameter model: unknown keys are errors, values are frozen."""
+class ComponentParams(StrictScalars):
+    """Base of every component's parameter model: unknown keys are errors, values are frozen,
+    numbers and booleans take their type strictly (``num_heads: yes`` is an error, not 1)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

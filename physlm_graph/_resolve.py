@@ -200,9 +200,13 @@ class _Resolver:
             self.err(f"`in` must be a node name, a list or a port map, got {ins!r}", src + ("in",))
         params = {k: v for k, v in raw.items() if k not in NODE_KEYS}
         tie = raw.get("tie")
+        leak = raw.get("allow_leak", False)
+        if not isinstance(leak, bool):
+            self.err("`allow_leak` must be true or false", src + ("allow_leak",), got=repr(leak),
+                     fix="allow_leak: true builds a component that sees future tokens on purpose")
         node = NodeSpec(path=full, use=use, inputs=[], params=params, src=src,
                         tie=tie if isinstance(tie, str) else None,
-                        allow_leak=bool(raw.get("allow_leak", False)), instance=instance)
+                        allow_leak=leak is True, instance=instance)
         if tie is not None and not isinstance(tie, str):
             self.err(f"`tie` must name a node, got {tie!r}", src + ("tie",))
         if full in self.nodes:
@@ -514,7 +518,7 @@ def _pydantic_errors(exc: ValidationError, doc: Document, prefix: tuple = ()) ->
         loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith(("function-", "union["))))
         path = prefix + tuple("from" if x == "from_" else x for x in loc)
         where = ".".join(str(x) for x in path) or "the document"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         got = None
         if e["type"] == "extra_forbidden":
             msg = f"unknown key {path[-1]!r}"
