@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from physlm_graph._errors import Diagnostic, Loc, ResolveError
-from physlm_graph._load import Document, load_document, read_scalar
+from physlm_graph._load import Document, file_problem, load_document, read_scalar
 from physlm_graph._paths import key_rule, used_names
 
 __all__ = ["merge_extends", "apply_overrides", "parse_override", "MAX_EXTENDS_DEPTH"]
@@ -207,20 +207,26 @@ def merge_extends(doc: Document, _depth: int = 0, _seen: tuple[str, ...] = ()) -
     if _depth >= MAX_EXTENDS_DEPTH:
         raise ResolveError(f"`extends` chains deeper than {MAX_EXTENDS_DEPTH} files", loc=loc)
     base_dir = Path(doc.file).parent if doc.file not in ("<string>", "<dict>") else Path.cwd()
+    shown = repr(ext) if len(ext) <= 80 else repr(ext[:80]) + "..."
     try:
-        base_path = (base_dir / ext).resolve()
-        exists = base_path.exists()
+        base_path = Path(os.path.realpath(base_dir / ext))  # never raises on a symlink loop
     except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
         raise ResolveError(f"the base blueprint cannot be opened: {getattr(exc, 'strerror', None) or exc}", loc=loc,
-                           got=repr(ext) if len(ext) <= 80 else repr(ext[:80]) + "...") from None
+                           got=shown) from None
     if str(base_path) in _seen:
         raise ResolveError(f"`extends` forms a cycle through {base_path.name}", loc=loc)
-    if not exists:
+    problem = file_problem(base_dir / ext)
+    if problem == "does not exist":
         raise ResolveError(
             f"the base blueprint {ext!r} does not exist",
             loc=loc,
             fix=f"looked for {_shown(base_path)}; paths are relative to the blueprint that extends",
         )
+    if problem is not None:
+        if problem.startswith("cannot be opened"):
+            raise ResolveError(f"the base blueprint {problem}", loc=loc, got=shown)
+        raise ResolveError(f"the base blueprint {shown} {problem}", loc=loc,
+                           fix="`extends` names one blueprint file, relative to the blueprint that extends")
     base = merge_extends(load_document(base_path), _depth + 1, _seen + (str(base_path),))
     merged = copy.deepcopy(base.data)
     pos = dict(base.pos)

@@ -195,7 +195,20 @@ def test_fuzzer_finding_extends_name_too_long():
 
 
 @pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
-def test_an_endless_file_is_read_only_up_to_the_size_limit():
+def test_a_device_is_refused_before_reading():
     with pytest.raises(PhysLMError) as err:
         compile_blueprint("/dev/zero", device="meta", build=False)
-    assert str(err.value) == "load error: /dev/zero: the blueprint is larger than 2 MB"
+    assert str(err.value) == "load error: /dev/zero: /dev/zero is a device, not a blueprint file"
+    with pytest.raises(PhysLMError) as err:
+        compile_blueprint("extends: /dev/zero\nname: x\n", device="meta", build=False)
+    assert str(err.value) == ("resolve error: <string>:1:1: the base blueprint '/dev/zero' is a device, not a blueprint "
+                              "file\n  fix: `extends` names one blueprint file, relative to the blueprint that extends")
+
+
+def test_a_huge_file_is_read_only_up_to_the_size_limit(tmp_path):
+    path = tmp_path / "huge.yaml"
+    with open(path, "wb") as f:
+        f.truncate(3_000_000_000)  # sparse: no disk is used, and reading it all would take 3 GB
+    with pytest.raises(PhysLMError) as err:
+        compile_blueprint(path, device="meta", build=False)
+    assert str(err.value).startswith(f"load error: {path}:1:2000001: the blueprint is larger than 2 MB")
