@@ -45,3 +45,45 @@ def test_extends_of_a_folder_names_the_extending_file_and_line(tmp_path):
     (tmp_path / "d.yaml").write_text("physlm: 1\nextends: sub\nname: d\n")
     assert _error(tmp_path / "d.yaml") == (
         f"resolve error: {tmp_path}/d.yaml:2:1: the base blueprint 'sub' is a folder, not a blueprint file\n{EXTENDS_FIX}")
+
+
+# ------------------------------------------------------------------ names
+
+
+def _norm_reads(ref: str, text: str = TINY) -> str:
+    return text.replace("  norm:  {use: norm.layer, in: trunk}", f"  norm:  {{use: norm.layer, in: {ref}}}")
+
+
+def test_a_block_output_typo_suggests_the_block_outputs():
+    assert _error(_norm_reads("trunk.outt")) == (
+        "resolve error: <string>:19:28: block node 'trunk' has no output 'outt'\n  fix: did you mean trunk.out?")
+    assert _error(_norm_reads("trunk.7")) == (
+        "resolve error: <string>:19:28: block node 'trunk' has no output '7'\n"
+        "  fix: its outputs: trunk.x; instances: trunk.0 .. trunk.1")
+    named = TINY.replace("    out: r2", "    out: {x: r2, aux: attn}")
+    assert _error(_norm_reads("trunk.auxx", named)) == (
+        "resolve error: <string>:19:28: block node 'trunk' has no output 'auxx'\n  fix: did you mean trunk.aux?")
+    for ok in ("trunk.x", "trunk.out", "trunk.1", "trunk.1.x"):  # outputs, the output node's port, instances
+        compile_blueprint(_norm_reads(ok), device="meta", build=False)
+
+
+def test_a_node_named_like_a_graph_input_is_a_clash_not_a_cycle():
+    text = TINY.replace("  x0:    {use: add, in: [tok, pos]}", "  tokens: {use: add, in: [tok, pos]}").replace(
+        "in: x0}", "in: tokens}")
+    assert _error(text) == ("resolve error: <string>:17:3: node 'tokens' has the name of a graph input\n"
+                            "  fix: rename the node; graph inputs: tokens")
+
+
+def test_an_extension_matching_nothing_shows_its_pattern():
+    assert _error(TINY + "extensions:\n  mem: {use: norm.layer, at: 'trunk.*.atn'}\n") == (
+        "resolve error: <string>:23:26: extension 'mem': `at` 'trunk.*.atn' matches no node\n"
+        "  fix: did you mean 'trunk.*.attn'?")
+    assert _error(TINY + "extensions:\n  mem: {use: norm.layer, at: [zzz]}\n") == (
+        "resolve error: <string>:23:26: extension 'mem': `at` ['zzz'] matches no node\n"
+        "  fix: node paths look like tok, pos, x0, trunk.0.ln1")
+
+
+def test_a_huge_vocabulary_is_refused_before_allocating():
+    err = _error(TINY.replace("vocab: 50", "vocab: 100000000000"))
+    assert err.startswith("2 validate errors:\n  1. <string>:15:41: tok: vocab_size: far larger than any model's size "
+                          "(at most 2,147,483,647; no weights were allocated) (got 100000000000)")

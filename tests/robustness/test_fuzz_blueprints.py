@@ -157,8 +157,13 @@ _TINY_TEXT = TINY_PATH.read_text(encoding="utf-8")
                         "trunk: {use: block, pattern: [{a: 1}], repeat: 2, in: x0}"),
      "resolve error: <string>:18:33: unknown block {'a': 1}\n  fix: blocks defined: block"),
     (_TINY_TEXT.replace("dim: 32", "dim: 2147483648"),
-     "shape error: <string>:8:7: trunk.0.attn: attention.causal could not be built: Storage size calculation "
-     "overflowed with sizes=[6442450944, 2147483648]\n  fix: check its sizes: they may be far too large"),
+     "3 validate errors:\n"  # refused before torch computes (and overflows) a storage size
+     "  1. <string>:15:65: tok: embed_dim: far larger than any model's size (at most 2,147,483,647; no weights were "
+     "allocated) (got 2147483648)\n"
+     "  2. <string>:16:79: pos: embed_dim: far larger than any model's size (at most 2,147,483,647; no weights were "
+     "allocated) (got 2147483648)\n"
+     "  3. <string>:11:37: trunk.0.mlp (and 1 more: trunk.1.mlp): hidden_dim: far larger than any model's size "
+     "(at most 2,147,483,647; no weights were allocated) (got 8589934592)"),
     (_TINY_TEXT + "inputs: {tokens: [batch, mlp]}\n",
      "validate error: <string>:22:26: graph input 'tokens': axis 'mlp' is neither batch, seq nor a size\n"
      "  fix: e.g. tokens: [batch, seq]"),
