@@ -289,6 +289,10 @@ class _Resolver:
         count = 1 if repeat is None else repeat
         paths = [full] if repeat is None else [f"{full}.{i}" for i in range(count)]
         first = self.spec.blocks[pattern[0]]
+        if raw.get("in") is None:  # reported once here, not again for every instance's inputs
+            self.err("a block node needs `in`", src, node=full,
+                     fix=f"add `in: <node>`, or a map of the block's inputs ({', '.join(first.inputs)})")
+            return
         bindings = self.bind_inputs(first.inputs, raw.get("in"), scope, src)
         prev: dict[str, Ref | _Lazy] = {}
         for i, ipath in enumerate(paths):
