@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from physlm_graph._errors import Diagnostic, LoadError, Loc
+from physlm_graph._yaml_errors import syntax_error
 
 __all__ = ["Document", "load_document", "read_scalar", "file_problem", "MAX_BYTES", "MAX_DEPTH", "MAX_NODES"]
 
@@ -236,9 +237,7 @@ def load_text(text: str, file: str) -> Document:
         conv = _Converter(file, loader)
         data = conv.convert(node, (), 0)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        msg = f"YAML syntax error: {exc.problem or exc.context}"
-        raise LoadError(msg, loc=_loc(file, mark) if mark else Loc(file)) from None
+        raise LoadError(syntax_error(text, file, exc)) from None
     except yaml.YAMLError as exc:
         raise LoadError(f"YAML error: {exc}", loc=Loc(file)) from None
     except RecursionError:  # the YAML parser recursed before the depth check saw the node

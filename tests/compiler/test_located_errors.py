@@ -87,3 +87,34 @@ def test_a_huge_vocabulary_is_refused_before_allocating():
     err = _error(TINY.replace("vocab: 50", "vocab: 100000000000"))
     assert err.startswith("2 validate errors:\n  1. <string>:15:41: tok: vocab_size: far larger than any model's size "
                           "(at most 2,147,483,647; no weights were allocated) (got 100000000000)")
+
+
+# ------------------------------------------------------------------ YAML syntax
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ('params: {vocab: 50,', 'params: {v: 50, vocab: ${v},',
+     "load error: <string>:3:25: YAML syntax error: expected ',' or '}', but got '{' (the unquoted ${v} is read as "
+     "YAML, not as an expression)\n"
+     '  fix: quote it: "${v}"; an expression inside {...} or [...] must always be quoted'),
+    ("      r1:   {use: add", "        r1:   {use: add",
+     "load error: <string>:9:9: YAML syntax error: this line is indented by 8 spaces, which matches no enclosing "
+     "block (expected <block end>, but found '<block mapping start>')\n"
+     "  fix: indent it like the lines of its block (line 8 has 6 spaces), or quote a value that contains ': '"),
+    ("  tok:", "\ttok:",
+     "load error: <string>:15:1: YAML syntax error: found character '\\t' that cannot start any token\n"
+     "  fix: indent with spaces: YAML does not allow tabs"),
+    ("name: tiny", "name: 'tiny",
+     "load error: <string>:22:1: YAML syntax error: found unexpected end of stream (a quote opened at line 2 is "
+     "never closed)\n  fix: close the quote"),
+    ("name: tiny", "name: tiny: small",
+     "load error: <string>:2:11: YAML syntax error: mapping values are not allowed here\n"
+     "  fix: quote a value that contains ': ' (key: \"a: b\"), or put the nested key on its own line"),
+    ("outputs: {logits: head}", "outputs: {logits: head",
+     "load error: <string>:22:1: YAML syntax error: expected ',' or '}', but got '<stream end>' (in the flow "
+     "mapping {...} opened at 21:10)\n"
+     "  fix: separate its items with commas, close it, and quote any item that holds { } [ ] , or a colon"),
+], ids=["unquoted-expression", "misindented", "tab", "unclosed-quote", "colon-in-value", "unclosed-flow"])
+def test_yaml_syntax_errors_say_which_mistake_and_the_fix(old, new, expected):
+    assert old in TINY
+    assert _error(TINY.replace(old, new, 1)) == expected
