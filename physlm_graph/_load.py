@@ -7,7 +7,10 @@ silently). Limits on size, nesting depth and node count protect against hostile 
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,9 @@ from typing import Any
 import yaml
 
 from physlm_graph._errors import Diagnostic, LoadError, Loc
+from physlm_graph._yaml_errors import syntax_error
 
-__all__ = ["Document", "load_document", "MAX_BYTES", "MAX_DEPTH", "MAX_NODES"]
+__all__ = ["Document", "load_document", "read_scalar", "file_problem", "MAX_BYTES", "MAX_DEPTH", "MAX_NODES"]
 
 MAX_BYTES = 2_000_000
 MAX_DEPTH = 48
@@ -34,6 +38,21 @@ _STD_TAGS = {
     "tag:yaml.org,2002:seq",
     "tag:yaml.org,2002:timestamp",
 }
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader that also reads ``1e-3`` as a number (YAML 1.1 wants ``1.0e-3``; 1.2
+    and every user expect a number), so a typed field never sees it as text."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def read_scalar(text: str) -> Any:
+    """A command-line value read as a blueprint would read it (``4`` an int, ``1e-3`` a float)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 @dataclass
@@ -61,7 +80,7 @@ def _loc(file: str, mark: Any) -> Loc:
 
 
 class _Converter:
-    def __init__(self, file: str, loader: yaml.SafeLoader) -> None:
+    def __init__(self, file: str, loader: _Loader) -> None:
         self.file = file
         self.loader = loader
         self.pos: dict[Path_, Loc] = {}
@@ -128,7 +147,7 @@ class _Converter:
         return value
 
 
-def _type_name(loader: yaml.SafeLoader, node: yaml.Node) -> str:
+def _type_name(loader: _Loader, node: yaml.Node) -> str:
     """The Python type a root node would load as (its tag when that cannot be constructed)."""
     if node.tag not in _STD_TAGS:
         return node.tag
@@ -139,18 +158,66 @@ def _type_name(loader: yaml.SafeLoader, node: yaml.Node) -> str:
 
 
 def _is_path_like(source: str) -> bool:
-    return "\n" not in source and (source.endswith((".yaml", ".yml")) or os.path.exists(source))
+    return "\n" not in source and (source.endswith((".yaml", ".yml")) or os.path.lexists(source))
+
+
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be read as a blueprint file, said of it (``is a folder, not a
+    blueprint file``); None when it can (a regular file, or a pipe such as /dev/stdin)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop (following its links leads back to a link already followed)"
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "does not exist"
+        return f"cannot be opened: {exc.strerror or exc}"
+    except ValueError as exc:  # a NUL byte in the name
+        return f"cannot be opened: {exc}"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a blueprint file"
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        return "is a device, not a blueprint file"
+    return None
+
+
+_TOO_LARGE_FIX = "a blueprint describes a model; use `repeat` and `blocks` instead of writing layers out"
+
+
+def _too_large(head: bytes, file: str) -> LoadError:
+    """The size limit, located where the text crosses it (``head`` is the text up to there)."""
+    line = head.count(b"\n") + 1
+    col = len(head[head.rfind(b"\n") + 1 :].decode("utf-8", "replace")) + 1
+    return LoadError(f"the blueprint is larger than {MAX_BYTES // 1_000_000} MB (the limit is crossed here)",
+                     loc=Loc(file, line, col), fix=_TOO_LARGE_FIX)
+
+
+def _too_deep(text: str, file: str, loader: _Loader) -> Loc:
+    """Where nesting first passes the limit, found by the (iterative) scanner: the opening
+    token at depth MAX_DEPTH + 1 below the top mapping; where the parser stopped otherwise."""
+    opens = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+             yaml.FlowSequenceStartToken)
+    closes = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+    depth = 0
+    try:
+        for tok in yaml.scan(text, Loader=_Loader):
+            if isinstance(tok, opens):
+                depth += 1
+                if depth > MAX_DEPTH + 1:
+                    return _loc(file, tok.start_mark)
+            elif isinstance(tok, closes):
+                depth -= 1
+    except yaml.YAMLError:
+        pass
+    return _loc(file, loader.get_mark())
 
 
 def load_text(text: str, file: str) -> Document:
-    if len(text.encode("utf-8", "replace")) > MAX_BYTES:
-        raise LoadError(
-            f"the blueprint is larger than {MAX_BYTES // 1_000_000} MB",
-            loc=Loc(file),
-            fix="a blueprint describes a model; use `repeat` and `blocks` instead of writing layers out",
-        )
+    raw = text.encode("utf-8", "replace")
+    if len(raw) > MAX_BYTES:
+        raise _too_large(raw[:MAX_BYTES], file)
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
     except yaml.reader.ReaderError as exc:  # a control character: the reader checks the whole text first
         before = text[: exc.position]
         line, col = before.count("\n") + 1, exc.position - (before.rfind("\n") + 1) + 1
@@ -170,13 +237,12 @@ def load_text(text: str, file: str) -> Document:
         conv = _Converter(file, loader)
         data = conv.convert(node, (), 0)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        msg = f"YAML syntax error: {exc.problem or exc.context}"
-        raise LoadError(msg, loc=_loc(file, mark) if mark else Loc(file)) from None
+        raise LoadError(syntax_error(text, file, exc)) from None
     except yaml.YAMLError as exc:
         raise LoadError(f"YAML error: {exc}", loc=Loc(file)) from None
-    except RecursionError:
-        raise LoadError("the document nests too deeply", loc=Loc(file)) from None
+    except RecursionError:  # the YAML parser recursed before the depth check saw the node
+        raise LoadError(f"the document nests deeper than {MAX_DEPTH} levels", loc=_too_deep(text, file, loader),
+                        fix="flatten the structure; blueprints rarely need more than 6 levels") from None
     finally:
         loader.dispose()
     return Document(data=data, file=file, pos=conv.pos, text=text)
@@ -190,18 +256,19 @@ def load_document(source: str | os.PathLike[str] | dict[str, Any]) -> Document:
         return Document(data=copy.deepcopy(source), file="<dict>")
     if isinstance(source, os.PathLike) or (isinstance(source, str) and _is_path_like(source)):
         path = Path(source)
+        problem = file_problem(path)
+        if problem == "does not exist":
+            raise LoadError(f"no such blueprint file: {path}", loc=Loc(str(path)), fix="check the path")
+        if problem is not None:
+            raise LoadError(f"{path} {problem}", loc=Loc(str(path)))
         try:
-            if not path.exists():
-                raise LoadError(f"no such blueprint file: {path}", loc=Loc(str(path)), fix="check the path")
-            if path.is_dir():
-                raise LoadError(f"{path} is a folder, not a blueprint file", loc=Loc(str(path)))
             with open(path, "rb") as f:
                 raw = f.read(MAX_BYTES + 1)  # never more: the path may be a device or a huge file
         except (OSError, ValueError) as exc:  # no permission, a name too long, a NUL byte
             raise LoadError(f"cannot read the blueprint: {getattr(exc, 'strerror', None) or exc}",
                             loc=Loc(str(path))) from None
         if len(raw) > MAX_BYTES:
-            raise LoadError(f"the blueprint is larger than {MAX_BYTES // 1_000_000} MB", loc=Loc(str(path)))
+            raise _too_large(raw[:MAX_BYTES], str(path))
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

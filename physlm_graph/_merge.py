@@ -24,26 +24,42 @@ from typing import Any
 import yaml
 
 from physlm_graph._errors import Diagnostic, Loc, ResolveError
-from physlm_graph._load import Document, load_document
+from physlm_graph._load import Document, file_problem, load_document, read_scalar
+from physlm_graph._paths import key_rule, used_names
 
 __all__ = ["merge_extends", "apply_overrides", "parse_override", "MAX_EXTENDS_DEPTH"]
 
 MAX_EXTENDS_DEPTH = 16
 _DERIVE_KEYS = ("extends", "set", "replace", "remove")
+_MAPPING_SECTIONS = ("params", "inputs", "blocks", "nodes", "outputs", "losses", "exits", "extensions", "train", "init")
 
 
 def _split(path: str) -> list[str]:
     return [p for p in str(path).split(".")]
 
 
+class _PathError(LookupError):
+    """A path that names nothing: the message, and the did-you-mean when there is one."""
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.fix = fix
+
+
 def _walk(data: Any, parts: list[str], create: bool = False) -> tuple[Any, str | int]:
-    """Return (container, last key) for a dotted path; raise KeyError(part index) if missing."""
+    """Return (container, last key) for a dotted path; raise KeyError(part index) if missing.
+
+    With ``create``, a missing mapping on the way that the schema allows (``train`` in a
+    blueprint without one) is created empty."""
     cur = data
     for i, part in enumerate(parts[:-1]):
         if isinstance(cur, dict) and part in cur:
             cur = cur[part]
         elif isinstance(cur, list) and part.lstrip("-").isdigit() and -len(cur) <= int(part) < len(cur):
             cur = cur[int(part)]
+        elif create and isinstance(cur, dict) and _allows(data, parts[:i], part, intermediate=True):
+            cur[part] = {}
+            cur = cur[part]
         else:
             raise KeyError(i)
     last: str | int = parts[-1]
@@ -56,29 +72,86 @@ def _walk(data: Any, parts: list[str], create: bool = False) -> tuple[Any, str |
     return cur, last
 
 
-def _missing(data: Any, parts: list[str], idx: int) -> str:
+def _allows(data: dict[str, Any], parent: list[str], key: str, *, intermediate: bool = False) -> bool:
+    rule = key_rule(data, tuple(parent))
+    if rule.kind == "open":
+        return True
+    if intermediate:  # only a section that is a mapping is created on the way (never a list)
+        return not parent and key in _MAPPING_SECTIONS
+    return rule.kind == "params" or key in rule.allowed
+
+
+def _container(data: Any, parts: list[str]) -> Any:
     cur = data
-    for part in parts[:idx]:
+    for part in parts:
         cur = cur[part] if isinstance(cur, dict) else cur[int(part)]
-    options = list(cur) if isinstance(cur, dict) else []
-    near = difflib.get_close_matches(parts[idx], [str(o) for o in options], n=3)
-    where = ".".join(parts[:idx]) or "the top level"
-    hint = f"; did you mean {', '.join(near)}?" if near else ""
-    return f"{where} has no {parts[idx]!r}{hint}"
+    return cur
 
 
-def _set(data: dict[str, Any], path: str, value: Any, *, must_exist: bool) -> None:
+def _missing(data: Any, parts: list[str], idx: int) -> _PathError:
+    """Why ``parts[idx]`` is not there, with the closest keys that are (or may be) there."""
+    cur = _container(data, parts[:idx])
+    parent = ".".join(parts[:idx])
+    if not isinstance(cur, (dict, list)):
+        return _PathError(f"{parent} is {cur!r}, not a mapping, so it has no {parts[idx]!r}")
+    if isinstance(cur, list):
+        return _PathError(f"{parent} has no item {parts[idx]}", fix=f"items 0..{len(cur) - 1}" if cur else None)
+    rule = key_rule(data, tuple(parts[:idx]))
+    if idx < len(parts) - 1 and parts[idx] in rule.allowed:
+        full = ".".join(parts[: idx + 1])
+        return _PathError(f"this blueprint has no {full}, so {'.'.join(parts)} cannot be set in it",
+                          fix=f"write `{parts[idx]}:` into the blueprint first")
+    options = [str(o) for o in cur] + [k for k in rule.allowed if k not in cur]
+    prefix = f"{parent}." if parent else ""
+    near = [prefix + n for n in difflib.get_close_matches(parts[idx], options, n=3)]
+    if not parent and len(parts) == 1 and isinstance(data.get("params"), dict):
+        near += [f"params.{n}" for n in difflib.get_close_matches(parts[0], [str(k) for k in data["params"]], n=2)]
+    if near:
+        fix = f"did you mean {', '.join(near)}?"
+    elif rule.allowed and len(rule.allowed) <= 12:
+        fix = f"{rule.what or parent} takes: {', '.join(rule.allowed)}"
+    else:
+        fix = None
+    return _PathError(f"{rule.what or parent or 'the top level'} has no key {parts[idx]!r}", fix)
+
+
+def _set(data: dict[str, Any], path: str, value: Any, *, must_exist: bool,
+         new_params: list[tuple[list[str], str]] | None = None) -> None:
+    """Write ``value`` at ``path``. Unless ``must_exist``, the last key may also be one the
+    schema documents; a new name in a ``params`` mapping is recorded in ``new_params``, to be
+    checked once every change is in (``_unused_params``)."""
     parts = _split(path)
     try:
-        cur, last = _walk(data, parts)
+        cur, last = _walk(data, parts, create=not must_exist)
     except KeyError as exc:
-        raise LookupError(_missing(data, parts, exc.args[0])) from None
+        raise _missing(data, parts, exc.args[0]) from None
     if isinstance(cur, list):
         if not -len(cur) <= int(last) < len(cur):
-            raise LookupError(f"{'.'.join(parts[:-1])} has no item {last}")
-    elif must_exist and last not in cur:
-        raise LookupError(_missing(data, parts, len(parts) - 1))
+            raise _missing(data, parts, len(parts) - 1)
+    elif last not in cur:
+        if must_exist or not _allows(data, parts[:-1], str(last)):
+            raise _missing(data, parts, len(parts) - 1)
+        if key_rule(data, tuple(parts[:-1])).kind == "params" and new_params is not None:
+            new_params.append((parts[:-1], str(last)))
     cur[last] = copy.deepcopy(value)
+
+
+def _unused_params(data: dict[str, Any], new: list[tuple[list[str], str]]) -> list[tuple[int, _PathError]]:
+    """The new params (by index in ``new``) that no ``${...}`` uses: they would change nothing."""
+    used = used_names(data)
+    out = []
+    for i, (parent, key) in enumerate(new):
+        if key in used:
+            continue
+        try:
+            existing = [str(k) for k in _container(data, parent) if k != key]
+        except (KeyError, IndexError, ValueError, TypeError):
+            existing = []
+        where = ".".join(parent)
+        near = [f"{where}.{n}" for n in difflib.get_close_matches(key, existing, n=3)]
+        fix = f"did you mean {', '.join(near)}?" if near else "use it in an expression, e.g. ${" + key + "}"
+        out.append((i, _PathError(f"{where} has no key {key!r}, and no ${{...}} uses it", fix)))
+    return out
 
 
 def _remove(data: dict[str, Any], path: str) -> None:
@@ -86,13 +159,15 @@ def _remove(data: dict[str, Any], path: str) -> None:
     try:
         cur, last = _walk(data, parts)
     except KeyError as exc:
-        raise LookupError(_missing(data, parts, exc.args[0])) from None
+        raise _missing(data, parts, exc.args[0]) from None
     if isinstance(cur, dict):
         if last not in cur:
-            raise LookupError(_missing(data, parts, len(parts) - 1))
+            raise _missing(data, parts, len(parts) - 1)
         del cur[last]
-    else:
+    elif -len(cur) <= int(last) < len(cur):
         del cur[int(last)]
+    else:
+        raise _missing(data, parts, len(parts) - 1)
 
 
 def _deep_merge(base: Any, over: Any) -> Any:
@@ -132,20 +207,26 @@ def merge_extends(doc: Document, _depth: int = 0, _seen: tuple[str, ...] = ()) -
     if _depth >= MAX_EXTENDS_DEPTH:
         raise ResolveError(f"`extends` chains deeper than {MAX_EXTENDS_DEPTH} files", loc=loc)
     base_dir = Path(doc.file).parent if doc.file not in ("<string>", "<dict>") else Path.cwd()
+    shown = repr(ext) if len(ext) <= 80 else repr(ext[:80]) + "..."
     try:
-        base_path = (base_dir / ext).resolve()
-        exists = base_path.exists()
+        base_path = Path(os.path.realpath(base_dir / ext))  # never raises on a symlink loop
     except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
         raise ResolveError(f"the base blueprint cannot be opened: {getattr(exc, 'strerror', None) or exc}", loc=loc,
-                           got=repr(ext) if len(ext) <= 80 else repr(ext[:80]) + "...") from None
+                           got=shown) from None
     if str(base_path) in _seen:
         raise ResolveError(f"`extends` forms a cycle through {base_path.name}", loc=loc)
-    if not exists:
+    problem = file_problem(base_dir / ext)
+    if problem == "does not exist":
         raise ResolveError(
             f"the base blueprint {ext!r} does not exist",
             loc=loc,
             fix=f"looked for {_shown(base_path)}; paths are relative to the blueprint that extends",
         )
+    if problem is not None:
+        if problem.startswith("cannot be opened"):
+            raise ResolveError(f"the base blueprint {problem}", loc=loc, got=shown)
+        raise ResolveError(f"the base blueprint {shown} {problem}", loc=loc,
+                           fix="`extends` names one blueprint file, relative to the blueprint that extends")
     base = merge_extends(load_document(base_path), _depth + 1, _seen + (str(base_path),))
     merged = copy.deepcopy(base.data)
     pos = dict(base.pos)
@@ -153,19 +234,29 @@ def merge_extends(doc: Document, _depth: int = 0, _seen: tuple[str, ...] = ()) -
     merged = _deep_merge(merged, own)
     pos.update({p: l for p, l in doc.pos.items() if p and p[0] not in _DERIVE_KEYS})
     errors: list[Diagnostic] = []
+    new_params: list[tuple[list[str], str]] = []
+    new_where: list[tuple[Loc | None, str]] = []  # where each new param was written, and how
+    own_params = data.get("params")
+    if isinstance(own_params, dict) and isinstance(base.data.get("params"), dict):
+        for k in own_params:
+            if k not in base.data["params"]:
+                new_params.append((["params"], str(k)))
+                new_where.append((doc.loc(("params", k)), f"params.{k}"))
     for key, must_exist in (("set", False), ("replace", True)):
         section = data.get(key, {}) or {}
         if not isinstance(section, dict):
             errors.append(Diagnostic(f"`{key}` must map paths to values", loc=doc.loc((key,))))
             continue
         for path, value in section.items():
+            before = len(new_params)
             try:
-                _set(merged, path, value, must_exist=must_exist)
+                _set(merged, path, value, must_exist=must_exist, new_params=new_params)
                 for p, l in doc.pos.items():  # positions of the new value come from this file
                     if p[:2] == (key, path):
                         pos[tuple(_split(path)) + p[2:]] = l
-            except LookupError as exc:
-                errors.append(Diagnostic(f"cannot {key} {path}: {exc}", loc=doc.loc((key, path))))
+            except _PathError as exc:
+                errors.append(Diagnostic(f"cannot {key} {path}: {exc}", loc=doc.loc((key, path)), fix=exc.fix))
+            new_where += [(doc.loc((key, path)), f"cannot {key} {path}")] * (len(new_params) - before)
     removes = data.get("remove", []) or []
     if not isinstance(removes, list):
         errors.append(Diagnostic("`remove` must be a list of paths", loc=doc.loc(("remove",))))
@@ -173,8 +264,11 @@ def merge_extends(doc: Document, _depth: int = 0, _seen: tuple[str, ...] = ()) -
     for i, path in enumerate(removes):
         try:
             _remove(merged, str(path))
-        except LookupError as exc:
-            errors.append(Diagnostic(f"cannot remove {path}: {exc}", loc=doc.loc(("remove", i))))
+        except _PathError as exc:
+            errors.append(Diagnostic(f"cannot remove {path}: {exc}", loc=doc.loc(("remove", i)), fix=exc.fix))
+    for i, exc in _unused_params(merged, new_params):
+        loc, what = new_where[i]
+        errors.append(Diagnostic(f"{what}: {exc}", loc=loc, fix=exc.fix))
     if errors:
         raise ResolveError(errors)
     return Document(data=merged, file=doc.file, pos=pos, text=doc.text)
@@ -190,27 +284,47 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not path:
         raise ResolveError(f"--set {item!r}: the path is empty", loc=Loc("<command line>"))
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_scalar(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return path, value
 
 
+def _as_typed(path: str, value: Any) -> str:
+    """An override as one would type it on the command line: ``params.layers=4``."""
+    if isinstance(value, str):
+        return f"{path}={value}"
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return f"{path}={text.removesuffix('...').strip()}"
+
+
 def apply_overrides(doc: Document, overrides: dict[str, Any] | list[str] | None) -> Document:
-    """Apply ``--set`` overrides. A bare name that is a param (``layers=4``) sets ``params.layers``."""
+    """Apply ``--set`` overrides. A bare name that is a param (``layers=4``) sets ``params.layers``.
+
+    Each path must name a key of the document or one its schema documents (``train.warmup``
+    in a blueprint without ``train:``); anything else is an error with the closest names."""
     if not overrides:
         return doc
-    items = [parse_override(o) for o in overrides] if isinstance(overrides, list) else list(overrides.items())
+    if isinstance(overrides, list):
+        items = [(*parse_override(o), str(o)) for o in overrides]
+    else:
+        items = [(str(k), v, _as_typed(str(k), v)) for k, v in overrides.items()]
     data = copy.deepcopy(doc.data)
     errors = []
-    for path, value in items:
+    new_params: list[tuple[list[str], str]] = []
+    typed: list[str] = []
+    for path, value, shown in items:
         params = data.get("params")
         if "." not in path and path not in data and isinstance(params, dict) and path in params:
             path = f"params.{path}"
+        before = len(new_params)
         try:
-            _set(data, path, value, must_exist=False)
-        except LookupError as exc:
-            errors.append(Diagnostic(f"--set {path}: {exc}", loc=Loc("<command line>")))
+            _set(data, path, value, must_exist=False, new_params=new_params)
+        except _PathError as exc:
+            errors.append(Diagnostic(f"--set {shown}: {exc}", loc=Loc("<command line>"), fix=exc.fix))
+        typed += [shown] * (len(new_params) - before)
+    for i, exc in _unused_params(data, new_params):
+        errors.append(Diagnostic(f"--set {typed[i]}: {exc}", loc=Loc("<command line>"), fix=exc.fix))
     if errors:
         raise ResolveError(errors)
     return Document(data=data, file=doc.file, pos=doc.pos, text=doc.text)

@@ -25,10 +25,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict, field_validator
+
+from physlm_graph._strict import StrictScalars
 
 __all__ = [
     "ComponentParams",
+    "MAX_INT_PARAM",
     "TensorSpec",
     "Inputs",
     "Example",
@@ -42,10 +45,22 @@ __all__ = [
 DecodeKind = Literal["stateless", "cached", "none"]
 
 
-class ComponentParams(BaseModel):
-    """Base of every component's parameter model: unknown keys are errors, values are frozen."""
+MAX_INT_PARAM = 2**31 - 1  # no width, vocabulary or count of a model comes near it
+
+
+class ComponentParams(StrictScalars):
+    """Base of every component's parameter model: unknown keys are errors, values are frozen,
+    numbers and booleans take their type strictly (``num_heads: yes`` is an error, not 1), and
+    a whole number beyond ``MAX_INT_PARAM`` is refused before anything is allocated."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _sane_size(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT_PARAM:
+            raise ValueError(f"far larger than any model's size (at most {MAX_INT_PARAM:,}; no weights were allocated)")
+        return value
 
 
 class NoParams(ComponentParams):

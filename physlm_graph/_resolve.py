@@ -75,7 +75,17 @@ _POISON = _Poison()
 class _Scope:
     def __init__(self, parent: "_Scope | None" = None) -> None:
         self.names: dict[str, Ref | _Lazy | _Poison] = {}
+        self.blocks: dict[str, tuple[str, list[str], list[str]]] = {}  # block node: (path, outputs, instances)
         self.parent = parent
+
+    def block(self, name: str) -> tuple[str, list[str], list[str]] | None:
+        """The block node ``name`` as the lookup of ``name`` sees it, or None if it is no block node."""
+        s: _Scope | None = self
+        while s is not None:
+            if name in s.names:
+                return s.blocks.get(name)
+            s = s.parent
+        return None
 
     def lookup(self, name: str) -> Ref | _Lazy | None:
         s: _Scope | None = self
@@ -136,6 +146,10 @@ class _Resolver:
             rest = parts[k:]
             if not rest:
                 return base
+            block = scope.block(".".join(parts[:k]))
+            if block is not None and not self.is_port(base, rest):
+                self.bad_block_output(".".join(parts[:k]), block, base, rest[0], src)
+                return None
             if len(rest) == 1 and base.port is None:
                 return Ref(base.node, rest[0])
             break
@@ -146,6 +160,25 @@ class _Resolver:
             fix=f"did you mean {', '.join(repr(n) for n in near)}?" if near else "name a node, a block or a graph input",
         )
         return None
+
+    def is_port(self, base: Ref, rest: list[str]) -> bool:
+        """Whether ``rest`` names a port of the node ``base`` (``trunk.out``: its output node's)."""
+        node = self.nodes.get(base.node)
+        info = REGISTRY.get(node.use) if node is not None else None
+        return len(rest) == 1 and base.port is None and info is not None and rest[0] in info.outputs
+
+    def bad_block_output(self, name: str, block: tuple[str, list[str], list[str]], base: Ref, wrong: str,
+                         src: tuple) -> None:
+        full, outputs, instances = block
+        node = self.nodes.get(base.node)
+        info = REGISTRY.get(node.use) if node is not None else None
+        choices = list(outputs) + [str(i) for i in range(len(instances))] + list(info.outputs if info else ())
+        near = [f"{name}.{c}" for c in difflib.get_close_matches(wrong, list(dict.fromkeys(choices)), n=3, cutoff=0.6)]
+        told = f"outputs: {', '.join(f'{name}.{o}' for o in outputs)}"
+        if instances:
+            told += f"; instances: {name}.0 .. {name}.{len(instances) - 1}"
+        self.err(f"block node {name!r} has no output {wrong!r}", src,
+                 fix=f"did you mean {', '.join(near)}?" if near else f"its {told}")
 
     # -- expansion ------------------------------------------------------------------
     def sub(self, value: Any, names: dict[str, Any], src: tuple) -> Any:
@@ -200,9 +233,13 @@ class _Resolver:
             self.err(f"`in` must be a node name, a list or a port map, got {ins!r}", src + ("in",))
         params = {k: v for k, v in raw.items() if k not in NODE_KEYS}
         tie = raw.get("tie")
+        leak = raw.get("allow_leak", False)
+        if not isinstance(leak, bool):
+            self.err("`allow_leak` must be true or false", src + ("allow_leak",), got=repr(leak),
+                     fix="allow_leak: true builds a component that sees future tokens on purpose")
         node = NodeSpec(path=full, use=use, inputs=[], params=params, src=src,
                         tie=tie if isinstance(tie, str) else None,
-                        allow_leak=bool(raw.get("allow_leak", False)), instance=instance)
+                        allow_leak=leak is True, instance=instance)
         if tie is not None and not isinstance(tie, str):
             self.err(f"`tie` must name a node, got {tie!r}", src + ("tie",))
         if full in self.nodes:
@@ -252,6 +289,10 @@ class _Resolver:
         count = 1 if repeat is None else repeat
         paths = [full] if repeat is None else [f"{full}.{i}" for i in range(count)]
         first = self.spec.blocks[pattern[0]]
+        if raw.get("in") is None:  # reported once here, not again for every instance's inputs
+            self.err("a block node needs `in`", src, node=full,
+                     fix=f"add `in: <node>`, or a map of the block's inputs ({', '.join(first.inputs)})")
+            return
         bindings = self.bind_inputs(first.inputs, raw.get("in"), scope, src)
         prev: dict[str, Ref | _Lazy] = {}
         for i, ipath in enumerate(paths):
@@ -296,6 +337,7 @@ class _Resolver:
         self.define(scope, name, default, full)
         for k, v in prev.items():
             self.define(scope, f"{name}.{k}", v, f"{full}.{k}")
+        scope.blocks[name] = (full, list(prev), paths if repeat is not None else [])
 
     def bind_inputs(self, names: list[str], ins: Any, scope: _Scope, src: tuple) -> dict[str, _Lazy]:
         if isinstance(ins, str):
@@ -318,6 +360,10 @@ class _Resolver:
         for k in inputs:
             self.top.names[k] = Ref(k)
         for name, raw in self.doc.data.get("nodes", {}).items():
+            if name in inputs:  # it would shadow the input: its users would read it, and it the input
+                self.err(f"node {name!r} has the name of a graph input", ("nodes", name),
+                         fix=f"rename the node; graph inputs: {', '.join(inputs)}")
+                continue
             self.expand(name, raw, self.top, "", ("nodes", name), dict(self.params), 0, None)
         for path, pairs in self.raw_inputs.items():
             for port, lazy in pairs:
@@ -346,8 +392,11 @@ class _Resolver:
             pats = [ext.at] if isinstance(ext.at, str) else list(ext.at)
             matched = [p for p in list(self.nodes) if any(glob_to_regex(g).match(p) for g in pats)]
             if not matched:
-                self.err(f"extension {ext_name!r}: `at` matches no node", src + ("at",),
-                         fix=f"node paths look like {', '.join(list(self.nodes)[:4])}")
+                shapes = list(dict.fromkeys(re.sub(r"\.\d+(?=\.|$)", ".*", p) for p in self.nodes))
+                near = [n for g in pats for n in difflib.get_close_matches(g, shapes, n=1, cutoff=0.6)]
+                self.err(f"extension {ext_name!r}: `at` {ext.at!r} matches no node", src + ("at",),
+                         fix=f"did you mean {', '.join(repr(n) for n in near)}?" if near
+                         else f"node paths look like {', '.join(list(self.nodes)[:4])}")
                 continue
             params = {k: v for k, v in (ext.model_extra or {}).items()}
             for m in matched:
@@ -514,7 +563,7 @@ def _pydantic_errors(exc: ValidationError, doc: Document, prefix: tuple = ()) ->
         loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith(("function-", "union["))))
         path = prefix + tuple("from" if x == "from_" else x for x in loc)
         where = ".".join(str(x) for x in path) or "the document"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         got = fix = None
         if e["type"] == "extra_forbidden":
             msg = f"unknown key {path[-1]!r}"

@@ -11,6 +11,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from physlm_graph._strict import StrictScalars
+
 __all__ = [
     "BlueprintDoc",
     "BlockDoc",
@@ -29,7 +31,7 @@ NODE_KEYS = frozenset({"use", "in", "tie", "allow_leak", "about"})
 BLOCK_USE_KEYS = frozenset({"use", "in", "repeat", "pattern", "about"})
 
 
-class _Strict(BaseModel):
+class _Strict(StrictScalars):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 

@@ -239,5 +239,15 @@ def validate(res: Resolved) -> Checked:
         if k not in used:
             errors.append(Diagnostic(f"graph input {k!r} is never used", loc=res.doc.loc(("inputs", k))))
     if errors:
-        raise ValidateError(errors)
+        raise ValidateError(_without_consequences(errors))
     return checked
+
+
+def _without_consequences(errors: list[Diagnostic]) -> list[Diagnostic]:
+    """Drop "not used" errors when a node lacks an input: its sources are unused because of it,
+    so the cause is reported once instead of once per node upstream of it."""
+    causes = ("is not connected", "needs at least one input")
+    if not any(c in d.message for d in errors for c in causes):
+        return errors
+    return [d for d in errors if not (d.message.endswith("is not used by any output or loss")
+                                      or (d.message.startswith("graph input") and d.message.endswith("is never used")))]

@@ -127,7 +127,7 @@ def test_extends_errors_are_located(tmp_path):
     (tmp_path / "d.yaml").write_text("extends: base.yaml\nname: d\nreplace: {nodes.nope: {}}\n")
     with pytest.raises(ResolveError) as e:
         compile_blueprint(tmp_path / "d.yaml")
-    assert "d.yaml:3:" in str(e.value) and "nodes has no 'nope'" in str(e.value)
+    assert "d.yaml:3:" in str(e.value) and "nodes has no key 'nope'" in str(e.value)
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\nname: loop\n")
     with pytest.raises(ResolveError, match="cycle"):
         compile_blueprint(tmp_path / "loop.yaml")

@@ -157,8 +157,13 @@ _TINY_TEXT = TINY_PATH.read_text(encoding="utf-8")
                         "trunk: {use: block, pattern: [{a: 1}], repeat: 2, in: x0}"),
      "resolve error: <string>:18:33: unknown block {'a': 1}\n  fix: blocks defined: block"),
     (_TINY_TEXT.replace("dim: 32", "dim: 2147483648"),
-     "shape error: <string>:8:7: trunk.0.attn: attention.causal could not be built: Storage size calculation "
-     "overflowed with sizes=[6442450944, 2147483648]\n  fix: check its sizes: they may be far too large"),
+     "3 validate errors:\n"  # refused before torch computes (and overflows) a storage size
+     "  1. <string>:15:65: tok: embed_dim: far larger than any model's size (at most 2,147,483,647; no weights were "
+     "allocated) (got 2147483648)\n"
+     "  2. <string>:16:79: pos: embed_dim: far larger than any model's size (at most 2,147,483,647; no weights were "
+     "allocated) (got 2147483648)\n"
+     "  3. <string>:11:37: trunk.0.mlp (and 1 more: trunk.1.mlp): hidden_dim: far larger than any model's size "
+     "(at most 2,147,483,647; no weights were allocated) (got 8589934592)"),
     (_TINY_TEXT + "inputs: {tokens: [batch, mlp]}\n",
      "validate error: <string>:22:26: graph input 'tokens': axis 'mlp' is neither batch, seq nor a size\n"
      "  fix: e.g. tokens: [batch, seq]"),
@@ -180,8 +185,11 @@ def test_fuzzer_findings(text, message):
 
 def test_fuzzer_finding_set_on_a_non_mapping_params():
     with pytest.raises(PhysLMError) as err:
-        compile_blueprint(TINY_PATH, overrides=["params=1", "0="], device="meta", build=False)
+        compile_blueprint(TINY_PATH, overrides=["params=1"], device="meta", build=False)
     assert str(err.value) == f"validate error: {TINY_PATH}:3:1: `params` must be a mapping of names to values"
+    with pytest.raises(PhysLMError) as err:  # a key the document has no place for is the override's error
+        compile_blueprint(TINY_PATH, overrides=["params=1", "0="], device="meta", build=False)
+    assert str(err.value) == "resolve error: <command line>: --set 0=: the top level has no key '0'"
 
 
 def test_fuzzer_finding_extends_name_too_long():
@@ -192,7 +200,20 @@ def test_fuzzer_finding_extends_name_too_long():
 
 
 @pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
-def test_an_endless_file_is_read_only_up_to_the_size_limit():
+def test_a_device_is_refused_before_reading():
     with pytest.raises(PhysLMError) as err:
         compile_blueprint("/dev/zero", device="meta", build=False)
-    assert str(err.value) == "load error: /dev/zero: the blueprint is larger than 2 MB"
+    assert str(err.value) == "load error: /dev/zero: /dev/zero is a device, not a blueprint file"
+    with pytest.raises(PhysLMError) as err:
+        compile_blueprint("extends: /dev/zero\nname: x\n", device="meta", build=False)
+    assert str(err.value) == ("resolve error: <string>:1:1: the base blueprint '/dev/zero' is a device, not a blueprint "
+                              "file\n  fix: `extends` names one blueprint file, relative to the blueprint that extends")
+
+
+def test_a_huge_file_is_read_only_up_to_the_size_limit(tmp_path):
+    path = tmp_path / "huge.yaml"
+    with open(path, "wb") as f:
+        f.truncate(3_000_000_000)  # sparse: no disk is used, and reading it all would take 3 GB
+    with pytest.raises(PhysLMError) as err:
+        compile_blueprint(path, device="meta", build=False)
+    assert str(err.value).startswith(f"load error: {path}:1:2000001: the blueprint is larger than 2 MB")

@@ -81,15 +81,20 @@ def test_control_characters_are_a_load_error():
 
 def test_document_size_limit_text():
     text = "name: x\nabout: '" + "a" * MAX_BYTES + "'\n"
+    col = MAX_BYTES - len("name: x\n") + 1  # located where the text crosses the limit
     assert str(_error(text, LoadError)) == (
-        f"load error: <string>: the blueprint is larger than {MAX_BYTES // 1_000_000} MB\n"
+        f"load error: <string>:2:{col}: the blueprint is larger than {MAX_BYTES // 1_000_000} MB "
+        "(the limit is crossed here)\n"
         "  fix: a blueprint describes a model; use `repeat` and `blocks` instead of writing layers out")
 
 
 def test_document_size_limit_file(tmp_path):
     path = tmp_path / "big.yaml"
-    path.write_bytes(b"name: x\nabout: '" + b"a" * MAX_BYTES + b"'\n")
-    assert str(_error(path, LoadError)) == f"load error: {path}: the blueprint is larger than 2 MB"
+    path.write_bytes(b"name: x\n" * 3 + "about: 'é".encode() + b"a" * MAX_BYTES + b"'\n")
+    col = MAX_BYTES - 3 * len("name: x\n") - len("about: 'é".encode()) + len("about: 'é") + 1  # characters, not bytes
+    assert str(_error(path, LoadError)) == (
+        f"load error: {path}:4:{col}: the blueprint is larger than 2 MB (the limit is crossed here)\n"
+        "  fix: a blueprint describes a model; use `repeat` and `blocks` instead of writing layers out")
 
 
 @pytest.mark.parametrize("text, col", [
@@ -113,10 +118,14 @@ def test_depth_exactly_at_the_limit_loads():
     assert doc.data["a"] is not None
 
 
-@pytest.mark.slow
-def test_nesting_beyond_the_parser_recursion():
-    text = "a: " + "[" * 3000 + "1" + "]" * 3000 + "\n"
-    assert str(_error(text, LoadError)) == "load error: <string>: the document nests too deeply"
+@pytest.mark.parametrize("text, loc", [
+    ("a: " + "[" * 3000 + "1" + "]" * 3000 + "\n", f"1:{4 + MAX_DEPTH}"),
+    ("x: 1\na: " + "{b: " * 3000 + "1" + "}" * 3000 + "\n", f"2:{4 + 4 * MAX_DEPTH}"),
+])
+def test_nesting_beyond_the_parser_recursion_is_located(text, loc):
+    """The YAML parser recurses past Python's limit before the depth check sees the node: the
+    scanner finds where the nesting passes the limit, with the same message."""
+    assert str(_error(text, LoadError)) == f"load error: <string>:{loc}: {NESTS_DEEPER}"
 
 
 def _alias_bomb(levels: int) -> str:
