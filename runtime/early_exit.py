@@ -218,9 +218,11 @@ def exit_loss_weights(cm: Any) -> dict[str, float]:
     return {p: ex.weight * wi for p, wi in zip(points, w)}
 
 
-def exit_losses(cm: Any, out: dict[str, Any], y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """The weighted sum of the exits' cross-entropies, and each unweighted one as ``exit.<point>``."""
-    weights = exit_loss_weights(cm)
+def exit_losses(cm: Any, out: dict[str, Any], y: Tensor,
+                weights: dict[str, float] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The weighted sum of the exits' cross-entropies, and each unweighted one as ``exit/<point>/ce``.
+    ``weights``: ``exit_loss_weights(cm)``, when the caller keeps them."""
+    weights = exit_loss_weights(cm) if weights is None else weights
     logits = out.get("exit_logits")
     if not logits:
         raise PhysLMError("the model output has no exit_logits although the blueprint declares exits",
@@ -230,7 +232,7 @@ def exit_losses(cm: Any, out: dict[str, Any], y: Tensor) -> tuple[Tensor, dict[s
     for p, w in weights.items():
         lg = logits[p]
         ce = F.cross_entropy(lg.reshape(-1, lg.size(-1)).float(), y.reshape(-1), ignore_index=IGNORE)
-        parts[f"exit.{p}"] = ce
+        parts[f"exit/{p}/ce"] = ce
         total = total + w * ce
     return total, parts
 
