@@ -22,11 +22,10 @@ LOSS, OBJECTIVE = "loss", "objective"
 
 
 class Objective:
-    """The final cross-entropy plus the plan's weighted auxiliary and exit losses."""
+    """The final cross-entropy plus the plan's weighted auxiliary losses and the model's exit losses."""
 
-    def __init__(self, loss_weights: dict[str, float], has_exits: bool) -> None:
+    def __init__(self, loss_weights: dict[str, float]) -> None:
         self.loss_weights = dict(loss_weights)
-        self.has_exits = has_exits
         self._exit_weights: tuple[Any, dict[str, float]] | None = None  # (graph, weights), per model
 
     def exit_weights(self, cm: Any) -> dict[str, float]:
@@ -48,7 +47,7 @@ class Objective:
         for name, term in (out.get("aux") or {}).items():
             terms[f"aux/{name}"] = term
             total = total + self.loss_weights.get(name, 1.0) * term
-        if self.has_exits:
+        if cm.resolved.exit_points:  # this model's exits (a growth stage may have fewer layers, so fewer exits)
             from .early_exit import exit_losses
 
             extra, parts = exit_losses(cm, out, y, weights=self.exit_weights(cm))
@@ -60,6 +59,6 @@ class Objective:
         """``loss + 0.01 x aux/balance + 0.25 x exit/trunk.1/ce`` (the optimized total's terms)."""
         parts = ["loss"]
         parts += [f"{w:g} x aux/{name}" for name, w in self.loss_weights.items()]
-        if self.has_exits:
+        if cm.resolved.exit_points:
             parts += [f"{w:.3g} x exit/{p}/ce" for p, w in self.exit_weights(cm).items()]
         return " + ".join(parts)

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from physlm_graph._errors import Loc, TrainingError
 from physlm_graph._schema import TrainConfig
 
-__all__ = ["RunPlan", "make_plan", "vocab_overrides", "normalize_overrides", "TOKENIZER_KINDS"]
+__all__ = ["RunPlan", "make_plan", "checkpoint_stage", "vocab_overrides", "normalize_overrides", "TOKENIZER_KINDS"]
 
 TOKENIZER_KINDS = ("bytes", "chars")
 
@@ -196,3 +196,15 @@ def make_plan(source: str | os.PathLike[str] | dict[str, Any], *, overrides: dic
     compiled = compile_blueprint(source, overrides=ov, build=False)
     return RunPlan(source=source, overrides=ov, compiled=compiled,
                    config=_train_config(compiled.train_config, train_options))
+
+
+def checkpoint_stage(folder: str | os.PathLike[str]) -> int | None:
+    """The growth stage a training checkpoint's weights belong to (its ``trainer_state.json``),
+    or None (no growth, or not a training checkpoint): what a loader compiles the blueprint at."""
+    from .checkpoint import _read_json
+
+    path = Path(folder) / "trainer_state.json"
+    if not path.is_file():
+        return None
+    stage = _read_json(path).get("stage")
+    return int(stage) if stage is not None else None

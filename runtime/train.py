@@ -142,7 +142,7 @@ class Trainer:
 
             raise GrowthError("growth under FSDP is not supported: the sharded weights cannot be copied into the "
                               "grown model", fix="train growth schedules with --strategy ddp (the default)")
-        self.objective = Objective(self.plan.loss_weights, has_exits=bool(self.plan.exits))
+        self.objective = Objective(self.plan.loss_weights)
         self.guard = NonFiniteGuard(self.cfg, self.device, self.out_dir)
         self.cadence = CheckpointCadence(self.cfg, self.stop_after)
         self.growth = GrowthPart(self.plan.stages, check=self.check_growth) if self.plan.stages else None
