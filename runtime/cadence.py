@@ -18,13 +18,20 @@ from __future__ import annotations
 import random
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointCadence", "Interrupts", "rng_state", "set_rng_state"]
+from physlm_graph._errors import CheckpointError, Loc
+
+from .checkpoint import _read_json, load_weights, restore_optimizer, save_checkpoint
+from .distributed import barrier, full_state_dict
+
+__all__ = ["CheckpointCadence", "Interrupts", "rng_state", "set_rng_state", "trainer_state", "save_run", "restore_run",
+           "read_state"]
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -114,3 +121,73 @@ class Interrupts:
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+# ---------------------------------------------------------------- what a saved state holds
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.json`` (a missing or damaged one is a CheckpointError naming it)."""
+    state_path = folder / "trainer_state.json"
+    if not state_path.is_file():
+        raise CheckpointError("no trainer state: this checkpoint cannot be resumed", loc=Loc(file=str(state_path)),
+                              fix="start a new run from it instead")
+    return _read_json(state_path)  # a damaged file is a CheckpointError naming it
+
+
+def trainer_state(t: Any) -> dict[str, Any]:
+    """What ``trainer_state.json`` holds of trainer ``t``: step, tokens, losses, RNGs, batcher, parts."""
+    state = {
+        "format": 1,
+        "step": t.step,
+        "tokens_seen": t.tokens_seen,
+        "best_val_loss": t.best_val,
+        "last_val_loss": t.last_val,
+        "skipped": t.guard.skipped,
+        "elapsed_s": t.elapsed,
+        "growth_stage": None,
+        "blueprint_hash": t.cm.hash,
+        "config": t.cfg.model_dump(mode="json"),
+        "data": t.data,
+        "rng": rng_state(t.device),
+        "batcher": t.batches.state_dict(),
+    }
+    for part in t.parts:
+        state.update(part.state())
+    return state
+
+
+def save_run(t: Any, name: str) -> Path:
+    """Rank 0 writes the full weights; with FSDP2 they are gathered first (every rank joins)."""
+    path = t.out_dir / name
+    module, optimizer = t.model, t.optimizer
+    if t.dist.enabled and t.strategy == "fsdp":
+        full = full_state_dict(t.model, t.strategy)
+        optimizer = None  # sharded optimizer state is not gathered: a resumed FSDP run restarts the moments
+        if t.dist.main:
+            from physlm_graph._compile import compile_blueprint
+
+            module = compile_blueprint(t.cm.blueprint, device="cpu").module
+            module.load_state_dict(full)
+    if t.dist.main:
+        save_checkpoint(path, cm=t.cm, module=module, tokenizer=t.tokenizer,
+                        optimizer=optimizer, trainer_state=t.trainer_state())
+    barrier(t.dist)
+    return path
+
+
+def restore_run(t: Any, folder: Path, state: dict[str, Any]) -> None:
+    """Continue from a checkpoint: weights, optimizer, step, batcher, RNGs, the parts' state."""
+    if state.get("blueprint_hash") != t.cm.hash:
+        raise CheckpointError(
+            f"the checkpoint holds another model (graph {state.get('blueprint_hash')}; this run builds {t.cm.hash})",
+            loc=Loc(file=str(folder)), fix="resume with the same blueprint and --set overrides, or use another --out")
+    load_weights(t.model, folder)
+    restore_optimizer(t.optimizer, folder)
+    t.batches.load_state_dict(state["batcher"])
+    set_rng_state(state["rng"], t.device)
+    t.step, t.tokens_seen = state["step"], state["tokens_seen"]
+    t.best_val, t.last_val = state.get("best_val_loss"), state.get("last_val_loss")
+    t.guard.skipped, t.elapsed = state.get("skipped", 0), state.get("elapsed_s", 0.0)
+    for part in t.parts:
+        part.restored(t)

@@ -21,8 +21,6 @@ was interrupted (by Ctrl-C or a kill).
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import os
 import time
@@ -36,13 +34,13 @@ from torch.nn import functional as F
 from physlm_graph._errors import CheckpointError, Diagnostic, Loc, RuntimeDataError, TrainingError
 
 from ._progress import CompileMonitor, Metrics, Progress
-from .cadence import CheckpointCadence, Interrupts, rng_state, set_rng_state
-from .checkpoint import _read_json, find_checkpoint, load_weights, model_context, restore_optimizer, save_checkpoint
+from .cadence import CheckpointCadence, Interrupts, read_state, restore_run, rng_state, save_run, set_rng_state, trainer_state
+from .checkpoint import find_checkpoint
 from .data import RandomWindows, TokenCache, load_text, split
-from .distributed import barrier, full_state_dict, grad_sync, init_distributed, wrap_model
-from .fused_head import FusedLossModule
+from .distributed import grad_sync, init_distributed
 from .growth_part import GrowthPart
 from .guard import NonFiniteGuard
+from .model_setup import install_model
 from .objective import OBJECTIVE, Objective
 from .optim import lr_at, make_optimizer, node_components
 from .parts import Part
@@ -155,7 +153,7 @@ class Trainer:
         if not self.resume and (self.out_dir / "last").exists():
             raise TrainingError("the output folder already holds a run", loc=Loc(file=str(self.out_dir)),
                                 fix="pass --resume to continue it, another --out, or delete the folder")
-        state = self.read_state(self.resume_from_path) if self.resume_from_path is not None else None
+        state = read_state(self.resume_from_path) if self.resume_from_path is not None else None
         if state is not None:
             for part in self.parts:
                 part.load_state(state)
@@ -181,14 +179,6 @@ class Trainer:
             raise CheckpointError("--resume: no checkpoint to resume (no last/ or best/ here)",
                                   loc=Loc(file=str(self.out_dir)), fix="drop --resume to start a new run") from None
 
-    @staticmethod
-    def read_state(folder: Path) -> dict[str, Any]:
-        state_path = folder / "trainer_state.json"
-        if not state_path.is_file():
-            raise CheckpointError("no trainer state: this checkpoint cannot be resumed", loc=Loc(file=str(state_path)),
-                                  fix="start a new run from it instead")
-        return _read_json(state_path)  # a damaged file is a CheckpointError naming it
-
     def load_data(self) -> None:
         from .tokenizers import load_tokenizer, make_tokenizer
 
@@ -210,74 +200,10 @@ class Trainer:
         return cm
 
     def set_model(self, cm: Any) -> None:
-        """Install a (re)built model; the growth part calls this mid-run, then rebuilds the optimizer."""
-        self.cm = cm
-        self.model = cm.module.to(self.device)
-        self.model.train()
-        blocks = [p for paths in cm.resolved.instances.values() for p in paths]
-        use_bf16 = self.cfg.dtype == "bfloat16" or (
-            self.cfg.dtype == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
-        mode = self.cfg.compile
-        compile_ = functools.partial(torch.compile, mode=None if mode == "default" else mode)
-        split = self._fused_split()
-        if split is None:  # FSDP2 under bf16: gather bf16 weights (half the traffic), reduce gradients in fp32
-            self.wrapped = wrap_model(self.model, self.dist, self.strategy, blocks,
-                                      bucket_mb=self.cfg.ddp_bucket_mb, bucket_view=self.cfg.ddp_bucket_view,
-                                      param_dtype=torch.bfloat16 if use_bf16 else None,
-                                      reduce_dtype=self.cfg.ddp_reduce_dtype)
-            self.forward = compile_(self.wrapped) if mode else self.wrapped
-
-            def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-                return self.compute_loss(self.wrapped(x), y)
-        else:
-            # the training module computes the loss inside its forward (so DDP sees the head's use);
-            # evaluation and generation keep the original module, which shares every parameter
-            self.wrapped = wrap_model(FusedLossModule(*split), self.dist, self.strategy, blocks,
-                                      bucket_mb=self.cfg.ddp_bucket_mb, bucket_view=self.cfg.ddp_bucket_view,
-                                      reduce_dtype=self.cfg.ddp_reduce_dtype)
-            self.forward = compile_(self.model) if mode else self.model
-
-            def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-                ce, out = self.wrapped(x, y)
-                return self.compute_loss(out, y, ce=ce)
-
-        self.fused_loss = split is not None
-        # with compile, the loss joins the compiled region: the log-softmax fuses into the head's
-        # output instead of materialising fp32 logits (GPT-2 on an H100: 31.5% -> 41.7% MFU)
-        self.forward_loss = compile_(forward_loss) if mode else forward_loss
-        ctx = model_context(cm)
-        self.seq_len = self.cfg.seq_len or ctx
-        if self.seq_len is None:
-            raise TrainingError("no sequence length: the blueprint has no context param and train.seq_len is unset",
-                                fix="pass --set train.seq_len=N")
-        if ctx is not None and self.seq_len > ctx:
-            raise TrainingError(f"seq_len {self.seq_len} is longer than the model's context {ctx}",
-                                fix=f"use seq_len <= {ctx}, or raise the context param")
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-        self.dtype_name = "bfloat16 autocast" if use_bf16 else "float32"
-
-    def _fused_split(self) -> tuple[Any, Any] | None:
-        """The model split into body and head for the fused head + loss, or None (train.fused_loss)."""
-        from .fused_head import split_lm_head
-
-        mode = self.cfg.fused_loss
-        if mode is False:
-            return None
-        if self.dist.enabled and self.strategy == "fsdp":
-            why = "FSDP2 shards the head with the root module; the fused loss runs under DDP or on one device"
-        else:
-            from physlm_graph.components.head._linear_ce import triton_available
-
-            split = split_lm_head(self.model)
-            why = split if isinstance(split, str) else None
-            if why is None and mode == "auto" and not (self.cfg.compile and self.device.type == "cuda" and triton_available):
-                return None  # auto: only where it is measured to pay (compiled, CUDA, triton)
-            if why is None:
-                return split
-        if mode is True:
-            raise TrainingError(f"train.fused_loss is true but {why}", fix="set train.fused_loss: auto or false")
-        return None
-
+        """Install a (re)built model: placed, wrapped for DDP/FSDP2, compiled as ``train.compile``
+        says (``runtime/model_setup.py``); the growth part calls this mid-run, then rebuilds the
+        optimizer."""
+        install_model(self, cm)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
@@ -428,61 +354,17 @@ class Trainer:
         self.model.train()
         return total / self.cfg.eval_iters
 
-    # ------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------ checkpoints (runtime/cadence.py)
     def trainer_state(self) -> dict[str, Any]:
-        state = {
-            "format": 1,
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "best_val_loss": self.best_val,
-            "last_val_loss": self.last_val,
-            "skipped": self.guard.skipped,
-            "elapsed_s": self.elapsed,
-            "growth_stage": None,
-            "blueprint_hash": self.cm.hash,
-            "config": self.cfg.model_dump(mode="json"),
-            "data": self.data,
-            "rng": rng_state(self.device),
-            "batcher": self.batches.state_dict(),
-        }
-        for part in self.parts:
-            state.update(part.state())
-        return state
+        return trainer_state(self)
 
     def save(self, name: str) -> Path:
-        """Rank 0 writes the full weights; with FSDP2 they are gathered first (every rank joins)."""
-        path = self.out_dir / name
-        module, optimizer = self.model, self.optimizer
-        if self.dist.enabled and self.strategy == "fsdp":
-            full = full_state_dict(self.model, self.strategy)
-            optimizer = None  # sharded optimizer state is not gathered: a resumed FSDP run restarts the moments
-            if self.dist.main:
-                from physlm_graph._compile import compile_blueprint
-
-                module = compile_blueprint(self.cm.blueprint, device="cpu").module
-                module.load_state_dict(full)
-        if self.dist.main:
-            save_checkpoint(path, cm=self.cm, module=module, tokenizer=self.tokenizer,
-                            optimizer=optimizer, trainer_state=self.trainer_state())
-        barrier(self.dist)
-        return path
+        """Save ``OUT/name`` (rank 0 writes; with FSDP2 every rank joins the gather)."""
+        return save_run(self, name)
 
     def restore(self, folder: Path, state: dict[str, Any] | None = None) -> None:
         """Continue from a checkpoint: weights, optimizer, step, batcher, RNGs, the parts' state."""
-        state = self.read_state(folder) if state is None else state
-        if state.get("blueprint_hash") != self.cm.hash:
-            raise CheckpointError(
-                f"the checkpoint holds another model (graph {state.get('blueprint_hash')}; this run builds {self.cm.hash})",
-                loc=Loc(file=str(folder)), fix="resume with the same blueprint and --set overrides, or use another --out")
-        load_weights(self.model, folder)
-        restore_optimizer(self.optimizer, folder)
-        self.batches.load_state_dict(state["batcher"])
-        set_rng_state(state["rng"], self.device)
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.best_val, self.last_val = state.get("best_val_loss"), state.get("last_val_loss")
-        self.guard.skipped, self.elapsed = state.get("skipped", 0), state.get("elapsed_s", 0.0)
-        for part in self.parts:
-            part.restored(self)
+        restore_run(self, folder, read_state(folder) if state is None else state)
 
     # ------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:

@@ -196,7 +196,7 @@ def test_ddp_settings_reach_wrap_model(tmp_path, text_file, monkeypatch):
     """train.ddp_bucket_mb, train.ddp_bucket_view and train.ddp_reduce_dtype are handed to the DDP
     wrapper (defaults 250, true and float32), and the FSDP2 all-gather dtype follows train.dtype (none in fp32, bf16 under
     bf16 autocast); the 2-process tests in test_distributed check what DDP and FSDP do with them."""
-    import physlm_graph.runtime.train as train_mod
+    import physlm_graph.runtime.model_setup as train_mod
 
     seen = []
     real = train_mod.wrap_model
