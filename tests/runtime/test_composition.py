@@ -154,3 +154,21 @@ def test_two_gloo_ranks(name, tmp_path, text_file):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "2 processes (ddp)" in proc.stdout
     check_honoured(name, out)
+
+
+def test_metric_names_say_what_they_are(tmp_path, text_file, capsys):
+    """`loss` is the final cross-entropy, each auxiliary term is `aux/<name>` (unweighted), the
+    optimized total is `objective`, and the summary lists the terms with their weights."""
+    d = variant("exits")
+    d["blocks"]["gpt_block"]["nodes"]["attn"] = {"use": "attention.resonance", "in": "ln1", "num_heads": 2,
+                                                 "dropout": 0.0}
+    d["losses"] = {"entropy": {"from": "trunk.*.attn.entropy", "weight": 0.01}}
+    out = tmp_path / "run"
+    train(d, data=str(text_file), out_dir=out, **{**RUN, "steps": 3})
+    printed = capsys.readouterr().out
+    assert "loss + 0.01 x aux/entropy + 1 x exit/trunk.0/ce" in printed, printed
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert {"loss", "objective", "aux/entropy", "exit/trunk.0/ce"} <= set(r) and "ce" not in r and "entropy" not in r
+        assert r["objective"] == pytest.approx(r["loss"] + 0.01 * r["aux/entropy"] + r["exit/trunk.0/ce"], rel=1e-5)
+    assert f"train loss {rows[-1]['loss']:.4f}" in printed  # the printed train loss is the final cross-entropy
