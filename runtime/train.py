@@ -21,7 +21,6 @@ was interrupted (by Ctrl-C or a kill).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from .objective import OBJECTIVE, Objective
 from .optim import lr_at, make_optimizer, node_components
 from .parts import Part
 from .plan import RunPlan, make_plan, normalize_overrides, vocab_overrides
+from .step import clip_gradients, deferred, optimizer_step
 from .summary import describe_run
 
 __all__ = ["Trainer", "train", "resolve_device", "vocab_overrides", "rng_state", "set_rng_state"]
@@ -259,80 +259,18 @@ class Trainer:
                 terms[k] = terms.get(k, 0.0) + v.detach().float() / c.accumulate
         self.tokens_seen += self.tokens_per_step
         record: dict[str, Any] = {"step": step + 1, **terms, OBJECTIVE: loss_sum, "lr": lr}
-        if self.deferred():
-            self._deferred_step(step, loss_sum, record)
-        else:
-            self._synchronous_step(step, loss_sum, record)
+        optimizer_step(self, step, loss_sum, record)
         for part in self.parts:
             part.after_step(record)
         return record
 
-    def _synchronous_step(self, step: int, loss_sum: torch.Tensor, record: dict[str, Any]) -> None:
-        c = self.cfg
-        for k, v in record.items():
-            if isinstance(v, torch.Tensor):
-                record[k] = float(v)
-        loss_val = record[OBJECTIVE]
-        finite = math.isfinite(loss_val)
-        if finite and c.grad_clip > 0:
-            record["grad_norm"] = gnorm = float(self.clip_gradients())
-            finite = math.isfinite(gnorm)
-        if not finite:
-            self.optimizer.grad_scale = None
-            self.optimizer.zero_grad(set_to_none=True)
-            self.guard.on_nonfinite(step + 1, loss_val, record.get("grad_norm"))
-            record["skipped"] = True
-            return
-        try:
-            self.optimizer.step()
-        finally:
-            self.optimizer.grad_scale = None
-
-    def _deferred_step(self, step: int, loss_sum: torch.Tensor, record: dict[str, Any]) -> None:
-        bad = ~torch.isfinite(loss_sum)
-        gnorm = None
-        if self.cfg.grad_clip > 0:
-            record["grad_norm"] = gnorm = self.clip_gradients()
-            bad = bad | ~torch.isfinite(gnorm)
-        self.optimizer.found_inf = bad.float()  # the fused kernel leaves weights, moments and step as they were
-        try:
-            self.optimizer.step()
-        finally:
-            self.optimizer.found_inf = self.optimizer.grad_scale = None
-        self.guard.watch(step + 1, bad, loss_sum, gnorm)
-        record["_bad"] = bad
-
     def clip_gradients(self) -> torch.Tensor:
-        """Clip the gradients' global 2-norm to ``train.grad_clip``; returns the norm before clipping.
-
-        With a fused AdamW the clipping rides in the optimizer's kernel: its ``grad_scale`` divides
-        every gradient by max(1, (norm + 1e-6) / grad_clip), which is ``clip_grad_norm_``'s factor
-        (up to the rounding of a division against a product), and writes the clipped gradient back
-        as it goes. The separate pass that scales the gradients in place does not run, nor do its
-        launches (GPT-2 124M on an H100: the trainer went from 0.977 to 0.990-0.993 of the bare
-        compiled step's tokens/s, ``benchmarks/trainer_profile.py``). Other optimizers, and FSDP2's
-        sharded gradients, take ``clip_grad_norm_``."""
-        c = self.cfg
-        get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
-        if get_total_norm is None or self.strategy == "fsdp" or not self._fused_optimizer():
-            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norm = get_total_norm(grads)
-        self.optimizer.grad_scale = torch.clamp((norm + 1e-6) / c.grad_clip, min=1.0).float()
-        return norm
-
-    def _fused_optimizer(self) -> bool:
-        return bool(self.optimizer.param_groups) and all(g.get("fused") for g in self.optimizer.param_groups)
+        """Clip the gradients to ``train.grad_clip``; the norm before clipping (``runtime/step.py``)."""
+        return clip_gradients(self)
 
     def deferred(self) -> bool:
-        """Whether steps run without a host synchronisation: with the fused AdamW (on CUDA) a
-        non-finite step is skipped on the device (the kernel's ``found_inf``), and the loss, the
-        gradient norm and the non-finite steps reach the host only when ``resolve`` is called
-        (at log, evaluation and save steps). FSDP2 keeps the synchronous path, and so does
-        ``PHYSLM_SYNC_STEPS=1`` in the environment (every step checked at once, as before)."""
-        if os.environ.get("PHYSLM_SYNC_STEPS", "0") == "1" or self.strategy == "fsdp":
-            return False
-        return self._fused_optimizer()
+        """Whether steps run without a host synchronisation (``runtime/step.py``)."""
+        return deferred(self)
 
     def resolve(self, record: dict[str, Any]) -> dict[str, Any]:
         """A step's record with host numbers (see ``NonFiniteGuard.resolve``)."""
