@@ -167,7 +167,7 @@ def save_run(t: Any, name: str) -> Path:
         if t.dist.main:
             from physlm_graph._compile import compile_blueprint
 
-            module = compile_blueprint(t.cm.blueprint, device="cpu").module
+            module = compile_blueprint(t.cm.blueprint, device="cpu", stage=t.cm.resolved.stage).module
             module.load_state_dict(full)
     if t.dist.main:
         save_checkpoint(path, cm=t.cm, module=module, tokenizer=t.tokenizer,
