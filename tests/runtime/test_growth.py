@@ -423,3 +423,19 @@ def test_the_train_command_grows_the_example(tmp_path, text_file):
                  "--no-progress", "--set", "train.batch_size=2"]) == 0
     state = json.loads((out / "last" / "trainer_state.json").read_text())
     assert state["step"] == 25 and state["stage"] == 1 and state["growth_history"][0]["step"] == 20
+
+
+def test_growth_operators_come_from_the_registry():
+    import typing
+
+    from physlm_graph._growth_ops import GROWTH_OPS, growth_op, growth_op_lines, growth_op_names
+    from physlm_graph._schema import GrowOp
+
+    assert set(growth_op_names()) == set(typing.get_args(GrowOp))  # the schema accepts exactly the registered names
+    assert [op.name for op in GROWTH_OPS.values() if op.exact] == ["zero_init", "mask"]
+    assert all(line.split(": ", 1)[1] for line in growth_op_lines())  # each has its doc line
+    with pytest.raises(GrowthError, match="unknown growth operator 'grow_wide'") as err:
+        growth_op("grow_wide")
+    assert "zero_init, mask, stack, interpolate" in str(err.value)
+    assert depth_plan(2, 4, "stack", "end") == ({0: 0, 1: 1}, {2: 0, 3: 1})
+    assert depth_plan(2, 4, "interpolate", "end") == ({0: 0, 1: 2}, {1: 0, 3: 1})
