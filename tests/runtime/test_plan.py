@@ -57,3 +57,17 @@ def test_the_plan_refuses_unknown_and_invalid_options():
         make_plan(BABY, stepz=3)
     with pytest.raises(TrainingError, match="invalid training option: steps"):
         make_plan(BABY, steps=0)
+
+
+def test_a_trainer_runs_a_plan_made_beforehand(tmp_path):
+    from physlm_graph.runtime.train import Trainer
+
+    data = tmp_path / "text.txt"
+    data.write_text("ROMEO:\nBut, soft! what light through yonder window breaks?\n" * 60, encoding="utf-8")
+    plan = make_plan(BABY, overrides={"layers": 1, "dim": 16, "heads": 2, "context": 16, "train.seq_len": 16},
+                     steps=2, batch_size=2,
+                     eval_every=2, eval_iters=1)
+    result = Trainer(plan, data=str(data), out_dir=tmp_path / "run", device="cpu", progress=False).fit()
+    assert result["steps"] == 2
+    with pytest.raises(TrainingError, match="a RunPlan already holds the overrides and training options"):
+        Trainer(plan, out_dir=tmp_path / "other", steps=3)
