@@ -437,5 +437,8 @@ def test_growth_operators_come_from_the_registry():
     with pytest.raises(GrowthError, match="unknown growth operator 'grow_wide'") as err:
         growth_op("grow_wide")
     assert "zero_init, mask, stack, interpolate" in str(err.value)
+    doc = (ROOT / "docs" / "growth.md").read_text(encoding="utf-8").split("## The operators")[1].split("\n## ")[0]
+    table = [line.split("`")[1] for line in doc.splitlines() if line.startswith("| `")]
+    assert sorted(table) == sorted(growth_op_names())  # the docs' table lists the registered operators
     assert depth_plan(2, 4, "stack", "end") == ({0: 0, 1: 1}, {2: 0, 3: 1})
     assert depth_plan(2, 4, "interpolate", "end") == ({0: 0, 1: 2}, {1: 0, 3: 1})
