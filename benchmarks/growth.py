@@ -3,7 +3,7 @@
 Both runs train nanoGPT's shakespeare_char model (``blueprints/baby-gpt.yaml``) with the same
 seed, data, batch and step count; the grown run follows a growth schedule (2 layers for the
 first quarter of the steps, 4 for the second, 6 for the second half) through
-``GrowthTrainer``. For each run the table shows the final validation loss, the training
+``Trainer`` (its growth part). For each run the table shows the final validation loss, the training
 FLOPs spent (3 x the report's forward FLOPs per token x tokens, summed stage by stage), and
 for each run the FLOPs it had spent at the first evaluation where its validation loss
 reached the fixed run's final loss, also as a fraction of all the fixed run's FLOPs
@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 from physlm_graph import compile_blueprint  # noqa: E402
-from physlm_graph.runtime.growth import GrowthTrainer, stage_at  # noqa: E402
+from physlm_graph.runtime.growth import stage_at  # noqa: E402
 from physlm_graph.runtime.train import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             if "fixed" in args.runs else []
         for op in args.grow if "grown" in args.runs else []:
             name = f"grown-2-4-6-{op}" + ("" if args.bounds == "0.25,0.5" else f"@{args.bounds}")
-            rows.append(run(name, GrowthTrainer, overrides(size, schedule(steps, op, fractions=fractions)), size,
+            rows.append(run(name, Trainer, overrides(size, schedule(steps, op, fractions=fractions)), size,
                             args.data, device, out))
     if "fixed" not in args.runs or len(rows) < 2:
         print("one kind of run only: no table (join the outputs, fixed first, and read them with --from-log)")

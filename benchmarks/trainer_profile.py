@@ -101,7 +101,7 @@ def main() -> None:
         return
     tokens = t.tokens_per_step
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, {Path(args.blueprint).name}, "
-          f"{tokens:,} tokens/step, compile mode {t.cfg.compile_mode}, grad clip {t.cfg.grad_clip:g}, "
+          f"{tokens:,} tokens/step, compile mode {t.cfg.compile}, grad clip {t.cfg.grad_clip:g}, "
           f"deferred steps {t.deferred()}, {t.dist.world} process(es)\n")
     rows = []
     for name in ("trainer", "bare"):

@@ -44,13 +44,14 @@ class PhysLMConfig(PretrainedConfig):
     model_type = "physlm"
 
     def __init__(self, blueprint: str | None = None, vocab_size: int | None = None,
-                 max_position_embeddings: int | None = None, **kwargs: Any) -> None:
+                 max_position_embeddings: int | None = None, growth_stage: int | None = None, **kwargs: Any) -> None:
         physlm = kwargs.get("physlm")
         if blueprint is None and isinstance(physlm, dict):
             blueprint = physlm.get("blueprint_text")  # a runtime checkpoint's config.json
         self.blueprint = blueprint
         self.vocab_size = vocab_size
         self.max_position_embeddings = max_position_embeddings
+        self.growth_stage = growth_stage  # the growth stage the weights belong to (None: no growth)
         kwargs.setdefault("use_cache", False)  # generation recomputes; see the module docstring
         kwargs.setdefault("tie_word_embeddings", False)  # ties live in the blueprint (`tie:`)
         super().__init__(**kwargs)
@@ -61,7 +62,7 @@ class PhysLMConfig(PretrainedConfig):
         from physlm_graph.runtime.checkpoint import model_context, model_vocab
 
         return cls(blueprint=cm.blueprint_text, vocab_size=model_vocab(cm), max_position_embeddings=model_context(cm),
-                   architectures=["PhysLMForCausalLM"])
+                   growth_stage=cm.resolved.stage, architectures=["PhysLMForCausalLM"])
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -120,7 +121,7 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
                               "PhysLMConfig.from_compiled(compile_blueprint(...))")
         from physlm_graph._compile import compile_blueprint
 
-        cm = compile_blueprint(config.blueprint, device="cpu")
+        cm = compile_blueprint(config.blueprint, device="cpu", stage=getattr(config, "growth_stage", None))
         self.model = cm.module
         self.__dict__["compiled"] = cm  # the CompiledModel (report, blueprint); not a submodule
         self.__dict__["tokenizer_folder"] = None
@@ -169,6 +170,10 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
             config = PhysLMConfig.from_pretrained(str(folder))
         if not config.blueprint:
             config.blueprint = _read_blueprint(folder)
+        if getattr(config, "growth_stage", None) is None:  # a training run's checkpoint: the stage it reached
+            from physlm_graph.runtime.plan import checkpoint_stage
+
+            config.growth_stage = checkpoint_stage(folder)
         model = cls(config)
         load_weights(model.model, folder, verify=(folder / MANIFEST).is_file())
         if (folder / TOKENIZER / "tokenizer.json").is_file():

@@ -154,9 +154,22 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     seed: int = 1337
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    compile: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
-        "default", description="torch.compile mode with compile on; reduce-overhead replays each step as CUDA graphs")
+    compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = Field(
+        False, description="torch.compile the model and loss: false, or the mode (default, reduce-overhead: each "
+        "step replayed as CUDA graphs, max-autotune, max-autotune-no-cudagraphs); true means default")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _compile_mode_is_compile(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "compile_mode" in data:
+            raise ValueError(f"`compile_mode` is now the value of `compile`: write `compile: {data['compile_mode']}` "
+                             "instead of compile_mode (a mode turns compiling on)")
+        return data
+
+    @field_validator("compile", mode="after")
+    @classmethod
+    def _compile_true_is_default(cls, v: Any) -> Any:
+        return "default" if v is True else v
     fused_loss: bool | Literal["auto"] = Field(
         "auto", description="LM head + cross-entropy as one fused operation (no separate logits pass); auto: on "
         "with compile on a CUDA GPU when the blueprint's logits come straight from a bias-free head.lm; true: "

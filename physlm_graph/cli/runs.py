@@ -30,9 +30,10 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--out", help="run folder for checkpoints and metrics (default: runs/<blueprint name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last (or best) checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                   help="torch.compile mode (implies --compile); reduce-overhead replays each step as CUDA graphs")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "false"],
+                   help="torch.compile the model (train.compile): default, reduce-overhead (each step replayed as "
+                        "CUDA graphs), max-autotune, max-autotune-no-cudagraphs, or false; no MODE: default")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -101,10 +102,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         return launch_torchrun(args.gpus, to_argv(make_parser(), args, drop={"gpus"}))
     out = args.out or str(Path("runs") / Path(args.blueprint).stem)
-    extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("compile_mode", args.compile_mode))
-             if v is not None}
-    if args.compile_mode is not None:
-        args.compile = True
+    extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
+    if args.compile == "false":
+        args.compile = False
     result = train(args.blueprint, data=args.data, tokenizer=args.tokenizer, steps=args.steps,
                    overrides=args.overrides or None, out_dir=out, resume=args.resume, device=args.device,
                    compile=args.compile, seed=args.seed, progress=not args.no_progress, strategy=args.strategy,

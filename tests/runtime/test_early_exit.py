@@ -385,8 +385,8 @@ def test_exit_losses_are_weighted_and_each_is_reported():
     out = cm6.module(x)
     total, parts = exit_losses(cm6, out, y)
     ce = {p: F.cross_entropy(out["exit_logits"][p].reshape(-1, 65), y.reshape(-1)) for p in ("trunk.1", "trunk.3")}
-    assert set(parts) == {"exit.trunk.1", "exit.trunk.3"}
-    assert torch.allclose(parts["exit.trunk.1"], ce["trunk.1"])
+    assert set(parts) == {"exit/trunk.1/ce", "exit/trunk.3/ce"}
+    assert torch.allclose(parts["exit/trunk.1/ce"], ce["trunk.1"])
     assert torch.allclose(total, 2.0 * (0.3 * ce["trunk.1"] + 0.1 * ce["trunk.3"]))
 
 
@@ -401,12 +401,16 @@ def test_trainer_adds_and_logs_exit_losses(tmp_path, capsys):
                 eval_iters=1, log_every=1, warmup=1, progress=False)
     result = t.fit()
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert result["steps"] == 4 and all("exit.trunk.0" in r and math.isfinite(r["exit.trunk.0"]) for r in lines)
+    assert result["steps"] == 4 and all("exit/trunk.0/ce" in r and math.isfinite(r["exit/trunk.0/ce"]) for r in lines)
+    # `loss` is the final head's cross-entropy; the optimized total is `objective`
+    assert all(r["objective"] > r["loss"] for r in lines)
+    w = exit_loss_weights(t.cm)["trunk.0"]
+    assert all(r["objective"] == pytest.approx(r["loss"] + w * r["exit/trunk.0/ce"], rel=1e-5) for r in lines)
     x, y = next(t.batches)
     out = t.model(x)
     total, parts = t.compute_loss(out, y)
     extra, _ = exit_losses(t.cm, out, y)
-    assert torch.allclose(total, parts["ce"] + extra) and "exit.trunk.0" in parts
+    assert torch.allclose(total, parts["loss"] + extra) and "exit/trunk.0/ce" in parts
     _check_commands(tmp_path / "run", data, capsys)
 
 

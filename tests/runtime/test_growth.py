@@ -15,7 +15,6 @@ from torch.nn import functional as F
 from physlm_graph import PhysLMError, compile_blueprint
 from physlm_graph.runtime.growth import (
     GrowthError,
-    GrowthTrainer,
     carry_optimizer_state,
     depth_plan,
     grow,
@@ -89,15 +88,15 @@ def test_function_preserving_growth_keeps_logits(op, where, model):
     assert len(g.new_instances) == 2
     assert (after - before).abs().max().item() <= 1e-6
     if op == "zero_init":
-        assert g.zeroed and not g.masked
+        assert g.prepared and "growth_mask" not in g.model.module.code  # zeroed tensors, no masks
     else:
-        assert len(g.masked) == 4 and not g.zeroed
+        assert len(g.prepared) == 4 and "growth_mask" in g.model.module.code
 
 
 def test_zero_init_zeroes_the_output_projections_only():
     x = torch.randint(0, 64, (1, 8))
     cm, g, _, _ = _grown(TINY, _schedule("zero_init", "end"), x)
-    assert g.zeroed == ["trunk.2.attn.proj.weight", "trunk.2.mlp.proj.weight",
+    assert g.prepared == ["trunk.2.attn.proj.weight", "trunk.2.mlp.proj.weight",
                         "trunk.3.attn.proj.weight", "trunk.3.mlp.proj.weight"]
     sd = g.model.module.state_dict()
     assert sd["trunk.2.attn.qkv.weight"].abs().sum() > 0  # initialised normally, not copied or zeroed
@@ -108,7 +107,7 @@ def test_llama_zero_init_finds_swiglu_w2():
     source, overrides = MODELS["llama-style"]
     x = torch.randint(0, 64, (1, 8))
     _, g, _, _ = _grown(source, {**overrides, **_schedule("zero_init")}, x)
-    assert "trunk.2.ffn.w2.weight" in g.zeroed and "trunk.2.attn.proj.weight" in g.zeroed
+    assert "trunk.2.ffn.w2.weight" in g.prepared and "trunk.2.attn.proj.weight" in g.prepared
 
 
 def test_surviving_weights_follow_their_layer():
@@ -328,13 +327,15 @@ RUN = dict(steps=20, batch_size=2, eval_every=5, eval_iters=1, log_every=5, warm
 
 
 def _train(out: Path, data: Path, **kw):
-    t = GrowthTrainer(TINY, data=str(data), overrides=SHORT, out_dir=out, device="cpu", **{**RUN, **kw})
+    from physlm_graph.runtime.train import Trainer
+
+    t = Trainer(TINY, data=str(data), overrides=SHORT, out_dir=out, device="cpu", **{**RUN, **kw})
     return t, t.fit()
 
 
 def test_training_grows_and_records_the_history(tmp_path, text_file):
     t, result = _train(tmp_path / "a", text_file)
-    assert result["steps"] == 20 and t.stage == 2
+    assert result["steps"] == 20 and t.growth.stage == 2
     state = json.loads((tmp_path / "a" / "last" / "trainer_state.json").read_text())
     assert state["stage"] == 2
     hist = state["growth_history"]
@@ -347,11 +348,13 @@ def test_training_grows_and_records_the_history(tmp_path, text_file):
     metrics = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["stage"]) for m in metrics] == [(5, 0), (10, 1), (15, 2), (20, 2)]
     # re-warmup: the lr at the boundary restarts at 1/(rewarmup + 1) of the schedule
-    from physlm_graph.runtime.train import Trainer
+    from physlm_graph.runtime.optim import lr_at
 
-    t.history = hist[:1]  # as it was in stage 1
-    assert t.lr_at(6) == pytest.approx(Trainer.lr_at(t, 6) / 4)
-    assert t.lr_at(9) == pytest.approx(Trainer.lr_at(t, 9))
+    t.growth.history = hist[:1]  # as it was in stage 1
+    c = t.cfg
+    plain = {s: lr_at(s, lr=c.lr, min_lr=c.min_lr, warmup=c.warmup, steps=c.steps, schedule=c.schedule) for s in (6, 9)}
+    assert t.lr_at(6) == pytest.approx(plain[6] / 4)
+    assert t.lr_at(9) == pytest.approx(plain[9])
 
 
 @pytest.mark.parametrize("stop", [6, 9, 13])  # at a boundary, inside stage 1, inside the mask ramp
@@ -383,13 +386,12 @@ def test_brain_gpt_example_has_the_readme_stages(capsys):
     assert [r["until"] for r in rows] == [5000, 10000, 20000, 30000, "end"]
 
 
-def test_trainer_class_follows_the_blueprint():
-    from physlm_graph.runtime.growth import trainer_class
-    from physlm_graph.runtime.train import Trainer
+def test_the_plan_knows_the_growth_stages():
+    from physlm_graph.runtime.plan import make_plan
 
-    assert trainer_class(TINY) is GrowthTrainer
-    assert trainer_class(ROOT / "blueprints" / "baby-gpt.yaml") is Trainer
-    assert trainer_class(ROOT / "blueprints" / "baby-gpt.yaml", {"growth": SHORT["growth"]}) is GrowthTrainer
+    assert [s.params["layers"] for s in make_plan(TINY).stages] == [1, 2, 3]
+    assert make_plan(ROOT / "blueprints" / "baby-gpt.yaml").stages == []
+    assert len(make_plan(ROOT / "blueprints" / "baby-gpt.yaml", overrides={"growth": SHORT["growth"]}).stages) == 3
 
 
 def test_load_checkpoint_rebuilds_the_recorded_stage(tmp_path, text_file):
@@ -401,9 +403,12 @@ def test_load_checkpoint_rebuilds_the_recorded_stage(tmp_path, text_file):
 
 
 def test_the_trainer_stops_when_growth_changes_the_function(tmp_path, text_file, monkeypatch):
-    import physlm_graph.runtime.growth as growth
+    import dataclasses
 
-    monkeypatch.setattr(growth, "zero_output_projections", lambda cm, inst: [])  # a broken zero_init
+    from physlm_graph._growth_ops import GROWTH_OPS
+
+    broken = dataclasses.replace(GROWTH_OPS["zero_init"], prepare=lambda cm, inst: [])  # zeroes nothing
+    monkeypatch.setitem(GROWTH_OPS, "zero_init", broken)
     with pytest.raises(GrowthError, match="growth into stage 1 by zero_init changed the logits by"):
         _train(tmp_path / "a", text_file)
     t, result = _train(tmp_path / "b", text_file, check_growth=False)
@@ -418,3 +423,22 @@ def test_the_train_command_grows_the_example(tmp_path, text_file):
                  "--no-progress", "--set", "train.batch_size=2"]) == 0
     state = json.loads((out / "last" / "trainer_state.json").read_text())
     assert state["step"] == 25 and state["stage"] == 1 and state["growth_history"][0]["step"] == 20
+
+
+def test_growth_operators_come_from_the_registry():
+    import typing
+
+    from physlm_graph._growth_ops import GROWTH_OPS, growth_op, growth_op_lines, growth_op_names
+    from physlm_graph._schema import GrowOp
+
+    assert set(growth_op_names()) == set(typing.get_args(GrowOp))  # the schema accepts exactly the registered names
+    assert [op.name for op in GROWTH_OPS.values() if op.exact] == ["zero_init", "mask"]
+    assert all(line.split(": ", 1)[1] for line in growth_op_lines())  # each has its doc line
+    with pytest.raises(GrowthError, match="unknown growth operator 'grow_wide'") as err:
+        growth_op("grow_wide")
+    assert "zero_init, mask, stack, interpolate" in str(err.value)
+    doc = (ROOT / "docs" / "growth.md").read_text(encoding="utf-8").split("## The operators")[1].split("\n## ")[0]
+    table = [line.split("`")[1] for line in doc.splitlines() if line.startswith("| `")]
+    assert sorted(table) == sorted(growth_op_names())  # the docs' table lists the registered operators
+    assert depth_plan(2, 4, "stack", "end") == ({0: 0, 1: 1}, {2: 0, 3: 1})
+    assert depth_plan(2, 4, "interpolate", "end") == ({0: 0, 1: 2}, {1: 0, 3: 1})

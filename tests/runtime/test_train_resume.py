@@ -196,7 +196,7 @@ def test_ddp_settings_reach_wrap_model(tmp_path, text_file, monkeypatch):
     """train.ddp_bucket_mb, train.ddp_bucket_view and train.ddp_reduce_dtype are handed to the DDP
     wrapper (defaults 250, true and float32), and the FSDP2 all-gather dtype follows train.dtype (none in fp32, bf16 under
     bf16 autocast); the 2-process tests in test_distributed check what DDP and FSDP do with them."""
-    import physlm_graph.runtime.train as train_mod
+    import physlm_graph.runtime.model_setup as train_mod
 
     seen = []
     real = train_mod.wrap_model
@@ -271,10 +271,11 @@ def test_fused_loss_on_says_why_it_cannot(tmp_path, text_file):
 
 
 def test_compile_mode_reaches_torch_compile(tmp_path, text_file, monkeypatch):
-    """train.compile_mode is handed to torch.compile (model and model+loss), and with
-    reduce-overhead every micro-step starts a new CUDA-graph step; the default passes no mode."""
+    """train.compile's mode is handed to torch.compile (model and model+loss), and with
+    reduce-overhead every micro-step starts a new CUDA-graph step; the default passes no mode;
+    a mode in the blueprint's train: section alone compiles."""
     real = torch.compile
-    for mode, expect in (("reduce-overhead", "reduce-overhead"), ("default", None)):
+    for mode, expect in (("reduce-overhead", "reduce-overhead"), ("default", None), ("blueprint", "max-autotune")):
         seen, marks = [], []
 
         def spy(fn, **kw):
@@ -284,15 +285,18 @@ def test_compile_mode_reaches_torch_compile(tmp_path, text_file, monkeypatch):
         monkeypatch.setattr(torch, "compile", spy)
         monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
         torch._dynamo.reset()
-        _run(tmp_path / mode, text_file, steps=3, eval_every=3, log_every=1, compile=True, compile_mode=mode,
-             accumulate=2)
+        if mode == "blueprint":
+            train(BLUEPRINT, data=str(text_file), overrides={**TINY, "train.compile": "max-autotune"},
+                  out_dir=tmp_path / mode, device="cpu", **{**FAST, "steps": 3, "eval_every": 3, "accumulate": 2})
+        else:
+            _run(tmp_path / mode, text_file, steps=3, eval_every=3, log_every=1, compile=mode, accumulate=2)
         assert seen == [expect, expect]
         assert len(marks) == (3 * 2 if mode == "reduce-overhead" else 0)
     torch._dynamo.reset()
 
 
-def test_compile_mode_flag_implies_compile(monkeypatch):
-    """`train --compile-mode M` turns compile on and sets train.compile_mode (no --compile needed)."""
+def test_compile_flag_takes_the_mode(monkeypatch):
+    """`train --compile M` hands the mode to train(); `--compile` alone is the default mode."""
     import physlm_graph.runtime.train as train_mod
 
     seen = {}
@@ -302,8 +306,18 @@ def test_compile_mode_flag_implies_compile(monkeypatch):
         return {"best_val_loss": None, "steps": 0, "tokens_seen": 0, "wall_s": 0.0, "last": "x", "best": None}
 
     monkeypatch.setattr(train_mod, "train", fake_train)
-    assert main(["train", str(BLUEPRINT), "--data", "x.txt", "--compile-mode", "reduce-overhead", "--no-progress"]) == 0
-    assert seen["compile"] is True and seen["compile_mode"] == "reduce-overhead"
+    assert main(["train", str(BLUEPRINT), "--data", "x.txt", "--compile", "reduce-overhead", "--no-progress"]) == 0
+    assert seen["compile"] == "reduce-overhead"
+    assert main(["train", str(BLUEPRINT), "--data", "x.txt", "--compile", "--no-progress"]) == 0
+    assert seen["compile"] == "default"
+    assert main(["train", str(BLUEPRINT), "--data", "x.txt", "--no-progress"]) == 0
+    assert seen["compile"] is None  # the blueprint's train.compile decides
+
+
+def test_the_old_compile_mode_spelling_is_refused_with_the_new_one(tmp_path, text_file):
+    with pytest.raises(TrainingError, match="compile_mode is now the value of compile") as err:
+        _run(tmp_path / "r", text_file, steps=1, compile_mode="reduce-overhead")
+    assert "compile='reduce-overhead'" in str(err.value)
 
 
 def test_compile_monitor_reports_the_eager_fallback(monkeypatch):

@@ -1,0 +1,210 @@
+"""The run plan: what one training run does, decided once from the compiled blueprint.
+
+    plan = make_plan("blueprints/baby-gpt.yaml", overrides=["layers=4"], steps=2000, compile="default")
+    plan.config.steps, plan.stages, plan.exits, plan.loss_weights   # everything the trainer follows
+    cm, notes = plan.model(vocab=tok.vocab_size, stage=0)          # the model, built for a tokenizer
+
+The blueprint is read once (``compile_blueprint(..., build=False)``: loaded, merged with its
+``extends`` and overrides, checked); the training options are its ``train:`` section with the
+caller's options (``train(steps=...)``, ``--set train.KEY=V``, the CLI's flags) applied. The
+trainer, a resumed run, each torchrun worker and a study's runs all start from a plan, so they
+all honour the same blueprint: its growth stages, exits, extensions and losses. Later models
+(the tokenizer's vocabulary, another growth stage) are compiled from the plan's merged document,
+never from the file again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from physlm_graph._errors import Loc, TrainingError
+from physlm_graph._schema import TrainConfig
+
+__all__ = ["RunPlan", "make_plan", "checkpoint_stage", "vocab_overrides", "normalize_overrides", "TOKENIZER_KINDS"]
+
+TOKENIZER_KINDS = ("bytes", "chars")
+
+
+def normalize_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
+    """``--set``-style overrides (``["layers=2"]`` or a dict) as a dict."""
+    from physlm_graph._merge import parse_override
+
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    return dict(parse_override(o) for o in overrides)
+
+
+def vocab_overrides(doc: dict[str, Any], vocab: int, multiple: int = 1) -> tuple[dict[str, Any], list[str]]:
+    """Overrides that fit a blueprint's ``params.vocab`` to a tokenizer of ``vocab`` ids, rounded up
+    to ``multiple`` (``train.vocab_multiple``). Padding needs the ``logits`` output to come straight
+    from a top-level ``head.lm`` node, whose ``logit_limit`` then gives the padded ids -inf logits;
+    otherwise the vocabulary stays unpadded and a note says why. Returns (overrides, notes)."""
+    params = doc.get("params") or {}
+    if "vocab" not in params:
+        return {}, []
+    padded = -(-vocab // multiple) * multiple
+    out_ref = str((doc.get("outputs") or {}).get("logits", "")).split(".")[0]
+    head = (doc.get("nodes") or {}).get(out_ref)
+    notes = []
+    if padded != vocab and not (isinstance(head, dict) and head.get("use") == "head.lm"):
+        notes.append(f"train.vocab_multiple {multiple} not applied: the logits do not come straight from a "
+                     "top-level head.lm node, which would give the padded ids -inf logits")
+        padded = vocab
+    overrides: dict[str, Any] = {}
+    if params["vocab"] != padded:
+        overrides["params.vocab"] = padded
+        why = f"the tokenizer's {vocab} ids, padded to a multiple of {multiple}" if padded != vocab \
+            else "the tokenizer's vocabulary"
+        notes.append(f"params.vocab set to {padded} ({why}; the blueprint said {params['vocab']})")
+    if padded != vocab:
+        overrides[f"nodes.{out_ref}.logit_limit"] = vocab
+    return overrides, notes
+
+
+def _train_config(base: TrainConfig, updates: dict[str, Any]) -> TrainConfig:
+    """The blueprint's ``train:`` section with the caller's options applied (None: not given)."""
+    updates = {k: v for k, v in updates.items() if v is not None}
+    if "compile_mode" in updates:
+        mode = updates["compile_mode"]
+        raise TrainingError("the training option compile_mode is now the value of compile",
+                            fix=f"pass compile={mode!r} (or --compile {mode}, or `compile: {mode}` under train:)")
+    unknown = sorted(set(updates) - set(TrainConfig.model_fields))
+    if unknown:
+        raise TrainingError(f"unknown training option(s): {', '.join(unknown)}",
+                            fix=f"use {', '.join(TrainConfig.model_fields)}")
+    try:
+        return TrainConfig.model_validate({**base.model_dump(), **updates})
+    except ValidationError as err:
+        msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise TrainingError(f"invalid training option: {msgs}") from None
+
+
+@dataclass
+class RunPlan:
+    """One run's model and options, from one read of the blueprint (see the module docstring)."""
+
+    source: Any  # the blueprint as given: a path (data paths are relative to its folder), YAML text or a dict
+    overrides: dict[str, Any]
+    compiled: Any  # the CompiledModel of the merged, checked blueprint (build=False)
+    config: TrainConfig
+    notes: list[str] = field(default_factory=list)
+
+    # -- what the blueprint asks for
+    @property
+    def blueprint(self) -> dict[str, Any]:
+        """The merged document (extends and overrides applied): what every model is compiled from."""
+        return self.compiled.blueprint
+
+    @property
+    def name(self) -> str:
+        return self.compiled.name
+
+    @property
+    def stages(self) -> list[Any]:
+        """The growth stages (``GrowthStage``); empty without growth."""
+        return list(self.compiled.resolved.spec.growth)
+
+    @property
+    def exits(self) -> list[str]:
+        """The exit points, shallowest first; empty without exits."""
+        return list(self.compiled.resolved.exit_points)
+
+    @property
+    def extensions(self) -> list[str]:
+        return list(self.compiled.resolved.spec.extensions)
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """Each auxiliary loss's weight, by name."""
+        return dict(self.compiled.loss_weights)
+
+    @property
+    def blueprint_dir(self) -> Path | None:
+        src = self.source
+        if isinstance(src, (str, os.PathLike)) and "\n" not in str(src) and Path(src).is_file():
+            return Path(src).resolve().parent
+        return None
+
+    @property
+    def where(self) -> Loc:
+        return Loc(file=str(self.source) if self.blueprint_dir else "<blueprint>")
+
+    # -- what the run reads
+    def data_path(self, given: str | None) -> str:
+        """``--data`` as given (relative to the working folder), else ``train.data`` relative to
+        the blueprint file."""
+        if given is not None:
+            return str(given)
+        spec = self.config.data
+        if spec is None:
+            raise TrainingError("no training data", loc=self.where, fix="pass --data PATH, or set train.data in the blueprint")
+        base = self.blueprint_dir
+        if spec.startswith("hf:") or Path(spec).expanduser().is_absolute() or base is None:
+            return spec
+        if not (base / spec).exists() and Path(spec).exists():
+            self.notes.append(f"train.data {spec!r} is not found next to the blueprint; using it relative to the "
+                              "working folder")
+            return spec
+        return os.path.normpath(base / spec)
+
+    def tokenizer_spec(self, given: str | None) -> str:
+        """``--tokenizer`` as given, else ``train.tokenizer`` (a folder relative to the blueprint)."""
+        spec = given or self.config.tokenizer
+        base = self.blueprint_dir
+        if given is None and base is not None and spec not in TOKENIZER_KINDS and not spec.startswith("bpe:"):
+            if (base / spec).is_dir():
+                return str(base / spec)
+        return spec
+
+    # -- the model
+    def model(self, *, vocab: int, stage: int | None = None, device: str = "cpu") -> tuple[Any, list[str]]:
+        """The model for a tokenizer of ``vocab`` ids (at growth ``stage``), seeded by
+        ``train.seed``, from the merged document; returns (CompiledModel, notes)."""
+        from physlm_graph._compile import compile_blueprint
+
+        from .checkpoint import model_vocab
+
+        extra, notes = vocab_overrides(self.blueprint, vocab, self.config.vocab_multiple)
+        if stage is None and self.stages:
+            stage = 0
+        cm = compile_blueprint(self.blueprint, overrides=extra, stage=stage, seed=self.config.seed, device=device)
+        cm.resolved.doc = self.compiled.resolved.doc  # locations in the source file, for later errors
+        mv = model_vocab(cm)
+        if mv is not None and mv < vocab:
+            raise TrainingError(
+                f"the tokenizer has {vocab} tokens but the model's logits cover {mv}", loc=self.where,
+                fix=f"add `vocab: {vocab}` to params and use ${{vocab}} in the embedding and head, or --set the "
+                "vocab_size of both",
+            )
+        return cm, notes
+
+
+def make_plan(source: str | os.PathLike[str] | dict[str, Any], *, overrides: dict[str, Any] | list[str] | None = None,
+              **train_options: Any) -> RunPlan:
+    """Read and check the blueprint once; apply ``train_options`` (``train:`` keys; None: not
+    given) over its ``train:`` section."""
+    from physlm_graph._compile import compile_blueprint
+
+    ov = normalize_overrides(overrides)
+    compiled = compile_blueprint(source, overrides=ov, build=False)
+    return RunPlan(source=source, overrides=ov, compiled=compiled,
+                   config=_train_config(compiled.train_config, train_options))
+
+
+def checkpoint_stage(folder: str | os.PathLike[str]) -> int | None:
+    """The growth stage a training checkpoint's weights belong to (its ``trainer_state.json``),
+    or None (no growth, or not a training checkpoint): what a loader compiles the blueprint at."""
+    from .checkpoint import _read_json
+
+    path = Path(folder) / "trainer_state.json"
+    if not path.is_file():
+        return None
+    stage = _read_json(path).get("stage")
+    return int(stage) if stage is not None else None
