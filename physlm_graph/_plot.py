@@ -94,7 +94,10 @@ def cmd_plot(args: Any) -> int:
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("plot", help="draw training and validation loss curves of runs (metrics.jsonl)")
     p.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
-    p.add_argument("-o", "--output", required=True, help="curves.png (or .svg, .pdf)")
+    from physlm_graph._cliargs import output_file
+
+    p.add_argument("-o", "--output", required=True, type=output_file(".png", ".svg", ".pdf"),
+                   help="curves.png (or .svg, .pdf)")
     p.add_argument("--log", action="store_true", help="logarithmic loss axis")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_plot)

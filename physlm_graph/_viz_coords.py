@@ -149,10 +149,12 @@ def cmd_viz_coords(args: Any) -> int:
 
 
 def add_commands(sub: Any) -> None:
+    from physlm_graph._cliargs import positive_int
+
     v = sub.add_parser("viz-coords", help="3D view of an NGT checkpoint's token coordinates (self-contained HTML)")
     v.add_argument("checkpoint", help="a checkpoint or run folder")
     v.add_argument("-o", "--output", required=True, help="coords.html")
     v.add_argument("--text", default=None, help="probe text (default: the vocabulary)")
-    v.add_argument("--max-tokens", type=int, default=2048, help="at most this many vocabulary tokens")
+    v.add_argument("--max-tokens", type=positive_int, default=2048, help="at most this many vocabulary tokens")
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=cmd_viz_coords)

@@ -186,6 +186,8 @@ def cmd_components(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from physlm_graph._cliargs import nonnegative_int
+
     p = argparse.ArgumentParser(prog="physlm-graph", description="Compile, train and study LM blueprints.")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks for internal errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -195,7 +197,7 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("blueprint")
     b.add_argument("--set", action="append", metavar="PATH=VALUE", help="override a value (repeatable)")
     b.add_argument("--code", action="store_true", help="print the generated GraphModule code")
-    b.add_argument("--stage", type=int, default=None, help="build this growth stage")
+    b.add_argument("--stage", type=nonnegative_int, default=None, help="build this growth stage")
     b.add_argument("--stages", action="store_true", help="table of all growth stages")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_build)

@@ -35,7 +35,8 @@ from torch.nn import functional as F
 from physlm_graph._errors import CheckpointError, Diagnostic, Loc, RuntimeDataError, TrainingError
 from physlm_graph._schema import TrainConfig
 
-from .checkpoint import _read_json, find_checkpoint, load_weights, model_context, model_vocab, restore_optimizer, save_checkpoint
+from ._schedule_checks import resume_horizon, warmup_note
+from .checkpoint import _read_json, checkpoint_candidates, find_checkpoint, load_weights, model_context, model_vocab, restore_optimizer, save_checkpoint
 from .data import RandomWindows, TokenCache, load_text, split
 from .distributed import barrier, full_state_dict, grad_sync, init_distributed, wrap_model
 from .fused_head import FusedLossModule
@@ -198,6 +199,10 @@ class Trainer:
         the blueprint file."""
         if self.data_arg is not None:
             return str(self.data_arg)
+        if self.resume_from_path is not None:  # the text the resumed run trained on
+            saved = _read_json(self.resume_from_path / "trainer_state.json").get("data")
+            if saved:
+                return str(saved)
         spec = self.cfg.data
         if spec is None:
             raise TrainingError("no training data", loc=Loc(file=str(self.source) if self._blueprint_dir() else "<blueprint>"),
@@ -225,6 +230,10 @@ class Trainer:
         if self.strategy == "fsdp" and self.cfg.ddp_reduce_dtype != "float32":
             raise TrainingError(f"train.ddp_reduce_dtype: {self.cfg.ddp_reduce_dtype} is for DDP; FSDP2 reduce-scatters "
                                 "its gradients in fp32", fix="drop train.ddp_reduce_dtype, or train with --strategy ddp")
+        self.schedule_steps = self.cfg.steps  # a resumed run keeps its saved horizon (restore)
+        note = warmup_note(warmup=self.cfg.warmup, steps=self.cfg.steps, lr=self.cfg.lr)
+        if note:
+            self.notes.append(note)
         self.resume_from_path = self.find_resume() if self.resume else None
         if not self.resume and (self.out_dir / "last").exists():
             raise TrainingError("the output folder already holds a run", loc=Loc(file=str(self.out_dir)),
@@ -246,10 +255,11 @@ class Trainer:
 
     def find_resume(self) -> Path:
         try:
-            return find_checkpoint(self.out_dir)
+            checkpoint_candidates(self.out_dir)
         except CheckpointError:
             raise CheckpointError("--resume: no checkpoint to resume (no last/ or best/ here)",
                                   loc=Loc(file=str(self.out_dir)), fix="drop --resume to start a new run") from None
+        return find_checkpoint(self.out_dir, resume=True)  # a damaged last/ falls back to best/, with a warning
 
     def load_data(self) -> None:
         self.data = self.data_path()
@@ -381,7 +391,7 @@ class Trainer:
     # ------------------------------------------------------------ the step
     def lr_at(self, step: int) -> float:
         c = self.cfg
-        return lr_at(step, lr=c.lr, min_lr=c.min_lr, warmup=c.warmup, steps=c.steps, schedule=c.schedule)
+        return lr_at(step, lr=c.lr, min_lr=c.min_lr, warmup=c.warmup, steps=self.schedule_steps, schedule=c.schedule)
 
     def _fused_split(self) -> tuple[Any, Any] | None:
         """The model split into body and head for the fused head + loss, or None (train.fused_loss)."""
@@ -647,6 +657,9 @@ class Trainer:
             raise CheckpointError(
                 f"the checkpoint holds another model (graph {state.get('blueprint_hash')}; this run builds {self.cm.hash})",
                 loc=Loc(file=str(folder)), fix="resume with the same blueprint and --set overrides, or use another --out")
+        self.schedule_steps, note = resume_horizon(state, steps=self.cfg.steps, schedule=self.cfg.schedule)
+        if note:
+            self.notes.append(note)
         load_weights(self.model, folder)
         restore_optimizer(self.optimizer, folder)
         self.batches.load_state_dict(state["batcher"])
