@@ -93,8 +93,8 @@ def _check_regular(path: Path) -> int:
         raise RuntimeDataError(f"the data is {kind}, not a regular file", loc=loc,
                                fix="save the text to a file and pass that file")
     if st.st_size > MAX_TEXT_BYTES:
-        raise RuntimeDataError(f"the file is {st.st_size / 2**30:.1f} GiB, above the {MAX_TEXT_BYTES / 2**30:.0f} GiB "
-                               "that are read into memory", loc=loc, fix="split it into smaller files and train on part")
+        raise RuntimeDataError(f"the file holds {_size(st.st_size)}, above the {_size(MAX_TEXT_BYTES)} that are read "
+                               "into memory", loc=loc, fix="split it into smaller files and train on part")
     return st.st_size
 
 
@@ -109,11 +109,16 @@ def _read_folder(folder: Path) -> str:
                                loc=Loc(file=str(folder)), fix="put the training text in .txt files, or pass one file")
     total = sum(_check_regular(p) for p in files)
     if total > MAX_TEXT_BYTES:
-        raise RuntimeDataError(f"the folder's text files hold {total / 2**30:.1f} GiB, above the "
-                               f"{MAX_TEXT_BYTES / 2**30:.0f} GiB that are read into memory", loc=Loc(file=str(folder)),
+        raise RuntimeDataError(f"the folder's text files hold {_size(total)}, above the {_size(MAX_TEXT_BYTES)} that "
+                               "are read into memory", loc=Loc(file=str(folder)),
                                fix="train on a part of the folder")
     parts = [_read_text_file(p) for p in files]
     return "".join(t if t.endswith("\n") else t + "\n" for t in parts)
+
+
+def _size(n: int) -> str:
+    unit = next((u for u, k in (("GiB", 30), ("MiB", 20), ("KiB", 10)) if n >= 1 << k), None)
+    return f"{n:,} bytes" if unit is None else f"{n / (1 << {'GiB': 30, 'MiB': 20, 'KiB': 10}[unit]):.1f} {unit}"
 
 
 def _read_text_file(path: Path) -> str:
