@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "finite_float",
+__all__ = ["positive_int", "nonnegative_int", "seed", "positive_float", "nonnegative_float", "finite_float",
            "unit_interval", "device", "output_file", "VALIDATORS"]
 
 
@@ -51,6 +51,14 @@ def nonnegative_int(text: str) -> int:
     value = _int(text, "an integer >= 0")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2**63) (what torch's generators take)."""
+    value = _int(text, "an integer seed in [0, 2**63)")
+    if not 0 <= value < 1 << 63:
+        raise argparse.ArgumentTypeError(f"must be an integer seed in [0, 2**63), got {text!r}")
     return value
 
 
@@ -126,4 +134,4 @@ def output_file(*suffixes: str) -> Callable[[str], str]:
 
 
 #: the validators above by name, for tests that walk every parser
-VALIDATORS = (positive_int, nonnegative_int, positive_float, nonnegative_float, finite_float, unit_interval, device)
+VALIDATORS = (positive_int, nonnegative_int, seed, positive_float, nonnegative_float, finite_float, unit_interval, device)

@@ -513,6 +513,13 @@ def _load_folder(folder: Path, *, device: str | torch.device, verify: bool, toke
     if tokenizer and (folder / TOKENIZER).is_dir():
         from .tokenizers import load_tokenizer
 
-        tok = load_tokenizer(folder / TOKENIZER)
+        try:
+            tok = load_tokenizer(folder / TOKENIZER)
+        except PhysLMError as err:  # a damaged tokenizer/ is a damaged checkpoint (run folders fall back)
+            raise CheckpointError(err.diagnostics) from None
+        vocab = model_vocab(cm)
+        if vocab is not None and tok.vocab_size > vocab:
+            raise CheckpointError(f"the tokenizer has {tok.vocab_size:,} tokens but the model's logits cover {vocab:,}",
+                                  loc=Loc(file=str(folder / TOKENIZER)), fix="the folder was edited: use another checkpoint")
     state = _read_json(folder / STATE) if (folder / STATE).is_file() else None
     return Checkpoint(path=folder, model=cm, config=config, tokenizer=tok, trainer_state=state)

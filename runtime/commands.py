@@ -20,8 +20,8 @@ __all__ = ["add_commands", "cmd_train", "cmd_generate", "cmd_eval", "main"]
 
 def add_commands(subparsers: Any) -> None:
     """Add ``train``, ``generate`` and ``eval`` to an argparse subparsers object."""
-    from physlm_graph._cliargs import (device, finite_float, nonnegative_float, nonnegative_int, positive_float,
-                                       positive_int, unit_interval)
+    from physlm_graph._cliargs import (device, finite_float, nonnegative_float, positive_float, positive_int, seed,
+                                       unit_interval)
 
     p = subparsers.add_parser("train", help="train a blueprint on a text", description="Train a blueprint. "
                               "The blueprint's train: section gives the defaults; these options override them.")
@@ -37,7 +37,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode (implies --compile); reduce-overhead replays each step as CUDA graphs")
-    p.add_argument("--seed", type=nonnegative_int)
+    p.add_argument("--seed", type=seed)
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=positive_float)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -57,7 +57,7 @@ def add_commands(subparsers: Any) -> None:
     g.add_argument("--top-k", type=positive_int)
     g.add_argument("--top-p", type=unit_interval)
     g.add_argument("--repetition-penalty", type=positive_float, default=1.0)
-    g.add_argument("--seed", type=nonnegative_int)
+    g.add_argument("--seed", type=seed)
     g.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (no KV cache)")
     g.add_argument("--device", type=device, default="auto")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")

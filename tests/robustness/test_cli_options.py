@@ -27,6 +27,7 @@ FREE_TEXT = {
 BAD = {
     "positive_int": ["0", "-5", "1.5", "abc", "", "1e3"],
     "nonnegative_int": ["-1", "2.5", "seven"],
+    "seed": ["-1", "9223372036854775808", "99999999999999999999", "1.0"],
     "positive_float": ["0", "-0.1", "nan", "inf", "abc"],
     "nonnegative_float": ["-1", "nan", "-inf", "x"],
     "finite_float": ["nan", "inf", "abc"],
