@@ -301,7 +301,7 @@ def cached_checkpoint(tiny_run):
     return load
 
 
-def _run_cases(n: int, tiny_run: Path, tmp_path: Path, monkeypatch, cached_checkpoint) -> None:
+def _run_cases(cases: range, tiny_run: Path, tmp_path: Path, monkeypatch, cached_checkpoint) -> None:
     import physlm_graph._compile as compile_mod
 
     real_compile, compiled = compile_mod.compile_blueprint, {}
@@ -322,7 +322,7 @@ def _run_cases(n: int, tiny_run: Path, tmp_path: Path, monkeypatch, cached_check
     base = tiny_run / "last"
     text = tiny_run / "text.txt"
     failures, seen, seconds = [], {}, {"checkpoint": 0.0, "data": 0.0, "cli": 0.0}
-    for case in range(n):
+    for case in cases:
         rng = random.Random(case)
         tmp = tmp_path / f"case{case}"
         tmp.mkdir()
@@ -343,6 +343,7 @@ def _run_cases(n: int, tiny_run: Path, tmp_path: Path, monkeypatch, cached_check
             seconds[family] += time.perf_counter() - t0
             if os.environ.get("FUZZ_VERBOSE"):
                 print(f"case {case} {family} {time.perf_counter() - t0:.2f}s {what if 'what' in dir() else ''}")
+    n = len(cases)
     assert not failures, f"{len(failures)} of {n} cases failed:\n" + "\n".join(failures[:8])
     assert len(seen) > 20, seen  # the cases reach many kinds of input and outcomes
     print(f"{n} cases ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}), outcomes: "
@@ -350,9 +351,12 @@ def _run_cases(n: int, tiny_run: Path, tmp_path: Path, monkeypatch, cached_check
 
 
 def test_fuzz_runtime_300(tiny_run, tmp_path, monkeypatch, cached_checkpoint):
-    _run_cases(300, tiny_run, tmp_path, monkeypatch, cached_checkpoint)
+    _run_cases(range(300), tiny_run, tmp_path, monkeypatch, cached_checkpoint)
 
 
 @pytest.mark.slow
-def test_fuzz_runtime_2000(tiny_run, tmp_path, monkeypatch, cached_checkpoint):
-    _run_cases(2000, tiny_run, tmp_path, monkeypatch, cached_checkpoint)
+@pytest.mark.parametrize("chunk", range(8))
+def test_fuzz_runtime_2000(tiny_run, tmp_path, monkeypatch, cached_checkpoint, chunk):
+    """Cases 1,000 to 2,999 (the default test runs 0 to 299), in 8 chunks of 250."""
+    start = 1000 + 250 * chunk
+    _run_cases(range(start, start + 250), tiny_run, tmp_path, monkeypatch, cached_checkpoint)
