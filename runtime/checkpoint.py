@@ -372,9 +372,11 @@ def check_checkpoint(folder: str | Path, *, resume: bool = False) -> None:
     ``resume``, also that its trainer state holds what a resumed run needs."""
     folder = Path(folder)
     _verify(folder)
-    for p in sorted(folder.rglob("*.json")):
-        if p.is_file() and p.parent == folder:
+    for p in sorted(folder.glob("*.json")):
+        if p.is_file():
             _read_json(p)
+    if (folder / TOKENIZER).is_dir():
+        _load_tokenizer(folder / TOKENIZER)
     if resume:
         if not (folder / STATE).is_file():
             raise CheckpointError("no trainer state: this checkpoint cannot be resumed", loc=Loc(file=str(folder / STATE)),
@@ -385,6 +387,15 @@ def check_checkpoint(folder: str | Path, *, resume: bool = False) -> None:
             raise CheckpointError(f"the trainer state lacks {', '.join(f'`{k}`' for k in missing)}, so the run cannot "
                                   "be resumed from it", loc=Loc(file=str(folder / STATE)),
                                   fix="start a new run from it instead")
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    from .tokenizers import load_tokenizer
+
+    try:
+        return load_tokenizer(folder)
+    except PhysLMError as err:  # a damaged tokenizer/ is a damaged checkpoint (run folders fall back)
+        raise CheckpointError(err.diagnostics) from None
 
 
 def _verify(folder: Path) -> None:
@@ -511,12 +522,7 @@ def _load_folder(folder: Path, *, device: str | torch.device, verify: bool, toke
     cm.module.to(device).eval()
     tok = None
     if tokenizer and (folder / TOKENIZER).is_dir():
-        from .tokenizers import load_tokenizer
-
-        try:
-            tok = load_tokenizer(folder / TOKENIZER)
-        except PhysLMError as err:  # a damaged tokenizer/ is a damaged checkpoint (run folders fall back)
-            raise CheckpointError(err.diagnostics) from None
+        tok = _load_tokenizer(folder / TOKENIZER)
         vocab = model_vocab(cm)
         if vocab is not None and tok.vocab_size > vocab:
             raise CheckpointError(f"the tokenizer has {tok.vocab_size:,} tokens but the model's logits cover {vocab:,}",

@@ -233,3 +233,12 @@ def test_gpus_without_gpus_is_refused_unless_cpu_processes_are_asked_for():
     with pytest.raises(PhysLMError, match="no CUDA GPU"):
         check_launch(2, "cuda")
     check_launch(2, "cpu")  # the documented opt-in
+
+
+def test_a_damaged_tokenizer_description_falls_back_too(tiny_run, tmp_path, capsys):
+    run = _copy(tiny_run, tmp_path)
+    path = _rewrite(run / "last", "tokenizer/physlm_tokenizer.json", {"kind": ["bytes"]})
+    assert find_checkpoint(run, resume=True) == run / "best"
+    assert capsys.readouterr().err == (
+        f"warning: the checkpoint {run / 'last'} is damaged, using {run / 'best'} instead:\n"
+        f"  checkpoint error: {path}: unreadable tokenizer description: key `kind`: Input should be a valid string\n")
