@@ -5,6 +5,10 @@ every Linear and Embedding weight N(0, std), biases zero, and the output project
 residual branch N(0, std / sqrt(2 L)) with L the number of block instances (Radford et al.
 2019, "we scale the weights of residual layers at initialization by 1/sqrt(N)").
 
+A component whose initialisation is deliberate (a scorer bias that selects every token, a
+weight mask) defines ``after_init_scheme()``; it runs after any scheme, on every module that
+has it, so the scheme cannot erase what the component relies on.
+
 A residual branch is an input of an ``add`` node inside a block instance whose producer is a
 component of that instance (not the skip path); its output projection is the last Linear of
 that component, in module order, whose output width equals the residual width.
@@ -56,3 +60,8 @@ def apply_init(res: Resolved, modules: dict[str, nn.Module], scheme: str, std: f
     layers = sum(len(v) for v in res.instances.values()) or 1
     for lin in residual_output_projections(res, modules).values():
         nn.init.normal_(lin.weight, mean=0.0, std=std / math.sqrt(2 * layers))
+    for mod in modules.values():
+        for m in mod.modules():
+            keep = getattr(m, "after_init_scheme", None)
+            if callable(keep):
+                keep()

@@ -104,7 +104,8 @@ class Example:
     ``inputs`` maps each port to a shape (float32) or to ``(shape, dtype)``; integer inputs are
     drawn from ``[0, int_high)``. ``no_grad`` lists parameter-name globs that legitimately get
     no gradient in this configuration (an untrainable gate in a ``faithful`` mode, say), each
-    with the reason in ``no_grad_why``.
+    with the reason in ``no_grad_why``. ``probe_training`` runs the causality probe in training
+    mode, for a leak that only training has (a halting step decided from the whole batch).
     """
 
     params: dict[str, Any]
@@ -114,6 +115,7 @@ class Example:
     no_grad_why: str = ""
     seq_dim: int = 1
     atol: float = 1e-5
+    probe_training: bool = False
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import torch
 
 from physlm_graph._errors import CheckpointError, Loc
 
+from ._schedule_checks import resume_horizon
 from .checkpoint import _read_json, load_weights, restore_optimizer, save_checkpoint
 from .distributed import barrier, full_state_dict
 
@@ -182,6 +183,9 @@ def restore_run(t: Any, folder: Path, state: dict[str, Any]) -> None:
         raise CheckpointError(
             f"the checkpoint holds another model (graph {state.get('blueprint_hash')}; this run builds {t.cm.hash})",
             loc=Loc(file=str(folder)), fix="resume with the same blueprint and --set overrides, or use another --out")
+    t.schedule_steps, note = resume_horizon(state, steps=t.cfg.steps, schedule=t.cfg.schedule)
+    if note:
+        t.notes.append(note)
     load_weights(t.model, folder)
     restore_optimizer(t.optimizer, folder)
     t.batches.load_state_dict(state["batcher"])

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,15 @@ from safetensors.torch import load_file, save_file, save_model
 
 from physlm_graph._errors import CheckpointError, Loc, PhysLMError
 
+from ._ckpt_schema import RESUME_KEYS, read_json
+
 __all__ = [
     "Checkpoint",
     "save_checkpoint",
     "load_checkpoint",
     "find_checkpoint",
+    "checkpoint_candidates",
+    "check_checkpoint",
     "restore_optimizer",
     "load_weights",
     "write_manifest",
@@ -142,14 +147,9 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError("file missing from the checkpoint", loc=Loc(file=str(path)),
-                              fix="the checkpoint is incomplete: use another one (last or best)") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"not valid JSON: {err}", loc=Loc(file=str(path)),
-                              fix="the file is damaged: use another checkpoint") from None
+    """A checkpoint JSON file, its shape checked (``_ckpt_schema``): a ``CheckpointError`` names the
+    file and the key at fault."""
+    return read_json(path)
 
 
 # ---------------------------------------------------------------- optimizer state
@@ -205,7 +205,11 @@ def restore_optimizer(opt: torch.optim.Optimizer, folder: str | Path) -> None:
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
         groups.append(g)
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    try:
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"the optimizer state does not fit the optimizer: {err}",
+                              loc=Loc(file=str(folder / OPTIM_META)), fix="the file is damaged: use another checkpoint") from None
 
 
 # ---------------------------------------------------------------- saving
@@ -316,45 +320,103 @@ def save_checkpoint(
 # ---------------------------------------------------------------- loading
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from a checkpoint or a run folder (``last``, then ``best``), accepting
-    a folder left aside by a save that crashed before its rename."""
+def checkpoint_candidates(path: str | Path) -> list[Path]:
+    """The checkpoint folders ``path`` names, in the order to try them: the folder itself, or a run
+    folder's ``last`` then ``best`` (each accepting a folder left aside by a save that crashed
+    before its rename)."""
     path = Path(path)
     if (path / MANIFEST).is_file() or (path / MODEL).is_file():
-        return path
+        return [path]
     aside = path.parent / f".{path.name}.old"
     if not path.exists() and aside.is_dir():
-        return aside
+        return [aside]
+    found = []
     for name in ("last", "best"):
-        sub = path / name
-        if sub.is_dir():
-            return sub
-        if (path / f".{name}.old").is_dir():
-            return path / f".{name}.old"
+        if (path / name).is_dir():
+            found.append(path / name)
+        elif (path / f".{name}.old").is_dir():
+            found.append(path / f".{name}.old")
+    if found:
+        return found
     what = "does not exist" if not path.exists() else "holds no checkpoint (no manifest.json, last/ or best/)"
     raise CheckpointError(f"no checkpoint here: the folder {what}", loc=Loc(file=str(path)),
                           fix="pass a checkpoint folder, or a run folder written by `physlm-graph train --out`")
 
 
+def _warn_fallback(bad: Path, err: CheckpointError, other: Path) -> None:
+    first = str(err).splitlines()[0]
+    print(f"warning: the checkpoint {bad} is damaged, using {other} instead:\n  {first}", file=sys.stderr)
+
+
+def find_checkpoint(path: str | Path, *, resume: bool = False) -> Path:
+    """A checkpoint folder from a checkpoint or a run folder (``last``, then ``best``).
+
+    With ``resume``, each candidate is checked first (``check_checkpoint``): a damaged ``last``
+    falls back to ``best`` with a warning on stderr naming what was wrong."""
+    candidates = checkpoint_candidates(path)
+    if not resume:
+        return candidates[0]
+    for i, folder in enumerate(candidates):
+        try:
+            check_checkpoint(folder, resume=True)
+            return folder
+        except CheckpointError as err:
+            if i + 1 == len(candidates):
+                raise
+            _warn_fallback(folder, err, candidates[i + 1])
+    raise AssertionError("unreachable")
+
+
+def check_checkpoint(folder: str | Path, *, resume: bool = False) -> None:
+    """Verify the manifest and the shape of every JSON file of a checkpoint folder; with
+    ``resume``, also that its trainer state holds what a resumed run needs."""
+    folder = Path(folder)
+    _verify(folder)
+    for p in sorted(folder.glob("*.json")):
+        if p.is_file():
+            _read_json(p)
+    if (folder / TOKENIZER).is_dir():
+        _load_tokenizer(folder / TOKENIZER)
+    if resume:
+        if not (folder / STATE).is_file():
+            raise CheckpointError("no trainer state: this checkpoint cannot be resumed", loc=Loc(file=str(folder / STATE)),
+                                  fix="start a new run from it instead")
+        state = _read_json(folder / STATE)
+        missing = [k for k in RESUME_KEYS if state.get(k) is None]
+        if missing:
+            raise CheckpointError(f"the trainer state lacks {', '.join(f'`{k}`' for k in missing)}, so the run cannot "
+                                  "be resumed from it", loc=Loc(file=str(folder / STATE)),
+                                  fix="start a new run from it instead")
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    from .tokenizers import load_tokenizer
+
+    try:
+        return load_tokenizer(folder)
+    except PhysLMError as err:  # a damaged tokenizer/ is a damaged checkpoint (run folders fall back)
+        raise CheckpointError(err.diagnostics) from None
+
+
 def _verify(folder: Path) -> None:
-    manifest = _read_json(folder / MANIFEST)
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict):
-        raise CheckpointError("the manifest lists no files", loc=Loc(file=str(folder / MANIFEST)),
-                              fix="the checkpoint is damaged: use another one")
+    manifest = _read_json(folder / MANIFEST)  # its shape checked: "files" maps names to {sha256, bytes}
+    files = manifest["files"]
     for name in REQUIRED:
         if name not in files:
             raise CheckpointError("required file not listed in the manifest", loc=Loc(file=str(folder / name)),
                                   fix="the checkpoint is incomplete: use another one")
     for rel, entry in files.items():
         p = folder / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CheckpointError(f"the manifest lists a file outside the checkpoint folder: {rel!r}",
+                                  loc=Loc(file=str(folder / MANIFEST)), fix="the checkpoint is damaged: use another one")
         if not p.is_file():
             raise CheckpointError("file missing from the checkpoint", loc=Loc(file=str(p)),
                                   fix="the checkpoint is incomplete: use another one (last or best)")
-        if p.stat().st_size != entry.get("bytes", p.stat().st_size):
+        if p.stat().st_size != entry["bytes"]:
             raise CheckpointError(f"file is truncated or grown: {p.stat().st_size} bytes, the manifest says "
                                   f"{entry['bytes']}", loc=Loc(file=str(p)), fix="the file is damaged: use another checkpoint")
-        if _sha256(p) != entry.get("sha256"):
+        if _sha256(p) != entry["sha256"]:
             raise CheckpointError("checksum mismatch: the file changed since the checkpoint was written",
                                   loc=Loc(file=str(p)), fix="the file is damaged or was edited: use another checkpoint")
 
@@ -425,10 +487,22 @@ def load_weights(module: torch.nn.Module, path: str | Path, *, verify: bool = Tr
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True,
                     tokenizer: bool = True) -> Checkpoint:
     """Load a checkpoint (or a run folder's last/best): rebuild the model from its blueprint and
-    load its weights. Every problem is a ``CheckpointError`` naming the file."""
+    load its weights. Every problem is a ``CheckpointError`` naming the file; in a run folder a
+    damaged ``last`` falls back to ``best`` with a warning on stderr."""
+    candidates = checkpoint_candidates(path)
+    for i, folder in enumerate(candidates):
+        try:
+            return _load_folder(folder, device=device, verify=verify, tokenizer=tokenizer)
+        except CheckpointError as err:
+            if i + 1 == len(candidates):
+                raise
+            _warn_fallback(folder, err, candidates[i + 1])
+    raise AssertionError("unreachable")
+
+
+def _load_folder(folder: Path, *, device: str | torch.device, verify: bool, tokenizer: bool) -> Checkpoint:
     from physlm_graph._compile import compile_blueprint
 
-    folder = find_checkpoint(path)
     if verify:
         _verify(folder)
     for name in REQUIRED:
@@ -448,8 +522,10 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", ver
     cm.module.to(device).eval()
     tok = None
     if tokenizer and (folder / TOKENIZER).is_dir():
-        from .tokenizers import load_tokenizer
-
-        tok = load_tokenizer(folder / TOKENIZER)
+        tok = _load_tokenizer(folder / TOKENIZER)
+        vocab = model_vocab(cm)
+        if vocab is not None and tok.vocab_size > vocab:
+            raise CheckpointError(f"the tokenizer has {tok.vocab_size:,} tokens but the model's logits cover {vocab:,}",
+                                  loc=Loc(file=str(folder / TOKENIZER)), fix="the folder was edited: use another checkpoint")
     state = _read_json(folder / STATE) if (folder / STATE).is_file() else None
     return Checkpoint(path=folder, model=cm, config=config, tokenizer=tok, trainer_state=state)

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import socket
+import stat
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 TEXT_SUFFIXES = (".txt", ".md", ".raw")
+MAX_TEXT_BYTES = 16 << 30  # all text is held in memory once; beyond this, tokenize into shards first
 DATASET_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 CACHE_FORMAT = 1
 
@@ -75,9 +77,30 @@ def load_text(source: str | Path) -> str:
     if not path.exists():
         raise RuntimeDataError("no such file or folder", loc=Loc(file=spec),
                                fix="check the path; a Hugging Face dataset is written hf:NAME[:CONFIG]")
+    _check_regular(path)
     if path.suffix.lower() in DATASET_BUILDERS and path.suffix.lower() != ".csv":
         return _load_local_dataset(path, spec)
     return _read_text_file(path)
+
+
+def _check_regular(path: Path) -> int:
+    """The size of ``path``, a regular file (following links); a device, FIFO or socket would be
+    read forever or block, so it is refused, as is a file above ``MAX_TEXT_BYTES``."""
+    loc = Loc(file=str(path))
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        raise RuntimeDataError(f"cannot read it: {err.strerror or err}", loc=loc, fix="check the path and its permissions") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a character device" if stat.S_ISCHR(st.st_mode) else "a block device" if stat.S_ISBLK(st.st_mode)
+                else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "not a regular file")
+        raise RuntimeDataError(f"the data is {kind}, not a regular file", loc=loc,
+                               fix="save the text to a file and pass that file")
+    if st.st_size > MAX_TEXT_BYTES:
+        raise RuntimeDataError(f"the file holds {_size(st.st_size)}, above the {_size(MAX_TEXT_BYTES)} that are read "
+                               "into memory", loc=loc, fix="split it into smaller files and train on part")
+    return st.st_size
 
 
 def _read_folder(folder: Path) -> str:
@@ -89,13 +112,27 @@ def _read_folder(folder: Path) -> str:
     if not files:
         raise RuntimeDataError(f"the folder holds no {'/'.join('*' + s for s in TEXT_SUFFIXES)} files",
                                loc=Loc(file=str(folder)), fix="put the training text in .txt files, or pass one file")
+    total = sum(_check_regular(p) for p in files)
+    if total > MAX_TEXT_BYTES:
+        raise RuntimeDataError(f"the folder's text files hold {_size(total)}, above the {_size(MAX_TEXT_BYTES)} that "
+                               "are read into memory", loc=Loc(file=str(folder)),
+                               fix="train on a part of the folder")
     parts = [_read_text_file(p) for p in files]
     return "".join(t if t.endswith("\n") else t + "\n" for t in parts)
 
 
+def _size(n: int) -> str:
+    unit = next((u for u, k in (("GiB", 30), ("MiB", 20), ("KiB", 10)) if n >= 1 << k), None)
+    return f"{n:,} bytes" if unit is None else f"{n / (1 << {'GiB': 30, 'MiB': 20, 'KiB': 10}[unit]):.1f} {unit}"
+
+
 def _read_text_file(path: Path) -> str:
     loc = Loc(file=str(path))
-    data = path.read_bytes()
+    size = _check_regular(path)
+    with open(path, "rb") as f:
+        data = f.read(size + 1)  # bounded: a file that grows while it is read stops at its size
+    if len(data) > size:
+        raise RuntimeDataError("the file grew while it was read", loc=loc, fix="pass a file that is not being written")
     if not data.strip():
         what = "is empty (0 bytes)" if not data else "holds only whitespace"
         raise RuntimeDataError(f"the file {what}", loc=loc, fix="point at a file with training text")
@@ -142,6 +179,8 @@ def _load_hf(rest: str, spec: str) -> str:
     name, _, config = name.partition(":")
     local = Path(name).expanduser()
     if local.exists():
+        if not local.is_dir():
+            _check_regular(local)
         if local.is_file() and DATASET_BUILDERS.get(local.suffix.lower()) is None:
             _read_text_file(local)  # the clear errors (empty, binary, bad UTF-8) before datasets sees it
         return _load_local_dataset(local, spec)

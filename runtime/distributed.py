@@ -176,8 +176,26 @@ def all_mean(value: float, info: DistInfo, device: torch.device) -> float:
     return float(t.item()) / info.world
 
 
-def launch_torchrun(gpus: int, argv: list[str]) -> int:
-    """Re-run this command under torchrun with ``gpus`` processes on this machine."""
+def check_launch(gpus: int, device: str = "auto") -> None:
+    """Refuse ``--gpus N`` that this machine cannot run: N CUDA processes need N GPUs. With
+    ``--device cpu`` the N processes are CPU processes over gloo (for testing)."""
+    from physlm_graph._errors import PhysLMError
+
+    if gpus < 1:
+        raise PhysLMError(f"--gpus must be a positive integer, got {gpus}")
+    if device == "cpu":
+        return
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise PhysLMError(f"--gpus {gpus}: this machine has no CUDA GPU",
+                          fix="drop --gpus, or add --device cpu to run that many CPU processes over gloo (for testing)")
+    if gpus > n:
+        raise PhysLMError(f"--gpus {gpus}: this machine has {n} CUDA GPU(s)", fix=f"use --gpus {n} or fewer")
+
+
+def launch_torchrun(gpus: int, argv: list[str], *, device: str = "auto") -> int:
+    """Re-run this command under torchrun with ``gpus`` processes on this machine (see ``check_launch``)."""
+    check_launch(gpus, device)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
            "-m", "physlm_graph", *argv]
     return subprocess.call(cmd)

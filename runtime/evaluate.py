@@ -81,6 +81,11 @@ def evaluate(
     T = seq_len or context or 1024
     if context is not None and T > context:
         raise RuntimeDataError(f"seq_len {T} is longer than the model's context {context}", fix=f"use --seq-len {context} or less")
+    if T < 1 or batch_size < 1 or (stride is not None and not 1 <= stride <= T):
+        bad = ("--seq-len", T, "a positive integer") if T < 1 else ("--batch-size", batch_size, "a positive integer") \
+            if batch_size < 1 else ("--stride", stride, f"between 1 and the window length {T}")
+        raise RuntimeDataError(f"{bad[0]} {bad[1]}: expected {bad[2]}",
+                               fix=f"pass {bad[0]} {T if bad[0] == '--stride' else 8}, or leave it out for the default")
     windows = strided_windows(tokens, T, stride or T)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

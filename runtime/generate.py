@@ -26,7 +26,28 @@ from physlm_graph._registry import REGISTRY
 
 from .checkpoint import Checkpoint, load_checkpoint, model_context
 
-__all__ = ["generate", "can_cache", "sample_next"]
+__all__ = ["generate", "can_cache", "sample_next", "NonFiniteLogits"]
+
+
+class NonFiniteLogits(PhysLMError):
+    """The model produced NaN or +inf logits (or -inf everywhere): nothing can be sampled from them."""
+
+    stage = "generate"
+
+    def __init__(self, where: str | None = None) -> None:
+        super().__init__("the model's logits are not finite (NaN or inf), so no token can be chosen"
+                         + (f": {where}" if where else ""),
+                         fix="use another checkpoint (a run folder's best/), or retrain it with a lower learning rate")
+
+
+def nonfinite_parameter(module: torch.nn.Module) -> str | None:
+    """The first parameter or buffer holding NaN or inf, with how much of it does, else None."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_floating_point() and t.numel():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return f"weight {name} holds {bad:,} NaN/inf values of {t.numel():,}"
+    return None
 
 
 def can_cache(cm: Any) -> bool:
@@ -59,6 +80,8 @@ def sample_next(
     generator: torch.Generator | None,
 ) -> Tensor:
     """Pick the next token of each row from ``logits`` (B, V); ``seen`` (B, S) is the sequence so far."""
+    if bool(logits.isnan().any() | logits.isposinf().any() | logits.isneginf().all(dim=-1).any()):
+        raise NonFiniteLogits()  # -inf alone is a masked id (a padded vocabulary), not a fault
     logits = logits.float().clone()  # (B, V)
     if repetition_penalty != 1.0:  # CTRL (Keskar et al. 2019): shrink the logits of seen tokens
         prev = logits.gather(1, seen)  # (B, S)
@@ -106,6 +129,10 @@ def generate(
         raise PhysLMError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise PhysLMError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise PhysLMError(f"repetition_penalty must be > 0, got {repetition_penalty}", fix="use 1.0 for none")
+    if max_new_tokens < 1:
+        raise PhysLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     cm = _as_compiled(model_or_ckpt, device)
     module = cm.module
     dev = next(module.parameters()).device if device is None else torch.device(device)
@@ -128,6 +155,8 @@ def generate(
             ids = _run_cached(module, ids, max_new_tokens, context, pick, eos_id, on_token)
         else:
             ids = _run_full(module, ids, max_new_tokens, context, pick, eos_id, on_token)
+    except NonFiniteLogits:
+        raise NonFiniteLogits(nonfinite_parameter(module)) from None
     finally:
         module.train(was_training)
     return ids[0].tolist() if flat else ids

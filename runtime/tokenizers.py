@@ -336,14 +336,47 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     )
 
 
+def _description(path: Path) -> dict:
+    """The tokenizer description, its shape checked: kind, name, fingerprint and (chars) the
+    distinct characters."""
+    from pydantic import BaseModel, ConfigDict, ValidationError
+
+    class Description(BaseModel):
+        model_config = ConfigDict(strict=True, extra="allow")
+        kind: str
+        name: str | None = None
+        fingerprint: str | None = None
+        chars: list[str] | None = None
+
+    def bad(why: str) -> RuntimeDataError:
+        return RuntimeDataError(f"unreadable tokenizer description: {why}", loc=Loc(file=str(path)),
+                                fix="save the tokenizer again, or use another checkpoint")
+
+    try:
+        if path.stat().st_size > 64 << 20:
+            raise bad("larger than 64 MiB")
+        desc = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise bad("JSON nested too deeply") from None
+    except (ValueError, OSError) as err:
+        raise bad(str(err)) from None
+    if not isinstance(desc, dict):
+        raise bad(f"expected a JSON object, got {type(desc).__name__}")
+    try:
+        Description.model_validate(desc)
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise bad(f"key `{'.'.join(map(str, e['loc']))}`: {e['msg']}") from None
+    if desc["kind"] == "chars" and (desc.get("chars") is None or len(set(desc["chars"])) != len(desc["chars"])
+                                    or any(len(c) != 1 for c in desc["chars"])):
+        raise bad("key `chars`: expected a list of distinct single characters")
+    return desc
+
+
 def _load_described(folder: Path) -> Tokenizer:
     path = folder / DESCRIPTION
-    try:
-        desc = json.loads(path.read_text(encoding="utf-8"))
-        kind = desc["kind"]
-    except (ValueError, KeyError) as err:
-        raise RuntimeDataError(f"unreadable tokenizer description: {err}", loc=Loc(file=str(path)),
-                               fix="save the tokenizer again") from None
+    desc = _description(path)
+    kind = desc["kind"]
     if kind == "bytes":
         tok: Tokenizer = ByteTokenizer()
     elif kind == "chars":

@@ -34,7 +34,8 @@ from physlm_graph._errors import CheckpointError, Diagnostic, Loc, RuntimeDataEr
 
 from ._progress import CompileMonitor, Metrics, Progress
 from .cadence import CheckpointCadence, Interrupts, read_state, restore_run, rng_state, save_run, set_rng_state, trainer_state
-from .checkpoint import find_checkpoint
+from ._schedule_checks import warmup_note
+from .checkpoint import checkpoint_candidates, find_checkpoint
 from .data import RandomWindows, TokenCache, load_text, split
 from .distributed import grad_sync, init_distributed
 from .growth_part import GrowthPart
@@ -149,6 +150,10 @@ class Trainer:
             from .growth import check_schedule
 
             check_schedule(self.plan.compiled)
+        self.schedule_steps = self.cfg.steps  # a resumed run keeps its saved horizon (restore_run)
+        note = warmup_note(warmup=self.cfg.warmup, steps=self.cfg.steps, lr=self.cfg.lr)
+        if note:
+            self.notes.append(note)
         self.resume_from_path = self.find_resume() if self.resume else None
         if not self.resume and (self.out_dir / "last").exists():
             raise TrainingError("the output folder already holds a run", loc=Loc(file=str(self.out_dir)),
@@ -174,15 +179,19 @@ class Trainer:
 
     def find_resume(self) -> Path:
         try:
-            return find_checkpoint(self.out_dir)
+            checkpoint_candidates(self.out_dir)
         except CheckpointError:
             raise CheckpointError("--resume: no checkpoint to resume (no last/ or best/ here)",
                                   loc=Loc(file=str(self.out_dir)), fix="drop --resume to start a new run") from None
+        return find_checkpoint(self.out_dir, resume=True)  # a damaged last/ falls back to best/, with a warning
 
     def load_data(self) -> None:
         from .tokenizers import load_tokenizer, make_tokenizer
 
-        self.data = self.plan.data_path(self.data_arg)
+        saved = None
+        if self.data_arg is None and self.resume_from_path is not None:  # the text the resumed run trained on
+            saved = (read_state(self.resume_from_path) or {}).get("data")
+        self.data = self.plan.data_path(self.data_arg if saved is None else str(saved))
         text = load_text(self.data)
         if self.resume_from_path is not None and (self.resume_from_path / "tokenizer").is_dir():
             self.tokenizer = load_tokenizer(self.resume_from_path / "tokenizer")
@@ -222,7 +231,7 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         """The schedule's learning rate at ``step``, times each part's factor (growth's re-warmup)."""
         c = self.cfg
-        lr = lr_at(step, lr=c.lr, min_lr=c.min_lr, warmup=c.warmup, steps=c.steps, schedule=c.schedule)
+        lr = lr_at(step, lr=c.lr, min_lr=c.min_lr, warmup=c.warmup, steps=self.schedule_steps, schedule=c.schedule)
         for part in self.parts:
             scale = part.lr_scale(step)
             if scale != 1.0:

@@ -1,4 +1,4 @@
-"""attention.resonance: QLLM's iterative ResonanceAttention (sschepis/qllm @ 6a5cb1a, causal)."""
+"""attention.resonance: QLLM's iterative ResonanceAttention (sschepis/qllm @ 6a5cb1a; fixed mode is causal)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ class ResonanceAttention(nn.Module):
     attention weights (before dropout), over batch, heads and rows. The original meant to add
     0.01 x this to the loss (§4.7) but never did; weight it in a blueprint's ``losses:``.
 
-    ``mode="faithful"`` (default: the code as published, causal):
+    ``mode="faithful"`` (default: the code as published; declared non-causal, see the leak below,
+    so a blueprint must say ``allow_leak: true`` on its node):
 
     - **bug (self-comparison):** the "previous" weights are overwritten with A_t before the
       cosine check, so the check compares dropout(A_t) with A_t. In eval it is 1: the loop always
@@ -208,17 +209,21 @@ class ResonanceParams(ComponentParams):
     "attention.resonance",
     params=ResonanceParams,
     outputs=("out", "entropy"),
+    causal=lambda p: p.mode != "faithful",
     flags=(
+        "leaks-future in training: the halting step depends on later tokens (faithful)",
         "self-comparison halting: 1 iteration in eval, many in training (faithful)",
         "dead resonance_bias (faithful)",
         "training-time halting depends on later tokens and batch-mates (faithful)",
     ),
     examples=[
         Example(
-            # 0.99: training never halts by the noisy self-comparison, so the last iteration is
-            # t = N - 1 and phi gets a gradient (delta = 0 at t = 0); eval still stops at t = 0.
-            {"num_heads": 2, "convergence_threshold": 0.99},
+            # 0.99: training never halts by the noisy self-comparison, only by the entropy (1.0):
+            # it stops at t = 2 here, so phi gets a gradient (delta = 0 at t = 0), and the step
+            # depends on later tokens, which the probe in training mode sees (eval stops at t = 0).
+            {"num_heads": 2, "convergence_threshold": 0.99, "entropy_threshold": 1.0},
             {"x": (2, 8, 16)},
+            probe_training=True,
             no_grad=("resonance_bias",),
             no_grad_why="constant along each softmax row, it cancels (a dead parameter of the original)",
         ),

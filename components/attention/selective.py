@@ -67,10 +67,15 @@ class SelectiveAttention(nn.Module):
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
         self.proj = nn.Linear(embed_dim, embed_dim, bias=False)
         self.residual_weight = nn.Parameter(torch.ones(1))
-        if mode == "fixed":
-            # Start with (nearly) every token selected: an unselected token sends no gradient
-            # to the scorer, so a layer that selected nothing at init would stay dead.
-            nn.init.constant_(self.score_out.bias, math.log(threshold / (1 - threshold)) + 1.0)
+        self.after_init_scheme()
+
+    @torch.no_grad()
+    def after_init_scheme(self) -> None:
+        """The deliberate init, kept under a blueprint's ``init:`` scheme (``physlm_graph/_init.py``).
+        Fixed mode starts with (nearly) every token selected: an unselected token sends no
+        gradient to the scorer, so a layer that selected nothing at init would stay dead."""
+        if self.mode == "fixed":
+            nn.init.constant_(self.score_out.bias, math.log(self.threshold / (1 - self.threshold)) + 1.0)
 
     def importance(self, u: Tensor) -> Tensor:
         return torch.sigmoid(self.score_out(F.relu(self.score_fc(u)))).squeeze(-1)  # (B, T)

@@ -57,8 +57,12 @@ class PrimeMaskedFeedForward(nn.Module):
         self.proj = nn.Linear(hidden_dim, embed_dim)  # W2 (D, F), b2
         self.drop = nn.Dropout(dropout)
         self.register_buffer("mask", prime_resonance_mask(hidden_dim, embed_dim, primes).to(self.fc.weight.dtype))
-        with torch.no_grad():
-            self.fc.weight.mul_(self.mask)
+        self.after_init_scheme()
+
+    @torch.no_grad()
+    def after_init_scheme(self) -> None:
+        """Masked weights are zero at build, also after a blueprint's ``init:`` scheme redrew W1."""
+        self.fc.weight.mul_(self.mask)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "faithful":

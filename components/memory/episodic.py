@@ -124,13 +124,19 @@ class EpisodicMemory(nn.Module):
 
     @torch.no_grad()
     def write(self, h: Tensor) -> None:
+        # In float32 whatever the autocast: the blend accumulates with index_add, which takes
+        # one dtype, and a bf16 blend would round small updates of the store away.
+        with torch.autocast(h.device.type, enabled=False):
+            self._write(h)
+
+    def _write(self, h: Tensor) -> None:
         B, T, D = h.shape
         pos = torch.randperm(T, device=h.device)[: self.write_positions]  # (n,)
-        h = h[:, pos].reshape(-1, D)  # (N, D)
-        k_new, v_new = self.key_proj(h), self.value_proj(h)  # (N, D)
-        cos = F.normalize(k_new, dim=-1) @ F.normalize(self.keys, dim=-1).T  # (N, M)
+        h = h[:, pos].reshape(-1, D).to(self.key_proj.weight.dtype)  # (N, D)
+        k_new, v_new = self.key_proj(h).float(), self.value_proj(h).float()  # (N, D)
+        cos = F.normalize(k_new, dim=-1) @ F.normalize(self.keys.float(), dim=-1).T  # (N, M)
         sim, slot = cos.topk(self.write_slots, dim=-1)  # (N, s)
-        alpha = (self.eta.detach() * torch.sigmoid(sim)).clamp(0.0, 1.0).flatten()  # (N s,)
+        alpha = (self.eta.detach().float() * torch.sigmoid(sim)).clamp(0.0, 1.0).flatten()  # (N s,)
         slot = slot.flatten()  # (N s,)
         row = torch.arange(h.shape[0], device=h.device).repeat_interleave(self.write_slots)  # (N s,)
         M = self.keys.shape[0]
@@ -140,7 +146,7 @@ class EpisodicMemory(nn.Module):
         def blend(store: Tensor, new: Tensor) -> Tensor:
             new = (alpha[:, None] * new[row]).float()  # (N s, D)
             target = torch.zeros(store.shape, device=h.device).index_add(0, slot, new) / mass[:, None]
-            return (keep[:, None] * store + (1 - keep[:, None]) * target).to(store.dtype)  # (M, D)
+            return (keep[:, None] * store.float() + (1 - keep[:, None]) * target).to(store.dtype)  # (M, D)
 
         # out of place: this forward's read saved K for backward (fixed mode trains through it)
         self.keys = blend(self.keys, k_new)

@@ -20,7 +20,7 @@ class TopKMoE(nn.Module):
 
         p      = softmax(W_r x)                       (E)
         (w, e) = top_k(p)                             k weights and experts
-        w      = w / sum w                            if normalize_weights
+        w      = w / sum w                            if normalize_weights (k >= 2)
         out    = sum_j w_j * Expert_{e_j}(x)          Expert = Linear(D,H) -> GELU -> Linear(H,D)
 
     Shapes: x (B, T, D) -> out (B, T, D), balance (), z_loss (). ``balance`` is the Switch
@@ -38,6 +38,9 @@ class TopKMoE(nn.Module):
 
     Experts are stacked (E, D, H) / (E, H, D) weights, dispatched by sorting assignments by
     expert: ``torch._grouped_mm`` on CUDA bf16, else a padded (E, C, D) ``baddbmm``.
+
+    With k = 1 the weight is the router probability itself (Switch): renormalising a single
+    weight makes it 1 and cuts the router off from the main loss, so that is refused.
     """
 
     def __init__(
@@ -89,13 +92,25 @@ class TopKMoEParams(ComponentParams):
         description="None: dropless; a float cf: each expert takes at most ceil(cf * B * T * k / E) "
         "assignments and drops the rest",
     )
-    normalize_weights: bool = Field(True, description="renormalise the k router probabilities to sum to 1")
+    normalize_weights: bool | None = Field(
+        None,
+        description="renormalise the k router probabilities to sum to 1; default: yes for top_k >= 2, no for "
+        "top_k 1 (one renormalised weight is always 1 and the router would get no gradient from the main loss)",
+    )
 
     @model_validator(mode="after")
     def _k_fits(self) -> TopKMoEParams:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if self.top_k == 1 and self.normalize_weights:
+            raise ValueError("normalize_weights: true with top_k: 1 makes every expert weight 1, so the router gets "
+                             "no gradient from the main loss; leave normalize_weights out (with top_k 1 the expert "
+                             "output is scaled by its router probability, as in Switch) or use top_k >= 2")
         return self
+
+    @property
+    def normalize(self) -> bool:
+        return self.top_k > 1 if self.normalize_weights is None else self.normalize_weights
 
 
 @register(
@@ -116,5 +131,5 @@ def build_topk_moe(p: TopKMoEParams, ins: Inputs) -> TopKMoE:
         top_k=p.top_k,
         hidden_dim=p.hidden_dim,
         capacity_factor=p.capacity_factor,
-        normalize_weights=p.normalize_weights,
+        normalize_weights=p.normalize,
     )

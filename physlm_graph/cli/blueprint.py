@@ -180,11 +180,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
+    from physlm_graph._cliargs import nonnegative_int
+
     b = sub.add_parser("build", help="compile a blueprint and print its node table")
     b.add_argument("blueprint")
     b.add_argument("--set", action="append", metavar="PATH=VALUE", help="override a value (repeatable)")
     b.add_argument("--code", action="store_true", help="print the generated GraphModule code")
-    b.add_argument("--stage", type=int, default=None, help="build this growth stage")
+    b.add_argument("--stage", type=nonnegative_int, default=None, help="build this growth stage")
     b.add_argument("--stages", action="store_true", help="table of all growth stages")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_build)

@@ -19,26 +19,30 @@ __all__ = ["add_commands", "cmd_train", "cmd_generate", "cmd_eval"]
 
 def add_commands(subparsers: Any) -> None:
     """Add ``train``, ``generate`` and ``eval`` to an argparse subparsers object."""
+    from physlm_graph._cliargs import (device, finite_float, nonnegative_float, positive_float, positive_int, seed,
+                                       unit_interval)
+
     p = subparsers.add_parser("train", help="train a blueprint on a text", description="Train a blueprint. "
                               "The blueprint's train: section gives the defaults; these options override them.")
     p.add_argument("blueprint", help="blueprint YAML file")
     p.add_argument("--data", help="training text: a file, a folder, or hf:NAME (default: train.data)")
     p.add_argument("--tokenizer", help="bytes, chars, bpe:N or a tokenizer folder (default: train.tokenizer)")
-    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--steps", type=positive_int, help="optimizer steps")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=V",
                    help="override a blueprint value (repeatable), e.g. --set layers=4 or --set train.warmup=50")
     p.add_argument("--out", help="run folder for checkpoints and metrics (default: runs/<blueprint name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last (or best) checkpoint")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "false"],
                    help="torch.compile the model (train.compile): default, reduce-overhead (each step replayed as "
                         "CUDA graphs), max-autotune, max-autotune-no-cudagraphs, or false; no MODE: default")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=seed)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--lr", type=positive_float)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--gpus", type=int, help="train on N GPUs of this machine (launches torchrun)")
+    p.add_argument("--gpus", type=positive_int, help="train on N GPUs of this machine (launches torchrun); with "
+                   "--device cpu, N CPU processes over gloo (for testing)")
     p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
                    help="with several GPUs: DDP (replicated) or FSDP2 (sharded, for models that do not fit)")
     p.set_defaults(fn=cmd_train)
@@ -48,21 +52,21 @@ def add_commands(subparsers: Any) -> None:
     how = g.add_mutually_exclusive_group(required=True)
     how.add_argument("--prompt", help="the text to continue")
     how.add_argument("--interactive", action="store_true", help="read prompts from the terminal until EOF")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--max-new-tokens", type=positive_int, default=200)
+    g.add_argument("--temperature", type=nonnegative_float, default=0.8, help="0 is greedy")
+    g.add_argument("--top-k", type=positive_int)
+    g.add_argument("--top-p", type=unit_interval)
+    g.add_argument("--repetition-penalty", type=positive_float, default=1.0)
+    g.add_argument("--seed", type=seed)
     g.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (no KV cache)")
-    g.add_argument("--device", default="auto")
+    g.add_argument("--device", type=device, default="auto")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    g.add_argument("--exit-threshold", type=float, help="early exit: leave at the first exit whose rule reaches T")
+    g.add_argument("--exit-threshold", type=finite_float, help="early exit: leave at the first exit whose rule reaches T")
     g.add_argument("--exit-rule", choices=["top1", "margin", "entropy", "saturation"], help="early exit rule (default: the blueprint's)")
     g.add_argument("--exit-kv", choices=["lazy", "propagate"],
                    help="early exit: fill skipped layers' KV caches exactly, later (lazy, default) or from the exit "
                         "state (propagate: CALM, saves compute, approximate)")
-    g.add_argument("--speculate", type=int, metavar="K",
+    g.add_argument("--speculate", type=positive_int, metavar="K",
                    help="self-speculative greedy decoding: draft K tokens per round from an exit, verify them with "
                         "the rest of the model (output = full depth's greedy decoding; needs --temperature 0)")
     g.add_argument("--draft-exit", help="the exit that drafts for --speculate: an exit point (e.g. trunk.1) or its "
@@ -72,12 +76,12 @@ def add_commands(subparsers: Any) -> None:
     e = subparsers.add_parser("eval", help="perplexity of a checkpoint on a text")
     e.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its last, else best)")
     e.add_argument("--data", required=True, help="the text: a file, a folder, or hf:NAME")
-    e.add_argument("--seq-len", type=int, help="window length (default: the model's context)")
-    e.add_argument("--stride", type=int, help="distance between windows (default: seq-len)")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--device", default="auto")
+    e.add_argument("--seq-len", type=positive_int, help="window length (default: the model's context)")
+    e.add_argument("--stride", type=positive_int, help="distance between windows (default: seq-len)")
+    e.add_argument("--batch-size", type=positive_int, default=8)
+    e.add_argument("--device", type=device, default="auto")
     e.add_argument("--json", action="store_true")
-    e.add_argument("--exit-threshold", type=float, help="score under the early-exit policy at threshold T")
+    e.add_argument("--exit-threshold", type=finite_float, help="score under the early-exit policy at threshold T")
     e.add_argument("--exit-rule", choices=["top1", "margin", "entropy", "saturation"], help="early exit rule (default: the blueprint's)")
     e.set_defaults(fn=cmd_eval)
 
@@ -100,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from physlm_graph.cli import make_parser, to_argv
         from physlm_graph.runtime.distributed import launch_torchrun
 
-        return launch_torchrun(args.gpus, to_argv(make_parser(), args, drop={"gpus"}))
+        return launch_torchrun(args.gpus, to_argv(make_parser(), args, drop={"gpus"}), device=args.device)
     out = args.out or str(Path("runs") / Path(args.blueprint).stem)
     extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     if args.compile == "false":

@@ -53,6 +53,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
+    from physlm_graph._cliargs import device
+
     d = sub.add_parser("diff", help="what changed between two compiled models (exit 1 when they differ)")
     d.add_argument("a", metavar="A.yaml")
     d.add_argument("b", metavar="B.yaml")
@@ -63,7 +65,7 @@ def add_commands(sub: Any) -> None:
     a = sub.add_parser("ablate", help="train every variant x seed of a study; write results.md/csv/png")
     a.add_argument("study", metavar="STUDY.yaml")
     a.add_argument("--out", default=None, help="output folder (default runs/ablate/STUDY)")
-    a.add_argument("--device", default="auto", help="auto (CUDA when present; one process per GPU), cpu, cuda, cuda:N")
+    a.add_argument("--device", type=device, default="auto", help="auto (CUDA when present; one process per GPU), cpu, cuda, cuda:N")
     a.add_argument("--no-progress", action="store_true", help="no progress bars")
     a.add_argument("--json", action="store_true")
     a.set_defaults(fn=cmd_ablate)

@@ -87,6 +87,8 @@ def cmd_viz_coords(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
+    from physlm_graph._cliargs import output_file, positive_int
+
     v = sub.add_parser("viz", help="draw a blueprint's graph as self-contained HTML or SVG (offline)")
     v.add_argument("blueprint")
     v.add_argument("-o", "--output", required=True, help="graph.html or graph.svg")
@@ -96,7 +98,8 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("plot", help="draw training and validation loss curves of runs (metrics.jsonl)")
     p.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
-    p.add_argument("-o", "--output", required=True, help="curves.png (or .svg, .pdf)")
+    p.add_argument("-o", "--output", required=True, type=output_file(".png", ".svg", ".pdf"),
+                   help="curves.png (or .svg, .pdf)")
     p.add_argument("--log", action="store_true", help="logarithmic loss axis")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_plot)
@@ -105,6 +108,6 @@ def add_commands(sub: Any) -> None:
     c.add_argument("checkpoint", help="a checkpoint or run folder")
     c.add_argument("-o", "--output", required=True, help="coords.html")
     c.add_argument("--text", default=None, help="probe text (default: the vocabulary)")
-    c.add_argument("--max-tokens", type=int, default=2048, help="at most this many vocabulary tokens")
+    c.add_argument("--max-tokens", type=positive_int, default=2048, help="at most this many vocabulary tokens")
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_viz_coords)

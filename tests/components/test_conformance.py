@@ -79,7 +79,7 @@ def test_gradients_reach_parameters(info, i):
 def test_causality_matches_declaration(info, i):
     ex = info.examples[i]
     mod = build_example(info, ex)
-    mod.eval()
+    mod.train(ex.probe_training)
     params = info.params.model_validate(ex.params)
     leak = causality_leak(mod, ex)
     if info.is_causal(params):

@@ -201,3 +201,18 @@ def test_meta_forward():
     m = build_example(REGISTRY.get("memory.episodic"), Example({"memory_size": 12, "top_k": 3}, {"x": (2, 6, D)}), "meta")
     m.train()
     assert m(torch.empty(2, 6, D, device="meta")).shape == (2, 6, D)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "faithful"])
+def test_trains_and_writes_under_cpu_bf16_autocast(mode):
+    """The write blends in float32 whatever the autocast (index_add takes one dtype): a bf16
+    training step of the default (fixed) mode runs, writes the store and gets gradients."""
+    torch.manual_seed(0)
+    mod = build(mode=mode, write_positions=4).train(mode == "fixed")
+    before = mod.keys.detach().clone()
+    x = torch.randn(2, 6, D, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mod(x)
+    y.float().square().mean().backward()
+    assert torch.isfinite(y.float()).all() and torch.isfinite(x.grad).all()
+    assert mod.keys.dtype == torch.float32 and not torch.equal(mod.keys.detach(), before)

@@ -204,3 +204,18 @@ def test_stacked_experts_train_mode_gradients_match_loop():
     _topk_reference(mod, x).square().sum().backward()
     torch.testing.assert_close(got[0], mod.experts.w1.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got[1], x.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_topk_one_expert_weights_by_router_probability_and_router_learns():
+    """top_k 1: the weight is the router probability (not renormalised to 1), so the router gets a
+    gradient from the output; asking to renormalise it is refused with the fix."""
+    params = REGISTRY.get("moe.topk").params
+    assert params.model_validate({"num_experts": 4, "top_k": 1, "hidden_dim": 16}).normalize is False
+    assert params.model_validate({"num_experts": 4, "top_k": 2, "hidden_dim": 16}).normalize is True
+    with pytest.raises(ValidationError, match="normalize_weights: true with top_k: 1 makes every expert weight 1"):
+        params.model_validate({"num_experts": 4, "top_k": 1, "hidden_dim": 16, "normalize_weights": True})
+    mod = _topk({"top_k": 1})
+    assert mod.normalize_weights is False
+    out, _, _ = mod(torch.randn(2, 9, 8))
+    out.square().sum().backward()  # the main loss only: no balance or z-loss
+    assert mod.router.weight.grad is not None and mod.router.weight.grad.abs().sum() > 0

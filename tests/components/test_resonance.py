@@ -145,3 +145,30 @@ def test_num_heads_must_divide_width():
     with pytest.raises(ComponentError) as err:
         build({"num_heads": 5})
     assert err.value.param == "num_heads"
+
+
+def test_faithful_is_declared_leaking_because_training_halting_sees_later_tokens():
+    """The faithful halting step is one number per batch from full T x T matrices: in training,
+    earlier outputs move when later tokens change, so the mode is declared non-causal and the
+    leak guard asks qllm.yaml for allow_leak."""
+    assert not INFO.is_causal(INFO.params.model_validate({"num_heads": 2}))
+    assert INFO.is_causal(INFO.params.model_validate({"num_heads": 2, "mode": "fixed"}))
+    ex = Example({"num_heads": 2}, {"x": (2, 8, 16)})
+    m = build_example(INFO, ex)
+    m.train()
+    assert causality_leak(m, ex) > 1e-3
+    m.eval()
+    assert causality_leak(m, ex) <= 1e-5  # eval runs one iteration: causal
+
+
+def test_qllm_seed_needs_allow_leak(tmp_path):
+    from pathlib import Path
+
+    from physlm_graph import PhysLMError, compile_blueprint
+
+    seeds = Path(__file__).resolve().parents[2] / "blueprints" / "seeds"
+    text = (seeds / "qllm.yaml").read_text(encoding="utf-8")
+    assert text.count("allow_leak: true}") == 2  # on the attention node of each block
+    (tmp_path / "qllm.yaml").write_text(text.replace("allow_leak: true}", "allow_leak: false}"), encoding="utf-8")
+    with pytest.raises(PhysLMError, match="attention.resonance \\(mode faithful\\) sees future tokens"):
+        compile_blueprint(tmp_path / "qllm.yaml", device="meta", build=False)

@@ -25,7 +25,7 @@ TINY_TEXT = (ROOT / "tests" / "assets" / "blueprints" / "valid" / "tiny.yaml").r
 # A seed that uses the sections tiny.yaml leaves out: losses, extensions, growth, exits, train.
 RICH_TEXT = TINY_TEXT.replace("name: tiny", "name: rich").replace(
     "attn: {use: attention.causal, in: ln1, num_heads: \"${heads}\"}",
-    "attn: {use: attention.resonance, in: ln1, num_heads: \"${heads}\", dropout: 0.0}",
+    "attn: {use: attention.resonance, in: ln1, num_heads: \"${heads}\", dropout: 0.0, allow_leak: true}",
 ) + """losses: {entropy: {from: "trunk.*.attn.entropy", weight: 0.01}}
 extensions: {memory: {use: memory.hcw, at: "trunk.*.ln2", memory_size: 8, memory_key_dim: 8}}
 growth: [{until: 10, params: {layers: 1}}, {params: {layers: 2}, grow: zero_init}]

@@ -249,28 +249,44 @@ def test_an_interrupt_reports_the_unreported_steps_before_saving(tmp_path, text,
 # ------------------------------------------------------------------ damaged resume state
 
 
-def test_resume_from_damaged_trainer_state_is_a_clear_error(tmp_path, text, capsys):
+def _damage(last: Path, kind: str) -> tuple[Path, str]:
+    if kind == "state":
+        p = last / "trainer_state.json"
+        p.write_text("{not json", encoding="utf-8")
+        return p, "file is truncated or grown"
+    p = last / "model.safetensors"
+    p.write_bytes(p.read_bytes()[:100])
+    return p, "file is truncated or grown"
+
+
+@pytest.mark.parametrize("kind", ["state", "weights"])
+def test_resume_from_damaged_last_falls_back_to_best(tmp_path, text, capsys, kind):
     args = ["train", str(TINY), "--data", str(text), "--out", str(tmp_path / "run"), "--no-progress",
             "--device", "cpu", "--batch-size", "2"]
     assert main(args + ["--steps", "2"]) == 0
-    state = tmp_path / "run" / "last" / "trainer_state.json"
-    state.write_text("{not json", encoding="utf-8")
+    last, best = tmp_path / "run" / "last", tmp_path / "run" / "best"
+    bad, why = _damage(last, kind)
     code = main(args + ["--steps", "4", "--resume"])
     err = capsys.readouterr().err
-    assert code == 2, err
-    assert str(state) in err
+    assert code == 0, err
+    assert err.startswith(f"warning: the checkpoint {last} is damaged, using {best} instead:\n"
+                          f"  checkpoint error: {bad}: {why}"), err
+    assert json.loads((last / "trainer_state.json").read_text())["step"] == 4
 
 
-def test_resume_from_damaged_weights_is_a_clear_error(tmp_path, text, capsys):
+@pytest.mark.parametrize("kind", ["state", "weights"])
+def test_resume_from_damaged_last_without_best_is_a_clear_error(tmp_path, text, capsys, kind):
     args = ["train", str(TINY), "--data", str(text), "--out", str(tmp_path / "run"), "--no-progress",
             "--device", "cpu", "--batch-size", "2"]
     assert main(args + ["--steps", "2"]) == 0
-    weights = tmp_path / "run" / "last" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "best")
+    bad, why = _damage(tmp_path / "run" / "last", kind)
     code = main(args + ["--steps", "4", "--resume"])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert err.startswith(f"checkpoint error: {weights}: file is truncated or grown")
+    assert err.startswith(f"checkpoint error: {bad}: {why}"), err
 
 
 # ------------------------------------------------------------------ SIGKILL (slow)
