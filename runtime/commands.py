@@ -101,7 +101,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     import sys
 
     if args.gpus is not None and args.gpus > 1 and "WORLD_SIZE" not in os.environ:
-        from .distributed import launch_torchrun
+        from .distributed import check_launch, launch_torchrun
+
+        check_launch(args.gpus, args.device)
 
         argv = list(sys.argv[1:])
         i = argv.index("--gpus")
