@@ -39,8 +39,10 @@ def _float(text: str, what: str) -> float:
 
 
 def positive_int(text: str) -> int:
-    """An integer >= 1 (a count of steps, tokens, windows)."""
+    """An integer in [1, 2**63) (a count of steps, tokens, windows)."""
     value = _int(text, "a positive integer")
+    if value >= 1 << 63:
+        raise argparse.ArgumentTypeError(f"must be a positive integer below 2**63, got {text!r}")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value

@@ -117,7 +117,12 @@ class ByteTokenizer:
     eos_id = None
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        try:
+            return list(text.encode("utf-8"))
+        except UnicodeEncodeError as err:  # a lone surrogate: bytes that were not UTF-8 (e.g. in argv)
+            raise RuntimeDataError(f"the text holds {text[err.start]!r} at position {err.start}, which is not a "
+                                   "Unicode character (the input was not UTF-8)",
+                                   fix="pass UTF-8 text") from None
 
     def decode(self, ids: list[int]) -> str:
         # A sampled model can emit a cut multi-byte sequence; show it as U+FFFD, never raise.

@@ -102,7 +102,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.gpus is not None and args.gpus > 1 and "WORLD_SIZE" not in os.environ:
         from physlm_graph.cli import make_parser, to_argv
-        from physlm_graph.runtime.distributed import launch_torchrun
+        from physlm_graph.runtime.distributed import check_launch, launch_torchrun
+
+        check_launch(args.gpus, args.device)
 
         return launch_torchrun(args.gpus, to_argv(make_parser(), args, drop={"gpus"}), device=args.device)
     out = args.out or str(Path("runs") / Path(args.blueprint).stem)

@@ -242,3 +242,10 @@ def test_a_damaged_tokenizer_description_falls_back_too(tiny_run, tmp_path, caps
     assert capsys.readouterr().err == (
         f"warning: the checkpoint {run / 'last'} is damaged, using {run / 'best'} instead:\n"
         f"  checkpoint error: {path}: unreadable tokenizer description: key `kind`: Input should be a valid string\n")
+
+
+def test_text_that_was_not_utf8_is_a_data_error():
+    from physlm_graph.runtime.tokenizers import ByteTokenizer
+
+    with pytest.raises(RuntimeDataError, match="the text holds '\\\\udcff' at position 2, which is not a Unicode"):
+        ByteTokenizer().encode("ab\udcff")
