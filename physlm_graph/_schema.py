@@ -64,7 +64,21 @@ class LossDoc(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-GrowOp = Literal["zero_init", "stack", "interpolate", "mask"]
+def _growth_op_names() -> list[str]:
+    """The registered growth operators (``physlm_graph/_growth_ops.py``; imported late: that
+    module reads the IR, which reads this schema)."""
+    from physlm_graph._growth_ops import growth_op_names
+
+    return list(growth_op_names())
+
+
+def _enum_of_growth_ops(schema: dict[str, Any]) -> None:
+    schema["enum"] = _growth_op_names()
+
+
+def blueprint_json_schema_stage_enum() -> list[str]:
+    """The growth operators the JSON Schema offers editors for ``growth[].grow``."""
+    return GrowthStage.model_json_schema()["properties"]["grow"]["enum"]
 
 
 class GrowthStage(_Strict):
@@ -73,10 +87,19 @@ class GrowthStage(_Strict):
     until: int | None = Field(None, ge=1, description="the stage lasts until this training step")
     until_tokens: int | None = Field(None, ge=1, description="or until this many training tokens")
     params: dict[str, Any] = Field(default_factory=dict)
-    grow: GrowOp = "zero_init"
+    grow: str = Field("zero_init", json_schema_extra=_enum_of_growth_ops,
+                      description="the growth operator (a registered name: zero_init, mask, stack, interpolate)")
     where: Union[Literal["end", "start", "interleave"], list[int]] = "end"
     ramp_steps: int = Field(100, ge=1, description="mask operator: steps to ramp new structure in")
     rewarmup: int = Field(0, ge=0, description="learning-rate re-warmup steps after growing")
+
+    @field_validator("grow", mode="after")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        names = _growth_op_names()
+        if v not in names:
+            raise ValueError("Input should be " + ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}")
+        return v
 
     @model_validator(mode="after")
     def _one_bound(self) -> "GrowthStage":
@@ -127,6 +150,10 @@ def _yaml12_float(v: Any) -> Any:
     return float(v) if isinstance(v, str) and _EXPONENT.fullmatch(v.strip()) else v
 
 
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES: tuple[str, ...] = CompileMode.__args__
+
+
 class TrainConfig(_Strict):
     """Defaults for ``physlm-graph train``; the command line overrides them. Strict types: a
     string is not a number (``steps: "10"``), a float not an int (``steps: 10.0``), and only
@@ -154,7 +181,7 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     seed: int = 1337
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = Field(
+    compile: Union[bool, CompileMode] = Field(
         False, description="torch.compile the model and loss: false, or the mode (default, reduce-overhead: each "
         "step replayed as CUDA graphs, max-autotune, max-autotune-no-cudagraphs); true means default")
 
@@ -166,10 +193,24 @@ class TrainConfig(_Strict):
                              "instead of compile_mode (a mode turns compiling on)")
         return data
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_is_false_or_a_mode(cls, v: Any) -> Any:
+        if isinstance(v, bool) or v in COMPILE_MODES:
+            return v
+        raise ValueError("expected false or a mode: " + ", ".join(COMPILE_MODES) + " (true means default)")
+
     @field_validator("compile", mode="after")
     @classmethod
     def _compile_true_is_default(cls, v: Any) -> Any:
         return "default" if v is True else v
+
+    @field_validator("fused_loss", mode="before")
+    @classmethod
+    def _fused_loss_is_a_bool_or_auto(cls, v: Any) -> Any:
+        if isinstance(v, bool) or v == "auto":
+            return v
+        raise ValueError("expected true, false or auto")
     fused_loss: bool | Literal["auto"] = Field(
         "auto", description="LM head + cross-entropy as one fused operation (no separate logits pass); auto: on "
         "with compile on a CUDA GPU when the blueprint's logits come straight from a bias-free head.lm; true: "

@@ -40,7 +40,6 @@ __all__ = [
     "GrowthError",
     "Growth",
     "grow",
-    "check_schedule",
     "stage_at",
     "describe_stage",
     "depth_plan",
@@ -70,52 +69,6 @@ def _loc(cm: Any, *path: Any) -> Any:
     return cm.resolved.doc.loc(("growth",) + path)
 
 
-def check_schedule(cm: Any) -> None:
-    """Every stage but the last has one bound, the last has none, bounds of a kind increase,
-    and no stage sets an option its operator would ignore."""
-    stages = _stages(cm)
-    if not stages:
-        raise GrowthError("the blueprint has no `growth` stages", loc=_loc(cm), fix="add `growth:` stages")
-    last_steps = last_tokens = 0
-    for i, st in enumerate(stages):
-        raw = _raw_stage(cm, i)
-        bound = st.until if st.until is not None else st.until_tokens
-        if i == len(stages) - 1:
-            if bound is not None:
-                key = "until" if st.until is not None else "until_tokens"
-                raise GrowthError(f"the last growth stage ({i}) has `{key}`: it lasts to the end of training",
-                                  loc=_loc(cm, i, key), fix=f"drop `{key}` from the last stage")
-        elif bound is None:
-            raise GrowthError(f"growth stage {i} has no end", loc=_loc(cm, i),
-                              fix="give every stage but the last `until: STEP` or `until_tokens: N`")
-        if st.until is not None:
-            if st.until <= last_steps:
-                raise GrowthError(f"growth stage {i} ends at step {st.until}, not after the previous stage's {last_steps}",
-                                  loc=_loc(cm, i, "until"), fix="stage bounds must increase")
-            last_steps = st.until
-        if st.until_tokens is not None:
-            if st.until_tokens <= last_tokens:
-                raise GrowthError(f"growth stage {i} ends at {st.until_tokens} tokens, not after the previous stage's "
-                                  f"{last_tokens}", loc=_loc(cm, i, "until_tokens"), fix="stage bounds must increase")
-            last_tokens = st.until_tokens
-        if i == 0:
-            given = sorted({"grow", "where", "ramp_steps", "rewarmup"} & set(raw))
-            if given:
-                raise GrowthError(f"growth stage 0 sets `{given[0]}`, but stage 0 is where training starts: nothing grows "
-                                  "into it", loc=_loc(cm, 0, given[0]), fix=f"move `{given[0]}` to the stage it grows into")
-            continue
-        if "ramp_steps" in raw and st.grow != "mask":
-            raise GrowthError(f"growth stage {i}: `ramp_steps` is used by `grow: mask` only, this stage grows by {st.grow}",
-                              loc=_loc(cm, i, "ramp_steps"), fix="drop `ramp_steps`, or use `grow: mask`")
-        if st.grow == "interpolate" and "where" in raw:
-            raise GrowthError(f"growth stage {i}: `interpolate` puts each copy right after its source; `where` does not apply",
-                              loc=_loc(cm, i, "where"), fix="drop `where`, or use another operator")
-        if st.grow == "stack" and st.where != "end":
-            raise GrowthError(f"growth stage {i}: `stack` copies the trained stack on top of itself, so `where` must be end",
-                              loc=_loc(cm, i, "where"), expected="end", got=repr(st.where),
-                              fix="drop `where`, or use zero_init/mask to place new layers elsewhere")
-
-
 def stage_at(cm: Any, step: int, tokens: int) -> int:
     """The stage a run is in after ``step`` optimizer steps and ``tokens`` training tokens."""
     stages = _stages(cm)
@@ -128,18 +81,6 @@ def stage_at(cm: Any, step: int, tokens: int) -> int:
 
 
 # ---------------------------------------------------------------- depth plans
-
-
-def _check_indices(cm: Any, i: int, where: Any, n: int, m: int, block: str) -> None:
-    if not isinstance(where, list):
-        return
-    k = m - n
-    bad = [p for p in where if not 0 <= p < m]
-    if len(where) != k or len(set(where)) != len(where) or bad:
-        why = (f"{bad[0]} is outside 0..{m - 1}" if bad else "indices repeat" if len(set(where)) != len(where)
-               else f"{len(where)} given")
-        raise GrowthError(f"growth stage {i}: `where` must list the {k} new positions of {block!r} ({n} -> {m} layers): {why}",
-                          loc=_loc(cm, i, "where"), expected=f"{k} distinct indices in 0..{m - 1}", got=repr(where))
 
 
 # ---------------------------------------------------------------- one growth step
@@ -176,7 +117,6 @@ def _prefix_map(cm: Any, new_cm: Any, stage: int, st: Any) -> tuple[dict[str, st
                               loc=_loc(cm, stage, "params"), fix="stages must not lower a repeat count")
         if m == n:
             continue
-        _check_indices(cm, stage, st.where, n, m, block)
         old_to_new, new_src = depth_plan(n, m, st.grow, st.where)
         for i, j in old_to_new.items():
             moves[f"{block}.{i}"] = f"{block}.{j}"
@@ -214,8 +154,7 @@ def grow(cm: Any, stage: int, *, seed: int = 0) -> Growth:
     if stage != here + 1:
         raise GrowthError(f"growth goes one stage at a time: the model is at stage {here}, asked for {stage}",
                           expected=str(here + 1), got=str(stage))
-    check_schedule(cm)
-    st = _stages(cm)[stage]
+    st = _stages(cm)[stage]  # the schedule's rules were checked when the blueprint compiled
     with torch.random.fork_rng(devices=[]):  # the build seeds torch; keep the training stream intact
         new_cm = compile_blueprint(cm.blueprint, stage=stage, seed=seed, device="cpu")
     new_cm.resolved.doc = cm.resolved.doc  # positions of the source file for later errors

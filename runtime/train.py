@@ -146,10 +146,6 @@ class Trainer:
         self.cadence = CheckpointCadence(self.cfg, self.stop_after)
         self.growth = GrowthPart(self.plan.stages, check=self.check_growth) if self.plan.stages else None
         self.parts = [p for p in (self.growth,) if p is not None]
-        if self.plan.stages:  # the schedule's rules (the compiler is to own these checks)
-            from .growth import check_schedule
-
-            check_schedule(self.plan.compiled)
         self.schedule_steps = self.cfg.steps  # a resumed run keeps its saved horizon (restore_run)
         note = warmup_note(warmup=self.cfg.warmup, steps=self.cfg.steps, lr=self.cfg.lr)
         if note:

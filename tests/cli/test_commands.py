@@ -54,7 +54,7 @@ def _torchrun_line(monkeypatch, argv: list[str]) -> list[str]:
 
 def test_gpus_equals_and_space_build_the_same_worker_command(monkeypatch):
     common = ["train", str(BLUEPRINT), "--data", "input.txt", "--steps", "5", "--set", "layers=2", "--set",
-              "train.lr=1e-3", "--lr", "-0.5", "--no-progress"]
+              "train.lr=1e-3", "--lr", "0.5", "--tokenizer=-odd", "--device", "cpu", "--no-progress"]
     a = _torchrun_line(monkeypatch, common + ["--gpus=2"])
     b = _torchrun_line(monkeypatch, ["train", "--gpus", "2", *common[1:]])
     assert a == b
@@ -67,7 +67,8 @@ def test_gpus_equals_and_space_build_the_same_worker_command(monkeypatch):
     want = vars(make_parser().parse_args(common))
     got = vars(make_parser().parse_args(worker))
     assert got == want
-    assert got["overrides"] == ["layers=2", "train.lr=1e-3"] and got["lr"] == -0.5
+    assert got["overrides"] == ["layers=2", "train.lr=1e-3"] and got["lr"] == 0.5
+    assert got["tokenizer"] == "-odd"  # a value that looks like an option survives the worker line
 
 
 def test_to_argv_keeps_top_level_flags_and_store_true():

@@ -426,12 +426,16 @@ def test_the_train_command_grows_the_example(tmp_path, text_file):
 
 
 def test_growth_operators_come_from_the_registry():
-    import typing
+    from pydantic import ValidationError
 
     from physlm_graph._growth_ops import GROWTH_OPS, growth_op, growth_op_lines, growth_op_names
-    from physlm_graph._schema import GrowOp
+    from physlm_graph._schema import GrowthStage, blueprint_json_schema_stage_enum
 
-    assert set(growth_op_names()) == set(typing.get_args(GrowOp))  # the schema accepts exactly the registered names
+    for name in growth_op_names():  # the schema accepts exactly the registered names
+        assert GrowthStage(grow=name).grow == name
+    with pytest.raises(ValidationError, match="Input should be 'zero_init', 'mask', 'stack' or 'interpolate'"):
+        GrowthStage(grow="grow_wide")
+    assert blueprint_json_schema_stage_enum() == list(growth_op_names())  # editors complete the same names
     assert [op.name for op in GROWTH_OPS.values() if op.exact] == ["zero_init", "mask"]
     assert all(line.split(": ", 1)[1] for line in growth_op_lines())  # each has its doc line
     with pytest.raises(GrowthError, match="unknown growth operator 'grow_wide'") as err:
