@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from physlm_graph import ComponentError, ComponentParams, Example, Inputs, decode_context, register
+from physlm_graph._registry import HFName
 from physlm_graph.components._rope import apply_rope
 
 # SDPA learned to repeat key/value heads itself (enable_gqa) in torch 2.5.
@@ -119,9 +120,21 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
+_QKV = ("num_heads * head_dim", "num_kv_heads * head_dim", "num_kv_heads * head_dim")
+# transformers' names: LLaMA-style separate q/k/v/o projections; GPT-2's fused c_attn as a (in, out) Conv1D
+_HF = {
+    "default": (HFName("qkv.weight", ("q_proj.weight", "k_proj.weight", "v_proj.weight"), _QKV),
+                HFName("qkv.bias", ("q_proj.bias", "k_proj.bias", "v_proj.bias"), _QKV),
+                HFName("proj.weight", ("o_proj.weight",)), HFName("proj.bias", ("o_proj.bias",))),
+    "conv1d": (HFName("qkv.weight", ("c_attn.weight",), transposed=True), HFName("qkv.bias", ("c_attn.bias",)),
+               HFName("proj.weight", ("c_proj.weight",), transposed=True), HFName("proj.bias", ("c_proj.bias",))),
+}
+
+
 @register(
     "attention.causal",
     params=CausalAttentionParams,
+    hf=_HF,
     inputs=("x", "rope"),
     optional_inputs=("rope",),
     decode="cached",
