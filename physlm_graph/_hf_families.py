@@ -164,8 +164,8 @@ def missing_features(fam: Family, config: dict[str, Any], config_file: Path | No
         got = get_key(config, key)
         if got is _MISSING or got in allowed or (got == {} and None in allowed):
             continue
-        top = key.split(".")[0]
-        shown = f"{top}: {_show(config[top])}" if "." in key else f"{key}: {_show(got)}"
+        parts = key.split(".")
+        shown = f"{parts[0]}: " + "".join("{" + f"{p}: " for p in parts[1:]) + _show(got) + "}" * (len(parts) - 1)
         out.append((f"{shown} is not supported yet ({fam.model_type} imports need "
                     f"{key}: {' or '.join(_show(a) for a in allowed)})", key_loc(config_file, key)))
     for name, p in fam.params.items():

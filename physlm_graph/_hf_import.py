@@ -96,8 +96,7 @@ def import_hf(folder: str | Path, out: str | Path, *, name: str | None = None) -
     fam = FAMILIES[config["model_type"]]
     missing = missing_features(fam, config, config_file)
     if missing:
-        raise HFError([Diagnostic(msg, loc=loc, fix="import a model without it, or add the component it needs "
-                                  "(issue 24)") for msg, loc in missing])
+        raise HFError([Diagnostic(msg, loc=loc, fix="docs/hugging-face.md lists what each family supports") for msg, loc in missing])
     params = params_from_config(fam, config, config_file)
     name = name or f"{fam.model_type}-import"
     doc = family_blueprint(fam, params, name=name,
