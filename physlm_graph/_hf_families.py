@@ -71,7 +71,7 @@ FAMILIES: dict[str, Family] = {
             "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"), "mlp_bias": _p("mlp_bias"),
         },
-        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "rope_scaling": (None,),
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",),
                   "pretraining_tp": (1,), "tie_word_embeddings": (False,)},
         writes={"attention_dropout": 0.0},
         modules=(
@@ -149,12 +149,17 @@ def key_loc(config_file: Path | None, key: str) -> Loc | None:
         text = config_file.read_text(encoding="utf-8")
     except OSError:
         return Loc(file=str(config_file))
-    name = key.split(".")[0]
-    for n, line in enumerate(text.splitlines(), start=1):
-        col = line.find(f'"{name}"')
-        if col >= 0:
-            return Loc(str(config_file), n, col + 1)
+    first = key.split(".")[0]
+    for name in (first, *_OLDER.get(first, ())):
+        for n, line in enumerate(text.splitlines(), start=1):
+            col = line.find(f'"{name}"')
+            if col >= 0:
+                return Loc(str(config_file), n, col + 1)
     return Loc(file=str(config_file))
+
+
+# keys transformers reads under an older name (and converts): where config.json may spell them
+_OLDER = {"rope_parameters": ("rope_scaling", "rope_theta")}
 
 
 def missing_features(fam: Family, config: dict[str, Any], config_file: Path | None = None) -> list[tuple[str, Loc | None]]:

@@ -49,9 +49,11 @@ def read_hf_config(folder: Path) -> tuple[dict[str, Any], Path]:
                       fix="see docs/hugging-face.md for the supported families")
     from transformers import AutoConfig
 
-    full = AutoConfig.for_model(**raw).to_dict()
-    full.update({k: v for k, v in raw.items() if k not in full})  # keys the class drops (rope_scaling, ...)
-    return full, path
+    try:
+        return AutoConfig.for_model(**raw).to_dict(), path  # older keys (rope_scaling) come converted
+    except (KeyError, ValueError, TypeError) as err:
+        raise HFError(f"transformers rejects this config: {str(err).strip(chr(34))}", loc=Loc(file=str(path)),
+                      fix="check that transformers itself loads the folder (AutoConfig.from_pretrained)") from None
 
 
 def _loc(path: Path, key: str) -> Loc:

@@ -205,3 +205,20 @@ def test_a_changed_family_graph_is_not_exported_natively(tmp_path):
     r = export_hf(tmp_path / "changed", tmp_path / "out")
     assert r.model_type == "physlm"
     assert "llama: the graph differs" in r.why_physlm
+
+
+def test_an_older_rope_scaling_is_named_where_config_json_writes_it(tmp_path, capsys):
+    _tiny("llama").save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.pop("rope_parameters", None)
+    cfg.update(rope_theta=10000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    path.write_text(json.dumps(cfg, indent=2))
+    line = next(i for i, ln in enumerate(path.read_text().splitlines(), 1) if '"rope_scaling"' in ln)
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
+    assert capsys.readouterr().err == (
+        f"hugging face error: {path}:{line}:3: rope_parameters: {{rope_type: linear}} is not supported yet "
+        "(llama imports need rope_parameters.rope_type: default)\n"
+        "  fix: docs/hugging-face.md lists what each family supports\n"
+    )
