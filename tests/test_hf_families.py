@@ -32,6 +32,11 @@ VOCAB = 97
 def _tiny(model_type: str, **kw):
     """A 2-layer, narrow transformers model with random weights (biases random too)."""
     torch.manual_seed(0)
+    if model_type == "qwen2":
+        cfg = transformers.Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                       intermediate_size=48, vocab_size=VOCAB, max_position_embeddings=64,
+                                       rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, **kw)
+        return _randomize(transformers.Qwen2ForCausalLM(cfg))
     if model_type == "gpt2":
         cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64,
                                       bos_token_id=0, eos_token_id=0, **kw)
@@ -41,6 +46,10 @@ def _tiny(model_type: str, **kw):
                                        intermediate_size=48, vocab_size=VOCAB, max_position_embeddings=64,
                                        rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, **kw)
         model = transformers.LlamaForCausalLM(cfg)
+    return _randomize(model)
+
+
+def _randomize(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_" in name:
@@ -56,7 +65,7 @@ def _logits(model, x):
 X = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "qwen2"])
 def test_full_size_family_blueprint_has_transformers_parameter_count(model_type):
     cfg = transformers.AutoConfig.for_model(model_type)  # GPT2Config(): GPT-2 124M, LlamaConfig(): Llama 2 7B
     with torch.device("meta"):
@@ -64,10 +73,10 @@ def test_full_size_family_blueprint_has_transformers_parameter_count(model_type)
     theirs = sum(p.numel() for p in model.parameters())
     ours = compile_blueprint(ROOT / "blueprints" / "families" / f"{model_type}.yaml", device="meta", build=False)
     assert ours.num_params == theirs
-    assert theirs == {"gpt2": 124_439_808, "llama": 6_738_415_616}[model_type]
+    assert theirs == {"gpt2": 124_439_808, "llama": 6_738_415_616, "qwen2": 12_049_846_272}[model_type]
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "qwen2"])
 def test_import_gives_the_same_logits_and_export_loads_in_plain_transformers(model_type, tmp_path):
     model = _tiny(model_type, **({"attention_bias": True} if model_type == "llama" else {}))
     model.save_pretrained(tmp_path / "hf")
@@ -95,7 +104,7 @@ def test_import_gives_the_same_logits_and_export_loads_in_plain_transformers(mod
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     cls, err, imported = run.stdout.split()
-    assert cls == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[model_type]
+    assert cls == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
     assert float(err) < 1e-5
     assert imported == "False"
 
@@ -152,7 +161,7 @@ def test_an_unknown_model_type_is_a_located_error(tmp_path, capsys):
     line = next(i for i, ln in enumerate(path.read_text().splitlines(), 1) if '"model_type"' in ln)
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
     assert capsys.readouterr().err == (
-        f"hugging face error: {path}:{line}:3: model_type 'gpt_neox' is not supported yet (expected gpt2 or llama, "
+        f"hugging face error: {path}:{line}:3: model_type 'gpt_neox' is not supported yet (expected gpt2 or llama or qwen2, "
         "got gpt_neox)\n  fix: see docs/hugging-face.md for the supported families\n"
     )
 
@@ -184,7 +193,7 @@ def test_a_blueprint_that_is_no_family_exports_as_physlm(tmp_path):
     save_checkpoint(tmp_path / "ckpt", cm=cm)
     r = export_hf(tmp_path / "ckpt", tmp_path / "out")
     assert r.model_type == "physlm"
-    assert r.why_physlm.startswith("llama: no param head_dim, eps, rope_base, attn_bias, mlp_bias")
+    assert r.why_physlm.startswith("llama: no param head_dim, eps, rope_base, attn_bias, mlp_bias; qwen2: ")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "physlm"
     from transformers import AutoModelForCausalLM
 

@@ -42,6 +42,7 @@ class CausalSelfAttention(nn.Module):
         head_dim: int,
         dropout: float = 0.0,
         bias: bool = True,
+        proj_bias: bool | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -49,7 +50,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = head_dim
         self.dropout = dropout
         self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias)
-        self.proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
+        self.proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias if proj_bias is None else proj_bias)
         self.resid_drop = nn.Dropout(dropout)
 
     def _extend_cache(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -114,6 +115,8 @@ class CausalAttentionParams(ComponentParams):
     head_dim: int | None = Field(None, gt=0, description="per-head width (None: input width // num_heads)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on attention weights and on the output, training only")
     bias: bool = Field(True, description="biases on the qkv and output projections (GPT-2: yes, LLaMA: no)")
+    proj_bias: bool | None = Field(None, description="bias on the output projection (None: as bias; Qwen2: "
+                                   "bias true, proj_bias false)")
 
 
 def _divisors(n: int) -> str:
@@ -141,6 +144,7 @@ _HF = {
     examples=[
         Example({"num_heads": 4}, {"x": (2, 8, 32)}),
         Example({"num_heads": 4, "num_kv_heads": 2, "bias": False}, {"x": (2, 8, 32)}),
+        Example({"num_heads": 4, "num_kv_heads": 2, "proj_bias": False}, {"x": (2, 8, 32)}),
         # With a rope input. The suite feeds random inputs; an integer table drawn from
         # [0, head_dim) keeps its partner-index channel a valid index.
         Example(
@@ -180,5 +184,6 @@ def build_causal_attention(p: CausalAttentionParams, ins: Inputs) -> CausalSelfA
             fix=f"give embed.rope head_dim: {head_dim}",
         )
     return CausalSelfAttention(
-        embed_dim=width, num_heads=p.num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dropout=p.dropout, bias=p.bias
+        embed_dim=width, num_heads=p.num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dropout=p.dropout, bias=p.bias,
+        proj_bias=p.proj_bias,
     )
