@@ -63,6 +63,8 @@ __version__ = "0.1.0"
 __all__ = [
     "compile_blueprint",
     "CompiledModel",
+    "import_hf",
+    "export_hf",
     "register",
     "register_function",
     "REGISTRY",
@@ -94,4 +96,8 @@ def __getattr__(name: str) -> Any:
         from physlm_graph import _compile
 
         return getattr(_compile, name)
+    if name in ("import_hf", "export_hf"):  # Hugging Face families (imports transformers: on demand)
+        from physlm_graph import _hf_export, _hf_import
+
+        return getattr(_hf_import if name == "import_hf" else _hf_export, name)
     raise AttributeError(f"module 'physlm_graph' has no attribute {name!r}")

@@ -40,6 +40,7 @@ __all__ = [
     "REGISTRY",
     "register",
     "register_function",
+    "HFName",
 ]
 
 DecodeKind = Literal["stateless", "cached", "none"]
@@ -119,6 +120,24 @@ class Example:
 
 
 @dataclass(frozen=True)
+class HFName:
+    """One of a component's parameters in transformers' terms (the weight mapping of issue 24).
+
+    ``ours`` is the parameter's name inside the component (``qkv.weight``); ``theirs`` the name(s)
+    transformers uses, relative to the module that holds it (``q_proj.weight``, ...). Several
+    names: ours is their concatenation along dim 0, in that order, and ``sizes`` gives each
+    part's rows as expressions over the module's integer attributes (``num_heads * head_dim``).
+    ``transposed``: theirs is stored (in, out), as GPT-2's ``Conv1D``. A parameter the module
+    does not have (a bias turned off) is skipped on both sides.
+    """
+
+    ours: str
+    theirs: tuple[str, ...]
+    sizes: tuple[str, ...] = ()
+    transposed: bool = False
+
+
+@dataclass(frozen=True)
 class ComponentInfo:
     """Everything the compiler knows about one registered component."""
 
@@ -138,6 +157,11 @@ class ComponentInfo:
     flags: tuple[str, ...] = ()  # e.g. "leaks-future" notes shown by `physlm-graph components`
     source: str = ""  # module that registered it, for duplicate errors
     family: str = ""
+    hf: tuple[tuple[str, tuple[HFName, ...]], ...] = ()  # (layout, names): how transformers names the weights
+
+    def hf_names(self, layout: str) -> tuple[HFName, ...] | None:
+        """The declared transformers names of this component's parameters in ``layout``, or None."""
+        return dict(self.hf).get(layout)
 
     def is_causal(self, params: Any) -> bool:
         return self.causal(params) if callable(self.causal) else bool(self.causal)
@@ -215,9 +239,13 @@ def register(
     tie_param: str | None = None,
     flags: Sequence[str] = (),
     doc: str | None = None,
+    hf: dict[str, Sequence[HFName]] | None = None,
     registry: Registry | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a builder ``fn(params, inputs) -> nn.Module`` under ``name``.
+
+    ``hf`` declares the parameters' names in transformers' terms, per layout (``default``, or
+    ``conv1d`` for GPT-2's transposed linears): see ``HFName``.
 
     The component's documentation is the docstring of the module class the builder returns
     (its return annotation) unless ``doc`` is given.
@@ -245,6 +273,7 @@ def register(
             flags=tuple(flags),
             source=f"{fn.__module__}.{fn.__qualname__}",
             family=name.split(".")[0],
+            hf=tuple((k, tuple(v)) for k, v in (hf or {}).items()),
         )
         (registry or REGISTRY).add(info)
         return fn

@@ -9,7 +9,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "physlm_graph"
 # the roof: the only places in physlm_graph/ that may import the runtime
-ALLOWED = {"cli", "hf.py", "_hf.py"}
+ALLOWED = {"cli", "hf.py", "_hf.py", "_hf_import.py", "_hf_export.py"}
 
 
 def _module_name(path: Path, root: Path, prefix: str) -> str:

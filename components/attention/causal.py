@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from physlm_graph import ComponentError, ComponentParams, Example, Inputs, decode_context, register
+from physlm_graph._registry import HFName
 from physlm_graph.components._rope import apply_rope
 
 # SDPA learned to repeat key/value heads itself (enable_gqa) in torch 2.5.
@@ -50,6 +51,7 @@ class CausalSelfAttention(nn.Module):
         bias: bool = True,
         scale: float | None = None,
         qk_norm: Literal["none", "rms"] = "none",
+        proj_bias: bool | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -59,7 +61,7 @@ class CausalSelfAttention(nn.Module):
         self.scale = scale
         self.qk_norm = qk_norm
         self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias)
-        self.proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
+        self.proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias if proj_bias is None else proj_bias)
         self.resid_drop = nn.Dropout(dropout)
 
     def norm_qk(self, t: Tensor) -> Tensor:
@@ -137,21 +139,36 @@ class CausalAttentionParams(ComponentParams):
     qk_norm: Literal["none", "rms"] = Field(
         "none", description="rms: q and k RMS-normalised per head, no learned weights, before the rotary embedding "
                             "(modded-nanogpt)")
+    proj_bias: bool | None = Field(None, description="bias on the output projection (None: as bias; Qwen2: "
+                                   "bias true, proj_bias false)")
 
 
 def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
+_QKV = ("num_heads * head_dim", "num_kv_heads * head_dim", "num_kv_heads * head_dim")
+# transformers' names: LLaMA-style separate q/k/v/o projections; GPT-2's fused c_attn as a (in, out) Conv1D
+_HF = {
+    "default": (HFName("qkv.weight", ("q_proj.weight", "k_proj.weight", "v_proj.weight"), _QKV),
+                HFName("qkv.bias", ("q_proj.bias", "k_proj.bias", "v_proj.bias"), _QKV),
+                HFName("proj.weight", ("o_proj.weight",)), HFName("proj.bias", ("o_proj.bias",))),
+    "conv1d": (HFName("qkv.weight", ("c_attn.weight",), transposed=True), HFName("qkv.bias", ("c_attn.bias",)),
+               HFName("proj.weight", ("c_proj.weight",), transposed=True), HFName("proj.bias", ("c_proj.bias",))),
+}
+
+
 @register(
     "attention.causal",
     params=CausalAttentionParams,
+    hf=_HF,
     inputs=("x", "rope"),
     optional_inputs=("rope",),
     decode="cached",
     examples=[
         Example({"num_heads": 4}, {"x": (2, 8, 32)}),
         Example({"num_heads": 4, "num_kv_heads": 2, "bias": False}, {"x": (2, 8, 32)}),
+        Example({"num_heads": 4, "num_kv_heads": 2, "proj_bias": False}, {"x": (2, 8, 32)}),
         # With a rope input. The suite feeds random inputs; an integer table drawn from
         # [0, head_dim) keeps its partner-index channel a valid index.
         Example(
@@ -197,5 +214,5 @@ def build_causal_attention(p: CausalAttentionParams, ins: Inputs) -> CausalSelfA
         )
     return CausalSelfAttention(
         embed_dim=width, num_heads=p.num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dropout=p.dropout, bias=p.bias,
-        scale=p.scale, qk_norm=p.qk_norm,
+        scale=p.scale, qk_norm=p.qk_norm, proj_bias=p.proj_bias,
     )

@@ -7,6 +7,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
+from physlm_graph._registry import HFName
 
 
 class LearnedPositionEmbedding(nn.Module):
@@ -43,6 +44,7 @@ class LearnedPositionParams(ComponentParams):
 
 @register(
     "embed.learned_position",
+    hf={"default": (HFName("weight", ("weight",)),)},  # transformers' names
     params=LearnedPositionParams,
     inputs=("tokens",),
     decode="cached",  # position-dependent: reads decode_context().offset

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from physlm_graph import ComponentParams, Example, Inputs, register
+from physlm_graph._registry import HFName
 
 
 class TokenEmbedding(nn.Module):
@@ -45,6 +46,7 @@ class TokenEmbeddingParams(ComponentParams):
 
 @register(
     "embed.token",
+    hf={"default": (HFName("weight", ("weight",)),)},  # transformers' names
     params=TokenEmbeddingParams,
     inputs=("tokens",),
     decode="stateless",

@@ -8,6 +8,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from physlm_graph import ComponentParams, Example, Inputs, register
+from physlm_graph._registry import HFName
 from physlm_graph.components.ffn._gelu_mlp import fused_dtype, gelu_mlp
 
 
@@ -49,6 +50,8 @@ class MLPParams(ComponentParams):
 
 @register(
     "ffn.mlp",
+    hf={"conv1d": (HFName("fc.weight", ("c_fc.weight",), transposed=True), HFName("fc.bias", ("c_fc.bias",)),
+                   HFName("proj.weight", ("c_proj.weight",), transposed=True), HFName("proj.bias", ("c_proj.bias",)))},
     params=MLPParams,
     decode="stateless",
     examples=[Example({"hidden_dim": 64}, {"x": (2, 8, 16)}),

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from physlm_graph import ComponentParams, Example, Inputs, register
+from physlm_graph._registry import HFName
 
 
 class SwiGLU(nn.Module):
@@ -34,6 +35,8 @@ class SwiGLUParams(ComponentParams):
 
 @register(
     "ffn.swiglu",
+    hf={"default": tuple(HFName(f"{ours}.{k}", (f"{theirs}.{k}",)) for ours, theirs in
+                         (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")) for k in ("weight", "bias"))},
     params=SwiGLUParams,
     decode="stateless",
     examples=[

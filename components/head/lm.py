@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from physlm_graph import ComponentError, ComponentParams, Example, Inputs, register
+from physlm_graph._registry import HFName
 
 
 class LMHead(nn.Module):
@@ -52,6 +53,7 @@ class LMHeadParams(ComponentParams):
 
 @register(
     "head.lm",
+    hf={"default": (HFName("weight", ("weight",)), HFName("bias", ("bias",)))},  # transformers' names
     params=LMHeadParams,
     decode="stateless",
     tie_param="weight",

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from physlm_graph import ComponentParams, Example, Inputs, register
+from physlm_graph._registry import HFName
 
 
 class LayerNorm(nn.Module):
@@ -38,6 +39,7 @@ class LayerNormParams(ComponentParams):
 
 @register(
     "norm.layer",
+    hf={"default": (HFName("weight", ("weight",)), HFName("bias", ("bias",)))},  # transformers' names
     params=LayerNormParams,
     decode="stateless",
     examples=[

@@ -7,6 +7,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from physlm_graph import ComponentParams, Example, Inputs, register
+from physlm_graph._registry import HFName
 
 
 class RMSNorm(nn.Module):
@@ -39,6 +40,7 @@ class RMSNormParams(ComponentParams):
 
 @register(
     "norm.rms",
+    hf={"default": (HFName("weight", ("weight",)),)},  # transformers' names
     params=RMSNormParams,
     decode="stateless",
     examples=[Example({}, {"x": (2, 8, 16)})],

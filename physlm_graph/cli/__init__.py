@@ -25,7 +25,7 @@ from typing import Any
 
 __all__ = ["main", "make_parser", "console", "to_argv", "MODULES"]
 
-MODULES = ("blueprint", "viz", "runs", "study")  # modules of this package, each with add_commands(sub)
+MODULES = ("blueprint", "viz", "runs", "study", "hf")  # modules of this package, each with add_commands(sub)
 
 
 def console(stderr: bool = False) -> Any:

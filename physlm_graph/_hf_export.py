@@ -1,0 +1,130 @@
+"""``export_hf``: a physlm checkpoint as a Hugging Face model folder.
+
+A checkpoint whose graph is one of the families (``_hf_families.FAMILIES``) is written as that
+native model type: ``config.json`` of transformers' own config class, ``model.safetensors`` in
+transformers' names and layouts (from the components' declarations), and the tokenizer when the
+checkpoint has one in Hugging Face form. Plain ``transformers`` loads it, without physlm_graph.
+Any other graph is written as the ``physlm`` model type (``PhysLMForCausalLM.save_pretrained``),
+which needs ``import physlm_graph`` to load.
+
+"One of the families" is decided by the graph, not by names: the checkpoint's params are turned
+into the family's config and back into the family blueprint, and the two compiled graphs must be
+identical (``diff_models``): every node, component, parameter value and output.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from physlm_graph._hf_families import (
+    FAMILIES,
+    Family,
+    HFError,
+    config_from_params,
+    family_blueprint,
+    params_from_config,
+    weight_map,
+)
+
+__all__ = ["export_hf", "match_family", "HFExport"]
+
+
+@dataclass
+class HFExport:
+    """What ``export_hf`` wrote."""
+
+    out: Path
+    model_type: str  # a family's model type, or "physlm"
+    files: list[str] = field(default_factory=list)
+    why_physlm: str = ""  # when model_type is physlm: why no family matched
+    tokenizer: bool = False
+
+
+def match_family(cm: Any) -> tuple[Family | None, dict[str, Any] | None, str]:
+    """The family whose graph ``cm`` is, with its transformers config; else (None, None, why)."""
+    from physlm_graph._compile import compile_blueprint
+    from physlm_graph._diff import diff_models
+
+    params = dict(cm.resolved.params)
+    why = []
+    for fam in FAMILIES.values():
+        lacking = [p for p in fam.params if p not in params]
+        if lacking:
+            why.append(f"{fam.model_type}: no param {', '.join(lacking)}")
+            continue
+        try:
+            config = config_from_params(fam, {k: params[k] for k in fam.params})
+        except StopIteration:
+            why.append(f"{fam.model_type}: a param value transformers cannot spell")
+            continue
+        doc = family_blueprint(fam, params_from_config(fam, config), name=cm.name, about="")
+        try:
+            other = compile_blueprint(doc, device="meta", build=False)
+        except Exception as err:  # a param value the family's graph rejects: not this family
+            why.append(f"{fam.model_type}: {str(err).splitlines()[0]}")
+            continue
+        d = diff_models(cm, other)
+        if d.identical:
+            return fam, config, ""
+        why.append(f"{fam.model_type}: the graph differs ({d.summary()})")
+    return None, None, "; ".join(why)
+
+
+def export_hf(checkpoint: str | Path, out: str | Path) -> HFExport:
+    """Write the checkpoint at ``checkpoint`` (or a run folder's last/best) as a Hugging Face folder."""
+    from physlm_graph.runtime.checkpoint import TOKENIZER, load_checkpoint
+
+    ck = load_checkpoint(checkpoint, tokenizer=False)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fam, config, why = match_family(ck.model)
+    if fam is None:
+        from physlm_graph._hf import PhysLMForCausalLM
+
+        model = PhysLMForCausalLM.from_compiled(ck.model)
+        if (ck.path / TOKENIZER).is_dir():
+            model.__dict__["tokenizer_folder"] = ck.path / TOKENIZER
+        model.save_pretrained(out)
+        return HFExport(out, "physlm", sorted(p.name for p in out.iterdir()), why,
+                        (out / "tokenizer.json").is_file())
+    _write_native(fam, config, ck.model, out)
+    tok = _copy_tokenizer(ck.path / TOKENIZER, out)
+    return HFExport(out, fam.model_type, sorted(p.name for p in out.iterdir()), tokenizer=tok)
+
+
+def _write_native(fam: Family, config: dict[str, Any], cm: Any, out: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.for_model(fam.model_type, **config)
+    hf_config.dtype = torch.float32
+    state = dict(cm.module.named_parameters())
+    tensors: dict[str, torch.Tensor] = {}
+    for m in weight_map(fam, cm, cm.module):
+        value = state[m.ours].detach()
+        parts = list(value.split(list(m.sizes), dim=0)) if len(m.theirs) > 1 else [value]
+        if len(parts) != len(m.theirs):
+            raise HFError(f"{m.ours} splits into {len(parts)} parts, not {len(m.theirs)}", node=m.ours)
+        for name, part in zip(m.theirs, parts):
+            tensors[name] = (part.t() if m.transposed else part).contiguous().cpu()
+    hf_config.save_pretrained(out)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _copy_tokenizer(folder: Path, out: Path) -> bool:
+    """The tokenizer in Hugging Face form (tokenizer.json), when the checkpoint has one."""
+    if not (folder / "tokenizer.json").is_file():
+        return False
+    shutil.copyfile(folder / "tokenizer.json", out / "tokenizer.json")
+    if (folder / "tokenizer_config.json").is_file():
+        shutil.copyfile(folder / "tokenizer_config.json", out / "tokenizer_config.json")
+    else:
+        (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}) + "\n",
+                                                   encoding="utf-8")
+    return True

@@ -1,0 +1,303 @@
+"""The Hugging Face model types a blueprint can be imported from and exported to, as data.
+
+A family says three things, none of them code:
+
+- ``blueprint``: the file under ``blueprints/families/`` whose graph is the model type;
+- ``params``: each blueprint param and the ``config.json`` key it comes from (a dotted key
+  reaches into a nested dict: ``rope_parameters.rope_theta``), with a value map where the two
+  spell a value differently (GPT-2's ``gelu_new`` is our ``tanh``) and a default (an expression
+  over the params already read) where the config may say ``null``;
+- ``requires``: config values the graph assumes; any other value is a missing feature, named
+  on import. Export writes the first allowed value, and ``writes`` adds fixed values of its own;
+- ``modules``: which node path prefix holds which transformers module prefix (``{i}`` a layer
+  index), with the layout of the component's declared names (``HFName``) to use there.
+
+The weights themselves are mapped by the components' own declarations (``register(hf=...)``),
+so nothing here is per family code: ``weight_map`` below serves every family.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from physlm_graph._errors import Loc, PhysLMError
+from physlm_graph._expr import evaluate
+
+__all__ = ["Family", "FAMILIES", "FAMILY_DIR", "HFError", "weight_map", "family_blueprint"]
+
+FAMILY_DIR = Path(__file__).resolve().parents[1] / "blueprints" / "families"
+
+
+class HFError(PhysLMError):
+    """A Hugging Face folder or config that cannot be imported (or a model that cannot be exported)."""
+
+    stage = "hugging face"
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str  # the config key (dotted: nested)
+    values: dict[Any, Any] = field(default_factory=dict)  # config value -> ours (export: the first that gives ours)
+    default: str | None = None  # expression over params read before it, when the config says null
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    architecture: str
+    blueprint: str
+    params: dict[str, Param]
+    requires: dict[str, tuple[Any, ...]]
+    writes: dict[str, Any]
+    modules: tuple[tuple[str, str, str], ...]  # (node path prefix, transformers prefix, layout)
+
+
+def _p(key: str, values: dict[Any, Any] | None = None, default: str | None = None) -> Param:
+    return Param(key, values or {}, default)
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(
+        model_type="llama",
+        architecture="LlamaForCausalLM",
+        blueprint="llama.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "heads": _p("num_attention_heads"),
+            "kv_heads": _p("num_key_value_heads", default="heads"), "head_dim": _p("head_dim", default="dim // heads"),
+            "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
+            "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
+            "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"), "mlp_bias": _p("mlp_bias"),
+        },
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",),
+                  "pretraining_tp": (1,), "tie_word_embeddings": (False,)},
+        writes={"attention_dropout": 0.0},
+        modules=(
+            ("tok", "model.embed_tokens", "default"),
+            ("trunk.{i}.n1", "model.layers.{i}.input_layernorm", "default"),
+            ("trunk.{i}.attn", "model.layers.{i}.self_attn", "default"),
+            ("trunk.{i}.n2", "model.layers.{i}.post_attention_layernorm", "default"),
+            ("trunk.{i}.ffn", "model.layers.{i}.mlp", "default"),
+            ("norm", "model.norm", "default"),
+            ("head", "lm_head", "default"),
+        ),
+    ),
+    "qwen2": Family(
+        model_type="qwen2",
+        architecture="Qwen2ForCausalLM",
+        blueprint="qwen2.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "heads": _p("num_attention_heads"),
+            "kv_heads": _p("num_key_value_heads", default="heads"), "head_dim": _p("head_dim", default="dim // heads"),
+            "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
+            "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
+            "rope_base": _p("rope_parameters.rope_theta"),
+        },
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "use_sliding_window": (False,),
+                  "tie_word_embeddings": (False,)},
+        writes={"attention_dropout": 0.0},
+        modules=(
+            ("tok", "model.embed_tokens", "default"),
+            ("trunk.{i}.n1", "model.layers.{i}.input_layernorm", "default"),
+            ("trunk.{i}.attn", "model.layers.{i}.self_attn", "default"),
+            ("trunk.{i}.n2", "model.layers.{i}.post_attention_layernorm", "default"),
+            ("trunk.{i}.ffn", "model.layers.{i}.mlp", "default"),
+            ("norm", "model.norm", "default"),
+            ("head", "lm_head", "default"),
+        ),
+    ),
+    "gpt2": Family(
+        model_type="gpt2",
+        architecture="GPT2LMHeadModel",
+        blueprint="gpt2.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("n_embd"), "heads": _p("n_head"), "layers": _p("n_layer"),
+            "context": _p("n_positions"), "hidden": _p("n_inner", default="4 * dim"), "eps": _p("layer_norm_epsilon"),
+            "gelu": _p("activation_function", {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}),
+        },
+        requires={"scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
+                  "reorder_and_upcast_attn": (False,), "add_cross_attention": (False,), "tie_word_embeddings": (True,)},
+        writes={"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0},
+        modules=(
+            ("tok", "transformer.wte", "default"),
+            ("pos", "transformer.wpe", "default"),
+            ("trunk.{i}.ln1", "transformer.h.{i}.ln_1", "default"),
+            ("trunk.{i}.attn", "transformer.h.{i}.attn", "conv1d"),
+            ("trunk.{i}.ln2", "transformer.h.{i}.ln_2", "default"),
+            ("trunk.{i}.mlp", "transformer.h.{i}.mlp", "conv1d"),
+            ("norm", "transformer.ln_f", "default"),
+            ("head", "lm_head", "default"),
+        ),
+    ),
+}
+
+
+_MISSING = object()
+
+
+def get_key(config: dict[str, Any], key: str) -> Any:
+    """``config[a][b]`` for ``a.b``; ``_MISSING`` when absent."""
+    cur: Any = config
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return _MISSING
+        cur = cur[part]
+    return cur
+
+
+def _set_key(config: dict[str, Any], key: str, value: Any) -> None:
+    *path, last = key.split(".")
+    cur = config
+    for part in path:
+        cur = cur.setdefault(part, {})
+    cur[last] = value
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def key_loc(config_file: Path | None, key: str) -> Loc | None:
+    """Where the first part of ``key`` is written in ``config.json`` (line and column), if known."""
+    if config_file is None:
+        return None
+    try:
+        text = config_file.read_text(encoding="utf-8")
+    except OSError:
+        return Loc(file=str(config_file))
+    first = key.split(".")[0]
+    for name in (first, *_OLDER.get(first, ())):
+        for n, line in enumerate(text.splitlines(), start=1):
+            col = line.find(f'"{name}"')
+            if col >= 0:
+                return Loc(str(config_file), n, col + 1)
+    return Loc(file=str(config_file))
+
+
+# keys transformers reads under an older name (and converts): where config.json may spell them
+_OLDER = {"rope_parameters": ("rope_scaling", "rope_theta")}
+
+
+def missing_features(fam: Family, config: dict[str, Any], config_file: Path | None = None) -> list[tuple[str, Loc | None]]:
+    """Each config value the family's graph cannot express: (message, where in config.json)."""
+    out = []
+    for key, allowed in fam.requires.items():
+        got = get_key(config, key)
+        if got is _MISSING or got in allowed or (got == {} and None in allowed):
+            continue
+        parts = key.split(".")
+        shown = f"{parts[0]}: " + "".join("{" + f"{p}: " for p in parts[1:]) + _show(got) + "}" * (len(parts) - 1)
+        out.append((f"{shown} is not supported yet ({fam.model_type} imports need "
+                    f"{key}: {' or '.join(_show(a) for a in allowed)})", key_loc(config_file, key)))
+    for name, p in fam.params.items():
+        got = get_key(config, p.key)
+        if p.values and got is not _MISSING and got not in p.values:
+            out.append((f"{p.key}: {_show(got)} is not supported yet (supported: {', '.join(map(str, p.values))})",
+                        key_loc(config_file, p.key)))
+    return out
+
+
+def params_from_config(fam: Family, config: dict[str, Any], config_file: Path | None = None) -> dict[str, Any]:
+    """The blueprint params of a transformers config (missing features must be checked first)."""
+    params: dict[str, Any] = {}
+    for name, p in fam.params.items():
+        got = get_key(config, p.key)
+        if got is _MISSING or got is None:
+            if p.default is None:
+                raise HFError(f"config.json has no {p.key}", loc=key_loc(config_file, p.key),
+                              fix=f"add {p.key} (a {fam.model_type} config needs it)")
+            got = evaluate(p.default, params)
+        params[name] = p.values.get(got, got) if p.values else got
+    return params
+
+
+def config_from_params(fam: Family, params: dict[str, Any]) -> dict[str, Any]:
+    """The transformers config (as a dict of keyword arguments) of a family blueprint's params."""
+    config: dict[str, Any] = {"architectures": [fam.architecture]}
+    for key, allowed in fam.requires.items():
+        if allowed[0] is not None:
+            _set_key(config, key, allowed[0])
+    for key, value in fam.writes.items():
+        _set_key(config, key, value)
+    for name, p in fam.params.items():
+        value = params[name]
+        if p.values:
+            value = next(k for k, v in p.values.items() if v == value)
+        _set_key(config, p.key, value)
+    return config
+
+
+def family_blueprint(fam: Family, params: dict[str, Any], *, name: str, about: str) -> dict[str, Any]:
+    """The family's blueprint document with ``params`` in place of its defaults."""
+    import yaml
+
+    path = FAMILY_DIR / fam.blueprint
+    if not path.is_file():
+        raise HFError(f"the {fam.model_type} family blueprint is missing", loc=Loc(file=str(path)),
+                      fix="run from a physlm-graph checkout (blueprints/families/ ships with the repository)")
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    doc["name"], doc["about"] = name, about
+    doc["params"] = {**doc["params"], **params}
+    return doc
+
+
+def _pattern(prefix: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(prefix).replace(r"\{i\}", r"(\d+)") + "$")
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """One of our parameters and the transformers tensors it is made of."""
+
+    ours: str  # full path in our state dict
+    theirs: tuple[str, ...]  # full transformers keys
+    sizes: tuple[int, ...]  # rows of each part (several theirs)
+    transposed: bool
+
+
+def weight_map(fam: Family, cm: Any, module: Any) -> list[Mapped]:
+    """Every parameter of ``module`` (a compiled family blueprint) with its transformers names,
+    from the components' declarations. Tied aliases (the head sharing the embedding) are left out."""
+    from physlm_graph._expr import ExprError
+    from physlm_graph._registry import REGISTRY
+
+    state = dict(module.named_parameters())  # tied parameters once, under their first name
+    out: list[Mapped] = []
+    covered: set[str] = set()
+    for prefix, hf_prefix, layout in fam.modules:
+        pat = _pattern(prefix)
+        for path, node in cm.graph["nodes"].items():
+            m = pat.match(path)
+            if not m:
+                continue
+            info = REGISTRY.get(node["use"])
+            names = info.hf_names(layout) if info is not None else None
+            if names is None:
+                raise HFError(f"component {node['use']} declares no transformers names for layout {layout!r}",
+                              node=path, fix=f"add hf={{{layout!r}: (HFName(...), ...)}} to its register(...)")
+            theirs_prefix = hf_prefix.replace("{i}", m.group(1)) if m.groups() else hf_prefix
+            sub = module.get_submodule(path)
+            attrs = {k: v for k, v in vars(sub).items() if isinstance(v, int) and not isinstance(v, bool)}
+            for n in names:
+                ours = f"{path}.{n.ours}"
+                if ours not in state:
+                    continue  # off in this configuration (a bias), or a tied alias
+                try:
+                    sizes = tuple(int(evaluate(s, attrs)) for s in n.sizes)
+                except ExprError as err:
+                    raise HFError(f"component {node['use']}: HFName sizes of {n.ours}: {err}", node=path) from None
+                out.append(Mapped(ours, tuple(f"{theirs_prefix}.{t}" for t in n.theirs), sizes, n.transposed))
+                covered.add(ours)
+    left = [k for k in state if k not in covered]
+    if left:
+        raise HFError(f"no transformers name for {', '.join(left)}",
+                      fix=f"the {fam.model_type} family's modules or the components' hf= declarations miss them")
+    return out

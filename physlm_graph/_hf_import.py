@@ -1,0 +1,158 @@
+"""``import_hf``: a transformers ``save_pretrained`` folder of a known family as a physlm checkpoint.
+
+    import_hf("gpt2-folder", "imported/gpt2")   # blueprint.yaml + model.safetensors + manifest ...
+
+The family comes from ``config.json``'s ``model_type`` (``_hf_families.FAMILIES``); the blueprint
+is the family's ``blueprints/families/<type>.yaml`` with the config's params; every weight goes
+through the names the components declare (``register(hf=...)``). Weights are stored in float32,
+the dtype a compiled blueprint trains in. A config that uses something the family's graph cannot
+express fails with one located error per missing piece, before any weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from physlm_graph._errors import Diagnostic, Loc
+from physlm_graph._hf_families import (
+    FAMILIES,
+    HFError,
+    family_blueprint,
+    missing_features,
+    params_from_config,
+    weight_map,
+)
+
+__all__ = ["import_hf", "read_hf_config", "read_hf_weights"]
+
+INDEX = "model.safetensors.index.json"
+
+
+def read_hf_config(folder: Path) -> tuple[dict[str, Any], Path]:
+    """``config.json`` with transformers' defaults filled in (its config class), and its path."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise HFError("config.json is missing: not a Hugging Face model folder", loc=Loc(file=str(path)),
+                      fix="pass a folder written by save_pretrained (config.json + *.safetensors)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise HFError(f"config.json is not valid JSON: {err.msg}", loc=Loc(str(path), err.lineno, err.colno)) from None
+    model_type = raw.get("model_type")
+    if model_type not in FAMILIES:
+        raise HFError(f"model_type {model_type!r} is not supported yet", loc=_loc(path, "model_type"),
+                      expected=" or ".join(sorted(FAMILIES)), got=str(model_type),
+                      fix="see docs/hugging-face.md for the supported families")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(**raw).to_dict(), path  # older keys (rope_scaling) come converted
+    except (KeyError, ValueError, TypeError) as err:
+        raise HFError(f"transformers rejects this config: {str(err).strip(chr(34))}", loc=Loc(file=str(path)),
+                      fix="check that transformers itself loads the folder (AutoConfig.from_pretrained)") from None
+
+
+def _loc(path: Path, key: str) -> Loc:
+    from physlm_graph._hf_families import key_loc
+
+    return key_loc(path, key) or Loc(file=str(path))
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards its index names."""
+    from safetensors.torch import load_file
+
+    index = folder / INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise HFError("no model.safetensors (nor model.safetensors.index.json)", loc=Loc(file=str(folder)),
+                      fix="save the model with save_pretrained(..., safe_serialization=True); .bin files are not read")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        if not (folder / name).is_file():
+            raise HFError("a shard named by the index is missing", loc=Loc(file=str(folder / name)))
+        tensors.update(load_file(str(folder / name)))
+    return tensors
+
+
+def import_hf(folder: str | Path, out: str | Path, *, name: str | None = None) -> Any:
+    """Import the transformers model in ``folder`` into a physlm checkpoint at ``out``.
+
+    Returns the ``CompiledModel`` (weights loaded). The checkpoint holds the blueprint, the
+    weights and, when the folder has one, the tokenizer; ``load_checkpoint``, ``generate`` and
+    ``train --init-from``/``--resume`` open it.
+    """
+    from physlm_graph._compile import compile_blueprint
+    from physlm_graph.runtime.checkpoint import save_checkpoint
+
+    folder = Path(folder)
+    config, config_file = read_hf_config(folder)
+    fam = FAMILIES[config["model_type"]]
+    missing = missing_features(fam, config, config_file)
+    if missing:
+        raise HFError([Diagnostic(msg, loc=loc, fix="docs/hugging-face.md lists what each family supports") for msg, loc in missing])
+    params = params_from_config(fam, config, config_file)
+    name = name or f"{fam.model_type}-import"
+    doc = family_blueprint(fam, params, name=name,
+                           about=f"Imported from {folder.resolve().name} (Hugging Face model_type "
+                           f"{fam.model_type}) by physlm-graph import; graph: blueprints/families/{fam.blueprint}.")
+    cm = compile_blueprint(doc, device="cpu")
+    tensors = read_hf_weights(folder)
+    state = _ours(fam, cm, tensors, folder)
+    with torch.no_grad():
+        for key, value in state.items():
+            cm.module.get_parameter(key).copy_(value)
+    tokenizer = _tokenizer(folder)
+    save_checkpoint(out, cm=cm, tokenizer=tokenizer)
+    return cm
+
+
+def _ours(fam: Any, cm: Any, tensors: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
+    state = dict(cm.module.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    problems: list[Diagnostic] = []
+    for m in weight_map(fam, cm, cm.module):
+        absent = [t for t in m.theirs if t not in tensors]
+        if absent:
+            problems.append(Diagnostic(f"tensor {absent[0]} is missing from the weights", loc=Loc(file=str(folder)),
+                                       node=m.ours))
+            continue
+        parts = [tensors[t].t() if m.transposed else tensors[t] for t in m.theirs]
+        value = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        want = tuple(state[m.ours].shape)
+        if tuple(value.shape) != want:
+            problems.append(Diagnostic(f"{' + '.join(m.theirs)} does not fit {m.ours}", loc=Loc(file=str(folder)),
+                                       node=m.ours, expected=str(list(want)), got=str(list(value.shape))))
+            continue
+        out[m.ours] = value.to(torch.float32)
+        used.update(m.theirs)
+    unused = sorted(k for k in tensors if k not in used and not _tied_alias(fam, k))
+    if unused:
+        problems.append(Diagnostic(f"{len(unused)} tensors have no place in the {fam.model_type} blueprint: "
+                                   f"{', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}",
+                                   loc=Loc(file=str(folder)), fix="the folder holds more than its config describes"))
+    if problems:
+        raise HFError(problems)
+    return out
+
+
+def _tied_alias(fam: Any, key: str) -> bool:
+    """transformers may save a tied head's weight too; ours shares the embedding's."""
+    return fam.requires.get("tie_word_embeddings") == (True,) and key == "lm_head.weight"
+
+
+def _tokenizer(folder: Path) -> Any:
+    from physlm_graph.runtime.tokenizers import load_tokenizer
+
+    if (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        return load_tokenizer(folder)
+    return None
