@@ -1,0 +1,71 @@
+"""Incremental decoding equals the full forward.
+
+For every seed mixer that declares an incremental decode kind (``cached`` or
+``recurrent``) and every one of its examples: run the whole sequence at once, then run it
+inside ``decoding()`` as a prompt prefill followed by one token at a time (``ctx.offset`` set to
+each chunk's start), and compare the outputs at every position. Then, for each fixed seed
+blueprint whose nodes all decode, cached greedy generation equals recomputing the context.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from physlm_graph import REGISTRY, compile_blueprint
+from physlm_graph._context import DecodeContext, decoding
+from physlm_graph.runtime.generate import can_cache, generate
+from physlm_graph.testing import as_outputs, build_example, make_inputs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# The seed mixers this file covers (the others that decode have their own tests).
+MIXERS = ("attention.dendritic", "attention.selective", "attention.holographic", "attention.gravity",
+          "attention.resonance", "topology.processor", "memory.episodic", "adaptive.act")
+
+
+def _decode_cases() -> list:
+    cases = []
+    for info in REGISTRY:
+        if info.name not in MIXERS:
+            continue
+        for i, ex in enumerate(info.examples):
+            params = info.params.model_validate(ex.params)
+            if info.decode_kind(params) in ("cached", "recurrent"):
+                cases.append(pytest.param(info, i, id=f"{info.name}[{i}]"))
+    return cases
+
+
+def decode_in_chunks(mod: torch.nn.Module, inputs: list[torch.Tensor], seq: int, starts: list[int]) -> list[torch.Tensor]:
+    """The module run inside ``decoding()`` on the chunks [starts[i], starts[i+1]) of the
+    sequence axis (dim 1) of every input of length ``seq``; outputs concatenated along dim 1
+    (outputs without a sequence axis are dropped)."""
+    ctx = DecodeContext()
+    pieces: list[list[torch.Tensor]] = []
+    bounds = list(zip(starts, starts[1:] + [seq]))
+    with decoding(ctx):
+        for a, b in bounds:
+            ctx.offset = a
+            chunk = [x.narrow(1, a, b - a) if x.dim() >= 2 and x.shape[1] == seq else x for x in inputs]
+            pieces.append([o for o in as_outputs(mod(*chunk)) if o.dim() >= 2 and o.shape[1] == b - a])
+    return [torch.cat(parts, dim=1) for parts in zip(*pieces)]
+
+
+@pytest.mark.parametrize("info,i", _decode_cases())
+def test_one_token_decode_equals_full_forward(info, i):
+    ex = info.examples[i]
+    mod = build_example(info, ex)
+    mod.eval()
+    inputs = make_inputs(ex, seed=1)
+    seq = next(x.shape[1] for x in inputs if x.dim() >= 2)
+    with torch.no_grad():
+        full = [o for o in as_outputs(mod(*inputs)) if o.dim() >= 2 and o.shape[1] == seq]
+        prefill = max(1, seq // 3)
+        for starts in (list(range(seq)), [0] + list(range(prefill, seq)), [0, prefill, seq - 2]):
+            got = decode_in_chunks(mod, inputs, seq, starts)
+            assert len(got) == len(full)
+            for a, b in zip(got, full):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"chunks {starts}: {m}")
