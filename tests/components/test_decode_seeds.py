@@ -69,3 +69,47 @@ def test_one_token_decode_equals_full_forward(info, i):
             assert len(got) == len(full)
             for a, b in zip(got, full):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"chunks {starts}: {m}")
+
+
+# Tiny versions of the fixed seed blueprints (2 layers, small widths); the context is long enough
+# that 512 generated tokens never crop it.
+TINY = {
+    "brain-gpt-v1-small-fixed": {"vocab": 97, "dim": 32, "heads": 4, "layers": 2, "context": 640, "dendrites": 2,
+                                 "columns": 4, "column_size": 8},
+    "brain-gpt-v2-fixed": {"vocab": 97, "dim": 64, "heads": 2, "layers": 2, "context": 640, "dropout": 0.0},
+    "holographic-v2-fixed": {"vocab": 97, "dim": 32, "heads": 4, "layers": 2, "hidden": 64, "context": 640,
+                             "dropout": 0.0, "experts": 2},
+    "ngt-25m-fixed": {"vocab": 97, "dim": 32, "coord": 8, "heads": 4, "layers": 2, "hidden": 64, "context": 640,
+                      "dropout": 0.0},
+    "qllm-fixed": {"vocab": 97, "dim": 32, "heads": 4, "layers": 2, "hidden": 64, "context": 640, "base_dim": 8,
+                   "memory": 8, "dropout": 0.0},
+}
+
+
+def tiny_seed(name: str):
+    return compile_blueprint(ROOT / "blueprints" / "seeds" / f"{name}.yaml",
+                             overrides={f"params.{k}": v for k, v in TINY[name].items()}, seed=0)
+
+
+# The fixed seeds every node of which (that the logits depend on) decodes incrementally.
+DECODING = ["brain-gpt-v1-small-fixed", "brain-gpt-v2-fixed"]
+
+
+def _check_cached_equals_full(name: str, n: int) -> None:
+    cm = tiny_seed(name)
+    assert can_cache(cm)
+    prompt = torch.randint(0, TINY[name]["vocab"], (1, 7), generator=torch.Generator().manual_seed(3))
+    cached = generate(cm, prompt, max_new_tokens=n, temperature=0, use_cache=True)
+    full = generate(cm, prompt, max_new_tokens=n, temperature=0, use_cache=False)
+    assert cached.tolist() == full.tolist()
+
+
+@pytest.mark.parametrize("name", DECODING)
+def test_cached_greedy_equals_full_recompute(name):
+    _check_cached_equals_full(name, 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DECODING)
+def test_cached_greedy_equals_full_recompute_512(name):
+    _check_cached_equals_full(name, 512)
