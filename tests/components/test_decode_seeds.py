@@ -113,3 +113,17 @@ def test_cached_greedy_equals_full_recompute(name):
 @pytest.mark.parametrize("name", DECODING)
 def test_cached_greedy_equals_full_recompute_512(name):
     _check_cached_equals_full(name, 512)
+
+
+def test_holographic_fixed_decode_carries_its_memory_past_one_scan_chunk():
+    """A 150-token sequence (the full forward's causal mean spans several 64-step chunks of
+    the recurrence) prefilled for 100 tokens, then one token at a time."""
+    from physlm_graph.components.attention.holographic import HolographicAttention
+
+    torch.manual_seed(0)
+    mod = HolographicAttention(embed_dim=32, num_heads=4, dropout=0.0, mode="fixed").eval()
+    x = torch.randn(2, 150, 32)
+    with torch.no_grad():
+        full = mod(x)
+        got = decode_in_chunks(mod, [x], 150, [0] + list(range(100, 150)))
+    torch.testing.assert_close(got[0], full, atol=1e-5, rtol=1e-4)
