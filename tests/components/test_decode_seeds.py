@@ -92,7 +92,7 @@ def tiny_seed(name: str):
 
 
 # The fixed seeds every node of which (that the logits depend on) decodes incrementally.
-DECODING = ["brain-gpt-v1-small-fixed", "brain-gpt-v2-fixed", "ngt-25m-fixed"]
+DECODING = ["brain-gpt-v1-small-fixed", "brain-gpt-v2-fixed", "ngt-25m-fixed", "holographic-v2-fixed"]
 
 
 def _check_cached_equals_full(name: str, n: int) -> None:
