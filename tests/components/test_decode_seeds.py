@@ -92,7 +92,7 @@ def tiny_seed(name: str):
 
 
 # The fixed seeds every node of which (that the logits depend on) decodes incrementally.
-DECODING = ["brain-gpt-v1-small-fixed", "brain-gpt-v2-fixed", "ngt-25m-fixed", "holographic-v2-fixed"]
+DECODING = ["brain-gpt-v1-small-fixed", "brain-gpt-v2-fixed", "ngt-25m-fixed", "holographic-v2-fixed", "qllm-fixed"]
 
 
 def _check_cached_equals_full(name: str, n: int) -> None:
@@ -126,4 +126,20 @@ def test_holographic_fixed_decode_carries_its_memory_past_one_scan_chunk():
     with torch.no_grad():
         full = mod(x)
         got = decode_in_chunks(mod, [x], 150, [0] + list(range(100, 150)))
+    torch.testing.assert_close(got[0], full, atol=1e-5, rtol=1e-4)
+
+
+def test_resonance_fixed_decode_keeps_per_row_halting():
+    """Rows that halt at different iterations in the full forward halt at the same ones when
+    decoded one at a time."""
+    from physlm_graph.components.attention.resonance import ResonanceAttention
+
+    torch.manual_seed(0)
+    mod = ResonanceAttention(embed_dim=16, num_heads=2, max_iterations=6, convergence_threshold=0.999,
+                             entropy_threshold=0.3, dropout=0.0, mode="fixed").eval()
+    x = torch.randn(2, 24, 16) * 3
+    with torch.no_grad():
+        full = mod(x)[0]
+        assert mod.last_iterations > 1  # rows did not all halt at once
+        got = decode_in_chunks(mod, [x], 24, [0] + list(range(9, 24)))
     torch.testing.assert_close(got[0], full, atol=1e-5, rtol=1e-4)
