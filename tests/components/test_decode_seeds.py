@@ -1,6 +1,6 @@
 """Incremental decoding equals the full forward.
 
-For every seed mixer that declares an incremental decode kind (``cached`` or
+For every seed mixer that declares an incremental decode kind (``stateless``, ``cached`` or
 ``recurrent``) and every one of its examples: run the whole sequence at once, then run it
 inside ``decoding()`` as a prompt prefill followed by one token at a time (``ctx.offset`` set to
 each chunk's start), and compare the outputs at every position. Then, for each fixed seed
@@ -34,7 +34,7 @@ def _decode_cases() -> list:
             continue
         for i, ex in enumerate(info.examples):
             params = info.params.model_validate(ex.params)
-            if info.decode_kind(params) in ("cached", "recurrent"):
+            if info.decode_kind(params) in ("stateless", "cached", "recurrent"):
                 cases.append(pytest.param(info, i, id=f"{info.name}[{i}]"))
     return cases
 
@@ -143,3 +143,13 @@ def test_resonance_fixed_decode_keeps_per_row_halting():
         assert mod.last_iterations > 1  # rows did not all halt at once
         got = decode_in_chunks(mod, [x], 24, [0] + list(range(9, 24)))
     torch.testing.assert_close(got[0], full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["attention.selective", "topology.processor", "adaptive.act"])
+def test_a_faithful_mode_that_cannot_decode_says_why(name):
+    info = REGISTRY.get(name)
+    assert info.decode_kind(info.params.model_validate({"mode": "faithful", **(
+        {"num_heads": 2} if name == "attention.selective" else {"hidden_dim": 8} if name == "adaptive.act" else {})})) == "none"
+    assert info.decode_kind(info.params.model_validate({"mode": "fixed", **(
+        {"num_heads": 2} if name == "attention.selective" else {"hidden_dim": 8} if name == "adaptive.act" else {})})) != "none"
+    assert "cannot decode incrementally" in " ".join(info.doc.split())  # shown by `physlm-graph components NAME`
