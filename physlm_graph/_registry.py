@@ -39,7 +39,7 @@ __all__ = [
     "register_function",
 ]
 
-DecodeKind = Literal["stateless", "cached", "none"]
+DecodeKind = Literal["stateless", "cached", "recurrent", "none"]  # recurrent: a fixed-size carried state
 
 
 class ComponentParams(BaseModel):
