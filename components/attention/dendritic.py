@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
 from physlm_graph._errors import ComponentError
+from physlm_graph.components._decode_cache import AppendCache
 
 
 class DendriticAttention(nn.Module):
@@ -99,11 +100,11 @@ def _extend_kv(module: nn.Module, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]
     ctx = decode_context()
     if ctx is None:
         return k, v
-    past = ctx.get(module)
-    if past is not None:
-        k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-    ctx.set(module, (k, v))
-    return k, v
+    cache = ctx.get(module)
+    if cache is None:
+        cache = AppendCache(2, 2)
+        ctx.set(module, cache)
+    return cache.extend(k, v)
 
 
 def _chunk_mask(T: int, S: int, device: torch.device) -> Tensor | None:

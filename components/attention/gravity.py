@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
 from physlm_graph._context import DecodeContext
+from physlm_graph.components._decode_cache import AppendCache
 from physlm_graph.components.attention._gravity_kernels import (
     NEG,
     GravityScore,
@@ -190,10 +191,11 @@ class GravityAttention(nn.Module):
         m = mass.squeeze(-1).float()  # (B, T)
         if self.spec.mass_mode == "value":
             v = v * m[:, None, :, None].to(v.dtype)
-        past = ctx.get(self)
-        zk, vk, mk = (zq, v, m) if past is None else (
-            torch.cat([past[0], zq], dim=2), torch.cat([past[1], v], dim=2), torch.cat([past[2], m], dim=1))
-        ctx.set(self, (zk, vk, mk))
+        cache = ctx.get(self)
+        if cache is None:
+            cache = AppendCache(2, 2, 1)
+            ctx.set(self, cache)
+        zk, vk, mk = cache.extend(zq, v, m)  # (Bz, H, S, c_h), (B, H, S, d), (B, S)
         S = zk.shape[2]
         qpos = torch.arange(S - T, S, device=x.device)[:, None]  # (T, 1) absolute query positions
         kpos = torch.arange(S, device=x.device)[None, :]  # (1, S)

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
 from physlm_graph._context import DecodeContext
+from physlm_graph.components._decode_cache import AppendCache
 from physlm_graph.components._rope import apply_rope
 
 Mode = Literal["faithful", "fixed"]
@@ -342,17 +343,17 @@ class HolographicAttention(nn.Module):
         """One chunk of incremental decoding: path A's keys and values are appended to a cache,
         path B carries (fixed) the decayed memory's state or (faithful) needs none."""
         B, H, T, d = q.shape
-        past = ctx.get(self)
-        ka = k if past is None else torch.cat([past[0], k], dim=2)  # (B, H, S, d)
-        va = v if past is None else torch.cat([past[1], v], dim=2)
+        past = ctx.get(self)  # (KV cache, path B's state)
+        cache = AppendCache(2, 2) if past is None else past[0]
+        ka, va = cache.extend(k, v)  # (B, H, S, d)
         S = ka.shape[2]
         mask = None if T == 1 or S == T else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         a = F.scaled_dot_product_attention(q, ka, va, attn_mask=mask, is_causal=S == T and T > 1)  # (B, H, T, d)
         if self.mode == "fixed":
-            y, mem = hrr_bind_causal_chunk(q, k, v, F.softplus(self.decay_raw), bases, None if past is None else past[2])
+            y, mem = hrr_bind_causal_chunk(q, k, v, F.softplus(self.decay_raw), bases, None if past is None else past[1])
         else:
             y, mem = hrr_bind_per_token(q, k, v, bases), None
-        ctx.set(self, (ka, va, mem))
+        ctx.set(self, (cache, mem))
         return self._mix(a.transpose(1, 2).reshape(B, T, H * d), y.transpose(1, 2).reshape(B, T, H * d))
 
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
 from physlm_graph._errors import ComponentError
+from physlm_graph.components._decode_cache import AppendCache
 
 
 class ResonanceAttention(nn.Module):
@@ -155,11 +156,11 @@ class ResonanceAttention(nn.Module):
         ctx = decode_context()
         if ctx is None:
             return k, v
-        past = ctx.get(self)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        ctx.set(self, (k, v))
-        return k, v
+        cache = ctx.get(self)
+        if cache is None:
+            cache = AppendCache(2, 2)
+            ctx.set(self, cache)
+        return cache.extend(k, v)
 
     def _faithful_loop(self, q: Tensor, k: Tensor, mask: Tensor, halt: bool) -> tuple[Tensor, Tensor, int]:
         prev: Tensor | None = None

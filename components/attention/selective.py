@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
 from physlm_graph._errors import ComponentError
+from physlm_graph.components._decode_cache import AppendCache
 
 
 class SelectiveAttention(nn.Module):
@@ -92,11 +93,11 @@ class SelectiveAttention(nn.Module):
         ctx = decode_context()
         if ctx is None:
             return k, v, sel
-        past = ctx.get(self)
-        if past is not None:
-            k, v, sel = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2), torch.cat([past[2], sel], dim=1)
-        ctx.set(self, (k, v, sel))
-        return k, v, sel
+        cache = ctx.get(self)
+        if cache is None:
+            cache = AppendCache(2, 2, 1)
+            ctx.set(self, cache)
+        return cache.extend(k, v, sel)
 
     def forward(self, u: Tensor) -> Tensor:
         return self._faithful(u) if self.mode == "faithful" else self._fixed(u)

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
+from physlm_graph.components._decode_cache import AppendCache
 
 _FEATURE_DIM = 128  # width of the seed's topology encoder (W_e is 128 x D)
 _METRIC_DIM = 64  # each similarity statistic is embedded by its own Linear(1, 64)
@@ -113,10 +114,11 @@ class TopologyProcessor(nn.Module):
         zk, uk = z, u
         ctx = decode_context()
         if ctx is not None:  # decoding: this chunk's queries see the cached earlier tokens too
-            past = ctx.get(self)
-            if past is not None:
-                zk, uk = torch.cat([past[0], z], dim=1), torch.cat([past[1], u], dim=1)  # (B, S, .)
-            ctx.set(self, (zk, uk))
+            cache = ctx.get(self)
+            if cache is None:
+                cache = AppendCache(1, 1)
+                ctx.set(self, cache)
+            zk, uk = cache.extend(z, u)  # (B, S, .)
         s_len = zk.shape[1]
         k = min(self.k_neighbors, s_len)
         qpos = torch.arange(s_len - t, s_len, device=u.device)

@@ -153,3 +153,16 @@ def test_a_faithful_mode_that_cannot_decode_says_why(name):
     assert info.decode_kind(info.params.model_validate({"mode": "fixed", **(
         {"num_heads": 2} if name == "attention.selective" else {"hidden_dim": 8} if name == "adaptive.act" else {})})) != "none"
     assert "cannot decode incrementally" in " ".join(info.doc.split())  # shown by `physlm-graph components NAME`
+
+
+def test_append_cache_grows_and_keeps_every_chunk():
+    from physlm_graph.components._decode_cache import AppendCache
+
+    cache = AppendCache(2, 1)
+    k = torch.randn(2, 3, 300, 4)
+    sel = torch.rand(2, 300) > 0.5
+    bounds = [0, 70, 71, 72, 200, 201] + list(range(202, 301))  # a long prefill, then past two regrowths
+    for a, b in zip(bounds, bounds[1:]):
+        got_k, got_sel = cache.extend(k[:, :, a:b], sel[:, a:b])
+        assert torch.equal(got_k, k[:, :, :b]) and torch.equal(got_sel, sel[:, :b])
+    assert cache.truncate(50).extend(k[:, :, 50:51], sel[:, 50:51])[0].shape[2] == 51
