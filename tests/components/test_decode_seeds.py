@@ -166,3 +166,18 @@ def test_append_cache_grows_and_keeps_every_chunk():
         got_k, got_sel = cache.extend(k[:, :, a:b], sel[:, a:b])
         assert torch.equal(got_k, k[:, :, :b]) and torch.equal(got_sel, sel[:, :b])
     assert cache.truncate(50).extend(k[:, :, 50:51], sel[:, 50:51])[0].shape[2] == 51
+
+
+def test_build_reports_each_nodes_decode_kind(capsys):
+    import json
+
+    from physlm_graph.cli import main
+
+    seed = str(ROOT / "blueprints" / "seeds" / "holographic-v2.yaml")  # the faithful topology cannot decode
+    assert main(["build", seed, "--json", "--set", "layers=1"]) == 0
+    nodes = {n["node"]: n["decode"] for n in json.loads(capsys.readouterr().out)["nodes"]}
+    assert nodes["trunk.0.attn"] == "cached" and nodes["trunk.0.topo"] == "none"
+    assert set(nodes.values()) <= {"stateless", "cached", "recurrent", "none"}
+    assert main(["build", seed, "--set", "layers=1"]) == 0
+    out = capsys.readouterr().out
+    assert "decode" in out and any("trunk.0.topo" in line and "none" in line for line in out.splitlines())
