@@ -105,6 +105,13 @@ class CompiledModel:
     def blueprint_text(self) -> str:
         return blueprint_yaml(self.blueprint)
 
+    def decode_kind(self, path: str) -> str:
+        """How node ``path`` generates: ``stateless``, ``cached``, ``recurrent`` or ``none``."""
+        from physlm_graph._registry import REGISTRY
+
+        info = REGISTRY.get(self.resolved.nodes[path].use)
+        return info.decode_kind(self.checked[path]) if info is not None else "none"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -115,7 +122,7 @@ class CompiledModel:
             "stage": self.resolved.stage,
             "nodes": [
                 {"node": r.path, "component": r.use, "outputs": dict(r.out_shapes), "params": r.params,
-                 "flops_per_token": r.flops_per_token, "tied_to": r.tied_to}
+                 "flops_per_token": r.flops_per_token, "tied_to": r.tied_to, "decode": self.decode_kind(r.path)}
                 for r in self.report
             ],
         }

@@ -43,7 +43,7 @@ __all__ = [
     "HFName",
 ]
 
-DecodeKind = Literal["stateless", "cached", "none"]
+DecodeKind = Literal["stateless", "cached", "recurrent", "none"]  # recurrent: a fixed-size carried state
 
 
 MAX_INT_PARAM = 2**31 - 1  # no width, vocabulary or count of a model comes near it

@@ -3,7 +3,8 @@
     ids = generate(load_checkpoint("runs/baby"), tok.encode("ROMEO:"), max_new_tokens=200)
 
 With ``use_cache="auto"`` the cache is used when every node of the graph can decode
-incrementally (its component's decode kind is ``stateless`` or ``cached``): the prompt is run
+incrementally (its component's decode kind is ``stateless``, ``cached`` or ``recurrent``;
+nodes that only feed a loss are not counted): the prompt is run
 once inside a ``DecodeContext`` and then one token per step, ``ctx.offset`` advanced by each
 chunk's length. Otherwise every step runs the whole (cropped) context. When the sequence
 outgrows the model's context, the cache is reset and the last ``context`` tokens are run
@@ -50,13 +51,37 @@ def nonfinite_parameter(module: torch.nn.Module) -> str | None:
     return None
 
 
+_INCREMENTAL = ("stateless", "cached", "recurrent")
+
+
+def _logit_nodes(cm: Any) -> list[str]:
+    """The nodes the ``logits`` output depends on (all nodes if the graph has no such output):
+    a node that only feeds a loss (a regulariser) is not run for its value during generation."""
+    out = cm.resolved.outputs.get("logits")
+    if out is None:
+        return list(cm.resolved.nodes)
+    seen: set[str] = set()
+    todo = [out.node]
+    while todo:
+        path = todo.pop()
+        node = cm.resolved.nodes.get(path)
+        if node is None or path in seen:
+            continue
+        seen.add(path)
+        todo.extend(ref.node for _, ref in node.inputs)
+    return [p for p in cm.resolved.nodes if p in seen]
+
+
+def _not_incremental(cm: Any) -> list[str]:
+    return sorted({cm.resolved.nodes[p].use for p in _logit_nodes(cm)
+                   if (info := REGISTRY.get(cm.resolved.nodes[p].use)) is None
+                   or info.decode_kind(cm.checked[p]) not in _INCREMENTAL})
+
+
 def can_cache(cm: Any) -> bool:
-    """True when every node decodes incrementally (decode kind ``stateless`` or ``cached``)."""
-    for path, node in cm.resolved.nodes.items():
-        info = REGISTRY.get(node.use)
-        if info is None or info.decode_kind(cm.checked[path]) not in ("stateless", "cached"):
-            return False
-    return True
+    """True when every node the logits depend on decodes incrementally (decode kind
+    ``stateless``, ``cached`` or ``recurrent``)."""
+    return not _not_incremental(cm)
 
 
 def _as_compiled(model_or_ckpt: Any, device: str | torch.device | None) -> Any:
@@ -140,8 +165,7 @@ def generate(
     ids, flat = prompt_tensor(prompt_ids, dev)
     cached = can_cache(cm) if use_cache == "auto" else bool(use_cache)
     if cached and not can_cache(cm):
-        bad = sorted({n.use for p, n in cm.resolved.nodes.items()
-                      if REGISTRY.get(n.use).decode_kind(cm.checked[p]) not in ("stateless", "cached")})
+        bad = _not_incremental(cm)
         raise PhysLMError(f"use_cache=True, but these components cannot decode incrementally: {', '.join(bad)}",
                           fix="use use_cache='auto' or False")
     context = model_context(cm) or 1 << 62

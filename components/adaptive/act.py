@@ -57,6 +57,12 @@ class ACT(nn.Module):
       Declared non-causal. (On the meta device the loop takes the full max_steps path.)
     - no ponder loss exists: the ``ponder`` port gives the published statistic, the mean
       number of updates N (running steps), detached; 1 in training.
+
+    Incremental decoding: ``fixed`` is per token (``decode: stateless``): a token decoded
+    alone runs the same steps as in the full forward. ``faithful`` cannot decode
+    incrementally (``decode: none``): its loop stops when every position of the chunk has
+    halted, so a position's output depends on the other tokens run with it, and a token
+    decoded alone gets a different output; generation recomputes the full context.
     """
 
     def __init__(

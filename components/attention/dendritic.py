@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from physlm_graph import ComponentParams, Example, Inputs, register
+from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
 from physlm_graph._errors import ComponentError
+from physlm_graph.components._decode_cache import AppendCache
 
 
 class DendriticAttention(nn.Module):
@@ -41,6 +42,10 @@ class DendriticAttention(nn.Module):
     gate never trains (it is a no-op at init), so fixed is the first version that does anything.
 
     Shapes: x (B, T, D) -> (B, T, D). Both modes are causal.
+
+    Incremental decoding (both modes): the gates are per token, so inside
+    ``physlm_graph.decoding()`` each group's keys and values are appended to a cache kept in the
+    decode context and the chunk's queries attend to all of them.
     """
 
     def __init__(
@@ -74,7 +79,9 @@ class DendriticAttention(nn.Module):
         qkv = torch.einsum("btd,god->btgo", x, self.qkv_weight)  # (B, T, G, 3 hpg d)
         qkv = qkv.view(B, T, G, 3, hpg, self.head_dim)
         q, k, v = (qkv[:, :, :, i].reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2) for i in range(3))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, d)
+        k, v = _extend_kv(self, k, v)  # (B, H, S, d), S = cached + T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_chunk_mask(T, k.shape[2], x.device),
+                                           is_causal=k.shape[2] == T)  # (B, H, T, d)
         return y.transpose(1, 2).reshape(B, T, G, hpg * self.head_dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -85,6 +92,26 @@ class DendriticAttention(nn.Module):
             return self.soma(self._attend(m * x).reshape(B, T, D)) * m
         w = F.relu(g - self.threshold) / (1 - self.threshold)  # (B, T, G) soft, zero below threshold
         return self.soma((w.unsqueeze(-1) * self._attend(x)).reshape(B, T, D))
+
+
+def _extend_kv(module: nn.Module, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Inside ``decoding()``: append this chunk's keys/values (B, H, T, d) to ``module``'s cache
+    and return all of them; outside it, return them as they are."""
+    ctx = decode_context()
+    if ctx is None:
+        return k, v
+    cache = ctx.get(module)
+    if cache is None:
+        cache = AppendCache(2, 2)
+        ctx.set(module, cache)
+    return cache.extend(k, v)
+
+
+def _chunk_mask(T: int, S: int, device: torch.device) -> Tensor | None:
+    """The causal mask of a chunk of T queries at the end of S keys (None: plain causal, or one query)."""
+    if S == T or T == 1:
+        return None
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)  # (T, S)
 
 
 class DendriticParams(ComponentParams):
@@ -104,6 +131,7 @@ class DendriticParams(ComponentParams):
 @register(
     "attention.dendritic",
     params=DendriticParams,
+    decode="cached",
     flags=("untrainable hard gate (faithful)",),
     examples=[
         Example(

@@ -13,7 +13,9 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from physlm_graph import ComponentParams, Example, Inputs, register
+from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
+from physlm_graph._context import DecodeContext
+from physlm_graph.components._decode_cache import AppendCache
 from physlm_graph.components.attention._gravity_kernels import (
     NEG,
     GravityScore,
@@ -107,6 +109,11 @@ class GravityAttention(nn.Module):
     learnable gamma, beta and masses in ``score_mod``, whose backward is ~50x slower); without
     gradients and attention dropout, FlexAttention (``gravity_flex``). On CPU, the eager
     materialised path.
+
+    Incremental decoding (both modes, both kernels): a pair's score depends only on the two
+    tokens, so inside ``physlm_graph.decoding()`` the per-head coordinates, values and masses
+    of every chunk are cached in the decode context and each new query scores all cached keys
+    (the eager materialised path, (B, H, T_chunk, S) scores).
     """
 
     def __init__(
@@ -144,6 +151,9 @@ class GravityAttention(nn.Module):
         self.attn_drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, z: Tensor, mass: Tensor) -> tuple[Tensor, Tensor]:
+        ctx = decode_context()
+        if ctx is not None:
+            return self._decode(ctx, x, z, mass)
         B, T, D = x.shape
         H, spec = self.num_heads, self.spec
         v = self.value(x).view(B, T, H, self.head_dim).transpose(1, 2)  # (B, H, T, d)
@@ -168,6 +178,41 @@ class GravityAttention(nn.Module):
             p = self.probs(zh, m, gamma, r2)  # (B, H, T, T)
             o = self.attn_drop(p).to(v.dtype) @ v  # (B, H, T, d)
         out = self.proj(o.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        return out, self.coord_out(out)
+
+    def _decode(self, ctx: DecodeContext, x: Tensor, z: Tensor, mass: Tensor) -> tuple[Tensor, Tensor]:
+        """One chunk of incremental decoding: this chunk's per-head coordinates, values and
+        masses are appended to the cache in ``ctx``; the chunk's queries score every cached key
+        with the same score, self distance and causal mask as ``probs``."""
+        B, T, D = x.shape
+        H = self.num_heads
+        v = self.value(x).view(B, T, H, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        zq = self.coords(z)  # (Bz, H, T, c_h)
+        m = mass.squeeze(-1).float()  # (B, T)
+        if self.spec.mass_mode == "value":
+            v = v * m[:, None, :, None].to(v.dtype)
+        cache = ctx.get(self)
+        if cache is None:
+            cache = AppendCache(2, 2, 1)
+            ctx.set(self, cache)
+        zk, vk, mk = cache.extend(zq, v, m)  # (Bz, H, S, c_h), (B, H, S, d), (B, S)
+        S = zk.shape[2]
+        qpos = torch.arange(S - T, S, device=x.device)[:, None]  # (T, 1) absolute query positions
+        kpos = torch.arange(S, device=x.device)[None, :]  # (1, S)
+        if self.exact:
+            d2 = sq_dist_exact(zq, zk)  # (Bz, H, T, S)
+        else:
+            d2 = (zq.square().sum(-1, keepdim=True) + zk.square().sum(-1).unsqueeze(-2)
+                  - 2.0 * zq @ zk.transpose(-1, -2)).clamp_min(0.0).masked_fill(kpos == qpos, 0.0)  # (Bz, H, T, S)
+        score_mass = self.spec.mass_mode == "score"
+        m_i = m[:, None, :, None] if score_mass else None  # (B, 1, T, 1)
+        m_j = mk[:, None, None, :] if score_mass else None  # (B, 1, 1, S)
+        beta = self.beta[:, None, None] if self.beta is not None else None
+        gamma, r2 = F.softplus(self.gamma_raw), F.softplus(self.radius_raw).square()
+        s = self.spec(d2, gamma[:, None, None], beta, m_i, m_j, r2)  # (B, H, T, S)
+        p = torch.softmax(s.masked_fill(kpos > qpos, NEG), dim=-1)
+        o = self.attn_drop(p).to(vk.dtype) @ vk  # (B, H, T, d)
+        out = self.proj(o.transpose(1, 2).reshape(B, T, D))
         return out, self.coord_out(out)
 
     def probs(self, zh: Tensor, m: Tensor, gamma: Tensor, r2: Tensor) -> Tensor:
@@ -260,6 +305,7 @@ def _example(mode: str, cutoff: str, mass_mode: str, **extra: object) -> Example
     params=GravityAttentionParams,
     inputs=("x", "z", "mass"),
     outputs=("out", "z_next"),
+    decode="cached",
     flags=("faithful: repels near tokens, inverted soft cutoff (README≠code)",),
     examples=[
         _example("faithful", "hard", "score"),

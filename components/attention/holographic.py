@@ -15,7 +15,9 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from physlm_graph import ComponentParams, Example, Inputs, register
+from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
+from physlm_graph._context import DecodeContext
+from physlm_graph.components._decode_cache import AppendCache
 from physlm_graph.components._rope import apply_rope
 
 Mode = Literal["faithful", "fixed"]
@@ -207,6 +209,33 @@ def hrr_bind_causal(
         return (_spec_mul(qf, mem, conj_a=True) @ inv).to(q.dtype)
 
 
+def hrr_bind_causal_chunk(
+    q: Tensor, k: Tensor, v: Tensor, decay: Tensor, bases: tuple[Tensor, Tensor],
+    state: tuple[Tensor, Tensor] | None,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """``hrr_bind_causal`` for a chunk that continues a sequence, carrying the decayed state.
+
+    The memory before normalisation is the linear recurrence S_t = exp(-decay) S_{t-1} + k^_t v^_t
+    and its normaliser N_t = exp(-decay) N_{t-1} + 1, so M^_t = S_t / N_t. ``state`` is
+    (S, N) after the last token seen, (B, H, 2h) and (H,), or None at the start; inside the
+    chunk, position i (0-based) adds exp(-decay (i + 1)) times the carried state to the chunk's
+    own decayed sum (``decayed_causal_sum``). Returns y (B, H, T, d) and the state after the chunk.
+    """
+    with _fp32(q.device):
+        (qf, kf, vf), inv = _spectra(q, k, v, bases)  # (B, H, T, 2h) each
+        lam = decay.float()  # (H,)
+        T = q.shape[2]
+        pos = torch.arange(T, device=q.device, dtype=torch.float32)
+        s = decayed_causal_sum(_spec_mul(kf, vf), lam)  # (B, H, T, 2h)
+        n = torch.cumsum(torch.exp(-lam[:, None] * pos), dim=-1)  # (H, T)
+        if state is not None:
+            into = torch.exp(-lam[:, None] * (pos + 1))  # (H, T)
+            s = s + into[None, :, :, None] * state[0][:, :, None, :]
+            n = n + into * state[1][:, None]
+        y = (_spec_mul(qf, s / n[None, :, :, None], conj_a=True) @ inv).to(q.dtype)
+        return y, (s[:, :, -1], n[:, -1])
+
+
 class HolographicAttention(nn.Module):
     """Dual-path attention: causal softmax attention blended with holographic (HRR) binding.
 
@@ -243,6 +272,11 @@ class HolographicAttention(nn.Module):
     initialised N(0, 0.02) as in the seed. Path B runs in fp32 (autocast off), as the seed's FFTs;
     its rfft / irfft along the head dim are matmuls with fixed real DFT bases (non-persistent
     buffers ``dft_fwd``, ``dft_inv``: not in the state dict), with no complex dtype.
+
+    Incremental decoding (both modes): inside ``physlm_graph.decoding()`` path A keeps a KV
+    cache in the decode context; the fixed path B carries its decayed memory (the running sum
+    S_t = exp(-decay) S_{t-1} + k^_t v^_t and its normaliser, ``hrr_bind_causal_chunk``), so a
+    token costs the same at any position; the faithful path B is per token and needs no state.
     """
 
     def __init__(
@@ -281,10 +315,13 @@ class HolographicAttention(nn.Module):
         q, k, v = packed.permute(2, 0, 3, 1, 4)  # (B, H, T, d) each
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+        bases = (self.dft_fwd, self.dft_inv)
+        ctx = decode_context()
+        if ctx is not None:
+            return self._decode(ctx, q, k, v, bases)
         a = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, d)
-        bases = (self.dft_fwd, self.dft_inv)
         if self.mode == "fixed" and x.is_cuda and (tk := _triton_kernels(self.head_dim)) is not None:
             qkv = packed.permute(2, 0, 3, 1, 4) if rope is None else torch.stack((q, k, v))  # (3, B, H, T, d)
             y = tk.hrr_causal_triton(qkv, F.softplus(self.decay_raw), *bases).reshape(B, T, D)  # token-major
@@ -296,9 +333,28 @@ class HolographicAttention(nn.Module):
             else:
                 y = hrr_bind_causal(q, k, v, F.softplus(self.decay_raw), bases)  # (B, H, T, d)
             y = y.transpose(1, 2).reshape(B, T, D)
-        a = a.transpose(1, 2).reshape(B, T, D)
+        return self._mix(a.transpose(1, 2).reshape(B, T, D), y)
+
+    def _mix(self, a: Tensor, y: Tensor) -> Tensor:
         g = torch.sigmoid(self.gate).clamp(*self.gate_clamp)  # scalar
         return self.drop(self.proj((1 - g) * self.ln_a(a) + g * self.ln_b(y)))
+
+    def _decode(self, ctx: DecodeContext, q: Tensor, k: Tensor, v: Tensor, bases: tuple[Tensor, Tensor]) -> Tensor:
+        """One chunk of incremental decoding: path A's keys and values are appended to a cache,
+        path B carries (fixed) the decayed memory's state or (faithful) needs none."""
+        B, H, T, d = q.shape
+        past = ctx.get(self)  # (KV cache, path B's state)
+        cache = AppendCache(2, 2) if past is None else past[0]
+        ka, va = cache.extend(k, v)  # (B, H, S, d)
+        S = ka.shape[2]
+        mask = None if T == 1 or S == T else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        a = F.scaled_dot_product_attention(q, ka, va, attn_mask=mask, is_causal=S == T and T > 1)  # (B, H, T, d)
+        if self.mode == "fixed":
+            y, mem = hrr_bind_causal_chunk(q, k, v, F.softplus(self.decay_raw), bases, None if past is None else past[1])
+        else:
+            y, mem = hrr_bind_per_token(q, k, v, bases), None
+        ctx.set(self, (cache, mem))
+        return self._mix(a.transpose(1, 2).reshape(B, T, H * d), y.transpose(1, 2).reshape(B, T, H * d))
 
 
 class HolographicAttentionParams(ComponentParams):
@@ -328,6 +384,7 @@ class HolographicAttentionParams(ComponentParams):
     params=HolographicAttentionParams,
     inputs=("x", "rope"),
     optional_inputs=("rope",),
+    decode="cached",
     flags=("faithful: path B mixes no tokens (README≠code)",),
     examples=[
         Example({"num_heads": 2, "mode": "faithful"}, {"x": (2, 8, 16)}),

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from physlm_graph import ComponentParams, Example, Inputs, register
+from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
 from physlm_graph._errors import ComponentError
+from physlm_graph.components._decode_cache import AppendCache
 
 
 class ResonanceAttention(nn.Module):
@@ -61,6 +62,15 @@ class ResonanceAttention(nn.Module):
 
     Cost: up to N materialised (B, H, T, T) softmaxes per call; fixed mode keeps the graphs of
     the iterations at which rows stopped.
+
+    Incremental decoding (``decode: cached``): inside ``physlm_graph.decoding()`` keys and
+    values are cached in the decode context and a chunk's queries run the loop against all of
+    them. Fixed mode: each row's iterations and halting depend only on its own query and the
+    keys up to its position, so a row decoded alone gets the weights it gets in the full
+    forward. Faithful mode: in eval (as generation runs) the self-comparison stops the loop
+    after iteration 0 for any input, so it is plain causal attention and decodes the same way;
+    in training its iteration count depends on the whole chunk. The ``entropy`` output of a
+    decoding step is that of the chunk's rows only.
     """
 
     def __init__(
@@ -128,8 +138,10 @@ class ResonanceAttention(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         B, T, D = x.shape
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-        mask = torch.zeros(T, T, dtype=x.dtype, device=x.device).masked_fill(future, -10000.0)  # (T, T)
+        k, v = self._extend_cache(k, v)  # (B, H, S, d), S = cached + T
+        S = k.shape[2]
+        future = torch.ones(T, S, dtype=torch.bool, device=x.device).triu(S - T + 1)  # key j > query's position
+        mask = torch.zeros(T, S, dtype=x.dtype, device=x.device).masked_fill(future, -10000.0)  # (T, S)
         if self.mode == "faithful":
             a, a_drop, n = self._faithful_loop(q, k, mask, halt=not x.is_meta)
         else:
@@ -139,6 +151,17 @@ class ResonanceAttention(nn.Module):
         y = (a_drop @ v).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         entropy = -(a * torch.log(a.clamp_min(1e-10))).sum(-1).mean()  # () final weights
         return self.o_proj(y), entropy
+
+    def _extend_cache(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Inside ``decoding()``: append this chunk's keys and values to the cache; return all."""
+        ctx = decode_context()
+        if ctx is None:
+            return k, v
+        cache = ctx.get(self)
+        if cache is None:
+            cache = AppendCache(2, 2)
+            ctx.set(self, cache)
+        return cache.extend(k, v)
 
     def _faithful_loop(self, q: Tensor, k: Tensor, mask: Tensor, halt: bool) -> tuple[Tensor, Tensor, int]:
         prev: Tensor | None = None
@@ -210,6 +233,7 @@ class ResonanceParams(ComponentParams):
     params=ResonanceParams,
     outputs=("out", "entropy"),
     causal=lambda p: p.mode != "faithful",
+    decode="cached",
     flags=(
         "leaks-future in training: the halting step depends on later tokens (faithful)",
         "self-comparison halting: 1 iteration in eval, many in training (faithful)",

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from physlm_graph import ComponentParams, Example, Inputs, register
+from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
 from physlm_graph._errors import ComponentError
+from physlm_graph.components._decode_cache import AppendCache
 
 
 class SelectiveAttention(nn.Module):
@@ -45,6 +46,13 @@ class SelectiveAttention(nn.Module):
     there if set; ``threshold`` likewise only in fixed mode.
 
     Shapes: u (B, T, D) -> (B, T, D).
+
+    Incremental decoding: fixed mode keeps each token's key, value and selection bit in the
+    decode context (a token's selection depends on it alone), so a chunk attends to the cached
+    selected tokens exactly as the full forward does. Faithful mode cannot decode
+    incrementally: its top-n is taken over the whole sequence, so a new token can change which
+    earlier tokens are selected and every earlier output (the leak), and the full context is
+    recomputed for each token.
     """
 
     def __init__(
@@ -85,6 +93,17 @@ class SelectiveAttention(nn.Module):
         qkv = self.qkv(u).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]  # 3 x (B, H, T, d)
 
+    def _extend_cache(self, k: Tensor, v: Tensor, sel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Inside ``decoding()``: append this chunk's keys, values and selection to the cache."""
+        ctx = decode_context()
+        if ctx is None:
+            return k, v, sel
+        cache = ctx.get(self)
+        if cache is None:
+            cache = AppendCache(2, 2, 1)
+            ctx.set(self, cache)
+        return cache.extend(k, v, sel)
+
     def forward(self, u: Tensor) -> Tensor:
         return self._faithful(u) if self.mode == "faithful" else self._fixed(u)
 
@@ -103,11 +122,13 @@ class SelectiveAttention(nn.Module):
         B, T, D = u.shape
         s = self.importance(u)  # (B, T)
         sel = s > self.threshold  # (B, T), decided per token
-        causal = torch.ones(T, T, dtype=torch.bool, device=u.device).tril()
-        # query i may see key j <= i if j is selected; the diagonal keeps unselected rows finite
-        eye = torch.eye(T, dtype=torch.bool, device=u.device)
-        allowed = causal & (sel[:, None, :] | eye)  # (B, T, T)
         q, k, v = self._heads(u)
+        k, v, sel_keys = self._extend_cache(k, v, sel)  # (B, H, S, d), (B, S); S = cached + T
+        S = k.shape[2]
+        qpos = torch.arange(S - T, S, device=u.device)[:, None]  # absolute positions of the queries
+        kpos = torch.arange(S, device=u.device)[None, :]
+        # query i may see key j <= i if j is selected; the diagonal keeps unselected rows finite
+        allowed = (kpos <= qpos) & (sel_keys[:, None, :] | (kpos == qpos))  # (B, T, S)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])  # (B, H, T, d)
         o = self.proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
         gate = torch.where(sel, s, torch.zeros_like(s)).unsqueeze(-1)  # (B, T, 1)
@@ -139,6 +160,7 @@ class SelectiveParams(ComponentParams):
     "attention.selective",
     params=SelectiveParams,
     causal=lambda p: p.mode != "faithful",
+    decode=lambda p: "cached" if p.mode == "fixed" else "none",
     flags=("leaks-future (faithful)", "untrained importance scorer (faithful)", "double residual (faithful)"),
     examples=[
         Example(

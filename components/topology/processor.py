@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from physlm_graph import ComponentParams, Example, Inputs, register
+from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
+from physlm_graph.components._decode_cache import AppendCache
 
 _FEATURE_DIM = 128  # width of the seed's topology encoder (W_e is 128 x D)
 _METRIC_DIM = 64  # each similarity statistic is embedded by its own Linear(1, 64)
@@ -50,6 +51,12 @@ class TopologyProcessor(nn.Module):
     with lambda a learned distance-decay (init softplus^-1(0.1)). Cost O(B T^2) for the scores.
     Rows i < k - 1 have fewer than k candidates; the extra picks score -inf and weigh 0.
     ``sampling_rate`` only applies to the faithful mode and is refused otherwise.
+
+    Incremental decoding: the fixed mode keeps every token's projected z and input u in the
+    decode context, and a chunk's queries pick their neighbours among all cached tokens (the
+    same scores as the full forward). The faithful mode cannot decode incrementally: its
+    summary is drawn from the whole sequence at random, so each new token changes what every
+    position receives; generation recomputes the full context for each token.
     """
 
     def __init__(
@@ -103,16 +110,25 @@ class TopologyProcessor(nn.Module):
     # -- fixed: causal k-nearest-neighbour aggregation ---------------------------------------
     def _causal_knn(self, u: Tensor) -> Tensor:
         b, t, d = u.shape
-        k = min(self.k_neighbors, t)
         z = F.normalize(self.proj(u), dim=-1)  # (B, T, 128)
-        pos = torch.arange(t, device=u.device)
-        dist = pos[:, None] - pos[None, :]  # (T, T) i - j
-        decay = F.softplus(self.decay) * torch.log1p(dist.clamp(min=0).to(u.dtype))  # (T, T)
-        scores = z @ z.transpose(1, 2) - decay  # (B, T, T) cosine minus distance penalty
+        zk, uk = z, u
+        ctx = decode_context()
+        if ctx is not None:  # decoding: this chunk's queries see the cached earlier tokens too
+            cache = ctx.get(self)
+            if cache is None:
+                cache = AppendCache(1, 1)
+                ctx.set(self, cache)
+            zk, uk = cache.extend(z, u)  # (B, S, .)
+        s_len = zk.shape[1]
+        k = min(self.k_neighbors, s_len)
+        qpos = torch.arange(s_len - t, s_len, device=u.device)
+        dist = qpos[:, None] - torch.arange(s_len, device=u.device)[None, :]  # (T, S) i - j
+        decay = F.softplus(self.decay) * torch.log1p(dist.clamp(min=0).to(u.dtype))  # (T, S)
+        scores = z @ zk.transpose(1, 2) - decay  # (B, T, S) cosine minus distance penalty
         scores = scores.masked_fill(dist < 0, float("-inf"))  # only j <= i
         top, idx = scores.topk(k, dim=-1)  # (B, T, k); self (score 1) is always a candidate
         attn = top.softmax(dim=-1)  # (B, T, k), -inf picks weigh 0
-        nb = u.gather(1, idx.reshape(b, t * k, 1).expand(b, t * k, d)).view(b, t, k, d)  # (B, T, k, D)
+        nb = uk.gather(1, idx.reshape(b, t * k, 1).expand(b, t * k, d)).view(b, t, k, d)  # (B, T, k, D)
         agg = (attn[..., None] * nb).sum(dim=2)  # (B, T, D)
         return self.drop(self.out_proj(agg))
 
@@ -150,6 +166,7 @@ class TopologyProcessorParams(ComponentParams):
     "topology.processor",
     params=TopologyProcessorParams,
     causal=lambda p: p.mode != "faithful",
+    decode=lambda p: "cached" if p.mode == "fixed" else "none",
     flags=(
         "leaks-future (faithful): a global summary of randomly sampled positions is added to every position",
         "nondeterministic in eval (faithful): the sample is redrawn every call",

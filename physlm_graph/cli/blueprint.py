@@ -42,10 +42,11 @@ def build_table(cm: Any, title: str | None = None) -> Any:
     table.add_column("output shape")
     table.add_column("params", justify="right")
     table.add_column("FLOPs/token", justify="right")
+    table.add_column("decode")
     for r in cm.report:
         shapes = ", ".join(s if p == "out" else f"{p}: {s}" for p, s in r.out_shapes)
         params = _fmt_int(r.params) + (f" (tied to {r.tied_to})" if r.tied_to else "")
-        table.add_row(escape(r.path), r.use, escape(shapes), params, _fmt_flops(r.flops_per_token))
+        table.add_row(escape(r.path), r.use, escape(shapes), params, _fmt_flops(r.flops_per_token), cm.decode_kind(r.path))
     table.add_section()
     table.add_row("total", "", f"seq={cm.inferred.sample['seq']}", _fmt_int(cm.num_params), _fmt_flops(cm.flops_per_token))
     return table
