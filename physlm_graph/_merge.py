@@ -170,6 +170,21 @@ def _remove(data: dict[str, Any], path: str) -> None:
         raise _missing(data, parts, len(parts) - 1)
 
 
+def _params_mappings(data: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The paths of the params mappings a document writes: ``params`` and each block's."""
+    out: list[tuple[str, ...]] = [("params",)]
+    blocks = data.get("blocks")
+    if isinstance(blocks, dict):
+        out += [("blocks", str(b), "params") for b, bdef in blocks.items() if isinstance(bdef, dict)]
+    return out
+
+
+def _at(data: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
 def _deep_merge(base: Any, over: Any) -> Any:
     if isinstance(base, dict) and isinstance(over, dict):
         out = dict(base)
@@ -236,12 +251,13 @@ def merge_extends(doc: Document, _depth: int = 0, _seen: tuple[str, ...] = ()) -
     errors: list[Diagnostic] = []
     new_params: list[tuple[list[str], str]] = []
     new_where: list[tuple[Loc | None, str]] = []  # where each new param was written, and how
-    own_params = data.get("params")
-    if isinstance(own_params, dict) and isinstance(base.data.get("params"), dict):
-        for k in own_params:
-            if k not in base.data["params"]:
-                new_params.append((["params"], str(k)))
-                new_where.append((doc.loc(("params", k)), f"params.{k}"))
+    for parent in _params_mappings(data):  # a param this file adds must be used, or it is a typo
+        own, old = _at(data, parent), _at(base.data, parent)
+        if isinstance(own, dict) and isinstance(old, dict):
+            for k in own:
+                if k not in old:
+                    new_params.append((list(parent), str(k)))
+                    new_where.append((doc.loc(parent + (k,)), ".".join(parent + (k,))))
     for key, must_exist in (("set", False), ("replace", True)):
         section = data.get(key, {}) or {}
         if not isinstance(section, dict):

@@ -162,3 +162,16 @@ def test_remove_of_a_missing_list_item_is_an_error_not_a_crash(tmp_path):
     path = _derived(tmp_path, "remove: [nodes.x0.in.7]\n")
     assert _error(None, path) == (
         f"resolve error: {path}:4:10: cannot remove nodes.x0.in.7: nodes.x0.in has no item 7\n  fix: items 0..1")
+
+
+def test_a_typo_in_a_block_params_of_an_extends_file_is_located(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(TINY.read_text().replace("    out: r2\n", "    out: r2\n    params: {width: 4}\n").replace(
+        'hidden_dim: "${4 * dim}"', 'hidden_dim: "${width * dim}"'))
+    path = tmp_path / "derived.yaml"
+    path.write_text("physlm: 1\nextends: base.yaml\nname: derived\nblocks:\n  block:\n    params: {widht: 2}\n")
+    assert _error(None, path) == (
+        f"resolve error: {path}:6:14: blocks.block.params.widht: blocks.block.params has no key 'widht', and no "
+        "${...} uses it\n  fix: did you mean blocks.block.params.width?")
+    path.write_text("physlm: 1\nextends: base.yaml\nname: derived\nblocks:\n  block:\n    params: {width: 2}\n")
+    assert compile_blueprint(path, device="meta", build=False).checked["trunk.0.mlp"].hidden_dim == 64
