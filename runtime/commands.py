@@ -106,8 +106,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_launch(args.gpus, args.device)
 
         argv = list(sys.argv[1:])
-        i = argv.index("--gpus")
-        del argv[i : i + 2]
+        at = [i for i, a in enumerate(argv) if a == "--gpus" or a.startswith("--gpus=")]
+        if not at:  # main(argv) called from Python: sys.argv is not this command line
+            from physlm_graph._errors import PhysLMError
+
+            raise PhysLMError("--gpus re-runs the shell's command line under torchrun; it is not in sys.argv here",
+                              fix="run `physlm-graph train ... --gpus N` from a shell, or torchrun -m physlm_graph train ...")
+        del argv[at[0] : at[0] + (1 if "=" in argv[at[0]] else 2)]
         return launch_torchrun(args.gpus, argv, device=args.device)
     out = args.out or str(Path("runs") / Path(args.blueprint).stem)
     extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("compile_mode", args.compile_mode))
