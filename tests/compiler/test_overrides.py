@@ -152,10 +152,10 @@ def test_an_extends_file_may_add_a_param_that_something_uses(tmp_path):
 
 
 def test_set_of_an_extends_file_takes_documented_optional_keys(tmp_path):
-    path = _derived(tmp_path, "set: {train.warmup: 7, nodes.head.bias: true, losses.extra: {from: head}}\n")
+    path = _derived(tmp_path, "set: {train.warmup: 7, nodes.head.bias: true, init.std: 0.01}\n")
     cm = compile_blueprint(path, device="meta", build=False)
     assert cm.train_config.warmup == 7 and cm.checked["head"].bias is True
-    assert [l.name for l in cm.resolved.losses] == ["extra"]
+    assert cm.blueprint["init"]["std"] == 0.01
 
 
 def test_remove_of_a_missing_list_item_is_an_error_not_a_crash(tmp_path):

@@ -70,7 +70,7 @@ def test_every_document_field_refuses_the_wrong_scalar_kind(model):
 
 
 def test_right_values_still_pass():
-    cfg = TrainConfig.model_validate({"steps": 1000.0, "lr": 3, "betas": [0.9, 0.95], "fused_loss": "auto",
+    cfg = TrainConfig.model_validate({"steps": 1000, "lr": 3, "betas": [0.9, 0.95], "fused_loss": "auto",
                                       "compile": True, "min_lr": None})
     assert cfg.steps == 1000 and cfg.lr == 3.0 and cfg.betas == (0.9, 0.95)
     assert BlueprintDoc.model_validate({"name": "x", "nodes": {}, "outputs": {"logits": "h"}, "causal": False}).causal is False

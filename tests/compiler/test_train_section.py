@@ -17,12 +17,15 @@ def _train(**train) -> object:
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("steps", "10", "train.steps: Input should be a valid integer (got '10')"),
+    ("steps", "10", "train.steps: expected a whole number, not text (got '10')"),
     ("steps", 10.0, "train.steps: Input should be a valid integer (got 10.0)"),
-    ("steps", True, "train.steps: Input should be a valid integer (got True)"),
-    ("compile", "yes", "train.compile: Input should be a valid boolean (got 'yes')"),
-    ("compile", 1, "train.compile: Input should be a valid boolean (got 1)"),
-    ("lr", "0.001", "train.lr: Input should be a valid number (got '0.001')"),
+    ("steps", True, "train.steps: expected a whole number, not a boolean (YAML reads yes, no, on, off, true and false "
+                     "as booleans) (got True)"),
+    ("compile", "yes", "train.compile: expected false or a mode: default, reduce-overhead, max-autotune, "
+                        "max-autotune-no-cudagraphs (true means default) (got 'yes')"),
+    ("compile", 1, "train.compile: expected false or a mode: default, reduce-overhead, max-autotune, "
+                   "max-autotune-no-cudagraphs (true means default) (got 1)"),
+    ("lr", "0.001", "train.lr: expected a number, not text (got '0.001')"),
     ("tokenizer", 5, "train.tokenizer: Input should be a valid string (got 5)"),
 ])
 def test_wrong_types_are_refused(key, value, message):
@@ -34,7 +37,7 @@ def test_wrong_types_are_refused(key, value, message):
 
 def test_numbers_as_yaml_writes_them_are_kept():
     cfg = _train(lr="3e-4", min_lr=1, betas=[0.9, "9.5e-1"], steps=10, compile=True)
-    assert (cfg.lr, cfg.min_lr, cfg.betas, cfg.steps, cfg.compile) == (3e-4, 1.0, (0.9, 0.95), 10, True)
+    assert (cfg.lr, cfg.min_lr, cfg.betas, cfg.steps, cfg.compile) == (3e-4, 1.0, (0.9, 0.95), 10, "default")
 
 
 def test_an_unknown_key_gets_did_you_mean():

@@ -22,6 +22,7 @@ FREE_TEXT = {
     ("schema", "--output"),  # any file name: the schema is JSON text
     ("viz", "--output"),  # .html or .svg, checked by the command with its own message
     ("viz-coords", "--output"),  # the page is written whatever the suffix
+    ("import", "--name"),  # the imported blueprint's name: any text
 }
 
 BAD = {

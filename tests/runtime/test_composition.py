@@ -161,7 +161,7 @@ def test_metric_names_say_what_they_are(tmp_path, text_file, capsys):
     optimized total is `objective`, and the summary lists the terms with their weights."""
     d = variant("exits")
     d["blocks"]["gpt_block"]["nodes"]["attn"] = {"use": "attention.resonance", "in": "ln1", "num_heads": 2,
-                                                 "dropout": 0.0}
+                                                 "dropout": 0.0, "mode": "fixed"}
     d["losses"] = {"entropy": {"from": "trunk.*.attn.entropy", "weight": 0.01}}
     out = tmp_path / "run"
     train(d, data=str(text_file), out_dir=out, **{**RUN, "steps": 3})
@@ -177,7 +177,7 @@ def test_metric_names_say_what_they_are(tmp_path, text_file, capsys):
 def test_ablate_grows_the_growth_variant(tmp_path, text_file):
     """A study of the growth blueprint against the same with `remove: [growth]`: the grown run
     records its stages and the two runs differ."""
-    from physlm_graph._study import run_study
+    from physlm_graph.runtime.study import run_study
 
     (tmp_path / "growth.yaml").write_text(yaml.safe_dump(variant("growth"), sort_keys=False), encoding="utf-8")
     study = tmp_path / "study.yaml"
