@@ -1,8 +1,8 @@
 """Blueprint features x entry points: every cell honours the whole blueprint.
 
 Rows: plain, growth, exits, growth + exits, extensions (tiny baby GPTs). Columns: ``train()``,
-resume across the growth boundary, two gloo ranks under torchrun (slow), ``generate`` from the
-checkpoint, ``from_pretrained``. Growth must really grow (the stage history is in the
+a one-variant ``ablate`` study (equal to ``train()``), resume across the growth boundary, two gloo
+ranks under torchrun (slow), ``generate`` from the checkpoint, ``from_pretrained``. Growth must really grow (the stage history is in the
 checkpoint), exits must be trained and logged (``exit/<point>/ce``).
 """
 
@@ -96,6 +96,27 @@ def check_honoured(name: str, out: Path) -> None:
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_train(name, runs):
     check_honoured(name, runs(name))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_ablate(name, runs, tmp_path, text_file):
+    """A study of the variant runs it through the same trainer: the run honours the blueprint and
+    ends with the same weights as ``train()`` with the same options."""
+    from physlm_graph.runtime.study import run_study
+
+    (tmp_path / "bp.yaml").write_text(yaml.safe_dump(variant(name), sort_keys=False), encoding="utf-8")
+    study = tmp_path / "study.yaml"
+    train_opts = {k: RUN[k] for k in ("batch_size", "eval_every", "eval_iters", "log_every", "warmup")}
+    study.write_text(yaml.safe_dump({
+        "study": "one", "base": "bp.yaml", "variants": [{"name": "v"}], "seeds": [1337],
+        "budget": {"steps": RUN["steps"]}, "data": str(text_file), "tokenizer": "bytes", "train": train_opts,
+    }, sort_keys=False), encoding="utf-8")
+    res = run_study(study, out=tmp_path / "out", device="cpu", progress=False)
+    assert res["ran"] == 1
+    out = tmp_path / "out" / "runs" / "v" / "seed1337"
+    check_honoured(name, out)
+    ours, theirs = load_file(out / "last" / "model.safetensors"), load_file(runs(name) / "last" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
