@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from physlm_graph._errors import Diagnostic, PhysLMError, ValidateError
+from physlm_graph._growth_ops import depth_plan  # one placement rule for the check and for growing
 from physlm_graph._growth_residual import new_instance_errors
 from physlm_graph._ir import Inferred
 from physlm_graph._load import Document
@@ -54,42 +54,6 @@ class GrowthPhase:
     flops_per_token: float
     moved: dict[str, str] = field(default_factory=dict)  # old instance -> new instance (all survivors)
     new_instances: dict[str, str | None] = field(default_factory=dict)  # new instance -> copied-from (None: fresh)
-
-
-# ---------------------------------------------------------------- depth plans
-
-
-def _insert_after(n: int, k: int) -> list[int]:
-    """For k new layers spread among n old ones: the old index each goes after (-1: before all)."""
-    if n == 0:
-        return [-1] * k
-    return [math.ceil((j + 1) * n / k) - 1 for j in range(k)]
-
-
-def depth_plan(n: int, m: int, grow_op: str, where: Any) -> tuple[dict[int, int], dict[int, int | None]]:
-    """Old index -> new index for surviving layers, and new index -> source old index (None:
-    freshly initialised) for new layers, when a block node grows from n to m instances."""
-    k = m - n
-    if grow_op == "stack":
-        return {i: i for i in range(n)}, {n + j: (j % n if n else None) for j in range(k)}
-    if grow_op == "interpolate" or where == "interleave":
-        after = _insert_after(n, k)
-        order: list[tuple[str, int]] = [("new", j) for j in range(k) if after[j] < 0]
-        for i in range(n):
-            order.append(("old", i))
-            order += [("new", j) for j in range(k) if after[j] == i]
-        old = {i: pos for pos, (kind, i) in enumerate(order) if kind == "old"}
-        src = after if grow_op == "interpolate" else None
-        new = {pos: (src[j] if src is not None and src[j] >= 0 else None)
-               for pos, (kind, j) in enumerate(order) if kind == "new"}
-        return old, new
-    if where == "end":
-        return {i: i for i in range(n)}, {n + j: None for j in range(k)}
-    if where == "start":
-        return {i: i + k for i in range(n)}, {j: None for j in range(k)}
-    positions = sorted(where)
-    rest = [p for p in range(m) if p not in set(positions)]
-    return {i: p for i, p in enumerate(rest)}, {p: None for p in positions}
 
 
 # ---------------------------------------------------------------- the schedule
