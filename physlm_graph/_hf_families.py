@@ -26,6 +26,17 @@ from typing import Any
 from physlm_graph._errors import Loc, PhysLMError
 from physlm_graph._expr import evaluate
 
+# Llama's module layout, which Qwen2 shares: blueprint node -> transformers module, per layer.
+_LLAMA_LAYOUT = (
+    ("tok", "model.embed_tokens", "default"),
+    ("trunk.{i}.n1", "model.layers.{i}.input_layernorm", "default"),
+    ("trunk.{i}.attn", "model.layers.{i}.self_attn", "default"),
+    ("trunk.{i}.n2", "model.layers.{i}.post_attention_layernorm", "default"),
+    ("trunk.{i}.ffn", "model.layers.{i}.mlp", "default"),
+    ("norm", "model.norm", "default"),
+    ("head", "lm_head", "default"),
+)
+
 __all__ = ["Family", "FAMILIES", "FAMILY_DIR", "HFError", "weight_map", "family_blueprint"]
 
 FAMILY_DIR = Path(__file__).resolve().parents[1] / "blueprints" / "families"
@@ -74,15 +85,7 @@ FAMILIES: dict[str, Family] = {
         requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",),
                   "pretraining_tp": (1,), "tie_word_embeddings": (False,)},
         writes={"attention_dropout": 0.0},
-        modules=(
-            ("tok", "model.embed_tokens", "default"),
-            ("trunk.{i}.n1", "model.layers.{i}.input_layernorm", "default"),
-            ("trunk.{i}.attn", "model.layers.{i}.self_attn", "default"),
-            ("trunk.{i}.n2", "model.layers.{i}.post_attention_layernorm", "default"),
-            ("trunk.{i}.ffn", "model.layers.{i}.mlp", "default"),
-            ("norm", "model.norm", "default"),
-            ("head", "lm_head", "default"),
-        ),
+        modules=_LLAMA_LAYOUT,
     ),
     "qwen2": Family(
         model_type="qwen2",
@@ -98,15 +101,7 @@ FAMILIES: dict[str, Family] = {
         requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "use_sliding_window": (False,),
                   "tie_word_embeddings": (False,)},
         writes={"attention_dropout": 0.0},
-        modules=(
-            ("tok", "model.embed_tokens", "default"),
-            ("trunk.{i}.n1", "model.layers.{i}.input_layernorm", "default"),
-            ("trunk.{i}.attn", "model.layers.{i}.self_attn", "default"),
-            ("trunk.{i}.n2", "model.layers.{i}.post_attention_layernorm", "default"),
-            ("trunk.{i}.ffn", "model.layers.{i}.mlp", "default"),
-            ("norm", "model.norm", "default"),
-            ("head", "lm_head", "default"),
-        ),
+        modules=_LLAMA_LAYOUT,
     ),
     "gpt2": Family(
         model_type="gpt2",

@@ -1,5 +1,5 @@
 """benchmarks/README.md, the results page: every raw output it cites exists, and no page of the
-project dates its work by work-session ordinals ("the ninth session") instead of a date or commit."""
+project dates its work by the ordinal of a work period instead of a date or commit."""
 
 from __future__ import annotations
 
