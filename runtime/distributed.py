@@ -57,6 +57,16 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank=rank, world=world, local_rank=local)
 
 
+def close_distributed() -> None:
+    """Leave the process group, if one was joined: every rank waits for the others, then the
+    group is destroyed, so no backend thread is still running when the interpreter exits."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def wrap_model(model: nn.Module, info: DistInfo, strategy: str, block_paths: list[str], *,
                bucket_mb: float = 250.0, bucket_view: bool = True,
                param_dtype: torch.dtype | None = None, reduce_dtype: str = "float32") -> nn.Module:

@@ -115,6 +115,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                    overrides=args.overrides or None, out_dir=out, resume=args.resume, device=args.device,
                    compile=args.compile, seed=args.seed, progress=not args.no_progress, strategy=args.strategy,
                    **extra)
+    from physlm_graph.runtime.distributed import close_distributed
+
+    close_distributed()  # a torchrun worker leaves the group before exit (gloo's threads aborted at teardown)
     if "RANK" in os.environ and os.environ["RANK"] != "0":
         return 0
     best = result["best_val_loss"]
