@@ -12,7 +12,7 @@ from typing import Any
 
 from physlm_graph.cli import console as _console
 
-__all__ = ["add_commands", "cmd_build", "cmd_validate", "cmd_components", "cmd_schema", "build_table"]
+__all__ = ["add_commands", "cmd_build", "cmd_validate", "cmd_components", "cmd_schema", "build_table", "memory_table"]
 
 
 def _fmt_int(n: float) -> str:
@@ -55,18 +55,64 @@ def build_table(cm: Any, title: str | None = None) -> Any:
 def cmd_build(args: argparse.Namespace) -> int:
     if args.stages:
         return _build_stages(args)
-    cm = _compile(args, build=bool(args.code), stage=args.stage)
+    cm = _compile(args, build=bool(args.code or args.memory), stage=args.stage)
+    mem = _memory(cm, args) if args.memory else None
     if args.json:
         out = cm.to_json()
         if args.code:
             out["code"] = cm.module.code
+        if mem is not None:
+            out["memory"] = mem.to_json()
         print(json.dumps(out, indent=2))
         return 0
     con = _console()
     con.print(build_table(cm))
+    if mem is not None:
+        con.print(memory_table(mem))
     if args.code:
         con.print(cm.module.code, markup=False, highlight=False)
     return 0
+
+
+def _memory(cm: Any, args: argparse.Namespace) -> Any:
+    """The training-memory estimate at the run's batch and window (the blueprint's ``train:``
+    unless the options say), bf16 unless ``train.dtype`` is float32."""
+    from physlm_graph._memory import estimate_memory
+
+    tc = cm.train_config
+    batch = args.batch or tc.batch_size
+    seq = args.seq or tc.seq_len or cm.inferred.sample["seq"]
+    dtype = "float32" if tc.dtype == "float32" else "bfloat16"
+    return estimate_memory(cm, batch=batch, seq=seq, dtype=dtype, world=args.world, optimizer=args.optimizer,
+                           bucket_view=tc.ddp_bucket_view)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def memory_table(m: Any) -> Any:
+    from rich.table import Table
+
+    t = Table(title=f"training memory per device: batch {m.batch} x {m.seq} tokens, {m.dtype}, {m.optimizer} "
+              f"(eager, unfused loss)", title_justify="left")
+    t.add_column("part")
+    t.add_column("one device", justify="right")
+    t.add_column("DDP", justify="right")
+    t.add_column(f"FSDP x{m.world}", justify="right")
+    w = max(m.world, 1)
+    t.add_row("weights (fp32)", _gib(m.weights), _gib(m.weights), _gib(m.weights // w))
+    t.add_row("gradients (DDP: + buckets)", _gib(m.gradients), _gib(m.gradients + m.ddp - m.single),
+              _gib(m.gradients // w))
+    t.add_row("optimizer state", _gib(m.optimizer_state), _gib(m.optimizer_state), _gib(m.optimizer_state // w))
+    t.add_row(f"activations ({m.activations_per_token / 1024:.1f} KiB/token)", _gib(m.activations),
+              _gib(m.activations), _gib(m.activations))
+    t.add_row("bf16 weight copies", _gib(m.weight_casts), _gib(m.weight_casts), _gib(m.weight_casts // w))
+    t.add_row("loss gradient (fp32 logits)", _gib(m.logits_grad), _gib(m.logits_grad), _gib(m.logits_grad))
+    t.add_row("gathered blocks (2 x largest)", "", "", _gib(2 * m.largest_block))
+    t.add_section()
+    t.add_row("peak", _gib(m.single), _gib(m.ddp), _gib(m.fsdp))
+    return t
 
 
 def _build_stages(args: argparse.Namespace) -> int:
@@ -181,7 +227,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    from physlm_graph._cliargs import nonnegative_int
+    from physlm_graph._cliargs import nonnegative_int, positive_int
 
     b = sub.add_parser("build", help="compile a blueprint and print its node table")
     b.add_argument("blueprint")
@@ -190,6 +236,12 @@ def add_commands(sub: Any) -> None:
     b.add_argument("--stage", type=nonnegative_int, default=None, help="build this growth stage")
     b.add_argument("--stages", action="store_true", help="table of all growth stages")
     b.add_argument("--json", action="store_true")
+    b.add_argument("--memory", action="store_true", help="estimate training memory per device (DDP and FSDP)")
+    b.add_argument("--batch", type=positive_int, default=None, help="--memory: micro-batch rows (default train.batch_size)")
+    b.add_argument("--seq", type=positive_int, default=None, help="--memory: window (default train.seq_len or context)")
+    b.add_argument("--world", type=positive_int, default=8, help="--memory: FSDP world size (default 8)")
+    b.add_argument("--optimizer", choices=("adamw", "muon", "sgd"), default="adamw",
+                   help="--memory: optimizer whose state to count (default adamw)")
     b.set_defaults(fn=cmd_build)
 
     v = sub.add_parser("validate", help="check blueprints; exit 2 listing every error")

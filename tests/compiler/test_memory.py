@@ -1,0 +1,98 @@
+"""``build --memory``: the activation count on meta equals what a real forward saves, and the
+parts of the estimate follow the parameter count, the optimizer and the world size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from physlm_graph import compile_blueprint
+from physlm_graph._errors import PhysLMError
+from physlm_graph._memory import estimate_memory
+from physlm_graph.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL_LLAMA = ["vocab=512", "dim=128", "heads=4", "kv_heads=2", "layers=2", "hidden=256", "context=128"]
+
+
+def _real_saved_bytes(blueprint: Path, overrides: list[str], batch: int, seq: int) -> int:
+    """What autograd keeps for backward in a real CPU forward + cross-entropy, fp32: each storage
+    once, parameters excluded (the independent count the meta estimate must reproduce)."""
+    cm = compile_blueprint(blueprint, overrides=overrides, device="cpu")
+    model = cm.module.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            kept[st.data_ptr()] = st.nbytes()
+        return t
+
+    x = torch.randint(0, 64, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(tokens=x)["logits"]
+        flat = logits.reshape(-1, logits.size(-1)).float()
+        F.cross_entropy(flat, torch.zeros(flat.shape[0], dtype=torch.long))
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("blueprint,overrides", [("baby-gpt-cpu.yaml", []), ("llama-style.yaml", SMALL_LLAMA)])
+def test_meta_activation_count_equals_a_real_forward(blueprint, overrides):
+    path = ROOT / "blueprints" / blueprint
+    cm = compile_blueprint(path, overrides=overrides, device="meta")
+    for batch in (1, 3):
+        est = estimate_memory(cm, batch=batch, seq=32, dtype="float32")
+        assert est.activations == _real_saved_bytes(path, overrides, batch, 32), (blueprint, batch)
+
+
+def test_parts_follow_params_optimizer_dtype_and_world():
+    cm = compile_blueprint(ROOT / "blueprints" / "llama-style.yaml", overrides=SMALL_LLAMA, device="meta")
+    n = cm.num_params
+    adam = estimate_memory(cm, batch=4, seq=64, dtype="bfloat16", world=4)
+    assert adam.params == n and adam.weights == 4 * n and adam.gradients == 4 * n
+    assert adam.optimizer_state == 8 * n and adam.weight_casts == 2 * n
+    muon = estimate_memory(cm, batch=4, seq=64, dtype="bfloat16", optimizer="muon")
+    assert muon.optimizer_state == 4 * n
+    fp32 = estimate_memory(cm, batch=4, seq=64, dtype="float32")
+    assert adam.activations < fp32.activations and fp32.weight_casts == 0
+    # logits: 4 x 64 rows of 512 fp32 values
+    assert adam.logits_grad == 4 * 64 * 512 * 4
+    assert adam.ddp == adam.single  # the gradients live in DDP's buckets (train.ddp_bucket_view)
+    assert estimate_memory(cm, batch=4, seq=64, bucket_view=False).ddp == adam.single + adam.gradients
+    assert adam.fsdp < adam.single  # state divided by 4, two gathered blocks added
+    assert adam.largest_block > 0
+    double = estimate_memory(cm, batch=8, seq=64, dtype="bfloat16")
+    assert double.activations - adam.activations == pytest.approx(4 * 64 * adam.activations_per_token)
+
+
+def test_refuses_a_module_with_real_weights_and_an_unknown_optimizer():
+    cm = compile_blueprint(ROOT / "blueprints" / "baby-gpt-cpu.yaml", device="cpu")
+    with pytest.raises(PhysLMError, match="meta"):
+        estimate_memory(cm, batch=1, seq=8)
+    meta = compile_blueprint(ROOT / "blueprints" / "baby-gpt-cpu.yaml", device="meta")
+    with pytest.raises(PhysLMError, match="unknown optimizer"):
+        estimate_memory(meta, batch=1, seq=8, optimizer="lion")
+
+
+def test_build_memory_json_and_table(capsys):
+    bp = str(ROOT / "blueprints" / "baby-gpt-cpu.yaml")
+    assert main(["build", bp, "--memory", "--json", "--batch", "2", "--seq", "16", "--world", "2"]) == 0
+    mem = json.loads(capsys.readouterr().out)["memory"]
+    assert mem["batch"] == 2 and mem["seq"] == 16 and mem["world"] == 2 and mem["single"] > mem["activations"] > 0
+    assert main(["build", bp, "--memory", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "training memory per device" in out and "FSDP x8" in out
+
+
+def test_build_memory_options_are_checked(capsys):
+    bp = str(ROOT / "blueprints" / "baby-gpt-cpu.yaml")
+    for bad in (["--batch", "0"], ["--world", "-1"], ["--optimizer", "lion"]):
+        with pytest.raises(SystemExit) as e:
+            main(["build", bp, "--memory", *bad])
+        assert e.value.code == 2
+        assert bad[0] in capsys.readouterr().err
