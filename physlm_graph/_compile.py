@@ -25,6 +25,7 @@ from physlm_graph._infer import infer_shapes
 from physlm_graph._ir import Inferred, NodeReport, Resolved
 from physlm_graph._load import Document, load_document
 from physlm_graph._merge import apply_overrides, merge_extends
+from physlm_graph._passes import check_checkpointing
 from physlm_graph._resolve import resolve
 from physlm_graph._validate import Checked, check_file_kind, validate
 
@@ -180,6 +181,7 @@ def compile_blueprint(
     inf = infer_shapes(res, checked)
     _dump("infer_shapes", inf, dump_ir, dump)
     phases = check_growth(doc, list(res.spec.growth))
+    check_checkpointing(res, doc)
     graph = canonical_graph(res)
     module = None
     applied: list[tuple[str, bool]] = []

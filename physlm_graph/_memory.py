@@ -20,7 +20,9 @@ the logits (fp32, alive at the start of the backward pass, the moment every acti
 still held). DDP adds its gradient buckets, one more copy of the gradients, unless the gradients
 live inside them (``train.ddp_bucket_view``, the default); FSDP divides
 weights, gradients and optimizer state by the world size and adds the largest block gathered
-twice (the one computing and the one prefetched). Eager mode, unfused loss: ``torch.compile``
+twice (the one computing and the one prefetched). With ``train.checkpointing`` the pass runs
+first, so only what the checkpointed pieces keep is counted, plus one piece's activations
+recomputed during its backward. Eager mode, unfused loss: ``torch.compile``
 recomputes cheap operations and saves less, so the estimate is an upper bound for it.
 """
 
@@ -111,6 +113,7 @@ class MemoryEstimate:
     weight_casts: int
     logits_grad: int
     largest_block: int
+    checkpointing: Any
     single: int  # one device, no wrapper
     ddp: int
     fsdp: int
@@ -170,8 +173,11 @@ def _largest_block(cm: Any, module: torch.nn.Module, bytes_per: int) -> int:
 
 
 def estimate_memory(cm: Any, *, batch: int, seq: int, dtype: str = "bfloat16", world: int = 1,
-                    optimizer: str = "adamw", bucket_view: bool = True) -> MemoryEstimate:
-    """Estimate one training step's memory for compiled blueprint ``cm`` (built on meta)."""
+                    optimizer: str = "adamw", bucket_view: bool = True, checkpointing: Any = "none") -> MemoryEstimate:
+    """Estimate one training step's memory for compiled blueprint ``cm`` (built on meta).
+
+    ``checkpointing`` (``train.checkpointing``) is applied to ``cm.module`` in place; the peak then
+    adds one checkpointed piece's recomputed activations (its backward's working set)."""
     if optimizer not in OPTIMIZER_STATE:
         raise PhysLMError(f"unknown optimizer {optimizer!r} for the memory estimate",
                           expected=", ".join(OPTIMIZER_STATE))
@@ -185,11 +191,21 @@ def estimate_memory(cm: Any, *, batch: int, seq: int, dtype: str = "bfloat16", w
     try:
         one, row_logits = _saved_bytes(module, cm, 1, seq, half)
         two, _ = _saved_bytes(module, cm, 2, seq, half)
+        recompute = 0
+        if checkpointing != "none":
+            from physlm_graph._passes import checkpoint_blocks
+
+            plain = (two - one) * batch + max(one - (two - one), 0)
+            pieces = checkpoint_blocks(module, cm.resolved, checkpointing)
+            one, _ = _saved_bytes(module, cm, 1, seq, half)
+            two, _ = _saved_bytes(module, cm, 2, seq, half)
+            kept = (two - one) * batch + max(one - (two - one), 0)
+            recompute = max(plain - kept, 0) // max(len(pieces), 1)
     except PhysLMError:
         raise
     except Exception as e:  # a component that cannot run on meta (data-dependent shapes, .item())
         raise PhysLMError(f"the memory estimate could not run the model on meta: {type(e).__name__}: {e}",
-                          hint="components whose shapes depend on data values cannot be measured this way")
+                          fix="components whose shapes depend on data values cannot be measured this way")
     logits = row_logits * batch
     per_row = max(two - one, 0)
     fixed = max(one - per_row, 0)
@@ -199,11 +215,12 @@ def estimate_memory(cm: Any, *, batch: int, seq: int, dtype: str = "bfloat16", w
     opt = OPTIMIZER_STATE[optimizer] * 4 * n
     casts = 2 * n if half is not None else 0
     block = _largest_block(cm, module, 4)
+    acts += recompute
     single = weights + grads + opt + acts + casts + logits
     ddp = single + (0 if bucket_view else grads)
     fsdp = (weights + grads + opt) // max(world, 1) + acts + logits + 2 * block + (casts // max(world, 1))
     return MemoryEstimate(dtype=dtype, optimizer=optimizer, batch=batch, seq=seq, world=world, params=n,
                           weights=weights, gradients=grads, optimizer_state=opt,
                           activations_per_token=per_row / seq, activations_fixed=fixed, activations=acts,
-                          weight_casts=casts, logits_grad=logits, largest_block=block, single=single, ddp=ddp,
+                          weight_casts=casts, logits_grad=logits, largest_block=block, checkpointing=checkpointing, single=single, ddp=ddp,
                           fsdp=fsdp)

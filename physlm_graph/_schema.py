@@ -226,6 +226,27 @@ class TrainConfig(_Strict):
         "fp32. DDP only")
     nan_policy: Literal["stop", "skip"] = "stop"
     max_skips: int = Field(10, ge=0)
+    checkpointing: Any = Field(
+        "none", description="activation checkpointing: none; blocks (every block instance recomputed in backward, "
+        "only its inputs kept); {every: k} (every k-th block instance); {nodes: [patterns]} (the components whose "
+        "paths match, e.g. trunk.*.attn)")
+
+    @field_validator("checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_form(cls, v: Any) -> Any:
+        if v in ("none", "blocks"):
+            return v
+        if isinstance(v, dict) and set(v) == {"every"}:
+            k = v["every"]
+            if type(k) is not int or k < 1:
+                raise ValueError(f"checkpointing.every must be a whole number >= 1, got {k!r}")
+            return {"every": k}
+        if isinstance(v, dict) and set(v) == {"nodes"}:
+            pats = v["nodes"]
+            if not isinstance(pats, list) or not pats or not all(isinstance(x, str) and x for x in pats):
+                raise ValueError("checkpointing.nodes must be a non-empty list of path patterns (trunk.*.attn)")
+            return {"nodes": list(pats)}
+        raise ValueError(f"expected none, blocks, {{every: k}} or {{nodes: [patterns]}}, got {v!r}")
 
     @field_validator("val_fraction", "lr", "min_lr", "weight_decay", "grad_clip", "ddp_bucket_mb", mode="before")
     @classmethod

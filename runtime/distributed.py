@@ -132,10 +132,12 @@ def shard_groups(model: nn.Module, block_paths: list[str]) -> list[list[nn.Modul
     outside any block (embeddings, a tied head) stay with the root."""
     from torch import fx
 
+    from physlm_graph._passes import called_modules
+
     called: list[str] = []
     for name, gm in model.named_modules():
-        if isinstance(gm, fx.GraphModule):
-            called += [f"{name}.{n.target}" if name else str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+        if isinstance(gm, fx.GraphModule):  # checkpointed blocks' calls included (train.checkpointing)
+            called += [f"{name}.{t}" if name else t for t in called_modules(gm)]
     groups = []
     for path in block_paths:
         inside = [t for t in dict.fromkeys(called) if t == path or t.startswith(path + ".")]

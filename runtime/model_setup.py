@@ -28,6 +28,11 @@ def install_model(t: Any, cm: Any) -> None:
     or FSDP2), ``t.forward`` and ``t.forward_loss`` (compiled as ``train.compile`` says),
     ``t.fused_loss``, ``t.seq_len``, ``t.autocast`` and ``t.dtype_name``."""
     t.cm = cm
+    if not getattr(cm.module, "_checkpointing_done", False):  # growth installs each stage's new model once
+        from physlm_graph._passes import checkpoint_blocks
+
+        t.checkpointed = checkpoint_blocks(cm.module, cm.resolved, t.cfg.checkpointing)
+        cm.module._checkpointing_done = True
     t.model = cm.module.to(t.device)
     t.model.train()
     blocks = [p for paths in cm.resolved.instances.values() for p in paths]

@@ -51,6 +51,9 @@ def describe_run(t: Any) -> None:
     tab.add_row("loss", "final head: " + ("fused head + cross-entropy (train.fused_loss)" if t.fused_loss
                                           else "cross-entropy on the logits"))
     tab.add_row("objective", t.objective.describe(t.cm))
+    if getattr(t, "checkpointed", None):
+        kind = "block instances" if c.checkpointing == "blocks" or "every" in c.checkpointing else "components"
+        tab.add_row("checkpointing", f"{len(t.checkpointed)} {kind} recomputed in backward (train.checkpointing)")
     if t.growth is not None:
         tab.add_row("growth", t.growth.describe())
     if t.plan.extensions:

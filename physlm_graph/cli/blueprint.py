@@ -84,7 +84,7 @@ def _memory(cm: Any, args: argparse.Namespace) -> Any:
     seq = args.seq or tc.seq_len or cm.inferred.sample["seq"]
     dtype = "float32" if tc.dtype == "float32" else "bfloat16"
     return estimate_memory(cm, batch=batch, seq=seq, dtype=dtype, world=args.world, optimizer=args.optimizer,
-                           bucket_view=tc.ddp_bucket_view)
+                           bucket_view=tc.ddp_bucket_view, checkpointing=tc.checkpointing)
 
 
 def _gib(n: float) -> str:
@@ -94,7 +94,8 @@ def _gib(n: float) -> str:
 def memory_table(m: Any) -> Any:
     from rich.table import Table
 
-    t = Table(title=f"training memory per device: batch {m.batch} x {m.seq} tokens, {m.dtype}, {m.optimizer} "
+    ck = "" if m.checkpointing == "none" else f", checkpointing {m.checkpointing}"
+    t = Table(title=f"training memory per device: batch {m.batch} x {m.seq} tokens, {m.dtype}, {m.optimizer}{ck} "
               f"(eager, unfused loss)", title_justify="left")
     t.add_column("part")
     t.add_column("one device", justify="right")
