@@ -23,18 +23,22 @@ from rich.table import Table
 
 from physlm_graph import compile_blueprint
 from physlm_graph._memory import estimate_memory
+from physlm_graph._passes import checkpoint_blocks
 from physlm_graph.runtime.objective import Objective
 
 ROWS = [  # (label, blueprint, overrides, batch, seq)
     ("gpt2-124m b8", "blueprints/gpt2-124m.yaml", [], 8, 1024),
     ("gpt2-124m b16", "blueprints/gpt2-124m.yaml", [], 16, 1024),
+    ("gpt2-124m b16, checkpointing blocks", "blueprints/gpt2-124m.yaml", ["train.checkpointing=blocks"], 16, 1024),
     ("llama2-7b layout, 4 layers, b2", "blueprints/llama2-7b.yaml", ["layers=4"], 2, 2048),
 ]
-SMOKE = [("baby-gpt-cpu b4", "blueprints/baby-gpt-cpu.yaml", [], 4, 64)]
+SMOKE = [("baby-gpt-cpu b4", "blueprints/baby-gpt-cpu.yaml", [], 4, 64),
+         ("baby-gpt-cpu b4, checkpointing every 2", "blueprints/baby-gpt-cpu.yaml", ["train.checkpointing={every: 2}"], 4, 64)]
 
 
 def measure(blueprint: str, overrides: list[str], batch: int, seq: int, device: torch.device) -> int:
     cm = compile_blueprint(blueprint, overrides=overrides, device=device)
+    checkpoint_blocks(cm.module, cm.resolved, cm.train_config.checkpointing)  # as the trainer does
     model = cm.module.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     objective = Objective(cm.loss_weights)
@@ -79,7 +83,8 @@ def main() -> None:
         t.add_column(col, justify="left" if col == "run" else "right")
     for label, bp, sets, batch, seq in rows:
         t0 = time.time()
-        est = estimate_memory(compile_blueprint(bp, overrides=sets, device="meta"), batch=batch, seq=seq)
+        meta = compile_blueprint(bp, overrides=sets, device="meta")
+        est = estimate_memory(meta, batch=batch, seq=seq, checkpointing=meta.train_config.checkpointing)
         try:
             peak = measure(bp, sets, batch, seq, device)
         except torch.OutOfMemoryError as e:
