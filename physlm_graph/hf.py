@@ -31,6 +31,9 @@ _done: set[str] = set()
 def _register(which: str) -> None:
     if which in _done:
         return
+    half = sys.modules.get("physlm_graph._hf")
+    if half is not None and not hasattr(half, "register_model"):
+        return  # _hf is importing transformers right now; it registers when it has finished (its last line)
     _done.add(which)
     try:
         from physlm_graph import _hf

@@ -103,14 +103,6 @@ def test_from_pretrained_names_a_missing_folder(tmp_path):
     assert "snapshot_download" in str(err.value)
 
 
-def test_padding_is_refused_clearly(ckpt):
-    _, tok, folder = ckpt
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    ids = torch.tensor([tok.encode("abcd")])
-    with pytest.raises(physlm_graph.PhysLMError, match="padding"):
-        model(ids, attention_mask=torch.tensor([[0, 1, 1, 1]]))
-
-
 PG_FIRST = """
 import sys
 import physlm_graph
