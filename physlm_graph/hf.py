@@ -42,6 +42,10 @@ def _register(which: str) -> None:
             _hf.register_config()
         else:
             _hf.register_model()
+    except ImportError as exc:
+        if "partially initialized" not in str(exc):
+            warnings.warn(f"physlm-graph could not register its transformers classes: {exc}", stacklevel=2)
+        _done.discard(which)  # transformers is halfway through importing itself: _hf's last line registers
     except Exception as exc:  # never break someone's `import transformers`
         warnings.warn(f"physlm-graph could not register its transformers classes: {exc}", stacklevel=2)
 

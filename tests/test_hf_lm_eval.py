@@ -1,5 +1,6 @@
-"""lm-evaluation-harness's HFLM runs an exported char-level checkpoint unpatched: rolling
-log-likelihood (prefixed with the exported BOS) and batched greedy generate_until (left padding)."""
+"""Tools built on transformers run an exported char-level checkpoint unpatched: a batched
+text-generation pipeline, and lm-evaluation-harness's HFLM (rolling log-likelihood, prefixed with
+the exported BOS, and batched greedy generate_until, left-padded)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,6 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-pytest.importorskip("lm_eval")
-
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 import physlm_graph  # noqa: E402,F401  (registers model_type "physlm")
 from physlm_graph import compile_blueprint, export_hf  # noqa: E402
@@ -64,7 +61,23 @@ def test_the_export_adds_a_boundary_token_the_model_reads_but_never_produces(exp
     assert load_checkpoint(out).model.hash == model.compiled.hash  # still a physlm checkpoint
 
 
+def test_a_batched_pipeline_generates_what_each_prompt_generates_alone(exported):
+    cm, tok, out = exported
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    pipe = pipeline("text-generation", model=AutoModelForCausalLM.from_pretrained(out),
+                    tokenizer=AutoTokenizer.from_pretrained(out, padding_side="left"))
+    prompts = ["ROMEO:", "To be, or not", "A"]
+    got = pipe(prompts, batch_size=3, max_new_tokens=10, do_sample=False)
+    for p, [g] in zip(prompts, got):
+        assert g["generated_text"] == tok.decode(generate(cm, tok.encode(p), max_new_tokens=10, temperature=0))
+
+
 def test_hflm_rolling_loglikelihood_and_batched_generate_until(exported):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
     cm, tok, out = exported
     lm = HFLM(pretrained=str(out), batch_size=4, device="cpu")
     V = tok.vocab_size
