@@ -7,10 +7,10 @@ own checkpoints store them (``model.safetensors`` keyed by blueprint paths: ``to
 read and write the checkpoint format directly, and a folder written by either side opens in the
 other (``runtime.checkpoint.load_checkpoint`` <-> ``AutoModelForCausalLM.from_pretrained``).
 
-Generation recomputes the whole (cropped) context at every step: the model returns no
-``past_key_values`` and ``generate`` is told not to keep a cache (``use_cache=False``). The
-incremental path of the runtime (``DecodeContext``) is not wired into transformers' ``Cache``
-classes; ``physlm_graph.runtime.generate`` is the fast path.
+Incremental decoding uses the components' own decode path (``DecodeContext``) behind
+transformers' ``Cache`` interface: ``PhysLMCache`` (``_hf_cache``), which also runs a left-padded
+batch per padding group. Fine-tuning helpers (embeddings, resizing, gradient checkpointing) live
+in ``_hf_ops``. docs/hugging-face.md describes what is supported and what is refused.
 """
 
 from __future__ import annotations
@@ -118,7 +118,6 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _supports_cache_class = True
 
     def __init__(self, config: PhysLMConfig) -> None:
         super().__init__(config)
@@ -175,7 +174,7 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
                 cache_position: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 past_key_values: Any = None, logits_to_keep: int | torch.Tensor = 0,
-                **kwargs: Any) -> CausalLMOutputWithPast:
+                num_items_in_batch: int | torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
         _refuse(inputs_embeds is not None, "inputs_embeds", "pass input_ids: the graph starts from token ids")
         _refuse(bool(output_attentions), "output_attentions=True", "leave it off")
         _refuse(bool(output_hidden_states), "output_hidden_states=True", "leave it off")
@@ -198,14 +197,16 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None and self.training and torch.is_grad_enabled():
             raise PhysLMError("use_cache in training mode", fix="call model.eval() to decode, or pass use_cache=False")
         logits = self._logits(input_ids, attention_mask, position_ids, cache, cache_position)
+        loss = None
+        if labels is not None:  # num_items_in_batch (transformers' Trainer): the tokens of all accumulated batches
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                                   ignore_index=-100, reduction="mean" if num_items_in_batch is None else "sum")
+            if num_items_in_batch is not None:
+                loss = loss / num_items_in_batch
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             logits = logits[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             logits = logits[:, logits_to_keep]
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
     def _logits(self, input_ids: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor | None,
@@ -278,7 +279,7 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
             if context and input_ids.size(1) > context:  # cut whole columns: each row keeps min(len, context)
                 real = attention_mask.sum(1) if attention_mask is not None else torch.full((1,), input_ids.size(1))
                 if int(real.max()) > context:
-                    _warn_window_once(self, context)
+                    _warn_window(context)
                 if cache is not None:
                     cache.skipped = input_ids.size(1) - context
                 input_ids = input_ids[:, -context:]
@@ -369,7 +370,7 @@ def _warn_no_cache(names: list[str]) -> None:
                   "runs the whole sequence instead (same results, slower)", stacklevel=3)
 
 
-def _warn_window_once(model: PhysLMForCausalLM, context: int) -> None:
+def _warn_window(context: int) -> None:
     warnings.warn(f"the sequence is longer than the model's context of {context} tokens: each step runs its last "
                   f"{context} tokens (as physlm-graph generate does)", stacklevel=3)
 

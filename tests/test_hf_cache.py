@@ -74,8 +74,9 @@ def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(model):
             alone = model(_ids(p)).logits[0]
             torch.testing.assert_close(logits[i, width - len(p):], alone, rtol=1e-5, atol=1e-5)
     for use_cache in (True, False):
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0,
-                             use_cache=use_cache)  # 7 + 30 > CONTEXT: the longest row passes the context
+        with pytest.warns(UserWarning, match=f"longer than the model's context of {CONTEXT} tokens"):
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0,
+                                 use_cache=use_cache)  # 7 + 30 > CONTEXT: the longest row passes the context
         for i, p in enumerate(prompts):
             alone = model.generate(_ids(p), max_new_tokens=30, do_sample=False, use_cache=use_cache)[0].tolist()
             assert out[i, width - len(p):].tolist() == alone, (use_cache, i)
@@ -129,6 +130,10 @@ def test_position_ids_and_masks_that_the_graph_cannot_follow_are_refused(model):
             model(torch.zeros(1, 40, dtype=torch.long))
         with pytest.raises(PhysLMError, match="does not support reordering rows"):
             model.generate(_ids([5, 6]), num_beams=2, max_new_tokens=3, do_sample=False)
+        with pytest.raises(PhysLMError, match="cache_implementation='static': a PhysLMForCausalLM keeps"):
+            model.generate(_ids([5, 6]), cache_implementation="static", max_new_tokens=3, do_sample=False)
+        with pytest.raises(PhysLMError, match="does not support output_hidden_states=True"):
+            model(ids, output_hidden_states=True)
 
 
 def test_a_graph_that_cannot_decode_recomputes_with_a_warning():

@@ -63,6 +63,21 @@ def test_resize_token_embeddings_changes_the_blueprint_and_keeps_the_old_rows(tm
     assert load_checkpoint(tmp_path / "hf").model.module.tok.weight.shape == (128, 32)
 
 
+def test_the_loss_follows_hf_conventions():
+    model = _model().eval()
+    ids = torch.randint(0, 65, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = -100  # not scored
+    with torch.no_grad():
+        out = model(ids, labels=labels)
+        logp = torch.log_softmax(out.logits[:, :-1], -1)
+        nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]  # (2, 8)
+        scored = labels[:, 1:] != -100
+        torch.testing.assert_close(out.loss, nll[scored].mean())
+        summed = model(ids, labels=labels, num_items_in_batch=40).loss  # the Trainer's gradient accumulation
+        torch.testing.assert_close(summed, nll[scored].sum() / 40)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     ids = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(0))
 
