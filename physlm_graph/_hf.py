@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 from transformers.configuration_utils import PretrainedConfig
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.modeling_utils import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -227,6 +227,9 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None and bool(trail.any()):
             raise PhysLMError("right padding (attention_mask ending in zeros) with a cache: the next tokens would "
                               "follow the padding", fix="pad on the left (tokenizer.padding_side = 'left')")
+        if cache is not None and cache.batch not in (-1, B):
+            raise PhysLMError(f"the cache holds {cache.batch} rows but input_ids has {B}",
+                              fix="pass the cache this batch's previous call returned")
         if cache is not None and cache.groups is not None:
             want = torch.empty(B, dtype=torch.long, device=lead.device)
             for g in cache.groups:
@@ -312,6 +315,9 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
             config.growth_stage = checkpoint_stage(folder)
         model = cls(config)
         load_weights(model.model, folder, verify=(folder / MANIFEST).is_file())
+        if (folder / "generation_config.json").is_file():  # special token ids of an export
+            model.generation_config = GenerationConfig.from_pretrained(str(folder))
+            model.generation_config.use_cache = model.can_cache  # what the graph can do, not what an old file says
         if (folder / TOKENIZER / "tokenizer.json").is_file():
             model.__dict__["tokenizer_folder"] = folder / TOKENIZER
         dtype = _dtype(kwargs.get("dtype", kwargs.get("torch_dtype")))

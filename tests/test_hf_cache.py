@@ -84,6 +84,18 @@ def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(model):
             assert len(set(alone[len(p):])) > 3
 
 
+def test_a_prompt_longer_than_the_context_generates_as_the_runtime_does(model):
+    prompt = torch.randint(0, 65, (1, 40), generator=torch.Generator().manual_seed(2))
+    want = generate(model.compiled, prompt[0].tolist(), max_new_tokens=6, temperature=0)
+    for use_cache in (True, False):
+        with pytest.warns(UserWarning, match=f"longer than the model's context of {CONTEXT} tokens"):
+            out = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=use_cache)
+        assert out[0].tolist() == want, use_cache
+    out = model(prompt[:, :4], use_cache=True)
+    with pytest.raises(PhysLMError, match="the cache holds 1 rows but input_ids has 2"):
+        model(prompt[:, :2].repeat(2, 1), past_key_values=out.cache)
+
+
 def test_generate_feeds_each_token_once(model):
     fed = []
     hook = model.model.register_forward_pre_hook(lambda m, args: fed.append(args[0].numel()))
