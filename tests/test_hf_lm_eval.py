@@ -96,3 +96,20 @@ def test_hflm_rolling_loglikelihood_and_batched_generate_until(exported):
         alone = tok.decode(generate(cm, tok.encode(c), max_new_tokens=12, temperature=0)[len(c):])
         assert text_out == alone.split("\n\n")[0], c
     assert len(set(got)) == 4
+
+
+def test_a_bytes_checkpoint_exports_with_its_boundary_token_too(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from physlm_graph.runtime.tokenizers import ByteTokenizer
+
+    cm = compile_blueprint(ROOT / "tests/assets/blueprints/valid/tiny.yaml", overrides={"params.vocab": 256})
+    r = export_hf(save_checkpoint(tmp_path / "ck", cm=cm, tokenizer=ByteTokenizer()), tmp_path / "hf")
+    hf_tok = AutoTokenizer.from_pretrained(r.out)
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (256, 256, 256)
+    text = "héllo, wörld \u2603\n"
+    assert hf_tok(text)["input_ids"] == list(text.encode("utf-8"))
+    assert hf_tok.decode(list(text.encode("utf-8")) + [256], skip_special_tokens=True) == text
+    model = AutoModelForCausalLM.from_pretrained(r.out)
+    assert model.get_input_embeddings().weight.shape[0] == 257 and model.generation_config.eos_token_id == 256
+
