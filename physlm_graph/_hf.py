@@ -183,8 +183,9 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None and past_key_values is not None:
             raise PhysLMError("both cache and past_key_values given", fix="pass one (they are the same argument)")
         cache = as_cache(cache if cache is not None else past_key_values)
-        if use_cache is None:  # the config's default, but never while training (nothing would decode)
-            use_cache = bool(getattr(self.config, "use_cache", True)) and not (self.training and torch.is_grad_enabled())
+        if use_cache is None:  # the config's default where the graph decodes, never while training
+            use_cache = bool(getattr(self.config, "use_cache", True)) and self.can_cache \
+                and not (self.training and torch.is_grad_enabled())
         if cache is not None and not self.can_cache:
             raise PhysLMError(f"a cache was passed, but these components cannot decode incrementally: "
                               f"{', '.join(self.not_incremental)}", fix="call without past_key_values (and "
@@ -192,7 +193,7 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
         if use_cache and cache is None:
             if self.can_cache:
                 cache = PhysLMCache()
-            elif not self.training:
+            else:  # asked for explicitly
                 _warn_no_cache(self.not_incremental)
         if cache is not None and self.training and torch.is_grad_enabled():
             raise PhysLMError("use_cache in training mode", fix="call model.eval() to decode, or pass use_cache=False")
@@ -207,7 +208,9 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
             logits = logits[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             logits = logits[:, logits_to_keep]
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        return out if (return_dict if return_dict is not None else getattr(self.config, "return_dict", True)) \
+            else out.to_tuple()
 
     def _logits(self, input_ids: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor | None,
                 cache: PhysLMCache | None, cache_position: torch.Tensor | None) -> torch.Tensor:

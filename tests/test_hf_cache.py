@@ -4,6 +4,7 @@ token once, and what cannot be honoured is refused or warned about, never silent
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,6 @@ def test_a_graph_that_cannot_decode_recomputes_with_a_warning():
     assert out[0].tolist() == want
     with pytest.raises(PhysLMError, match="cannot decode incrementally: attention.sparse_topk"):
         model(prompt, past_key_values=PhysLMCache())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain call asks for no cache: nothing to warn about
+        assert model(prompt).cache is None

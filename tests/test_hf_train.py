@@ -76,6 +76,8 @@ def test_the_loss_follows_hf_conventions():
         torch.testing.assert_close(out.loss, nll[scored].mean())
         summed = model(ids, labels=labels, num_items_in_batch=40).loss  # the Trainer's gradient accumulation
         torch.testing.assert_close(summed, nll[scored].sum() / 40)
+        loss, logits = model(ids, labels=labels, use_cache=False, return_dict=False)
+        assert torch.equal(loss, out.loss) and torch.equal(logits, out.logits)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
