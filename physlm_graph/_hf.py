@@ -137,6 +137,13 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
         self.generation_config.use_cache = self.can_cache
 
+    def adopt(self, cm: Any) -> None:
+        """Hold ``cm`` (a recompiled blueprint, weights already in) in place of the current graph."""
+        self.model = cm.module
+        self.__dict__["compiled"] = cm
+        fresh = PhysLMConfig.from_compiled(cm)
+        self.config.blueprint, self.config.vocab_size = fresh.blueprint, fresh.vocab_size
+
     @property
     def can_cache(self) -> bool:
         """Whether every node the logits depend on decodes incrementally (a ``PhysLMCache`` works)."""

@@ -72,7 +72,6 @@ def rebuild(model: Any, overrides: dict[str, Any], *, mean_resizing: bool = True
     """Compile the model's blueprint again with ``overrides`` and carry every weight over; a
     tensor that changed size along one dimension keeps its overlap (new rows: see the module)."""
     from physlm_graph._compile import compile_blueprint
-    from physlm_graph.runtime.checkpoint import model_vocab
 
     ref = next(model.model.parameters())
     cm = compile_blueprint(model.config.blueprint, overrides=overrides, stage=getattr(model.config, "growth_stage", None))
@@ -82,12 +81,9 @@ def rebuild(model: Any, overrides: dict[str, Any], *, mean_resizing: bool = True
             if key not in old:
                 raise PhysLMError(f"recompiling added the weight {key}", fix="change only params.vocab")
             _carry(old[key], new, mean_resizing)
-    module = cm.module.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-    module.train(model.model.training)
-    model.model = module
-    model.__dict__["compiled"] = cm
-    model.config.blueprint = cm.blueprint_text
-    model.config.vocab_size = model_vocab(cm)
+    cm.module.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    cm.module.train(model.model.training)
+    model.adopt(cm)
     if model.checkpointing is not None:
         set_checkpointing(model, True, *model.checkpointing)
 
