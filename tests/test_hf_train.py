@@ -110,7 +110,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert len(recomputed) == 1
 
 
-def test_peft_lora_trains_on_cpu():
+def test_peft_lora_trains_on_cpu(tmp_path):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     model = _model()
@@ -144,3 +144,9 @@ def test_peft_lora_trains_on_cpu():
     with torch.no_grad():  # the adapters are in the graph's modules: generation sees them
         out = lora.generate(input_ids=text[:1, :8], max_new_tokens=7, do_sample=False)
     assert out[0, 8:].tolist() == text[0, 8:15].tolist()
+    lora.save_pretrained(tmp_path / "adapter")  # the adapter alone, and back onto a fresh copy of the base
+    fresh = _model()
+    fresh.load_state_dict(frozen)
+    again = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=text).logits, lora(input_ids=text).logits)
