@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache
 from physlm_graph._context import DecodeContext, decoding
 from physlm_graph._errors import PhysLMError
 
-__all__ = ["PhysLMCache", "padding_of", "run_groups"]
+__all__ = ["PhysLMCache", "as_cache", "check_positions", "padding_of", "run_groups"]
 
 
 @dataclass
