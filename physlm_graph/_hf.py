@@ -7,27 +7,30 @@ own checkpoints store them (``model.safetensors`` keyed by blueprint paths: ``to
 read and write the checkpoint format directly, and a folder written by either side opens in the
 other (``runtime.checkpoint.load_checkpoint`` <-> ``AutoModelForCausalLM.from_pretrained``).
 
-Generation recomputes the whole (cropped) context at every step: the model returns no
-``past_key_values`` and ``generate`` is told not to keep a cache (``use_cache=False``). The
-incremental path of the runtime (``DecodeContext``) is not wired into transformers' ``Cache``
-classes; ``physlm_graph.runtime.generate`` is the fast path.
+Incremental decoding uses the components' own decode path (``DecodeContext``) behind
+transformers' ``Cache`` interface: ``PhysLMCache`` (``_hf_cache``), which also runs a left-padded
+batch per padding group. Fine-tuning helpers (embeddings, resizing, gradient checkpointing) live
+in ``_hf_ops``. docs/hugging-face.md describes what is supported and what is refused.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 from transformers.configuration_utils import PretrainedConfig
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.modeling_utils import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from physlm_graph import _hf_ops
 from physlm_graph._errors import CheckpointError, Loc, PhysLMError
+from physlm_graph._hf_cache import PhysLMCache, as_cache, check_positions, padding_of, run_groups
 
 __all__ = ["PhysLMConfig", "PhysLMForCausalLM", "register_config", "register_model"]
 
@@ -52,7 +55,7 @@ class PhysLMConfig(PretrainedConfig):
         self.vocab_size = vocab_size
         self.max_position_embeddings = max_position_embeddings
         self.growth_stage = growth_stage  # the growth stage the weights belong to (None: no growth)
-        kwargs.setdefault("use_cache", False)  # generation recomputes; see the module docstring
+        kwargs.setdefault("use_cache", True)  # forward's default; generate's follows what the graph can do
         kwargs.setdefault("tie_word_embeddings", False)  # ties live in the blueprint (`tie:`)
         super().__init__(**kwargs)
 
@@ -104,14 +107,17 @@ def _dtype(value: Any) -> torch.dtype | None:
 class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
     """A compiled physlm-graph blueprint behind transformers' causal-LM interface.
 
-    ``forward(input_ids, labels=None)`` returns ``logits`` (B, T, V) and, with labels, the
-    next-token cross-entropy (labels shifted inside, -100 ignored, as in HF models).
+    ``forward(input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+    use_cache=None, labels=None)`` returns ``logits`` (B, T, V), with labels the next-token
+    cross-entropy (labels shifted inside, -100 ignored, as in HF models), and with ``use_cache``
+    the ``PhysLMCache`` to pass back with the next tokens. Left padding is run per padding group
+    (``_hf_cache``), so a padded row gives what its prompt gives alone.
     """
 
     config_class = PhysLMConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    _supports_cache_class = False
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: PhysLMConfig) -> None:
         super().__init__(config)
@@ -120,39 +126,182 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
                               fix="load it from a checkpoint folder (with blueprint.yaml), or use "
                               "PhysLMConfig.from_compiled(compile_blueprint(...))")
         from physlm_graph._compile import compile_blueprint
+        from physlm_graph.runtime.generate import _not_incremental
 
         cm = compile_blueprint(config.blueprint, device="cpu", stage=getattr(config, "growth_stage", None))
         self.model = cm.module
         self.__dict__["compiled"] = cm  # the CompiledModel (report, blueprint); not a submodule
         self.__dict__["tokenizer_folder"] = None
+        self.__dict__["not_incremental"] = _not_incremental(cm)  # components that cannot decode a token at a time
+        self.__dict__["checkpointing"] = None  # gradient checkpointing: (function, every_n) once enabled
         self.post_init()
+        self.generation_config.use_cache = self.can_cache
+
+    def adopt(self, cm: Any) -> None:
+        """Hold ``cm`` (a recompiled blueprint, weights already in) in place of the current graph."""
+        self.model = cm.module
+        self.__dict__["compiled"] = cm
+        fresh = PhysLMConfig.from_compiled(cm)
+        self.config.blueprint, self.config.vocab_size = fresh.blueprint, fresh.vocab_size
+
+    @property
+    def can_cache(self) -> bool:
+        """Whether every node the logits depend on decodes incrementally (a ``PhysLMCache`` works)."""
+        return not self.not_incremental
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         """Weights start as the components' builders made them (the blueprint decides)."""
 
-    def get_input_embeddings(self) -> torch.nn.Module | None:
-        return None
+    # -- embeddings, checkpointing (_hf_ops) -----------------------------------------------------
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return _hf_ops.input_embeddings(self)
+
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        _hf_ops.set_input_embeddings(self, value)
+
+    def get_output_embeddings(self) -> torch.nn.Module | None:
+        return _hf_ops.output_embeddings(self)
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> torch.nn.Module:
+        return _hf_ops.resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of, mean_resizing)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Any = None,
+                                    every_n_layers: int = 1) -> None:
+        _hf_ops.set_checkpointing(self, enable, gradient_checkpointing_func, every_n_layers)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.checkpointing is not None
 
     # -- forward -----------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: Any = None, use_cache: bool | None = None,
                 labels: torch.Tensor | None = None, return_dict: bool | None = None,
-                **kwargs: Any) -> CausalLMOutputWithPast:
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise PhysLMError("padding (attention_mask with zeros) is not supported: the blueprint's "
-                              "positions start at the first token", fix="generate rows of equal length one batch "
-                              "at a time, or without padding")
-        ctx = self.config.max_position_embeddings
-        x = input_ids if not ctx or input_ids.size(1) <= ctx else input_ids[:, -ctx:]  # crop like runtime.generate
-        logits = self.model(x)["logits"]  # (B, T, V)
+                cache_position: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                past_key_values: Any = None, logits_to_keep: int | torch.Tensor = 0,
+                num_items_in_batch: int | torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
+        _refuse(inputs_embeds is not None, "inputs_embeds", "pass input_ids: the graph starts from token ids")
+        _refuse(bool(output_attentions), "output_attentions=True", "leave it off")
+        _refuse(bool(output_hidden_states), "output_hidden_states=True", "leave it off")
+        _refuse(bool(kwargs), f"{', '.join(sorted(kwargs))}", "leave it out")
+        _refuse(input_ids is None, "a call without input_ids", "pass input_ids")
+        if cache is not None and past_key_values is not None:
+            raise PhysLMError("both cache and past_key_values given", fix="pass one (they are the same argument)")
+        cache = as_cache(cache if cache is not None else past_key_values)
+        if use_cache is None:  # the config's default where the graph decodes, never while training
+            use_cache = bool(getattr(self.config, "use_cache", True)) and self.can_cache \
+                and not (self.training and torch.is_grad_enabled())
+        if cache is not None and not self.can_cache:
+            raise PhysLMError(f"a cache was passed, but these components cannot decode incrementally: "
+                              f"{', '.join(self.not_incremental)}", fix="call without past_key_values (and "
+                              "use_cache=False): every call runs the whole sequence")
+        if use_cache and cache is None:
+            if self.can_cache:
+                cache = PhysLMCache()
+            else:  # asked for explicitly
+                _warn_no_cache(self.not_incremental)
+        if cache is not None and self.training and torch.is_grad_enabled():
+            raise PhysLMError("use_cache in training mode", fix="call model.eval() to decode, or pass use_cache=False")
+        logits = self._logits(input_ids, attention_mask, position_ids, cache, cache_position)
         loss = None
-        if labels is not None:
-            labels = labels[:, -logits.size(1):]
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        if labels is not None:  # num_items_in_batch (transformers' Trainer): the tokens of all accumulated batches
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                                   ignore_index=-100, reduction="mean" if num_items_in_batch is None else "sum")
+            if num_items_in_batch is not None:
+                loss = loss / num_items_in_batch
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            logits = logits[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            logits = logits[:, logits_to_keep]
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        return out if (return_dict if return_dict is not None else getattr(self.config, "return_dict", True)) \
+            else out.to_tuple()
 
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                                      **kwargs: Any) -> dict[str, Any]:
-        return {"input_ids": input_ids, "attention_mask": attention_mask}  # the whole sequence: recompute
+    def _logits(self, input_ids: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                cache: PhysLMCache | None, cache_position: torch.Tensor | None) -> torch.Tensor:
+        B, T = input_ids.shape
+        past = cache.seen if cache is not None else 0
+        fed = cache.get_seq_length() if cache is not None else 0  # columns transformers has fed, incl. skipped
+        if cache_position is not None and not torch.equal(cache_position.flatten().cpu(), torch.arange(fed, fed + T)):
+            raise PhysLMError(f"cache_position {cache_position.flatten().tolist()} does not continue the cache, "
+                              f"which holds {fed} positions", fix=f"pass positions {fed}..{fed + T - 1}, or none")
+        if mask is None:
+            mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+        elif mask.dim() != 2 or mask.size(0) != B or mask.size(1) not in (past + T, fed + T):
+            raise PhysLMError(f"attention_mask has shape {tuple(mask.shape)}; expected ({B}, {fed + T}): one column "
+                              "per token fed so far, this call's included", fix="pass the mask of the whole sequence")
+        mask = mask[:, -(past + T):]  # the columns the graph has run (an over-long prompt's cropped ones dropped)
+        lead, trail = padding_of(mask)
+        if cache is not None and bool(trail.any()):
+            raise PhysLMError("right padding (attention_mask ending in zeros) with a cache: the next tokens would "
+                              "follow the padding", fix="pad on the left (tokenizer.padding_side = 'left')")
+        if cache is not None and cache.batch not in (-1, B):
+            raise PhysLMError(f"the cache holds {cache.batch} rows but input_ids has {B}",
+                              fix="pass the cache this batch's previous call returned")
+        if cache is not None and cache.groups is not None:
+            want = torch.empty(B, dtype=torch.long, device=lead.device)
+            for g in cache.groups:
+                want[g.rows.to(lead.device)] = g.pad
+            if not torch.equal(lead, want):
+                raise PhysLMError("attention_mask's padding differs from the one the cache was filled with",
+                                  fix="pass the mask of the whole sequence, the cached part unchanged")
+        if position_ids is not None and not (cache is not None and (cache.windowed or cache.skipped)):
+            check_positions(position_ids.reshape(B, -1)[:, -T:], lead, past)
+        logits = run_groups(self.model, input_ids, lead, cache=cache, context=self.config.max_position_embeddings)
+        if cache is not None:
+            cache.seen += T
+        return logits
+
+    # -- generation ----------------------------------------------------------------------------
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model makes its own PhysLMCache (_prepare_cache_for_generation)
+
+    def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, generation_mode: Any,
+                                      batch_size: int, max_cache_length: int) -> None:
+        if generation_config.cache_implementation is not None:
+            raise PhysLMError(f"cache_implementation={generation_config.cache_implementation!r}: a "
+                              "PhysLMForCausalLM keeps the components' own decode state (PhysLMCache)",
+                              fix="leave cache_implementation unset")
+        given = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        model_kwargs.pop("past_key_values", None)
+        if given is not None:
+            model_kwargs["cache"] = as_cache(given)
+        elif generation_config.use_cache:
+            if self.can_cache:
+                model_kwargs["cache"] = PhysLMCache()
+            else:
+                _warn_no_cache(self.not_incremental)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, next_sequence_length: int | None = None,
+                                      cache: Any = None, attention_mask: torch.Tensor | None = None,
+                                      position_ids: torch.Tensor | None = None, use_cache: bool | None = None,
+                                      is_first_iteration: bool | None = False, **kwargs: Any) -> dict[str, Any]:
+        """The next call's inputs: the new tokens with a cache; else the whole sequence, its last
+        ``context`` columns once it is longer (with a warning), as ``physlm-graph generate`` does."""
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("cache_position", None)  # derived from the cache
+        if cache is not None and cache.get_seq_length() > 0:
+            n = next_sequence_length or input_ids.size(1) - cache.get_seq_length()
+            input_ids = input_ids[:, -n:]
+            position_ids = position_ids[..., -n:] if position_ids is not None else None
+        else:
+            context = self.config.max_position_embeddings
+            if context and input_ids.size(1) > context:  # cut whole columns: each row keeps min(len, context)
+                real = attention_mask.sum(1) if attention_mask is not None else torch.full((1,), input_ids.size(1))
+                if int(real.max()) > context:
+                    _warn_window(context)
+                if cache is not None:
+                    cache.skipped = input_ids.size(1) - context
+                input_ids = input_ids[:, -context:]
+                attention_mask = attention_mask[:, -context:] if attention_mask is not None else None
+                position_ids = None  # positions restart inside the window
+        out = {"input_ids": input_ids.contiguous(), "attention_mask": attention_mask, "position_ids": position_ids,
+               "cache": cache, "use_cache": use_cache}
+        out.update({k: v for k, v in kwargs.items() if v is not None and k != "labels"})
+        return out
 
     # -- loading and saving --------------------------------------------------------------------
     @classmethod
@@ -176,6 +325,9 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
             config.growth_stage = checkpoint_stage(folder)
         model = cls(config)
         load_weights(model.model, folder, verify=(folder / MANIFEST).is_file())
+        if (folder / "generation_config.json").is_file():  # special token ids of an export
+            model.generation_config = GenerationConfig.from_pretrained(str(folder))
+            model.generation_config.use_cache = model.can_cache  # what the graph can do, not what an old file says
         if (folder / TOKENIZER / "tokenizer.json").is_file():
             model.__dict__["tokenizer_folder"] = folder / TOKENIZER
         dtype = _dtype(kwargs.get("dtype", kwargs.get("torch_dtype")))
@@ -224,6 +376,21 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
         return model
 
 
+def _refuse(given: bool, what: str, fix: str) -> None:
+    if given:
+        raise PhysLMError(f"PhysLMForCausalLM.forward does not support {what}", fix=fix)
+
+
+def _warn_no_cache(names: list[str]) -> None:
+    warnings.warn(f"use_cache: these components cannot decode incrementally: {', '.join(names)}; every step "
+                  "runs the whole sequence instead (same results, slower)", stacklevel=3)
+
+
+def _warn_window(context: int) -> None:
+    warnings.warn(f"the sequence is longer than the model's context of {context} tokens: each step runs its last "
+                  f"{context} tokens (as physlm-graph generate does)", stacklevel=3)
+
+
 def register_config() -> None:
     from transformers.models.auto.configuration_auto import AutoConfig
 
@@ -235,3 +402,8 @@ def register_model() -> None:
 
     register_config()
     AutoModelForCausalLM.register(PhysLMConfig, PhysLMForCausalLM, exist_ok=True)
+
+
+from physlm_graph.hf import install_import_hook  # noqa: E402  (what importing transformers here deferred)
+
+install_import_hook()

@@ -88,14 +88,50 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> HFExport:
         from physlm_graph._hf import PhysLMForCausalLM
 
         model = PhysLMForCausalLM.from_compiled(ck.model)
-        if (ck.path / TOKENIZER).is_dir():
+        boundary = None
+        if (ck.path / TOKENIZER / "tokenizer.json").is_file():
             model.__dict__["tokenizer_folder"] = ck.path / TOKENIZER
+            boundary = _reserve_boundary(model, ck.path / TOKENIZER)
         model.save_pretrained(out)
+        if boundary is not None:
+            from physlm_graph.runtime.tokenizers import add_boundary_token
+
+            from physlm_graph.runtime.checkpoint import MANIFEST, write_manifest
+
+            for folder in (out / TOKENIZER, out):
+                add_boundary_token(folder, boundary)
+            (out / MANIFEST).unlink()
+            write_manifest(out)  # the tokenizer files changed
         return HFExport(out, "physlm", sorted(p.name for p in out.iterdir()), why,
                         (out / "tokenizer.json").is_file())
     _write_native(fam, config, ck.model, out)
     tok = _copy_tokenizer(ck.path / TOKENIZER, out)
     return HFExport(out, fam.model_type, sorted(p.name for p in out.iterdir()), tokenizer=tok)
+
+
+def _reserve_boundary(model: Any, folder: Path) -> int | None:
+    """The id of the BOS/EOS/PAD token a ``bytes`` or ``chars`` tokenizer gets in Hugging Face form
+    (``runtime.tokenizers.add_boundary_token``): the first id past its vocabulary. A model without
+    that row gets one, as ``train.vocab_multiple`` pads a vocabulary: ``params.vocab`` one larger and
+    ``head.lm``'s ``logit_limit`` at the old size, so the new id is never produced and the model
+    computes the same function. None when the tokenizer has an end-of-text token of its own, or
+    when the logits do not come straight from ``head.lm`` (no -inf for the new id)."""
+    from physlm_graph._hf_ops import input_embeddings, rebuild
+    from physlm_graph.runtime.plan import vocab_overrides
+    from physlm_graph.runtime.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(folder)
+    if tok.eos_id is not None:
+        return None
+    vocab = tok.vocab_size
+    if input_embeddings(model).weight.shape[0] <= vocab:
+        overrides, _ = vocab_overrides(model.compiled.blueprint, vocab, vocab + 1)
+        if not any(k.endswith(".logit_limit") for k in overrides):
+            return None
+        rebuild(model, overrides, mean_resizing=True)
+    for cfg in (model.config, model.generation_config):
+        cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = vocab
+    return vocab
 
 
 def _write_native(fam: Family, config: dict[str, Any], cm: Any, out: Path) -> None:

@@ -31,6 +31,9 @@ _done: set[str] = set()
 def _register(which: str) -> None:
     if which in _done:
         return
+    half = sys.modules.get("physlm_graph._hf")
+    if half is not None and not hasattr(half, "register_model"):
+        return  # _hf is importing transformers right now; it registers when it has finished (its last line)
     _done.add(which)
     try:
         from physlm_graph import _hf
@@ -39,6 +42,10 @@ def _register(which: str) -> None:
             _hf.register_config()
         else:
             _hf.register_model()
+    except ImportError as exc:
+        if "partially initialized" not in str(exc):
+            warnings.warn(f"physlm-graph could not register its transformers classes: {exc}", stacklevel=2)
+        _done.discard(which)  # transformers is halfway through importing itself: _hf's last line registers
     except Exception as exc:  # never break someone's `import transformers`
         warnings.warn(f"physlm-graph could not register its transformers classes: {exc}", stacklevel=2)
 

@@ -42,6 +42,7 @@ __all__ = [
     "make_tokenizer",
     "load_tokenizer",
     "text_fingerprint",
+    "add_boundary_token",
 ]
 
 DESCRIPTION = "physlm_tokenizer.json"
@@ -107,6 +108,41 @@ def _write_hf(folder: Path, hf, eos: str | None) -> Path:  # hf: tokenizers.Toke
         config["eos_token"] = eos
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return folder / "tokenizer.json"
+
+
+BOUNDARY = "<|endoftext|>"
+
+
+def add_boundary_token(folder: str | Path, token_id: int) -> int:
+    """Give the Hugging Face tokenizer in ``folder`` (written by ``to_hf``) a special token
+    ``<|endoftext|>`` at id ``token_id``, the next free id, and make it the BOS, EOS and PAD token.
+
+    ``bytes`` and ``chars`` have no such token: every id is a byte or a character. Tools built on
+    transformers need one (lm-evaluation-harness prefixes a document with BOS, stops generating at
+    EOS and pads batches with PAD), so a Hugging Face export adds it past the vocabulary, and the
+    exported model gives that id a row whose logit is -inf (``head.lm``'s ``logit_limit``): it can be
+    read, never produced. The literal text ``<|endoftext|>`` then encodes as that one id, as in GPT-2.
+    Returns the id."""
+    from tokenizers import AddedToken
+
+    folder = Path(folder)
+    hf = _read_hf_json(folder / "tokenizer.json")
+    have = hf.token_to_id(BOUNDARY)
+    if have is None:
+        size = hf.get_vocab_size(with_added_tokens=True)
+        if size != token_id:
+            raise RuntimeDataError(f"the boundary token would get id {size}, not the {token_id} the model reserved",
+                                   loc=Loc(file=str(folder / "tokenizer.json")),
+                                   fix="export from the checkpoint's own tokenizer folder")
+        hf.add_special_tokens([AddedToken(BOUNDARY, special=True, normalized=False)])
+        hf.save(str(folder / "tokenizer.json"))
+    elif have != token_id:
+        raise RuntimeDataError(f"{BOUNDARY} already has id {have}, not {token_id}", loc=Loc(file=str(folder)))
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"tokenizer_class": "PreTrainedTokenizerFast"}
+    config.update(bos_token=BOUNDARY, eos_token=BOUNDARY, pad_token=BOUNDARY)
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return token_id
 
 
 class ByteTokenizer:
