@@ -1,0 +1,114 @@
+"""Hugging Face families with sliding windows, QK-norms, soft-caps and (1 + w) norms, both ways:
+Mistral, Qwen3, Gemma, Gemma 2, OLMo 2. As tests/test_hf_families.py: a small random transformers
+model -> import -> the same fp32 logits -> export -> plain transformers loads it -> the same logits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from physlm_graph import compile_blueprint  # noqa: E402
+from physlm_graph._hf_export import export_hf  # noqa: E402
+from physlm_graph._hf_import import import_hf  # noqa: E402
+from physlm_graph.cli import main  # noqa: E402
+from physlm_graph.runtime.checkpoint import load_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 97
+FAMILIES = ["mistral", "qwen3", "gemma", "gemma2", "olmo2"]
+CLASSES = {"mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM",
+           "gemma2": "Gemma2ForCausalLM", "olmo2": "Olmo2ForCausalLM"}
+# transformers' default sizes (AutoConfig.for_model(t)), counted on the meta device
+FULL_SIZE = {"mistral": 7_241_732_096, "qwen3": 12_049_461_248, "gemma": 8_537_680_896, "gemma2": 2_614_341_888,
+             "olmo2": 6_888_624_128}
+
+# Narrow and short; a window of 5 and small caps so that a window or a cap left out shows in the logits
+# of a 24-token input. head_dim 16 differs from hidden / heads (8) where the family reads head_dim.
+_SMALL = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, vocab_size=VOCAB,
+              max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+_EXTRA = {
+    "mistral": dict(num_hidden_layers=2, head_dim=16, sliding_window=5),
+    "qwen3": dict(num_hidden_layers=2, head_dim=16, attention_bias=True),
+    "gemma": dict(num_hidden_layers=2, head_dim=16),
+    "gemma2": dict(num_hidden_layers=3, head_dim=16, sliding_window=5, query_pre_attn_scalar=10,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    "olmo2": dict(num_hidden_layers=2),
+}
+
+
+def _tiny(model_type: str, **kw):
+    """A narrow transformers model with random weights (norm weights and biases random too)."""
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(model_type, **{**_SMALL, **_EXTRA[model_type], **kw})
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(0.0, 0.1 if name.endswith("bias") else 1.0)  # the defaults (0 / 1) would hide mix-ups
+            elif "embed" in name:
+                p.normal_(0.0, 1.0)
+    return model.eval()
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+X = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_full_size_family_blueprint_has_transformers_parameter_count(model_type):
+    cfg = transformers.AutoConfig.for_model(model_type)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    theirs = sum(p.numel() for p in model.parameters())
+    ours = compile_blueprint(ROOT / "blueprints" / "families" / f"{model_type}.yaml", device="meta", build=False)
+    assert ours.num_params == theirs == FULL_SIZE[model_type]
+
+
+def _plain_transformers_error(out: Path, x: torch.Tensor, want: torch.Tensor, tmp_path: Path) -> tuple[str, float, str]:
+    torch.save({"x": x, "want": want}, tmp_path / "io.pt")
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        with torch.no_grad():
+            err = (m(io["x"]).logits - io["want"]).abs().max().item()
+        print(type(m).__name__, err, "physlm_graph" in sys.modules)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    cls, err, imported = run.stdout.split()
+    return cls, float(err), imported
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_import_gives_the_same_logits_and_export_loads_in_plain_transformers(model_type, tmp_path):
+    model = _tiny(model_type)
+    model.save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    ck = load_checkpoint(tmp_path / "ckpt")
+    assert ck.model.blueprint["name"] == f"{model_type}-import"
+    want = _logits(model, X)
+    got = ck.model.module(X)["logits"]
+    assert (got - want).abs().max().item() < 1e-5
+
+    r = export_hf(tmp_path / "ckpt", tmp_path / "out")
+    assert r.model_type == model_type
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == model_type
+    cls, err, imported = _plain_transformers_error(tmp_path / "out", X, want, tmp_path)
+    assert (cls, imported) == (CLASSES[model_type], "False")
+    assert err < 1e-5
