@@ -71,10 +71,16 @@ def _p(key: str, values: dict[Any, Any] | None = None, default: str | None = Non
     return Param(key, values or {}, default, nullable)
 
 
-class Repeating:
-    """A required per-layer list that repeats ``kinds`` from layer 0 on, whatever its length
-    (Gemma 2's ``layer_types``). transformers derives it from the layer count, so export leaves
-    it out."""
+class Matcher:
+    """A ``requires`` value that accepts a kind of value rather than one value. Export writes none
+    (the params, or transformers' own defaults, give the config its value)."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Repeating(Matcher):
+    """A per-layer list that repeats ``kinds`` from layer 0 on, whatever its length (Gemma 2's
+    ``layer_types``, which transformers derives from the layer count)."""
 
     def __init__(self, *kinds: str) -> None:
         self.kinds = kinds
@@ -83,10 +89,18 @@ class Repeating:
         return isinstance(other, list) and bool(other) and all(
             t == self.kinds[i % len(self.kinds)] for i, t in enumerate(other))
 
-    __hash__ = None  # type: ignore[assignment]
-
     def __str__(self) -> str:
         return "[" + ", ".join(self.kinds) + ", ...]"
+
+
+class Number(Matcher):
+    """Any number, not null (Gemma 2's final_logit_softcapping: its graph has the cap as a node)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, (int, float)) and not isinstance(other, bool)
+
+    def __str__(self) -> str:
+        return "a number"
 
 
 FAMILIES: dict[str, Family] = {
@@ -208,7 +222,8 @@ FAMILIES: dict[str, Family] = {
         },
         requires={"hidden_activation": ("gelu_pytorch_tanh",), "rope_parameters.rope_type": ("default",),
                   "tie_word_embeddings": (True,), "use_bidirectional_attention": (None, False),
-                  "layer_types": (Repeating("sliding_attention", "full_attention"),)},
+                  "layer_types": (Repeating("sliding_attention", "full_attention"),),
+                  "final_logit_softcapping": (Number(),)},
         writes={"attention_dropout": 0.0},
         modules=(
             ("tok", "model.embed_tokens", "default"),
@@ -337,7 +352,7 @@ def config_from_params(fam: Family, params: dict[str, Any]) -> dict[str, Any]:
     """The transformers config (as a dict of keyword arguments) of a family blueprint's params."""
     config: dict[str, Any] = {"architectures": [fam.architecture]}
     for key, allowed in fam.requires.items():
-        if allowed[0] is not None and not isinstance(allowed[0], Repeating):
+        if allowed[0] is not None and not isinstance(allowed[0], Matcher):
             _set_key(config, key, allowed[0])
     for key, value in fam.writes.items():
         _set_key(config, key, value)

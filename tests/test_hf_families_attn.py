@@ -112,3 +112,84 @@ def test_import_gives_the_same_logits_and_export_loads_in_plain_transformers(mod
     cls, err, imported = _plain_transformers_error(tmp_path / "out", X, want, tmp_path)
     assert (cls, imported) == (CLASSES[model_type], "False")
     assert err < 1e-5
+
+
+def test_mistral_without_a_window_round_trips_as_full_attention(tmp_path):
+    """sliding_window: null (the later Mistral 7B releases) is a value: full attention, and export writes null."""
+    model = _tiny("mistral", sliding_window=None)
+    model.save_pretrained(tmp_path / "hf")
+    cm = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    assert cm.resolved.params["window"] is None
+    want = _logits(model, X)
+    assert (cm.module(X)["logits"] - want).abs().max().item() < 1e-5
+    assert export_hf(tmp_path / "ckpt", tmp_path / "out").model_type == "mistral"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["sliding_window"] is None
+
+
+def test_gemma2_without_an_attention_cap_imports(tmp_path):
+    model = _tiny("gemma2", attn_logit_softcapping=None)
+    model.save_pretrained(tmp_path / "hf")
+    cm = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    assert cm.resolved.params["attn_cap"] is None
+    assert (cm.module(X)["logits"] - _logits(model, X)).abs().max().item() < 1e-5
+
+
+def _edit_config(tmp_path: Path, model_type: str, **changes) -> Path:
+    _tiny(model_type).save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def _at(path: Path, key: str) -> str:
+    lines = path.read_text().splitlines()
+    n = next(i for i, ln in enumerate(lines) if f'"{key}"' in ln)
+    return f"{path}:{n + 1}:{lines[n].index(chr(34) + key) + 1}"
+
+
+def test_gemma2_layers_that_do_not_alternate_are_named_missing(tmp_path, capsys):
+    path = _edit_config(tmp_path, "gemma2", layer_types=["full_attention", "sliding_attention", "full_attention"],
+                        hidden_activation="gelu")
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
+    fix = "docs/hugging-face.md lists what each family supports"
+    assert capsys.readouterr().err == (
+        "2 hugging face errors:\n"
+        f"  1. {_at(path, 'hidden_activation')}: hidden_activation: gelu is not supported yet "
+        "(gemma2 imports need hidden_activation: gelu_pytorch_tanh)\n"
+        f"       fix: {fix}\n"
+        f"  2. {_at(path, 'layer_types')}: layer_types: ['full_attention', 'sliding_attention', 'full_attention'] "
+        "is not supported yet (gemma2 imports need layer_types: [sliding_attention, full_attention, ...])\n"
+        f"       fix: {fix}\n"
+    )
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("model_type,key,value,need", [
+    ("qwen3", "tie_word_embeddings", True, "tie_word_embeddings: false"),
+    ("qwen3", "use_sliding_window", True, "use_sliding_window: false"),
+    ("gemma", "tie_word_embeddings", False, "tie_word_embeddings: true"),
+    ("olmo2", "hidden_act", "gelu", "hidden_act: silu"),
+])
+def test_what_a_family_graph_cannot_express_is_named(model_type, key, value, need, tmp_path, capsys):
+    path = _edit_config(tmp_path, model_type, **{key: value})
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
+    shown = str(value).lower() if isinstance(value, bool) else value
+    assert capsys.readouterr().err == (
+        f"hugging face error: {_at(path, key)}: {key}: {shown} is not supported yet ({model_type} imports need {need})\n"
+        "  fix: docs/hugging-face.md lists what each family supports\n"
+    )
+
+
+def test_gemma2_without_a_final_cap_is_named_missing(tmp_path, capsys):
+    path = _edit_config(tmp_path, "gemma2", final_logit_softcapping=None)
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
+    assert capsys.readouterr().err == (
+        f"hugging face error: {_at(path, 'final_logit_softcapping')}: final_logit_softcapping: null is not supported "
+        "yet (gemma2 imports need final_logit_softcapping: a number)\n"
+        "  fix: docs/hugging-face.md lists what each family supports\n"
+    )
