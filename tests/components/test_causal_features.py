@@ -186,3 +186,25 @@ def test_early_exit_key_value_filling_matches_the_forward_cache(kw):
             _causal_kv(m, x)
     for want, got in zip(a.get(m), b.get(m)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [{"sliding_window": 64}, {"softcap": 50.0, "scale": 0.0625},
+                                {"sliding_window": 64, "softcap": 20.0}, {"qk_norm": "rms_proj"}],
+                         ids=lambda kw: ",".join(kw))
+def test_on_cuda_bf16_autocast_is_close_to_float32_and_trains(kw):
+    """The SDPA path with a window mask and the soft-capped path run under bf16 autocast on a GPU,
+    close to their float32 results, with gradients."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    m = CausalSelfAttention(embed_dim=256, num_heads=8, num_kv_heads=2, head_dim=32, **kw).cuda()
+    x = torch.randn(2, 512, 256, device="cuda")
+    with torch.no_grad():
+        want = m(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = m(x)
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
+    got.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
