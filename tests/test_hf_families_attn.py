@@ -77,41 +77,50 @@ def test_full_size_family_blueprint_has_transformers_parameter_count(model_type)
     assert ours.num_params == theirs == FULL_SIZE[model_type]
 
 
-def _plain_transformers_error(out: Path, x: torch.Tensor, want: torch.Tensor, tmp_path: Path) -> tuple[str, float, str]:
-    torch.save({"x": x, "want": want}, tmp_path / "io.pt")
-    code = textwrap.dedent(f"""
-        import sys, torch
-        from transformers import AutoModelForCausalLM
-        m = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
-        io = torch.load({str(tmp_path / "io.pt")!r})
-        with torch.no_grad():
-            err = (m(io["x"]).logits - io["want"]).abs().max().item()
-        print(type(m).__name__, err, "physlm_graph" in sys.modules)
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    cls, err, imported = run.stdout.split()
-    return cls, float(err), imported
-
-
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_import_gives_the_same_logits_and_export_loads_in_plain_transformers(model_type, tmp_path):
+def test_import_gives_the_same_logits_and_export_writes_the_model_type(model_type, tmp_path):
     model = _tiny(model_type)
     model.save_pretrained(tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "ckpt")
     ck = load_checkpoint(tmp_path / "ckpt")
     assert ck.model.blueprint["name"] == f"{model_type}-import"
-    want = _logits(model, X)
-    got = ck.model.module(X)["logits"]
-    assert (got - want).abs().max().item() < 1e-5
-
+    assert (ck.model.module(X)["logits"] - _logits(model, X)).abs().max().item() < 1e-5
     r = export_hf(tmp_path / "ckpt", tmp_path / "out")
     assert r.model_type == model_type
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == model_type
-    cls, err, imported = _plain_transformers_error(tmp_path / "out", X, want, tmp_path)
-    assert (cls, imported) == (CLASSES[model_type], "False")
-    assert err < 1e-5
+
+
+@pytest.mark.slow  # about 50 s on a shared CPU, most of it a second process starting transformers
+def test_exports_load_in_plain_transformers_with_the_same_logits(tmp_path):
+    """Each family imported and exported; one process without physlm_graph loads every export
+    (one process: starting transformers costs far more than the models)."""
+    cases = {}
+    for t in FAMILIES:
+        model = _tiny(t)
+        model.save_pretrained(tmp_path / t / "hf")
+        import_hf(tmp_path / t / "hf", tmp_path / t / "ckpt")
+        export_hf(tmp_path / t / "ckpt", tmp_path / t / "out")
+        cases[t] = {"out": str(tmp_path / t / "out"), "want": _logits(model, X)}
+    torch.save({"x": X, "cases": cases}, tmp_path / "io.pt")
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        for t, case in io["cases"].items():
+            m = AutoModelForCausalLM.from_pretrained(case["out"]).eval()
+            with torch.no_grad():
+                err = (m(io["x"]).logits - case["want"]).abs().max().item()
+            print(t, type(m).__name__, err)
+        print("physlm_graph" in sys.modules)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    *rows, imported = run.stdout.split("\n")[:-1]
+    assert imported == "False"
+    got = {t: (cls, float(err)) for t, cls, err in (r.split() for r in rows)}
+    assert {t: cls for t, (cls, _) in got.items()} == CLASSES
+    assert all(err < 1e-5 for _, err in got.values()), got
 
 
 def test_mistral_without_a_window_round_trips_as_full_attention(tmp_path):
