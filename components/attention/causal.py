@@ -145,6 +145,8 @@ class CausalSelfAttention(nn.Module):
         """(mask, is_causal) for T queries over S keys: query i sits at absolute position S - T + i.
         The mask is (T, S) bool, True where the key is seen; ``explicit`` always builds it."""
         W = self.sliding_window
+        if W is not None and W >= S:
+            W = None  # every key is inside the window: plain causal (SDPA keeps its mask-free kernels)
         if W is None and not explicit:
             if S == T:
                 return None, True
