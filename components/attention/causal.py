@@ -35,7 +35,8 @@ class CausalSelfAttention(nn.Module):
     - ``rms_proj``: over the whole query projection (H hd channels) and the whole key projection
       (H_kv hd), each with its own learned weight of that width, before the split into heads (OLMo 2).
 
-    The learned forms are ``norm.rms`` (eps ``qk_norm_eps``, default 1e-6). ``scale`` replaces the
+    The learned forms are ``norm.rms`` (eps ``qk_norm_eps``, default 1e-6; with
+    ``qk_norm_unit_offset`` its ``1 + w`` form, as Gemma 3's per-head norms). ``scale`` replaces the
     softmax's ``1 / sqrt(hd)`` (modded-nanogpt: 0.12 on unit-RMS q and k; Gemma 2:
     ``query_pre_attn_scalar ** -0.5``).
 
@@ -71,6 +72,7 @@ class CausalSelfAttention(nn.Module):
         scale: float | None = None,
         qk_norm: Literal["none", "rms", "rms_head", "rms_proj"] = "none",
         qk_norm_eps: float | None = None,
+        qk_norm_unit_offset: bool = False,
         proj_bias: bool | None = None,
         sliding_window: int | None = None,
         softcap: float | None = None,
@@ -90,8 +92,8 @@ class CausalSelfAttention(nn.Module):
             eps = 1e-6 if qk_norm_eps is None else qk_norm_eps
             q_width, k_width = (head_dim, head_dim) if qk_norm == "rms_head" else (num_heads * head_dim,
                                                                                  num_kv_heads * head_dim)
-            self.q_norm = RMSNorm(embed_dim=q_width, eps=eps)
-            self.k_norm = RMSNorm(embed_dim=k_width, eps=eps)
+            self.q_norm = RMSNorm(embed_dim=q_width, eps=eps, unit_offset=qk_norm_unit_offset)
+            self.k_norm = RMSNorm(embed_dim=k_width, eps=eps, unit_offset=qk_norm_unit_offset)
         self.proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias if proj_bias is None else proj_bias)
         self.resid_drop = nn.Dropout(dropout)
 
@@ -230,6 +232,8 @@ class CausalAttentionParams(ComponentParams):
                             "whole q and k projections with learned weights (OLMo 2)")
     qk_norm_eps: float | None = Field(None, gt=0.0, description="eps of qk_norm (None: float32's machine epsilon "
                                       "for rms, 1e-6 for the learned forms; Qwen3, OLMo 2: the model's rms eps)")
+    qk_norm_unit_offset: bool = Field(False, description="the learned qk_norm weights scale by 1 + w, starting at 0 "
+                                      "(norm.rms's unit_offset; Gemma 3)")
     proj_bias: bool | None = Field(None, description="bias on the output projection (None: as bias; Qwen2: "
                                    "bias true, proj_bias false)")
     sliding_window: int | None = Field(None, gt=0, description="each query sees itself and the sliding_window - 1 "
@@ -238,10 +242,16 @@ class CausalAttentionParams(ComponentParams):
                                   "with softcap tanh(s / softcap) before the softmax (Gemma 2: 50)")
 
     @model_validator(mode="after")
-    def _eps_needs_a_norm(self) -> CausalAttentionParams:
+    def _qk_norm_options_need_their_norm(self) -> CausalAttentionParams:
+        wrong = []
         if self.qk_norm == "none" and self.qk_norm_eps is not None:
-            raise ValueError("qk_norm_eps is set but qk_norm is none: set qk_norm (rms, rms_head or rms_proj) "
-                             "or drop qk_norm_eps")
+            wrong.append("qk_norm_eps is set but qk_norm is none: set qk_norm (rms, rms_head or rms_proj) "
+                         "or drop qk_norm_eps")
+        if self.qk_norm_unit_offset and self.qk_norm not in ("rms_head", "rms_proj"):
+            wrong.append(f"qk_norm_unit_offset needs learned QK-norm weights, but qk_norm is {self.qk_norm}: "
+                         "set qk_norm to rms_head or rms_proj, or drop qk_norm_unit_offset")
+        if wrong:
+            raise ValueError("; ".join(wrong))
         return self
 
 
@@ -286,6 +296,7 @@ _HF = {
         ),
         Example({"num_heads": 4, "num_kv_heads": 2, "qk_norm": "rms_head", "qk_norm_eps": 1e-5}, {"x": (2, 8, 32)}),
         Example({"num_heads": 4, "num_kv_heads": 2, "qk_norm": "rms_proj"}, {"x": (2, 8, 32)}),
+        Example({"num_heads": 4, "qk_norm": "rms_head", "qk_norm_unit_offset": True}, {"x": (2, 8, 32)}),
         Example({"num_heads": 4, "num_kv_heads": 2, "sliding_window": 3}, {"x": (2, 10, 32)}),
         Example({"num_heads": 4, "num_kv_heads": 2, "sliding_window": 4, "softcap": 5.0, "scale": 0.3},
                 {"x": (2, 10, 32)}),
@@ -323,6 +334,7 @@ def build_causal_attention(p: CausalAttentionParams, ins: Inputs) -> CausalSelfA
         )
     return CausalSelfAttention(
         embed_dim=width, num_heads=p.num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dropout=p.dropout, bias=p.bias,
-        scale=p.scale, qk_norm=p.qk_norm, qk_norm_eps=p.qk_norm_eps, proj_bias=p.proj_bias,
+        scale=p.scale, qk_norm=p.qk_norm, qk_norm_eps=p.qk_norm_eps, qk_norm_unit_offset=p.qk_norm_unit_offset,
+        proj_bias=p.proj_bias,
         sliding_window=p.sliding_window, softcap=p.softcap,
     )

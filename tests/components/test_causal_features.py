@@ -55,6 +55,7 @@ def _reference(m: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
     {"sliding_window": 4, "softcap": 1.0},
     {"qk_norm": "rms_head", "qk_norm_eps": 1e-5},
     {"qk_norm": "rms_proj"},
+    {"qk_norm": "rms_head", "qk_norm_unit_offset": True},
 ], ids=lambda kw: ",".join(kw))
 def test_attention_equals_the_written_out_reference(kw):
     torch.manual_seed(0)
