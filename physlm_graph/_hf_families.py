@@ -53,6 +53,7 @@ class Param:
     key: str  # the config key (dotted: nested)
     values: dict[Any, Any] = field(default_factory=dict)  # config value -> ours (export: the first that gives ours)
     default: str | None = None  # expression over params read before it, when the config says null
+    nullable: bool = False  # null is a value of its own (Mistral's sliding_window: null is full attention)
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,40 @@ class Family:
     modules: tuple[tuple[str, str, str], ...]  # (node path prefix, transformers prefix, layout)
 
 
-def _p(key: str, values: dict[Any, Any] | None = None, default: str | None = None) -> Param:
-    return Param(key, values or {}, default)
+def _p(key: str, values: dict[Any, Any] | None = None, default: str | None = None, nullable: bool = False) -> Param:
+    return Param(key, values or {}, default, nullable)
+
+
+class Matcher:
+    """A ``requires`` value that accepts a kind of value rather than one value. Export writes none
+    (the params, or transformers' own defaults, give the config its value)."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Repeating(Matcher):
+    """A per-layer list that repeats ``kinds`` from layer 0 on, whatever its length (Gemma 2's
+    ``layer_types``, which transformers derives from the layer count)."""
+
+    def __init__(self, *kinds: str) -> None:
+        self.kinds = kinds
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, list) and bool(other) and all(
+            t == self.kinds[i % len(self.kinds)] for i, t in enumerate(other))
+
+    def __str__(self) -> str:
+        return "[" + ", ".join(self.kinds) + ", ...]"
+
+
+class Number(Matcher):
+    """Any number, not null (Gemma 2's final_logit_softcapping: its graph has the cap as a node)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, (int, float)) and not isinstance(other, bool)
+
+    def __str__(self) -> str:
+        return "a number"
 
 
 FAMILIES: dict[str, Family] = {
@@ -123,6 +156,107 @@ FAMILIES: dict[str, Family] = {
             ("trunk.{i}.ln2", "transformer.h.{i}.ln_2", "default"),
             ("trunk.{i}.mlp", "transformer.h.{i}.mlp", "conv1d"),
             ("norm", "transformer.ln_f", "default"),
+            ("head", "lm_head", "default"),
+        ),
+    ),
+    # -- Mistral, Qwen3, Gemma, Gemma 2, OLMo 2: sliding windows, QK-norms, soft-caps, (1 + w) norms
+    "mistral": Family(
+        model_type="mistral",
+        architecture="MistralForCausalLM",
+        blueprint="mistral.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "heads": _p("num_attention_heads"),
+            "kv_heads": _p("num_key_value_heads", default="heads"), "head_dim": _p("head_dim", default="dim // heads"),
+            "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
+            "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
+            "rope_base": _p("rope_parameters.rope_theta"), "window": _p("sliding_window", nullable=True),
+        },
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "tie_word_embeddings": (False,)},
+        writes={"attention_dropout": 0.0},
+        modules=_LLAMA_LAYOUT,
+    ),
+    "qwen3": Family(
+        model_type="qwen3",
+        architecture="Qwen3ForCausalLM",
+        blueprint="qwen3.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "heads": _p("num_attention_heads"),
+            "kv_heads": _p("num_key_value_heads", default="heads"), "head_dim": _p("head_dim", default="dim // heads"),
+            "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
+            "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
+            "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"),
+        },
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "use_sliding_window": (False,),
+                  "tie_word_embeddings": (False,)},
+        writes={"attention_dropout": 0.0},
+        modules=_LLAMA_LAYOUT,
+    ),
+    "gemma": Family(
+        model_type="gemma",
+        architecture="GemmaForCausalLM",
+        blueprint="gemma.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "heads": _p("num_attention_heads"),
+            "kv_heads": _p("num_key_value_heads", default="heads"), "head_dim": _p("head_dim", default="dim // heads"),
+            "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
+            "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
+            "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"),
+        },
+        requires={"hidden_act": ("gelu_pytorch_tanh",), "rope_parameters.rope_type": ("default",),
+                  "tie_word_embeddings": (True,), "use_bidirectional_attention": (None, False)},
+        writes={"attention_dropout": 0.0},
+        modules=_LLAMA_LAYOUT,
+    ),
+    "gemma2": Family(
+        model_type="gemma2",
+        architecture="Gemma2ForCausalLM",
+        blueprint="gemma2.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "heads": _p("num_attention_heads"),
+            "kv_heads": _p("num_key_value_heads", default="heads"), "head_dim": _p("head_dim", default="dim // heads"),
+            "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
+            "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
+            "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"),
+            "window": _p("sliding_window"), "query_scalar": _p("query_pre_attn_scalar"),
+            "attn_cap": _p("attn_logit_softcapping", nullable=True), "logit_cap": _p("final_logit_softcapping"),
+        },
+        requires={"hidden_activation": ("gelu_pytorch_tanh",), "rope_parameters.rope_type": ("default",),
+                  "tie_word_embeddings": (True,), "use_bidirectional_attention": (None, False),
+                  "layer_types": (Repeating("sliding_attention", "full_attention"),),
+                  "final_logit_softcapping": (Number(),)},
+        writes={"attention_dropout": 0.0},
+        modules=(
+            ("tok", "model.embed_tokens", "default"),
+            ("trunk.{i}.n1", "model.layers.{i}.input_layernorm", "default"),
+            ("trunk.{i}.attn", "model.layers.{i}.self_attn", "default"),
+            ("trunk.{i}.n2", "model.layers.{i}.post_attention_layernorm", "default"),
+            ("trunk.{i}.n3", "model.layers.{i}.pre_feedforward_layernorm", "default"),
+            ("trunk.{i}.ffn", "model.layers.{i}.mlp", "default"),
+            ("trunk.{i}.n4", "model.layers.{i}.post_feedforward_layernorm", "default"),
+            ("norm", "model.norm", "default"),
+            ("head", "lm_head", "default"),
+        ),
+    ),
+    "olmo2": Family(
+        model_type="olmo2",
+        architecture="Olmo2ForCausalLM",
+        blueprint="olmo2.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "heads": _p("num_attention_heads"),
+            "kv_heads": _p("num_key_value_heads", default="heads"),
+            "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
+            "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
+            "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"),
+        },
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "tie_word_embeddings": (False,)},
+        writes={"attention_dropout": 0.0},
+        modules=(
+            ("tok", "model.embed_tokens", "default"),
+            ("trunk.{i}.attn", "model.layers.{i}.self_attn", "default"),
+            ("trunk.{i}.n1", "model.layers.{i}.post_attention_layernorm", "default"),
+            ("trunk.{i}.ffn", "model.layers.{i}.mlp", "default"),
+            ("trunk.{i}.n2", "model.layers.{i}.post_feedforward_layernorm", "default"),
+            ("norm", "model.norm", "default"),
             ("head", "lm_head", "default"),
         ),
     ),
@@ -205,7 +339,7 @@ def params_from_config(fam: Family, config: dict[str, Any], config_file: Path | 
     params: dict[str, Any] = {}
     for name, p in fam.params.items():
         got = get_key(config, p.key)
-        if got is _MISSING or got is None:
+        if got is _MISSING or (got is None and not p.nullable):
             if p.default is None:
                 raise HFError(f"config.json has no {p.key}", loc=key_loc(config_file, p.key),
                               fix=f"add {p.key} (a {fam.model_type} config needs it)")
@@ -218,7 +352,7 @@ def config_from_params(fam: Family, params: dict[str, Any]) -> dict[str, Any]:
     """The transformers config (as a dict of keyword arguments) of a family blueprint's params."""
     config: dict[str, Any] = {"architectures": [fam.architecture]}
     for key, allowed in fam.requires.items():
-        if allowed[0] is not None:
+        if allowed[0] is not None and not isinstance(allowed[0], Matcher):
             _set_key(config, key, allowed[0])
     for key, value in fam.writes.items():
         _set_key(config, key, value)

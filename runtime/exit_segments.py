@@ -96,7 +96,7 @@ def _causal_kv(module: Any, x: Tensor, rope: Tensor | None = None) -> None:
     k, v = kv.split([Hkv * hd, Hkv * hd], dim=-1)
     k = k.view(B, T, Hkv, hd).transpose(1, 2)  # (B, H_kv, T, hd)
     v = v.view(B, T, Hkv, hd).transpose(1, 2)
-    k = module.norm_qk(k)
+    k = module.norm_qk(k, "k")
     if rope is not None:
         k = apply_rope(k, rope)
     module._extend_cache(k, v)

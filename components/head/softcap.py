@@ -15,7 +15,8 @@ class SoftCap(nn.Module):
     """Soft-cap the logits elementwise into (-cap, cap):
 
     - ``algebraic``: ``cap * x / sqrt(x^2 + cap^2)`` (modded-nanogpt, cap 15);
-    - ``tanh``: ``cap * tanh(x / cap)`` (Gemma 2's final logits, cap 30).
+    - ``tanh``: ``cap * tanh(x / cap)`` (Gemma 2's final logits, cap 30: its ``final_logit_softcapping``,
+      as ``blueprints/families/gemma2.yaml`` uses it).
 
     Both have slope 1 at 0. Shapes: x (B, T, V) -> (B, T, V), computed and returned in float32
     whatever the input dtype (the loss reads them; the speedrun casts its logits to float32
