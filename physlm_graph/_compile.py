@@ -162,6 +162,10 @@ def compile_blueprint(
 ) -> CompiledModel:
     """Compile a blueprint (a path, YAML text or a dict) into a ``CompiledModel``.
 
+    A Hugging Face ``save_pretrained`` folder (``config.json`` + ``*.safetensors``) of a supported
+    family compiles as its family blueprint with the config's params (what ``physlm-graph
+    import`` writes); its weights, when the folder has them, are loaded into the built module.
+
     ``overrides`` are ``--set``-style changes (``{"params.layers": 2}`` or ``["layers=2"]``);
     ``stage`` builds one growth stage; ``device="meta"`` checks and reports without allocating
     weights; ``build=False`` stops after shape inference (``module`` is None).
@@ -169,6 +173,7 @@ def compile_blueprint(
     if dump_ir is not None and dump_ir not in STAGES:
         raise PhysLMError(f"unknown stage {dump_ir!r} for dump_ir", expected=", ".join(STAGES))
     doc = load_document(source)
+    hf_folder = doc.hf_folder
     check_file_kind(doc)
     _dump("load", doc, dump_ir, dump)
     doc = apply_overrides(merge_extends(doc), overrides)
@@ -195,5 +200,14 @@ def compile_blueprint(
         _dump("build_fx", module, dump_ir, dump)
         module, applied = run_passes(module, passes or [], res)
         _dump("passes", module, dump_ir, dump)
-    return CompiledModel(module=module, blueprint=doc.data, graph=graph, hash=_hash(graph), inferred=inf,
-                         checked=checked, passes=applied, growth_stages=phases)
+    cm = CompiledModel(module=module, blueprint=doc.data, graph=graph, hash=_hash(graph), inferred=inf,
+                       checked=checked, passes=applied, growth_stages=phases)
+    if hf_folder is not None and module is not None and str(device) != "meta" and _has_hf_weights(hf_folder):
+        from physlm_graph._hf_import import load_hf_weights
+
+        load_hf_weights(cm, hf_folder)  # the folder's weights replace the seeded init
+    return cm
+
+
+def _has_hf_weights(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, f)) for f in ("model.safetensors", "model.safetensors.index.json"))
