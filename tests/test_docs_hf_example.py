@@ -72,8 +72,9 @@ def _run(root: Path, monkeypatch, capsys, train_extra: list[str]) -> str:
 
 
 def test_the_worked_example_runs_with_a_short_training(tmp_path, monkeypatch, capsys):
-    """Every command as written; the training stops after step 3 of its 50 (a later --steps wins)."""
-    text = _run(tmp_path, monkeypatch, capsys, ["--steps", "3"])
+    """Every command as written; the training is cut to 3 steps and 2 validation batches (later
+    options win); the slow test below runs it exactly."""
+    text = _run(tmp_path, monkeypatch, capsys, ["--steps", "3", "--set", "train.eval_iters=2"])
     assert "done: 3 steps" in text
 
 
