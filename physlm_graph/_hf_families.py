@@ -39,7 +39,9 @@ _LLAMA_LAYOUT = (
 
 __all__ = ["Family", "FAMILIES", "FAMILY_DIR", "HFError", "weight_map", "family_blueprint"]
 
-FAMILY_DIR = Path(__file__).resolve().parents[1] / "blueprints" / "families"
+# an installed package ships them as physlm_graph/families/ (setup.py); a checkout keeps them in blueprints/
+_INSTALLED = Path(__file__).resolve().parent / "families"
+FAMILY_DIR = _INSTALLED if _INSTALLED.is_dir() else Path(__file__).resolve().parents[1] / "blueprints" / "families"
 
 
 class HFError(PhysLMError):
@@ -371,7 +373,7 @@ def family_blueprint(fam: Family, params: dict[str, Any], *, name: str, about: s
     path = FAMILY_DIR / fam.blueprint
     if not path.is_file():
         raise HFError(f"the {fam.model_type} family blueprint is missing", loc=Loc(file=str(path)),
-                      fix="run from a physlm-graph checkout (blueprints/families/ ships with the repository)")
+                      fix="reinstall physlm-graph (the wheel ships blueprints/families/ as physlm_graph/families/)")
     doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     doc["name"], doc["about"] = name, about
     doc["params"] = {**doc["params"], **params}

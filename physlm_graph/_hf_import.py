@@ -27,7 +27,7 @@ from physlm_graph._hf_families import (
     weight_map,
 )
 
-__all__ = ["import_hf", "read_hf_config", "read_hf_weights"]
+__all__ = ["import_hf", "read_hf_config", "read_hf_weights", "hf_blueprint", "load_hf_weights", "is_hf_folder"]
 
 INDEX = "model.safetensors.index.json"
 
@@ -94,25 +94,47 @@ def import_hf(folder: str | Path, out: str | Path, *, name: str | None = None) -
     from physlm_graph.runtime.checkpoint import save_checkpoint
 
     folder = Path(folder)
+    cm = compile_blueprint(hf_blueprint(folder, name=name), device="cpu")
+    load_hf_weights(cm, folder)
+    tokenizer = _tokenizer(folder)
+    save_checkpoint(out, cm=cm, tokenizer=tokenizer)
+    return cm
+
+
+def is_hf_folder(path: Any) -> bool:
+    """Whether ``path`` names a folder holding a ``config.json`` (a ``save_pretrained`` folder)."""
+    try:
+        return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def hf_blueprint(folder: str | Path, *, name: str | None = None) -> dict[str, Any]:
+    """The family blueprint of a transformers folder's ``config.json``, with the config's params
+    (named ``<model_type>-import`` unless ``name``). A config the family's graph cannot express
+    is one located error per missing piece; no weight is read."""
+    folder = Path(folder)
     config, config_file = read_hf_config(folder)
     fam = FAMILIES[config["model_type"]]
     missing = missing_features(fam, config, config_file)
     if missing:
         raise HFError([Diagnostic(msg, loc=loc, fix="docs/hugging-face.md lists what each family supports") for msg, loc in missing])
     params = params_from_config(fam, config, config_file)
-    name = name or f"{fam.model_type}-import"
-    doc = family_blueprint(fam, params, name=name,
-                           about=f"Imported from {folder.resolve().name} (Hugging Face model_type "
-                           f"{fam.model_type}) by physlm-graph import; graph: blueprints/families/{fam.blueprint}.")
-    cm = compile_blueprint(doc, device="cpu")
-    tensors = read_hf_weights(folder)
-    state = _ours(fam, cm, tensors, folder)
+    return family_blueprint(fam, params, name=name or f"{fam.model_type}-import",
+                            about=f"Imported from {folder.resolve().name} (Hugging Face model_type "
+                            f"{fam.model_type}) by physlm-graph import; graph: blueprints/families/{fam.blueprint}.")
+
+
+def load_hf_weights(cm: Any, folder: str | Path) -> None:
+    """Copy the folder's weights (in float32) into ``cm.module``, a compiled family blueprint;
+    every tensor that has no place, or does not fit, is named."""
+    folder = Path(folder)
+    config, _ = read_hf_config(folder)
+    fam = FAMILIES[config["model_type"]]
+    state = _ours(fam, cm, read_hf_weights(folder), folder)
     with torch.no_grad():
         for key, value in state.items():
             cm.module.get_parameter(key).copy_(value)
-    tokenizer = _tokenizer(folder)
-    save_checkpoint(out, cm=cm, tokenizer=tokenizer)
-    return cm
 
 
 def _ours(fam: Any, cm: Any, tensors: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:

@@ -63,6 +63,7 @@ class Document:
     file: str
     pos: dict[Path_, Loc] = field(default_factory=dict)
     text: str = ""
+    hf_folder: str | None = None  # the Hugging Face folder this document was read from (config.json)
 
     def loc(self, path: Path_) -> Loc | None:
         """The position of ``path``, or of its nearest ancestor that has one."""
@@ -249,7 +250,9 @@ def load_text(text: str, file: str) -> Document:
 
 
 def load_document(source: str | os.PathLike[str] | dict[str, Any]) -> Document:
-    """Load a blueprint from a path, YAML text, or an already-parsed dict."""
+    """Load a blueprint from a path, YAML text, or an already-parsed dict. A folder with a
+    ``config.json`` (a transformers ``save_pretrained`` folder) loads as its family blueprint
+    with the config's params, as ``physlm-graph import`` writes it."""
     if isinstance(source, dict):
         import copy
 
@@ -259,6 +262,13 @@ def load_document(source: str | os.PathLike[str] | dict[str, Any]) -> Document:
         problem = file_problem(path)
         if problem == "does not exist":
             raise LoadError(f"no such blueprint file: {path}", loc=Loc(str(path)), fix="check the path")
+        if problem == "is a folder, not a blueprint file" and (path / "config.json").is_file():
+            from physlm_graph._hf_import import hf_blueprint  # a save_pretrained folder: its family blueprint
+
+            return Document(data=hf_blueprint(path), file=str(path / "config.json"), hf_folder=str(path))
+        if problem == "is a folder, not a blueprint file":
+            raise LoadError(f"{path} {problem}", loc=Loc(str(path)),
+                            fix="pass a blueprint file, or a Hugging Face model folder (config.json + *.safetensors)")
         if problem is not None:
             raise LoadError(f"{path} {problem}", loc=Loc(str(path)))
         try:

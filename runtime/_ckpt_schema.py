@@ -97,7 +97,7 @@ class _NumpyRng(BaseModel):
         try:
             keys = np.array(self.keys, dtype=np.uint32)
             np.random.RandomState().set_state((self.kind, keys, self.pos, self.has_gauss, self.gauss))
-        except (ValueError, TypeError, OverflowError) as err:
+        except (ValueError, TypeError, OverflowError, IndexError) as err:  # IndexError: keys shorter than 624
             raise ValueError(f"not a state numpy's generator accepts ({err})") from None
 
 

@@ -16,6 +16,7 @@ Every problem with the user's data is a ``RuntimeDataError`` naming the file and
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -103,15 +104,48 @@ def _check_regular(path: Path) -> int:
     return st.st_size
 
 
+def _entry_kind(path: Path) -> str | None:
+    """What a folder entry is when it is neither a regular file nor a folder (following links):
+    ``a FIFO (named pipe)``, ``a broken link``...; None for a regular file, ``folder`` for one."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        if os.path.islink(path):
+            return "a symlink loop" if err.errno == errno.ELOOP else "a broken link"
+        return f"unreadable: {err.strerror or err}"
+    if stat.S_ISDIR(st.st_mode):
+        return "folder"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    return ("a character device" if stat.S_ISCHR(st.st_mode) else "a block device" if stat.S_ISBLK(st.st_mode)
+            else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+            else "not a regular file")
+
+
 def _read_folder(folder: Path) -> str:
-    files = sorted(
-        (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-         and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
-        key=lambda p: p.relative_to(folder).as_posix(),
-    )
+    """The folder's text files (see ``load_text``). Entries that are not regular files (devices,
+    FIFOs, sockets, broken links) are skipped with a warning naming them; a folder left without a
+    text file is an error naming what was skipped."""
+    files, skipped = [], []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        kind = _entry_kind(p)
+        if kind is None and p.suffix.lower() in TEXT_SUFFIXES:
+            files.append(p)
+        elif kind not in (None, "folder"):
+            skipped.append(f"{rel.as_posix()} ({kind})")
+    files.sort(key=lambda p: p.relative_to(folder).as_posix())
+    skipped.sort()
+    shown = ", ".join(skipped[:8]) + (f", ... ({len(skipped) - 8} more)" if len(skipped) > 8 else "")
     if not files:
-        raise RuntimeDataError(f"the folder holds no {'/'.join('*' + s for s in TEXT_SUFFIXES)} files",
+        what = f"the folder holds no {'/'.join('*' + s for s in TEXT_SUFFIXES)} files"
+        raise RuntimeDataError(what + (f" that are regular files; skipped: {shown}" if skipped else ""),
                                loc=Loc(file=str(folder)), fix="put the training text in .txt files, or pass one file")
+    if skipped:
+        print(f"warning: {folder}: skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} that "
+              f"{'is' if len(skipped) == 1 else 'are'} not a regular file: {shown}", file=sys.stderr)
     total = sum(_check_regular(p) for p in files)
     if total > MAX_TEXT_BYTES:
         raise RuntimeDataError(f"the folder's text files hold {_size(total)}, above the {_size(MAX_TEXT_BYTES)} that "

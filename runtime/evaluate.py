@@ -10,6 +10,10 @@ defaults to ``seq_len`` (disjoint windows, the fastest and the most pessimistic)
 
 Per-token losses go through ``score_batch``; early-exit evaluation will override that one
 method (exits, thresholds) and report extra fields, leaving the loop as it is.
+
+A model with NaN or inf weights is refused before any window is scored (naming the first such
+weight), and a window whose loss comes out NaN or inf stops the evaluation: a perplexity of nan
+is not a measurement.
 """
 
 from __future__ import annotations
@@ -25,14 +29,24 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from physlm_graph._errors import RuntimeDataError
+from physlm_graph._errors import PhysLMError, RuntimeDataError
 
 from .checkpoint import Checkpoint, load_checkpoint, model_context
 from .data import load_text, strided_windows, window_batch
 
-__all__ = ["evaluate", "score_batch", "peak_memory_bytes"]
+__all__ = ["evaluate", "score_batch", "peak_memory_bytes", "NonFiniteScore"]
 
 IGNORE = -100
+
+
+class NonFiniteScore(PhysLMError):
+    """The model's weights or its loss on the text are NaN or inf: there is no loss to report."""
+
+    stage = "eval"
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what}, so the loss cannot be measured",
+                         fix="use another checkpoint (a run folder's best/), or retrain it with a lower learning rate")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -72,6 +86,11 @@ def evaluate(
                        ("cpu" if str(device) == "auto" else device))
     ck = ckpt if isinstance(ckpt, Checkpoint) else load_checkpoint(Path(ckpt), device=dev)
     module = ck.model.module.to(dev).eval()
+    from .generate import nonfinite_parameter
+
+    bad = nonfinite_parameter(module)
+    if bad is not None:
+        raise NonFiniteScore(f"the model's weights are not finite (NaN or inf): {bad}")
     if ck.tokenizer is None:
         raise RuntimeDataError("the checkpoint holds no tokenizer, so the text cannot be encoded",
                                fix="evaluate a checkpoint written by `physlm-graph train`")
@@ -103,6 +122,9 @@ def evaluate(
     for i in range(0, len(windows), batch_size):
         x, y = window_batch(tokens, windows[i : i + batch_size], ignore_index=IGNORE, device=dev)  # (N, T) each
         s, n = scorer(module, x, y)
+        if not math.isfinite(s):
+            raise NonFiniteScore(f"the loss on the windows from token {windows[i].start:,} is {s} (the logits are "
+                                 "not finite)")
         nll, count = nll + s, count + n
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -12,7 +12,9 @@ exit agrees with the full model often (acceptance) and the deep layers are costl
 Caches stay exact: the rows of rejected draft tokens are cut from every cache after each
 verification (``truncate_decode_state`` on each cached component; ``attention.causal`` has
 one). Components whose decode state cannot be cut back (an SSM's running state) are refused
-with a clear error.
+with a clear error. Full depth's logits are checked as ``generate`` checks them: NaN or +inf
+(or -inf everywhere) stops decoding with ``NonFiniteLogits`` naming the first non-finite weight;
+the check shares the round's one host synchronisation.
 
 The graph is cut with the same segments and exit heads as ``early_exit.SegmentExecutor``: the
 draft runs segments ``0 .. e`` and exit head ``e``; the verification runs segments ``e+1 ..``
@@ -32,6 +34,7 @@ from physlm_graph import PhysLMError
 from physlm_graph._context import DecodeContext, decoding
 
 from .early_exit import cut_for, exit_points
+from .generate import NonFiniteLogits
 
 __all__ = ["SpeculativeStats", "SelfSpeculativeDecoder", "generate_self_speculative"]
 
@@ -181,11 +184,15 @@ class SelfSpeculativeDecoder:
             for s in range(e + 1, len(cut.segments)):
                 self._run(cut.segments[s], chunk)
         full = chunk[cut.final].argmax(-1)  # (B, k + 1): full depth's choice after each row
+        bad = _nonfinite(chunk[cut.final]).long()
         if k:
             d = torch.cat(drafts, dim=1)  # (B, k)
-            a = int((full[:, :k] == d).long().cumprod(dim=1).sum(dim=1).min())  # the one sync of the round
+            accepted = (full[:, :k] == d).long().cumprod(dim=1).sum(dim=1).min()
         else:
-            a = 0
+            accepted = torch.zeros((), dtype=torch.long, device=full.device)
+        a, nonfinite = torch.stack([accepted, bad]).tolist()  # the one sync of the round
+        if nonfinite:
+            raise NonFiniteLogits()
         self._truncate(pos + a + 1)
         self.ctx.offset = pos + a + 1
         st = self.stats
@@ -195,6 +202,18 @@ class SelfSpeculativeDecoder:
         st.layer_rows += (k + 1) * st.full_layers  # every row runs the draft layers, then the rest
         st.per_round.append(a + 1)
         return full[:, : a + 1]
+
+
+def _nonfinite(logits: Tensor) -> Tensor:
+    """Whether ``logits`` (..., V) hold NaN or +inf, or a row of -inf only (``sample_next``'s test;
+    -inf alone is a masked id of a padded vocabulary), as a 0-d bool tensor (no sync)."""
+    return logits.isnan().any() | logits.isposinf().any() | logits.isneginf().all(dim=-1).any()
+
+
+def _checked(logits: Tensor) -> Tensor:
+    if bool(_nonfinite(logits)):
+        raise NonFiniteLogits()
+    return logits
 
 
 def generate_self_speculative(
@@ -212,7 +231,7 @@ def generate_self_speculative(
     does: a list for a 1-D prompt, else (B, T)) and the stats. Past the model's context the
     cache is cleared and the last ``context`` tokens are run again at full depth."""
     from .checkpoint import model_context
-    from .generate import _done, can_cache, prompt_tensor
+    from .generate import _done, can_cache, nonfinite_parameter, prompt_tensor
 
     if not can_cache(cm):
         raise PhysLMError("self-speculative decoding needs incremental decoding, but some components cannot decode "
@@ -243,16 +262,18 @@ def generate_self_speculative(
         with torch.inference_mode():
             if max_new_tokens <= 0:
                 return (ids[0].tolist() if flat else ids), dec.stats
-            done = emit(dec.prefill(ids[:, -context:]).argmax(-1, keepdim=True))
+            done = emit(_checked(dec.prefill(ids[:, -context:])).argmax(-1, keepdim=True))
             while not done:
                 if dec.ctx.offset + 1 > context:  # the pending token has no position left: re-prefill
-                    done = emit(dec.prefill(ids[:, -context:]).argmax(-1, keepdim=True))
+                    done = emit(_checked(dec.prefill(ids[:, -context:])).argmax(-1, keepdim=True))
                     continue
                 remaining = max_new_tokens - (ids.size(1) - start)
                 k = max(0, min(dec.k, context - 1 - dec.ctx.offset, remaining - 1))
                 new = dec.round(ids[:, -1:], k)
                 dec.stats.tokens += new.size(1)
                 done = emit(new)
+    except NonFiniteLogits:
+        raise NonFiniteLogits(nonfinite_parameter(module)) from None
     finally:
         module.train(was_training)
     return (ids[0].tolist() if flat else ids), dec.stats

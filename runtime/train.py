@@ -40,6 +40,7 @@ from .data import RandomWindows, TokenCache, load_text, split
 from .distributed import grad_sync, init_distributed
 from .growth_part import GrowthPart
 from .guard import NonFiniteGuard
+from .init_from import InitFrom, carry_weights
 from .model_setup import install_model
 from .objective import OBJECTIVE, Objective
 from .optim import lr_at, make_optimizer, node_components
@@ -85,13 +86,15 @@ class Trainer:
         console: Any = None,
         strategy: str = "ddp",
         check_growth: bool = True,
+        init_from: str | os.PathLike[str] | None = None,
         **train_overrides: Any,
     ) -> None:
         from rich.console import Console
 
         self.source = source
         self.out_dir = Path(out_dir)
-        self.data_arg, self.tokenizer_arg = data, tokenizer
+        self.init_from = InitFrom(init_from, resume=resume) if init_from is not None else None  # runtime/init_from.py
+        self.data_arg, self.tokenizer_arg = data, tokenizer or (self.init_from and self.init_from.tokenizer)
         self.overrides = normalize_overrides(overrides)
         self.resume = resume
         self.dist = init_distributed()
@@ -159,7 +162,7 @@ class Trainer:
             for part in self.parts:
                 part.load_state(state)
         self.load_data()
-        self.set_model(self.build_model())
+        self.set_model(carry_weights(self, self.build_model()))  # --init-from: after the blueprint's init
         self.optimizer = self.build_optimizer()
         # each rank samples its own windows: the data are sharded by sampling
         try:
@@ -404,6 +407,7 @@ def train(
     seed: int | None = None,
     progress: bool = True,
     strategy: str = "ddp",
+    init_from: str | os.PathLike[str] | None = None,
     **train_overrides: Any,
 ) -> dict[str, Any]:
     """Train a blueprint; returns a summary (steps, tokens, losses, wall time, checkpoint paths).
@@ -411,10 +415,11 @@ def train(
     ``train_overrides`` are ``train:`` keys (``batch_size=8``, ``lr=3e-4``, ...); ``compile`` is
     False, True (the default mode) or a torch.compile mode (``"reduce-overhead"``, ...);
     ``stop_after=N`` stops after step N of the full schedule (as if interrupted, saving ``last``);
-    ``check_growth=False`` accepts growth that changes the logits. Everything the blueprint
+    ``check_growth=False`` accepts growth that changes the logits; ``init_from`` starts from a
+    checkpoint's weights, tensor by tensor by name (``runtime/init_from.py``). Everything the blueprint
     declares (growth stages, exits, extensions, losses) is followed: the trainer is built from
     the run plan.
     """
     return Trainer(source, data=data, tokenizer=tokenizer, steps=steps, overrides=overrides, out_dir=out_dir,
                    resume=resume, device=device, compile=compile, seed=seed, progress=progress, strategy=strategy,
-                   **train_overrides).fit()
+                   init_from=init_from, **train_overrides).fit()

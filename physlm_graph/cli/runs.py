@@ -32,6 +32,8 @@ def add_commands(subparsers: Any) -> None:
                    help="override a blueprint value (repeatable), e.g. --set layers=4 or --set train.warmup=50")
     p.add_argument("--out", help="run folder for checkpoints and metrics (default: runs/<blueprint name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last (or best) checkpoint")
+    p.add_argument("--init-from", metavar="DIR", help="start from a checkpoint's weights (e.g. one `physlm-graph "
+                   "import` wrote): every tensor whose name and shape match is carried, the rest start fresh")
     p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "false"],
@@ -114,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(args.blueprint, data=args.data, tokenizer=args.tokenizer, steps=args.steps,
                    overrides=args.overrides or None, out_dir=out, resume=args.resume, device=args.device,
                    compile=args.compile, seed=args.seed, progress=not args.no_progress, strategy=args.strategy,
-                   **extra)
+                   init_from=args.init_from, **extra)
     from physlm_graph.runtime.distributed import close_distributed
 
     close_distributed()  # a torchrun worker leaves the group before exit (gloo's threads aborted at teardown)

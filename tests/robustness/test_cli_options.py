@@ -23,6 +23,7 @@ FREE_TEXT = {
     ("viz", "--output"),  # .html or .svg, checked by the command with its own message
     ("viz-coords", "--output"),  # the page is written whatever the suffix
     ("import", "--name"),  # the imported blueprint's name: any text
+    ("train", "--init-from"),  # a checkpoint folder, checked by runtime/init_from.py (the fuzzer feeds bad ones)
 }
 
 BAD = {

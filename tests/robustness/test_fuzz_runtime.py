@@ -248,7 +248,7 @@ def _cli_argv(rng: random.Random, run: Path, text: Path, tmp: Path) -> list[str]
         opts = {"--steps": BAD_NUMBERS, "--batch-size": BAD_NUMBERS, "--lr": BAD_NUMBERS, "--seed": BAD_NUMBERS,
                 "--gpus": BAD_NUMBERS, "--device": ["tpu", "cuda", ""], "--data": BAD_PATHS,
                 "--tokenizer": ["bpe:0", "bpe:-3", "bpe:x", "nope", "/dev/zero", ""], "--set": BAD_SET,
-                "--strategy": ["zero"], "--compile-mode": ["fast"]}
+                "--strategy": ["zero"], "--compile-mode": ["fast"], "--init-from": BAD_PATHS + [str(run)]}
     elif command == "diff":
         argv = ["diff", tiny, tiny]
         opts = {"--set": BAD_SET, "a": BAD_PATHS}

@@ -222,6 +222,36 @@ def test_generate_with_nan_weights_exits_2(tiny_run, tmp_path, capsys):
     assert "holds" in err and "NaN/inf values of" in err
 
 
+def _poison(run: Path, change) -> Path:
+    """``run/best`` with ``change(name, tensor)`` applied to every stored tensor, the manifest rewritten."""
+    weights = run / "best" / "model.safetensors"
+    tensors = {k: change(k, v) for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    write_manifest(run / "best")
+    return run / "best"
+
+
+def test_eval_with_nan_weights_exits_2_naming_the_weight(tiny_run, tmp_path, capsys):
+    best = _poison(_copy(tiny_run, tmp_path),
+                   lambda k, v: torch.full_like(v, float("nan")) if k == "trunk.1.mlp.fc.weight" else v)
+    code = main(["eval", str(best), "--data", str(tiny_run / "text.txt")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == ("eval error: the model's weights are not finite (NaN or inf): weight trunk.1.mlp.fc.weight holds "
+                   "4,096 NaN/inf values of 4,096, so the loss cannot be measured\n  fix: use another checkpoint "
+                   "(a run folder's best/), or retrain it with a lower learning rate\n")
+
+
+def test_eval_whose_logits_overflow_exits_2(tiny_run, tmp_path, capsys):
+    """Finite weights (the tied embedding and the final norm scaled by 1e37) whose logits overflow."""
+    best = _poison(_copy(tiny_run, tmp_path), lambda k, v: v * 1e37 if k in ("head.weight", "norm.weight") else v)
+    code = main(["eval", str(best), "--data", str(tiny_run / "text.txt")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("eval error: the loss on the windows from token 0 is nan (the logits are not finite), so "
+                          "the loss cannot be measured\n"), err
+
+
 def test_gpus_without_gpus_is_refused_unless_cpu_processes_are_asked_for():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

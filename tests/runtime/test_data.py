@@ -94,6 +94,37 @@ def test_empty_folder(tmp_path):
     )
 
 
+def test_a_folder_names_what_it_skips_that_is_no_regular_file(tmp_path, capsys):
+    import os
+    import socket
+
+    (tmp_path / "a.txt").write_text("one")
+    os.mkfifo(tmp_path / "pipe.txt")  # reading it would block
+    (tmp_path / "null.txt").symlink_to("/dev/null")  # a character device
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "missing.txt")
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(tmp_path / "s"))
+        assert load_text(tmp_path) == "one\n"
+    finally:
+        sock.close()
+    assert capsys.readouterr().err == (
+        f"warning: {tmp_path}: skipped 4 entries that are not a regular file: gone.txt (a broken link), null.txt "
+        "(a character device), pipe.txt (a FIFO (named pipe)), s (a socket)\n")
+
+
+def test_a_folder_of_only_unusable_entries_is_an_error_naming_them(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.txt")
+    (tmp_path / "gone.md").symlink_to("nowhere.md")
+    assert data_error(load_text, tmp_path) == (
+        f"data error: {tmp_path}: the folder holds no *.txt/*.md/*.raw files that are regular files; skipped: "
+        "gone.md (a broken link), pipe.txt (a FIFO (named pipe))\n"
+        "  fix: put the training text in .txt files, or pass one file"
+    )
+
+
 def test_binary_file(tmp_path):
     (tmp_path / "model.txt").write_bytes(b"PK\x03\x04" + bytes(range(256)))
     assert data_error(load_text, tmp_path / "model.txt") == (

@@ -127,3 +127,44 @@ def test_any_prompt_draft_exit_and_length_gives_full_depth_greedy(cm, plain):  #
         want = generate(plain, prompt, max_new_tokens=new, temperature=0, use_cache=True)
         got, _ = generate_self_speculative(cm, prompt, max_new_tokens=new, draft_exit=e, draft_len=k)
         assert got == want, (n, e, k, new)
+
+
+def _nan_logits(cm, at: str):
+    """A copy of ``cm`` whose weight ``at`` is all NaN."""
+    bad = compile_blueprint(blueprint(every=1, block="trunk"))
+    bad.module.load_state_dict(cm.module.state_dict())
+    with torch.no_grad():
+        bad.module.get_parameter(at).fill_(float("nan"))
+    return bad
+
+
+def test_nan_logits_in_the_prefill_are_refused_naming_the_weight(cm):
+    from physlm_graph.runtime.generate import NonFiniteLogits
+
+    bad = _nan_logits(cm, "trunk.3.mlp.fc.weight")
+    with pytest.raises(NonFiniteLogits) as err:
+        generate_self_speculative(bad, PROMPT, max_new_tokens=20, draft_exit=0, draft_len=3)
+    assert str(err.value) == ("generate error: the model's logits are not finite (NaN or inf), so no token can be "
+                              "chosen: weight trunk.3.mlp.fc.weight holds 4,096 NaN/inf values of 4,096\n"
+                              "  fix: use another checkpoint (a run folder's best/), or retrain it with a lower "
+                              "learning rate")
+
+
+def test_nan_logits_in_a_verification_round_are_refused(cm):
+    """The weights turn NaN after the prefill (from the first token's callback): the round's check,
+    not the prefill's, stops decoding; nothing after it is emitted."""
+    from physlm_graph.runtime.generate import NonFiniteLogits
+
+    bad = _nan_logits(cm, "trunk.3.mlp.fc.weight")
+    with torch.no_grad():
+        bad.module.get_parameter("trunk.3.mlp.fc.weight").copy_(cm.module.get_parameter("trunk.3.mlp.fc.weight"))
+    seen: list[int] = []
+
+    def poison(ids: list[int]) -> None:
+        seen.extend(ids)
+        with torch.no_grad():
+            bad.module.get_parameter("trunk.3.mlp.fc.weight").fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLogits, match="weight trunk.3.mlp.fc.weight holds 4,096 NaN/inf values"):
+        generate_self_speculative(bad, PROMPT, max_new_tokens=20, draft_exit=0, draft_len=3, on_token=poison)
+    assert len(seen) == 1  # the prefill's token; the first round raised
