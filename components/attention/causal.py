@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from physlm_graph import ComponentError, ComponentParams, Example, Inputs, decode_context, register
 from physlm_graph._registry import HFName
 from physlm_graph.components._rope import apply_rope
+from physlm_graph.components._static_cache import static_cache
 
 # SDPA learned to repeat key/value heads itself (enable_gqa) in torch 2.5.
 _HAS_ENABLE_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -73,12 +74,22 @@ class CausalSelfAttention(nn.Module):
         ctx = decode_context()
         if ctx is None:
             return k, v
+        static = static_cache(ctx)
+        if static is not None:  # preallocated buffers, written in place (components/_static_cache.py)
+            return static.write_kv(self, k, v)  # (B, H_kv, max_len, hd)
         past = ctx.get(self)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, H_kv, S, hd)
             v = torch.cat([past[1], v], dim=2)
         ctx.set(self, (k, v))
         return k, v
+
+    @staticmethod
+    def _static_mask() -> Tensor | None:
+        """With preallocated buffers, which keys each query sees (B, 1, T, max_len): the
+        buffers' tails are stale, so the mask comes from the positions, not from S - T."""
+        static = static_cache()
+        return static.mask if static is not None else None
 
     @staticmethod
     def truncate_decode_state(state: tuple[Tensor, Tensor], length: int) -> tuple[Tensor, Tensor]:
@@ -106,6 +117,8 @@ class CausalSelfAttention(nn.Module):
             is_causal = False
             if T > 1:
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
+        if (static_mask := self._static_mask()) is not None:
+            mask, is_causal = static_mask, False
         kw = {}
         if H != Hkv:
             if _HAS_ENABLE_GQA:
