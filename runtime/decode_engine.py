@@ -29,6 +29,7 @@ which is how the CPU tests compare it with ``generate.generate`` and with full r
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -42,9 +43,10 @@ from physlm_graph._registry import REGISTRY
 from physlm_graph.components._static_cache import StaticCache, StaticDecodeContext
 
 from .checkpoint import model_context
-from .generate import NonFiniteLogits, _as_compiled, _logit_nodes, _not_incremental, nonfinite_parameter
+from .generate import (NonFiniteLogits, _as_compiled, _logit_nodes, _not_incremental, check_sampling, generate,
+                       nonfinite_parameter, prompt_tensor)
 
-__all__ = ["DecodeEngine", "static_plan", "sample_on_device"]
+__all__ = ["DecodeEngine", "generate_static", "static_plan", "sample_on_device"]
 
 # Components that know the static protocol (they read ``static_cache()``).
 _STATIC = frozenset({"attention.causal", "embed.learned_position", "embed.rope"})
@@ -126,6 +128,7 @@ class DecodeEngine:
             raise PhysLMError("cuda_graph=True needs a CUDA device", fix="leave cuda_graph unset off CUDA")
         self.static = StaticCache(batch=batch, max_len=max_len, device=self.device)
         self.ctx = StaticDecodeContext(self.static)
+        self.compiled = compile
         self._step_forward: Callable[[Tensor], dict[str, Tensor]] = self.module
         if compile and on_cuda:
             self._step_forward = torch.compile(self.module, dynamic=False)
@@ -322,3 +325,111 @@ class DecodeEngine:
                                                 generator=gen)[:, None])
             out[:, i] = self.tok[:, 0]
         return out[:, :kept].tolist()
+
+
+# -- the one-call API ------------------------------------------------------------------------------
+
+_SAID: set[str] = set()
+_ENGINES: weakref.WeakKeyDictionary[torch.nn.Module, DecodeEngine] = weakref.WeakKeyDictionary()
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        print(message, file=sys.stderr)
+
+
+def _engine_for(cm: Any, batch: int, need: int, context: int | None, compile: bool, check_every: int) -> DecodeEngine:
+    """A cached engine that fits ``batch`` rows of ``need`` tokens (its max_len rounded up to 64
+    positions, so the next prompt of about the same size reuses the captured step)."""
+    max_len = -(-need // 64) * 64
+    if context is not None:
+        max_len = min(max_len, context)
+    dev = next(cm.module.parameters()).device
+    old = _ENGINES.get(cm.module)
+    if old is not None and old.batch == batch and old.max_len >= need and old.compiled == compile \
+            and old.device == dev and old.check_every == check_every:
+        return old
+    engine = DecodeEngine(cm, batch=batch, max_len=max_len, compile=compile, check_every=check_every)
+    _ENGINES[cm.module] = engine
+    return engine
+
+
+@torch.inference_mode()
+def generate_static(
+    model_or_ckpt: Any,
+    prompt_ids: list[int] | list[list[int]] | Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    eos_id: int | None = None,
+    on_token: Callable[[list[int]], None] | None = None,
+    device: str | torch.device | None = None,
+    compile: bool = True,
+    check_every: int = 16,
+) -> list[int] | list[list[int]] | Tensor:
+    """``generate.generate`` on the decode engine; the same arguments and the same greedy output.
+
+    ``prompt_ids``: a list or 1-D tensor (returns a list), a (B, T) tensor (returns (B, T + n)),
+    or a list of id lists of any lengths (returns a list of lists, row b = prompt b + n new ids).
+    ``compile``: on CUDA, ``torch.compile`` the step before it is captured. Where the engine
+    cannot serve a call (a repetition penalty, a node that cannot decode incrementally, more
+    tokens than the model's context) it runs ``generate.generate`` and says so once on stderr.
+    Sampling draws from the same distribution as ``generate`` but a seed gives other samples.
+    """
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                   max_new_tokens=max_new_tokens)
+    cm = _as_compiled(model_or_ckpt, device)
+    dev = next(cm.module.parameters()).device if device is None else torch.device(device)
+    cm.module.to(dev)
+    ragged = isinstance(prompt_ids, list) and bool(prompt_ids) and isinstance(prompt_ids[0], (list, tuple))
+    if ragged:
+        rows = [list(map(int, r)) for r in prompt_ids]
+        if any(not r for r in rows):
+            raise PhysLMError("a prompt is empty", fix="give at least one token (e.g. a newline)")
+    else:
+        ids, flat = prompt_tensor(prompt_ids, dev)
+        rows = ids.tolist()
+    context = model_context(cm)
+    need = max(map(len, rows)) + max_new_tokens
+    why = ("a repetition penalty" if repetition_penalty != 1.0
+           else f"nodes that cannot decode incrementally ({', '.join(_not_incremental(cm))})" if _not_incremental(cm)
+           else f"{need} tokens, more than the context {context}" if context is not None and need > context else None)
+    if why is not None:
+        _say_once(f"decode engine: {why}; generating without it")
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  repetition_penalty=repetition_penalty, seed=seed, eos_id=eos_id, on_token=on_token, device=dev)
+        if ragged:
+            return [generate(cm, r, **kw) for r in rows]
+        return generate(cm, prompt_ids, **kw)
+    sample = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    plan, unstatic = static_plan(cm)
+    if len(set(map(len, rows))) > 1 and (unstatic or "state" in plan.values()):
+        # a padded prompt would disturb a carried state: one row at a time, cut where all have ended
+        outs = [_engine_for(cm, 1, len(r) + max_new_tokens, context, compile, check_every).generate([r], **sample)[0]
+                for r in rows]
+        new = [o[len(r):] for o, r in zip(outs, rows)]
+        kept = _first_all_ended(new, eos_id)
+        for step in zip(*(n[:kept] for n in new)):
+            if on_token is not None:
+                on_token(list(step))
+        out = [r + n[:kept] for r, n in zip(rows, new)]
+    else:
+        engine = _engine_for(cm, len(rows), need, context, compile, check_every)
+        out = engine.generate(rows, eos_id=eos_id, on_token=on_token, **sample)
+    if ragged:
+        return out
+    return out[0] if flat else torch.tensor(out, dtype=torch.long, device=dev)
+
+
+def _first_all_ended(new: list[list[int]], eos_id: int | None) -> int:
+    """How many steps ``generate`` keeps: up to the one at which every row has emitted ``eos_id``."""
+    n = len(new[0])
+    if eos_id is None:
+        return n
+    ends = [r.index(eos_id) + 1 if eos_id in r else n for r in new]
+    return max(ends)
