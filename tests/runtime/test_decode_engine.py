@@ -204,3 +204,24 @@ def test_cuda_graph_step_equals_eager_generate(models, compile):
         assert engine.generate(rows, max_new_tokens=40) == got  # the captured step replays again
     finally:
         cm.module.cpu()
+
+
+def test_cli_generate_compile_prints_the_same_greedy_text(models, tmp_path, capsys):
+    import json
+
+    from physlm_graph.cli import main
+    from physlm_graph.runtime.checkpoint import save_checkpoint
+    from physlm_graph.runtime.tokenizers import CharTokenizer
+
+    tok = CharTokenizer([chr(c) for c in range(32, 97)])
+    folder = save_checkpoint(tmp_path / "ck", cm=models["gpt2"], tokenizer=tok)
+    runs = {}
+    for flag in ([], ["--compile"]):
+        assert main(["generate", str(folder), "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "20",
+                     "--device", "cpu", "--json", *flag]) == 0
+        runs[bool(flag)] = json.loads(capsys.readouterr().out)
+    assert runs[True]["ids"] == runs[False]["ids"] and len(runs[True]["ids"]) == 20
+    assert runs[True]["engine"] and not runs[False]["engine"]
+    assert main(["generate", str(folder), "--prompt", "x", "--compile", "--no-cache"]) == 2
+    assert "--compile decodes with the engine's static cache; it cannot be combined with --no-cache" in \
+        capsys.readouterr().err
