@@ -120,8 +120,8 @@ class DecodeEngine:
         self.prefill_chunk, self.check_every = prefill_chunk, check_every
         self.plan, self.unstatic = static_plan(cm)
         if self.unstatic:
-            print(f"decode engine: {', '.join(self.unstatic)} cannot decode with preallocated buffers; they keep "
-                  "their own caches and the step runs uncaptured (rows must share one prompt length)", file=sys.stderr)
+            _say_once(f"decode engine: {', '.join(self.unstatic)} cannot decode with preallocated buffers; they keep "
+                      "their own caches and the step runs uncaptured (rows must share one prompt length)")
         on_cuda = self.device.type == "cuda"
         self.cuda_graph = (on_cuda if cuda_graph is None else cuda_graph) and not self.unstatic
         if self.cuda_graph and not on_cuda:
@@ -198,8 +198,8 @@ class DecodeEngine:
         self.bad |= ~torch.isfinite(top)
         if greedy:
             self.tok.copy_(pick[:, None])
-        if self.logits is None or self.logits.shape != logits.shape:
-            self.logits = logits.clone()
+        elif self.logits is None or self.logits.shape != logits.shape:
+            self.logits = logits.clone()  # the sampler reads them after the step
         else:
             self.logits.copy_(logits)
         self.pos += 1
