@@ -190,8 +190,13 @@ class DecodeEngine:
 
     def _step(self, greedy: bool) -> None:
         """One token for every row: feed ``tok`` at ``pos``; greedy also writes the pick to ``tok``."""
-        self.static.begin(self.pos, 1)
         self.ctx.offset = self._offset  # nodes off the static path read the position as an int
+        self._device_step(greedy)
+
+    def _device_step(self, greedy: bool) -> None:
+        """The step's tensor work: fixed shapes, every value read from a device buffer, no host
+        sync (the test traces it as one graph)."""
+        self.static.begin(self.pos, 1)
         logits = self._run(self.tok, self._step_forward)[:, -1, :]  # (B, V)
         self._keep_states()
         top, pick = logits.max(dim=-1)  # NaN, +inf, or -inf everywhere show in the max

@@ -84,6 +84,22 @@ def test_engine_greedy_equals_generate_and_full_recompute(models, name, chunk):
     assert engine.generate([PROMPT], max_new_tokens=40)[0] == want  # buffers reused, stale tails hidden
 
 
+def test_the_step_is_one_graph_with_no_host_sync(models):
+    """The one-token step traced whole (``fullgraph``: an ``.item()``, a ``bool(tensor)`` or a
+    shape that changes from token to token would fail or recompile), for rows of two lengths."""
+    from torch._dynamo.utils import counters
+
+    cm = models["llama"]
+    torch._dynamo.reset()
+    counters.clear()
+    engine = DecodeEngine(cm, batch=2, max_len=40)
+    engine._device_step = torch.compile(engine._device_step, fullgraph=True, backend="eager", dynamic=False)
+    got = engine.generate([PROMPT, SHORT], max_new_tokens=12)
+    assert got == [generate(cm, r, max_new_tokens=12, temperature=0) for r in (PROMPT, SHORT)]
+    assert counters["stats"]["unique_graphs"] == 1  # traced once, replayed for every token
+    torch._dynamo.reset()
+
+
 def test_the_plan_names_how_each_node_decodes(models):
     plan, other = static_plan(models["hybrid"])
     assert other == []
