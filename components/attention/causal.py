@@ -38,7 +38,9 @@ class CausalSelfAttention(nn.Module):
 
     Incremental decoding: inside ``physlm_graph.decoding()``, keys and values of every chunk
     are appended to a cache kept in the decode context; the chunk's queries attend to all
-    cached keys, the causal mask shifted by the cached length.
+    cached keys, the causal mask shifted by the cached length. With the decode engine's
+    preallocated buffers (``components/_static_cache.py``) they are written in place at each
+    row's positions and a length mask from those positions replaces the shifted one.
     """
 
     def __init__(
