@@ -129,9 +129,8 @@ class DecodeEngine:
         self.static = StaticCache(batch=batch, max_len=max_len, device=self.device)
         self.ctx = StaticDecodeContext(self.static)
         self.compiled = compile
-        self._step_forward: Callable[[Tensor], dict[str, Tensor]] = self.module
-        if compile and on_cuda:
-            self._step_forward = torch.compile(self.module, dynamic=False)
+        if compile and on_cuda:  # the whole step, so the mask and the pick fuse with the model's ops
+            self._device_step = torch.compile(self._device_step, dynamic=False)  # type: ignore[method-assign]
         self._offset = 0
         new = lambda dtype: torch.zeros(batch, dtype=dtype, device=self.device)  # noqa: E731
         self.tok = new(torch.long).view(batch, 1)  # (B, 1): the token each row feeds next
@@ -144,9 +143,9 @@ class DecodeEngine:
 
     # -- the pieces --------------------------------------------------------------------------
 
-    def _run(self, tokens: Tensor, forward: Callable[[Tensor], dict[str, Tensor]]) -> Tensor:
+    def _run(self, tokens: Tensor) -> Tensor:
         with decoding(self.ctx):
-            return forward(tokens)["logits"]  # (B, T, V)
+            return self.module(tokens)["logits"]  # (B, T, V)
 
     def _keep_states(self) -> None:
         """Copy each fixed-state node's new state into the tensors it had after the prefill, so
@@ -197,7 +196,7 @@ class DecodeEngine:
         """The step's tensor work: fixed shapes, every value read from a device buffer, no host
         sync (the test traces it as one graph)."""
         self.static.begin(self.pos, 1)
-        logits = self._run(self.tok, self._step_forward)[:, -1, :]  # (B, V)
+        logits = self._run(self.tok)[:, -1, :]  # (B, V)
         self._keep_states()
         top, pick = logits.max(dim=-1)  # NaN, +inf, or -inf everywhere show in the max
         self.bad |= ~torch.isfinite(top)
@@ -241,7 +240,7 @@ class DecodeEngine:
             b = min(a + self.prefill_chunk, L)
             self.static.begin(torch.full((B,), a, dtype=torch.long, device=self.device), b - a)
             self.ctx.offset = a
-            logits = self._run(ids[:, a:b], self.module)  # (B, T, V): the prefill runs eagerly
+            logits = self._run(ids[:, a:b])  # (B, T, V): the prefill runs eagerly
             idx = (last - a).clamp(0, b - a - 1)  # (B,)
             here = logits[torch.arange(B, device=self.device), idx]  # (B, V)
             inside = ((last >= a) & (last < b))[:, None]  # (B, 1)
