@@ -123,13 +123,18 @@ class DecodeEngine:
             _say_once(f"decode engine: {', '.join(self.unstatic)} cannot decode with preallocated buffers; they keep "
                       "their own caches and the step runs uncaptured (rows must share one prompt length)")
         on_cuda = self.device.type == "cuda"
+        if cuda_graph and (not on_cuda or self.unstatic):
+            raise PhysLMError("cuda_graph=True needs a CUDA device and every node on the static path"
+                              + (f" ({', '.join(self.unstatic)} are not)" if self.unstatic else ""),
+                              fix="leave cuda_graph unset: the engine captures the step where it can")
         self.cuda_graph = (on_cuda if cuda_graph is None else cuda_graph) and not self.unstatic
-        if self.cuda_graph and not on_cuda:
-            raise PhysLMError("cuda_graph=True needs a CUDA device", fix="leave cuda_graph unset off CUDA")
+        if compile and not on_cuda:
+            _say_once(f"decode engine: on {self.device.type} the step runs eagerly (compile and CUDA graphs need CUDA)")
         self.static = StaticCache(batch=batch, max_len=max_len, device=self.device)
         self.ctx = StaticDecodeContext(self.static)
         self.compiled = compile
-        if compile and on_cuda:  # the whole step, so the mask and the pick fuse with the model's ops
+        if compile and on_cuda and not self.unstatic:  # the whole step: the mask and the pick fuse too
+            # (with nodes off the static path a cache grows each token: nothing to compile once)
             self._device_step = torch.compile(self._device_step, dynamic=False)  # type: ignore[method-assign]
         self._offset = 0
         new = lambda dtype: torch.zeros(batch, dtype=dtype, device=self.device)  # noqa: E731
@@ -304,8 +309,9 @@ class DecodeEngine:
             self._capture(greedy)
         ended = [False] * self.batch
         kept, shown = n, 0
+        watch = eos_id is not None or on_token is not None  # else one look at the end is enough
         for i in range(1, n + 1):
-            if i % self.check_every == 0 or i == n:  # the only host syncs: every check_every tokens
+            if watch and i % self.check_every == 0 or i == n:  # the only host syncs: every check_every tokens
                 if bool(self.bad.any()):
                     raise NonFiniteLogits(nonfinite_parameter(self.module))
                 for step in zip(*out[:, shown:i].tolist()):  # each step's ids, one per row

@@ -187,6 +187,8 @@ def test_bad_inputs_and_non_finite_logits(models):
     cm = models["gpt2"]
     with pytest.raises(PhysLMError, match="context 64"):
         DecodeEngine(cm, batch=1, max_len=65)
+    with pytest.raises(PhysLMError, match="cuda_graph=True needs a CUDA device"):
+        DecodeEngine(cm, batch=1, max_len=20, cuda_graph=True)
     engine = DecodeEngine(cm, batch=1, max_len=20)
     with pytest.raises(PhysLMError, match="max_len 20"):
         engine.generate([PROMPT], max_new_tokens=11)
