@@ -143,8 +143,7 @@ class DecodeEngine:
         self.bad = new(torch.bool)  # (B,): a row's logits were not finite at some step
         self.logits: Tensor | None = None  # (B, V): the last step's logits (stochastic sampling reads them)
         self._states: dict[int, tuple[torch.nn.Module, list[Tensor], Any]] = {}
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._graph_greedy: bool | None = None
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # greedy or not -> the captured step
 
     # -- the pieces --------------------------------------------------------------------------
 
@@ -187,7 +186,7 @@ class DecodeEngine:
                 bufs = old[1]
             else:
                 bufs = [t.clone() for t in leaves]
-                self._graph = None  # new memory: a captured step would read the old
+                self._graphs.clear()  # new memory: a captured step would read the old
             found[id(mod)] = (mod, bufs, spec)
             self.ctx.set(mod, pytree.tree_unflatten(bufs, spec))
         self._states = found
@@ -233,7 +232,7 @@ class DecodeEngine:
             for b, s in zip(bufs, olds):
                 b.copy_(s)
         # the warm-up wrote keys at the saved positions; they are overwritten before they are seen
-        self._graph, self._graph_greedy = graph, greedy
+        self._graphs[greedy] = graph
 
     def _prefill(self, ids: Tensor, lengths: Tensor) -> Tensor:
         """Run the right-padded prompts (B, L) in chunks; the logits (B, V) at each row's last token."""
@@ -305,7 +304,7 @@ class DecodeEngine:
         out = torch.empty(self.batch, n, dtype=torch.long, device=self.device)  # (B, n)
         out[:, 0] = self.tok[:, 0]
         use_graph = self.cuda_graph and n > 1
-        if use_graph and (self._graph is None or self._graph_greedy != greedy):
+        if use_graph and greedy not in self._graphs:
             self._capture(greedy)
         ended = [False] * self.batch
         kept, shown = n, 0
@@ -326,7 +325,7 @@ class DecodeEngine:
                 if kept < n or i == n:
                     break
             if use_graph:
-                self._graph.replay()
+                self._graphs[greedy].replay()
             else:
                 self._step(greedy)
             self._offset += 1

@@ -220,6 +220,9 @@ def test_cuda_graph_step_equals_eager_generate(models, compile):
         got = engine.generate(rows, max_new_tokens=40)
         assert got[0] == want and got[1] == generate(cm, SHORT, max_new_tokens=40, temperature=0)
         assert engine.generate(rows, max_new_tokens=40) == got  # the captured step replays again
+        # the sampling step is captured apart; top-k 1 samples the greedy token
+        assert engine.generate(rows, max_new_tokens=40, temperature=1.0, top_k=1, seed=0) == got
+        assert sorted(engine._graphs) == [False, True]
     finally:
         cm.module.cpu()
 
