@@ -143,17 +143,32 @@ def test_batched_tensor_prompt_and_eos_match_generate(models):
         assert steps == got[:, len(PROMPT):].T.tolist()  # every step streamed once, in order
 
 
-def test_nodes_off_the_static_path_keep_their_caches_and_say_so(capsys):
+def _tiny_seed(name):
     import sys
 
     sys.path.insert(0, str(ROOT / "tests" / "components"))
     from test_decode_seeds import tiny_seed
 
-    cm = tiny_seed("brain-gpt-v2-fixed")  # selective attention's cache grows: not static
+    return tiny_seed(name)
+
+
+def test_nodes_off_the_static_path_keep_their_caches_and_say_so(capsys):
+    cm = _tiny_seed("brain-gpt-v2-fixed")  # selective attention's cache grows: not static; ssm.ssd is
     prompt = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(3)).tolist()
     engine = DecodeEngine(cm, batch=1, max_len=40)
     assert "attention.selective" in capsys.readouterr().err and not engine.cuda_graph
+    assert engine.plan["trunk.1.mix"] == "state"
     assert engine.generate(prompt, max_new_tokens=16)[0] == generate(cm, prompt[0], max_new_tokens=16, temperature=0)
+
+
+@pytest.mark.parametrize("name", ["brain-gpt-v1-small-fixed", "holographic-v2-fixed", "ngt-25m-fixed", "qllm-fixed"])
+def test_every_fixed_seed_decodes_through_the_engine(name):
+    """The other fixed seeds (their mixers keep growing caches, their embeddings read the offset)
+    give generate()'s greedy tokens through the engine too, with two prompts of one length."""
+    cm = _tiny_seed(name)
+    prompts = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    got = generate_static(cm, prompts, max_new_tokens=12, temperature=0)
+    assert torch.equal(got, generate(cm, prompts, max_new_tokens=12, temperature=0))
 
 
 def test_what_the_engine_cannot_serve_runs_generate(models, capsys):
