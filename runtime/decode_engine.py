@@ -52,7 +52,9 @@ __all__ = ["DecodeEngine", "generate_static", "static_plan", "sample_on_device"]
 _STATIC = frozenset({"attention.causal", "embed.learned_position", "embed.rope"})
 # "cached" components whose whole decode state has a fixed size and that read the decode
 # context's offset only to tell a first chunk from a later one: their state is copied back.
-_FIXED_STATE = frozenset({"ssm.ssd", "ssm.gated_conv", "memory.episodic"})
+# (memory.episodic is not one: its store is rebound to a new tensor by each forward that writes,
+# which a captured step would not follow.)
+_FIXED_STATE = frozenset({"ssm.ssd", "ssm.gated_conv"})
 
 
 def static_plan(cm: Any) -> tuple[dict[str, str], list[str]]:
