@@ -226,15 +226,21 @@ class DecodeEngine:
                 self._step(greedy)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(greedy)
-        for t, s in zip((self.tok, self.pos, self.bad), saved):
-            t.copy_(s)
-        for (_, bufs, _), olds in zip(self._states.values(), saved_states):
-            for b, s in zip(bufs, olds):
-                b.copy_(s)
+        try:
+            with torch.cuda.graph(graph):
+                self._step(greedy)
+            self._graphs[greedy] = graph
+        except RuntimeError as err:  # a node that syncs with the host (a data-dependent shape) cannot be captured
+            self.cuda_graph = False
+            _say_once(f"decode engine: the step could not be captured as a CUDA graph ({str(err).splitlines()[0][:160]}); "
+                      "it runs eagerly")
+        finally:
+            for t, s in zip((self.tok, self.pos, self.bad), saved):
+                t.copy_(s)
+            for (_, bufs, _), olds in zip(self._states.values(), saved_states):
+                for b, s in zip(bufs, olds):
+                    b.copy_(s)
         # the warm-up wrote keys at the saved positions; they are overwritten before they are seen
-        self._graphs[greedy] = graph
 
     def _prefill(self, ids: Tensor, lengths: Tensor) -> Tensor:
         """Run the right-padded prompts (B, L) in chunks; the logits (B, V) at each row's last token."""
@@ -308,6 +314,7 @@ class DecodeEngine:
         use_graph = self.cuda_graph and n > 1
         if use_graph and greedy not in self._graphs:
             self._capture(greedy)
+            use_graph = self.cuda_graph
         ended = [False] * self.batch
         kept, shown = n, 0
         watch = eos_id is not None or on_token is not None  # else one look at the end is enough
