@@ -9,6 +9,9 @@ once inside a ``DecodeContext`` and then one token per step, ``ctx.offset`` adva
 chunk's length. Otherwise every step runs the whole (cropped) context. When the sequence
 outgrows the model's context, the cache is reset and the last ``context`` tokens are run
 again, so both paths see exactly the same tokens and greedy decoding agrees between them.
+
+``decode_engine.generate_static`` is the fast path on the same models (preallocated caches, a
+CUDA-graph step); its greedy output equals this one's.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from physlm_graph._registry import REGISTRY
 
 from .checkpoint import Checkpoint, load_checkpoint, model_context
 
-__all__ = ["generate", "can_cache", "sample_next", "NonFiniteLogits"]
+__all__ = ["generate", "can_cache", "check_sampling", "sample_next", "NonFiniteLogits"]
 
 
 class NonFiniteLogits(PhysLMError):
@@ -148,16 +151,8 @@ def generate(
     > 1 discourages tokens already in the sequence. ``seed`` makes sampling reproducible.
     ``eos_id`` stops when every row has emitted it; ``on_token`` receives each step's new ids.
     """
-    if temperature < 0:
-        raise PhysLMError(f"temperature must be >= 0, got {temperature}", fix="use 0 for greedy decoding")
-    if top_k is not None and top_k < 1:
-        raise PhysLMError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise PhysLMError(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty <= 0:
-        raise PhysLMError(f"repetition_penalty must be > 0, got {repetition_penalty}", fix="use 1.0 for none")
-    if max_new_tokens < 1:
-        raise PhysLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                   max_new_tokens=max_new_tokens)
     cm = _as_compiled(model_or_ckpt, device)
     module = cm.module
     dev = next(module.parameters()).device if device is None else torch.device(device)
@@ -184,6 +179,21 @@ def generate(
     finally:
         module.train(was_training)
     return ids[0].tolist() if flat else ids
+
+
+def check_sampling(*, temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float,
+                   max_new_tokens: int) -> None:
+    """Refuse sampling options out of range (the engine and ``generate`` share these checks)."""
+    if temperature < 0:
+        raise PhysLMError(f"temperature must be >= 0, got {temperature}", fix="use 0 for greedy decoding")
+    if top_k is not None and top_k < 1:
+        raise PhysLMError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise PhysLMError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise PhysLMError(f"repetition_penalty must be > 0, got {repetition_penalty}", fix="use 1.0 for none")
+    if max_new_tokens < 1:
+        raise PhysLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
 def prompt_tensor(prompt_ids: list[int] | Tensor, device: torch.device) -> tuple[Tensor, bool]:

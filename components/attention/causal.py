@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from physlm_graph import ComponentError, ComponentParams, Example, Inputs, PhysLMError, decode_context, register
 from physlm_graph._registry import HFName
 from physlm_graph.components._rope import apply_rope
+from physlm_graph.components._static_cache import static_cache
 from physlm_graph.components.norm.rms import RMSNorm
 
 # SDPA learned to repeat key/value heads itself (enable_gqa) in torch 2.5.
@@ -55,7 +56,10 @@ class CausalSelfAttention(nn.Module):
     are appended to a cache kept in the decode context; the chunk's queries attend to all
     cached keys, the causal mask shifted by the cached length. With a sliding window the cache
     keeps only the last W - 1 positions (the most any later query can see) plus ``REWIND``
-    more, so that speculative decoding can cut up to ``REWIND`` rejected draft rows back.
+    more, so that speculative decoding can cut up to ``REWIND`` rejected draft rows back. With the
+    decode engine's preallocated buffers (``components/_static_cache.py``) keys and values are
+    written in place at each row's positions, and a length mask from those positions (and the
+    window) replaces the shifted one.
     """
 
     REWIND = 32  # positions a windowed cache keeps beyond the window, for truncate_decode_state
@@ -116,6 +120,9 @@ class CausalSelfAttention(nn.Module):
         ctx = decode_context()
         if ctx is None:
             return k, v
+        static = static_cache(ctx)
+        if static is not None:  # preallocated buffers, written in place (components/_static_cache.py)
+            return static.write_kv(self, k, v)  # (B, H_kv, max_len, hd)
         past = ctx.get(self)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, H_kv, S, hd)
@@ -190,8 +197,13 @@ class CausalSelfAttention(nn.Module):
         S = k.shape[2]
 
         # Query i of the chunk sits at absolute position S - T + i and sees keys 0 .. S - T + i
-        # (with a window, only the last sliding_window of them).
-        mask, is_causal = self._mask(T, S, x.device, explicit=self.softcap is not None)
+        # (with a window, only the last sliding_window of them). With the decode engine's
+        # preallocated buffers the positions come from the static cache instead (stale tails hidden).
+        static = static_cache()
+        if static is not None:
+            mask, is_causal = static.window_mask(self.sliding_window), False  # (B, 1, T, max_len)
+        else:
+            mask, is_causal = self._mask(T, S, x.device, explicit=self.softcap is not None)
         if self.softcap is not None:
             y = self._attend_capped(q, k, v, mask)  # (B, H, T, hd)
         else:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
 from physlm_graph._registry import HFName
+from physlm_graph.components._static_cache import static_cache
 
 
 class LearnedPositionEmbedding(nn.Module):
@@ -15,7 +16,9 @@ class LearnedPositionEmbedding(nn.Module):
 
     Shapes: tokens (B, T) (only T is read) -> (1, T, embed_dim), broadcast over the batch when
     added to the token embeddings. ``offset`` is the absolute position of the first token of
-    the chunk: ``decode_context().offset`` during incremental generation, else 0. ``weight`` is
+    the chunk: ``decode_context().offset`` during incremental generation, else 0; with the
+    decode engine's preallocated buffers, row b's positions are ``positions[b]`` and the output is
+    (B, T, embed_dim). ``weight`` is
     (max_seq_len, embed_dim), initialised N(0, 0.02) as in GPT-2 / nanoGPT.
     """
 
@@ -27,6 +30,9 @@ class LearnedPositionEmbedding(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         ctx = decode_context()
+        static = static_cache(ctx)
+        if static is not None:  # each row at its own positions, read from a tensor (no host sync)
+            return self.weight[static.positions]  # (B, T, D)
         offset = ctx.offset if ctx is not None else 0
         seq_len = tokens.shape[1]
         if offset + seq_len > self.max_seq_len:

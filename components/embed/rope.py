@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
 from physlm_graph.components._rope import RopeFrequencies, RopeStyle, rope_table
+from physlm_graph.components._static_cache import static_cache
 
 
 class RotaryTable(nn.Module):
@@ -29,7 +30,9 @@ class RotaryTable(nn.Module):
     ``y2 = -x1 sin + x2 cos`` (modded-nanogpt's direction; 1 gives ``y1 = x1 cos - x2 sin``).
 
     Shapes: tokens (B, T) (only T is read) -> (1, T, 3, head_dim) float32. Positions start at
-    ``decode_context().offset`` during incremental generation, else 0. No parameters; the table
+    ``decode_context().offset`` during incremental generation, else 0 (with the decode engine's
+    preallocated buffers, row b's positions are read from a tensor and the table is (B, T, 3, hd)).
+    No parameters; the table
     is computed on the fly (T x head_dim/2 cos/sin, negligible next to attention), so it is
     right on any device the graph is moved to.
     """
@@ -46,6 +49,9 @@ class RotaryTable(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         ctx = decode_context()
+        static = static_cache(ctx)
+        if static is not None:  # each row at its own positions: rows of the whole table (B, T, 3, hd)
+            return self._full_table(tokens.device)[static.positions]
         offset = ctx.offset if ctx is not None else 0
         seq_len = tokens.shape[1]
         if offset + seq_len > self.max_seq_len:
@@ -57,6 +63,16 @@ class RotaryTable(nn.Module):
             offset, seq_len, head_dim=self.head_dim, base=self.base, style=self.style, device=tokens.device,
             frequencies=self.frequencies, sign=self.sign,
         )  # (1, T, 3, hd)
+
+    def _full_table(self, device: torch.device) -> Tensor:
+        """The table of positions 0 .. max_seq_len - 1 (max_seq_len, 3, hd), made once per device
+        (the same values as ``rope_table(offset, T)``: angles are position times frequency)."""
+        table = getattr(self, "_table", None)
+        if table is None or table.device != device:
+            table = rope_table(0, self.max_seq_len, head_dim=self.head_dim, base=self.base, style=self.style,
+                               device=device, frequencies=self.frequencies, sign=self.sign)[0]
+            self._table = table
+        return table
 
     def extra_repr(self) -> str:
         extra = "" if self.frequencies == "rope" and self.sign == 1 else f", frequencies={self.frequencies!r}, sign={self.sign}"

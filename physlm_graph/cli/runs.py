@@ -61,6 +61,9 @@ def add_commands(subparsers: Any) -> None:
     g.add_argument("--repetition-penalty", type=positive_float, default=1.0)
     g.add_argument("--seed", type=seed)
     g.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (no KV cache)")
+    g.add_argument("--compile", action="store_true",
+                   help="decode with the engine: preallocated caches and a one-token step compiled and captured as "
+                        "a CUDA graph on a GPU (runtime/decode_engine.py); the same greedy output")
     g.add_argument("--device", type=device, default="auto")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--exit-threshold", type=finite_float, help="early exit: leave at the first exit whose rule reaches T")
@@ -149,6 +152,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise PhysLMError("--exit-rule needs --exit-threshold", fix="add --exit-threshold T")
     if args.exit_kv is not None and args.exit_threshold is None:
         raise PhysLMError("--exit-kv needs --exit-threshold", fix="add --exit-threshold T")
+    if args.compile:
+        clash = [f for f, on in (("--no-cache", args.no_cache), ("--exit-threshold", args.exit_threshold is not None),
+                                 ("--speculate", args.speculate is not None)) if on]
+        if clash:
+            raise PhysLMError(f"--compile decodes with the engine's static cache; it cannot be combined with "
+                              f"{', '.join(clash)}", fix="drop one of them")
     if args.draft_exit is not None and args.speculate is None:
         raise PhysLMError("--draft-exit needs --speculate", fix="add --speculate K (e.g. 4)")
     if args.speculate is not None:
@@ -189,6 +198,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                                 draft_exit=int(args.draft_exit) if (args.draft_exit or "").isdigit()
                                                 else args.draft_exit, draft_len=args.speculate, on_token=stream)
             exits = spec.as_dict()
+        elif args.compile:  # the decode engine (runtime/decode_engine.py)
+            from physlm_graph.runtime.decode_engine import generate_static
+
+            generate_static(ck, ids, seed=seed, on_token=stream, **{k: v for k, v in opts.items() if k != "use_cache"})
         elif args.exit_threshold is None:
             generate(ck, ids, seed=seed, on_token=stream, **opts)
         else:  # early exit (runtime/early_exit.py); it always decodes with the KV cache
@@ -200,7 +213,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"prompt": prompt, "completion": tok.decode(new), "prompt_ids": ids, "ids": new,
                               "new_tokens": len(new), "seconds": seconds, "tokens_per_s": len(new) / max(seconds, 1e-9),
-                              "cache": bool(use_cache) and can_cache(ck.model), "checkpoint": str(ck.path),
+                              "cache": bool(use_cache) and can_cache(ck.model), "engine": args.compile,
+                              "checkpoint": str(ck.path),
                               **({("speculative" if "draft_exit" in exits else "exits"): exits}
                                  if exits is not None else {})}))
         else:
