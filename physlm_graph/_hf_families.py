@@ -8,7 +8,8 @@ A family says three things, none of them code:
   spell a value differently (GPT-2's ``gelu_new`` is our ``tanh``) and a default (an expression
   over the params already read) where the config may say ``null``;
 - ``requires``: config values the graph assumes; any other value is a missing feature, named
-  on import. Export writes the first allowed value, and ``writes`` adds fixed values of its own;
+  on import (a list in the config compares as a tuple). Export writes the first allowed value, and
+  ``writes`` adds values of its own (fixed, or a ``${...}`` expression over the params);
 - ``modules``: which node path prefix holds which transformers module prefix (``{i}`` a layer
   index), with the layout of the component's declared names (``HFName``) to use there.
 
@@ -126,6 +127,55 @@ FAMILIES: dict[str, Family] = {
             ("head", "lm_head", "default"),
         ),
     ),
+    # -- state-space families: Mamba-2, and the hybrids Jamba (Mamba-1 + attention + MoE) and Bamba --
+    "mamba2": Family(
+        model_type="mamba2",
+        architecture="Mamba2ForCausalLM",
+        blueprint="mamba2.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "layers": _p("num_hidden_layers"),
+            "d_state": _p("state_size"), "expand": _p("expand"), "head_dim": _p("head_dim"), "groups": _p("n_groups"),
+            "conv": _p("conv_kernel"), "chunk": _p("chunk_size"), "eps": _p("layer_norm_epsilon"),
+            "bias": _p("use_bias"), "conv_bias": _p("use_conv_bias"),
+        },
+        # time_step_limit clamps dt; (0, inf) is no clamp. residual_in_fp32 and rescale_prenorm_residual
+        # are not required: our residual stream is float32 (what residual_in_fp32 asks for, and the same
+        # function in float32 either way), and the rescaling is an initialisation only.
+        requires={"hidden_act": ("silu",), "time_step_limit": ((0.0, float("inf")),), "tie_word_embeddings": (False,)},
+        writes={"num_heads": "${expand * dim // head_dim}", "residual_in_fp32": True},
+        modules=(
+            ("tok", "backbone.embeddings", "default"),
+            ("trunk.{i}.norm", "backbone.layers.{i}.norm", "default"),
+            ("trunk.{i}.mixer", "backbone.layers.{i}.mixer", "default"),
+            ("norm", "backbone.norm_f", "default"),
+            ("head", "lm_head", "default"),
+        ),
+    ),
+    "jamba": Family(
+        model_type="jamba",
+        architecture="JambaForCausalLM",
+        blueprint="jamba.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "layers": _p("num_hidden_layers"),
+            "heads": _p("num_attention_heads"), "kv_heads": _p("num_key_value_heads", default="heads"),
+            "hidden": _p("intermediate_size"), "eps": _p("rms_norm_eps"), "context": _p("max_position_embeddings"),
+            "d_state": _p("mamba_d_state"), "conv": _p("mamba_d_conv"), "expand": _p("mamba_expand"),
+            "dt_rank": _p("mamba_dt_rank"), "conv_bias": _p("mamba_conv_bias"), "proj_bias": _p("mamba_proj_bias"),
+            "attn_period": _p("attn_layer_period"), "attn_offset": _p("attn_layer_offset"),
+        },
+        requires={"hidden_act": ("silu",), "num_experts": (1,), "tie_word_embeddings": (False,)},
+        writes={"attention_dropout": 0.0},
+        modules=(
+            ("tok", "model.embed_tokens", "default"),
+            ("trunk.{i}.n1", "model.layers.{i}.input_layernorm", "default"),
+            ("trunk.{i}.mamba", "model.layers.{i}.mamba", "default"),
+            ("trunk.{i}.attn", "model.layers.{i}.self_attn", "default"),
+            ("trunk.{i}.n2", "model.layers.{i}.pre_ff_layernorm", "default"),
+            ("trunk.{i}.ffn", "model.layers.{i}.feed_forward", "default"),
+            ("norm", "model.final_layernorm", "default"),
+            ("head", "lm_head", "default"),
+        ),
+    ),
 }
 
 
@@ -151,6 +201,8 @@ def _set_key(config: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
     if value is None:
@@ -186,6 +238,7 @@ def missing_features(fam: Family, config: dict[str, Any], config_file: Path | No
     out = []
     for key, allowed in fam.requires.items():
         got = get_key(config, key)
+        got = tuple(got) if isinstance(got, list) else got
         if got is _MISSING or got in allowed or (got == {} and None in allowed):
             continue
         parts = key.split(".")
@@ -221,6 +274,8 @@ def config_from_params(fam: Family, params: dict[str, Any]) -> dict[str, Any]:
         if allowed[0] is not None:
             _set_key(config, key, allowed[0])
     for key, value in fam.writes.items():
+        if isinstance(value, str) and value.startswith("${") and value.endswith("}"):
+            value = evaluate(value[2:-1], params)
         _set_key(config, key, value)
     for name, p in fam.params.items():
         value = params[name]
