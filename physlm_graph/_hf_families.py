@@ -53,7 +53,7 @@ class HFError(PhysLMError):
 class Param:
     key: str  # the config key (dotted: nested)
     values: dict[Any, Any] = field(default_factory=dict)  # config value -> ours (export: the first that gives ours)
-    default: str | None = None  # expression over params read before it, when the config says null
+    default: Any = None  # when the config says null: an expression over params read before it, or a list
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class Family:
     modules: tuple[tuple[str, str, str], ...]  # (node path prefix, transformers prefix, layout)
 
 
-def _p(key: str, values: dict[Any, Any] | None = None, default: str | None = None) -> Param:
+def _p(key: str, values: dict[Any, Any] | None = None, default: Any = None) -> Param:
     return Param(key, values or {}, default)
 
 
@@ -158,13 +158,42 @@ FAMILIES: dict[str, Family] = {
         params={
             "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "layers": _p("num_hidden_layers"),
             "heads": _p("num_attention_heads"), "kv_heads": _p("num_key_value_heads", default="heads"),
-            "hidden": _p("intermediate_size"), "eps": _p("rms_norm_eps"), "context": _p("max_position_embeddings"),
+            "hidden": _p("intermediate_size"), "eps": _p("rms_norm_eps"),
             "d_state": _p("mamba_d_state"), "conv": _p("mamba_d_conv"), "expand": _p("mamba_expand"),
             "dt_rank": _p("mamba_dt_rank"), "conv_bias": _p("mamba_conv_bias"), "proj_bias": _p("mamba_proj_bias"),
             "attn_period": _p("attn_layer_period"), "attn_offset": _p("attn_layer_offset"),
         },
         requires={"hidden_act": ("silu",), "num_experts": (1,), "tie_word_embeddings": (False,)},
         writes={"attention_dropout": 0.0},
+        modules=(
+            ("tok", "model.embed_tokens", "default"),
+            ("trunk.{i}.n1", "model.layers.{i}.input_layernorm", "default"),
+            ("trunk.{i}.mamba", "model.layers.{i}.mamba", "default"),
+            ("trunk.{i}.attn", "model.layers.{i}.self_attn", "default"),
+            ("trunk.{i}.n2", "model.layers.{i}.pre_ff_layernorm", "default"),
+            ("trunk.{i}.ffn", "model.layers.{i}.feed_forward", "default"),
+            ("norm", "model.final_layernorm", "default"),
+            ("head", "lm_head", "default"),
+        ),
+    ),
+    "bamba": Family(
+        model_type="bamba",
+        architecture="BambaForCausalLM",
+        blueprint="bamba.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "layers": _p("num_hidden_layers"),
+            "attn_layers": _p("attn_layer_indices", default=[]),  # null: no attention layer
+            "heads": _p("num_attention_heads"), "kv_heads": _p("num_key_value_heads", default="heads"),
+            "hidden": _p("intermediate_size"), "eps": _p("rms_norm_eps"), "context": _p("max_position_embeddings"),
+            "rope_base": _p("rope_parameters.rope_theta"), "rotary_factor": _p("rope_parameters.partial_rotary_factor"),
+            "attn_bias": _p("attention_bias"), "mlp_bias": _p("mlp_bias"),
+            "d_state": _p("mamba_d_state"), "expand": _p("mamba_expand"), "ssm_head_dim": _p("mamba_d_head"),
+            "groups": _p("mamba_n_groups"), "conv": _p("mamba_d_conv"), "chunk": _p("mamba_chunk_size"),
+            "conv_bias": _p("mamba_conv_bias"), "proj_bias": _p("mamba_proj_bias"),
+        },
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",),
+                  "time_step_limit": ((0.0, float("inf")),), "tie_word_embeddings": (False,)},
+        writes={"mamba_n_heads": "${expand * dim // ssm_head_dim}", "attention_dropout": 0.0},
         modules=(
             ("tok", "model.embed_tokens", "default"),
             ("trunk.{i}.n1", "model.layers.{i}.input_layernorm", "default"),
@@ -262,7 +291,7 @@ def params_from_config(fam: Family, config: dict[str, Any], config_file: Path | 
             if p.default is None:
                 raise HFError(f"config.json has no {p.key}", loc=key_loc(config_file, p.key),
                               fix=f"add {p.key} (a {fam.model_type} config needs it)")
-            got = evaluate(p.default, params)
+            got = evaluate(p.default, params) if isinstance(p.default, str) else p.default
         params[name] = p.values.get(got, got) if p.values else got
     return params
 
