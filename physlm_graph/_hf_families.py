@@ -11,7 +11,8 @@ A family says three things, none of them code:
   on import (a list in the config compares as a tuple). Export writes the first allowed value, and
   ``writes`` adds values of its own (fixed, or a ``${...}`` expression over the params);
 - ``modules``: which node path prefix holds which transformers module prefix (``{i}`` a layer
-  index), with the layout of the component's declared names (``HFName``) to use there.
+  index), with the layout of the component's declared names (``HFName``) to use there; where
+  the component does not declare the family's layout, the family lists the ``HFName``s itself.
 
 The weights themselves are mapped by the components' own declarations (``register(hf=...)``),
 so nothing here is per family code: ``weight_map`` below serves every family.
@@ -64,7 +65,7 @@ class Family:
     params: dict[str, Param]
     requires: dict[str, tuple[Any, ...]]
     writes: dict[str, Any]
-    modules: tuple[tuple[str, str, str], ...]  # (node path prefix, transformers prefix, layout)
+    modules: tuple[tuple[str, str, Any], ...]  # (node path prefix, transformers prefix, layout or HFNames)
 
 
 def _p(key: str, values: dict[Any, Any] | None = None, default: Any = None) -> Param:
@@ -337,9 +338,49 @@ class Mapped:
     """One of our parameters and the transformers tensors it is made of."""
 
     ours: str  # full path in our state dict
-    theirs: tuple[str, ...]  # full transformers keys
+    theirs: tuple[str, ...]  # full transformers keys (stacked: slice 0's parts, then slice 1's, ...)
     sizes: tuple[int, ...]  # rows of each part (several theirs)
     transposed: bool
+    stack: int = 0  # ours is this many slices along a new dim 0 (experts), 0: not stacked
+    layout: str = ""  # how theirs orders ours' rows ("heads3": per head [q_h | k_h | v_h])
+    heads: int = 0  # the module's num_heads, for heads3
+    rows: tuple[int, int] = ()  # ours is these rows of its one tensor of theirs
+
+    def ours_from(self, parts: list[Any]) -> Any:
+        """Our tensor from theirs (in ``theirs`` order, as stored)."""
+        import torch
+
+        parts = [p.t() if self.transposed else p for p in parts]
+        if self.rows:
+            parts = [p[self.rows[0]:self.rows[1]] for p in parts]
+        if self.stack:
+            n = len(parts) // self.stack
+            value = torch.stack([_cat(parts[e * n:(e + 1) * n]) for e in range(self.stack)])
+        else:
+            value = _cat(parts)
+        if self.layout == "heads3":  # (H, 3, hd, ...) rows -> (3, H, hd, ...)
+            rest = value.shape[1:]
+            value = value.reshape(self.heads, 3, -1, *rest).transpose(0, 1).reshape(-1, *rest)
+        return value
+
+    def theirs_from(self, value: Any) -> list[Any]:
+        """Theirs (in ``theirs`` order) from our tensor."""
+        if self.layout == "heads3":
+            rest = value.shape[1:]
+            value = value.reshape(3, self.heads, -1, *rest).transpose(0, 1).reshape(-1, *rest)
+        slices = list(value) if self.stack else [value]
+        parts = []
+        for piece in slices:
+            parts.extend(piece.split(list(self.sizes), dim=0) if len(self.sizes) > 1 else [piece])
+        if len(parts) != len(self.theirs):
+            raise HFError(f"{self.ours} splits into {len(parts)} parts, not {len(self.theirs)}", node=self.ours)
+        return [p.t() if self.transposed else p for p in parts]
+
+
+def _cat(parts: list[Any]) -> Any:
+    import torch
+
+    return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
 
 
 def weight_map(fam: Family, cm: Any, module: Any) -> list[Mapped]:
@@ -358,7 +399,10 @@ def weight_map(fam: Family, cm: Any, module: Any) -> list[Mapped]:
             if not m:
                 continue
             info = REGISTRY.get(node["use"])
-            names = info.hf_names(layout) if info is not None else None
+            if isinstance(layout, tuple):  # declared by the family: a layout the component lacks
+                names = layout
+            else:
+                names = info.hf_names(layout) if info is not None else None
             if names is None:
                 raise HFError(f"component {node['use']} declares no transformers names for layout {layout!r}",
                               node=path, fix=f"add hf={{{layout!r}: (HFName(...), ...)}} to its register(...)")
@@ -371,9 +415,25 @@ def weight_map(fam: Family, cm: Any, module: Any) -> list[Mapped]:
                     continue  # off in this configuration (a bias), or a tied alias
                 try:
                     sizes = tuple(int(evaluate(s, attrs)) for s in n.sizes)
+                    stack = int(evaluate(n.stack, attrs)) if n.stack else 0
+                    rows = tuple(int(evaluate(r, attrs)) for r in n.rows)
                 except ExprError as err:
                     raise HFError(f"component {node['use']}: HFName sizes of {n.ours}: {err}", node=path) from None
-                out.append(Mapped(ours, tuple(f"{theirs_prefix}.{t}" for t in n.theirs), sizes, n.transposed))
+                theirs = tuple(f"{theirs_prefix}.{t}" for t in n.theirs)
+                if stack:
+                    theirs = tuple(t.replace("{e}", str(e)) for e in range(stack) for t in theirs)
+                heads = 0
+                if n.layout == "heads3":
+                    heads = attrs.get("num_heads", 0)
+                    if not heads or attrs.get("num_kv_heads", heads) != heads:
+                        raise HFError(f"{n.ours}: the heads3 layout needs as many key/value heads as query heads",
+                                      node=path, fix="this family has no grouped-query attention")
+                elif n.layout:
+                    raise HFError(f"component {node['use']}: unknown HFName layout {n.layout!r} of {n.ours}", node=path)
+                if rows and (len(n.theirs) != 1 or stack or n.layout):
+                    raise HFError(f"component {node['use']}: HFName rows of {n.ours} need one tensor of theirs, "
+                                  "neither stacked nor laid out", node=path)
+                out.append(Mapped(ours, theirs, sizes, n.transposed, stack, n.layout, heads, rows))
                 covered.add(ours)
     left = [k for k in state if k not in covered]
     if left:

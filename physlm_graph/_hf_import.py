@@ -142,8 +142,10 @@ def _ours(fam: Any, cm: Any, tensors: dict[str, torch.Tensor], folder: Path) -> 
             problems.append(Diagnostic(f"tensor {absent[0]} is missing from the weights", loc=Loc(file=str(folder)),
                                        node=m.ours))
             continue
-        parts = [tensors[t].t() if m.transposed else tensors[t] for t in m.theirs]
-        value = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        try:
+            value = m.ours_from([tensors[t] for t in m.theirs])
+        except RuntimeError:  # parts that do not stack or concatenate: reported as a misfit below
+            value = torch.empty(0)
         want = tuple(state[m.ours].shape)
         if tuple(value.shape) != want:
             problems.append(Diagnostic(f"{' + '.join(m.theirs)} does not fit {m.ours}", loc=Loc(file=str(folder)),

@@ -11,6 +11,7 @@ from physlm_graph._registry import REGISTRY
 from physlm_graph.components._rope import apply_rope
 
 transformers = pytest.importorskip("transformers")
+transformers.AutoModelForCausalLM  # noqa: B018  (the auto classes first: importing a model module alone trips physlm_graph.hf's import hook)
 
 
 def _theirs(config, head_dim: int, rd: int, q: torch.Tensor) -> torch.Tensor:
