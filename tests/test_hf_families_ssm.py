@@ -39,7 +39,8 @@ def _config(model_type: str, **kw):
                     conv_kernel=3, layer_norm_epsilon=1e-5, use_bias=True)
     elif model_type == "jamba":
         args.update(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-                    num_experts=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4, mamba_dt_rank=3,
+                    num_experts=3, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=0,
+                    attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4, mamba_dt_rank=3,
                     mamba_proj_bias=True, rms_norm_eps=1e-5)
     else:
         args.update(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
@@ -126,15 +127,23 @@ def test_exports_load_in_plain_transformers_without_physlm_graph(tmp_path):
 
 
 def test_the_hybrids_put_each_layer_kind_where_the_config_says(tmp_path):
-    """Jamba: attention where i % attn_layer_period == attn_layer_offset; Bamba: at attn_layer_indices."""
-    for model_type, kw, attn in (("jamba", {"num_hidden_layers": 5, "attn_layer_period": 3, "attn_layer_offset": 2}, [2]),
-                                 ("bamba", {"num_hidden_layers": 4, "attn_layer_indices": [0, 3]}, [0, 3])):
+    """Jamba: attention where i % attn_layer_period == attn_layer_offset, experts where i %
+    expert_layer_period == expert_layer_offset (all four combinations here); Bamba: attention at
+    attn_layer_indices; one expert is a plain MLP everywhere."""
+    cases = (("jamba", {"num_hidden_layers": 5, "attn_layer_period": 3, "attn_layer_offset": 1,
+                        "expert_layer_period": 2, "expert_layer_offset": 1}, [1, 4], [1, 3]),
+             ("jamba", {"num_experts": 1, "num_experts_per_tok": 1}, [1], []),
+             ("bamba", {"num_hidden_layers": 4, "attn_layer_indices": [0, 3]}, [0, 3], []))
+    for n, (model_type, kw, attn, moe) in enumerate(cases):
         model = _tiny(model_type, **kw)
-        model.save_pretrained(tmp_path / model_type)
-        cm = import_hf(tmp_path / model_type, tmp_path / f"{model_type}-ckpt")
+        model.save_pretrained(tmp_path / str(n))
+        cm = import_hf(tmp_path / str(n), tmp_path / f"{n}-ckpt")
         layers = cm.resolved.instances["trunk"]
-        assert [i for i, p in enumerate(layers) if f"{p}.attn" in cm.graph["nodes"]] == attn
-        assert all((f"{p}.attn" in cm.graph["nodes"]) != (f"{p}.mamba" in cm.graph["nodes"]) for p in layers)
+        nodes = cm.graph["nodes"]
+        assert [i for i, p in enumerate(layers) if f"{p}.attn" in nodes] == attn
+        assert [i for i, p in enumerate(layers) if f"{p}.moe" in nodes] == moe
+        assert all((f"{p}.attn" in nodes) != (f"{p}.mamba" in nodes) for p in layers)
+        assert all((f"{p}.moe" in nodes) != (f"{p}.ffn" in nodes) for p in layers)
         assert (cm.module(X)["logits"] - _logits(model, X)).abs().max().item() < 1e-5
 
 
@@ -170,25 +179,22 @@ def test_incremental_decoding_equals_the_full_forward(model_type, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_full_size_family_blueprint_has_transformers_parameter_count(model_type):
-    # Mamba2Config(), BambaConfig(), JambaConfig() with one expert per layer (Jamba v0.1 routes
-    # every other MLP through 16 experts, which the jamba blueprint does not have yet)
-    kw = {"num_experts": 1} if model_type == "jamba" else {}
-    cfg = transformers.AutoConfig.for_model(model_type, **kw)
+    cfg = transformers.AutoConfig.for_model(model_type)  # Mamba2Config(), JambaConfig() (Jamba v0.1), BambaConfig()
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg)
     theirs = sum(p.numel() for p in model.parameters())
     ours = compile_blueprint(ROOT / "blueprints" / "families" / f"{model_type}.yaml", device="meta", build=False)
     assert ours.num_params == theirs
-    assert theirs == {"mamba2": 7_285_403_648, "jamba": 9_290_690_432, "bamba": 9_992_765_440}[model_type]
+    assert theirs == {"mamba2": 7_285_403_648, "jamba": 51_570_323_328, "bamba": 9_992_765_440}[model_type]
 
 
 def test_what_the_ssm_families_cannot_express_is_named(tmp_path, capsys):
     cases = {"mamba2": {"time_step_limit": [0.0, 0.1], "hidden_act": "gelu"},
-             "jamba": {"num_experts": 4}, "bamba": {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
+             "jamba": {"tie_word_embeddings": True}, "bamba": {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
                                                                          "rope_theta": 10000.0}}}
     want = {"mamba2": ["time_step_limit: [0.0, 0.1] is not supported yet (mamba2 imports need time_step_limit: "
                        "[0.0, inf])", "hidden_act: gelu is not supported yet (mamba2 imports need hidden_act: silu)"],
-            "jamba": ["num_experts: 4 is not supported yet (jamba imports need num_experts: 1)"],
+            "jamba": ["tie_word_embeddings: true is not supported yet (jamba imports need tie_word_embeddings: false)"],
             "bamba": ["rope_parameters: {rope_type: linear} is not supported yet (bamba imports need "
                       "rope_parameters.rope_type: default)"]}
     for model_type, change in cases.items():
