@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from physlm_graph import compile_blueprint  # noqa: E402
 from physlm_graph._hf_export import export_hf  # noqa: E402
-from physlm_graph._hf_families import HFError  # noqa: E402
+from physlm_graph._hf_families import FAMILIES, HFError  # noqa: E402
 from physlm_graph._hf_import import import_hf  # noqa: E402
 from physlm_graph.cli import main  # noqa: E402
 from physlm_graph.runtime.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -161,8 +161,8 @@ def test_an_unknown_model_type_is_a_located_error(tmp_path, capsys):
     line = next(i for i, ln in enumerate(path.read_text().splitlines(), 1) if '"model_type"' in ln)
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
     assert capsys.readouterr().err == (
-        f"hugging face error: {path}:{line}:3: model_type 'gpt_neox' is not supported yet (expected gpt2 or llama or qwen2, "
-        "got gpt_neox)\n  fix: see docs/hugging-face.md for the supported families\n"
+        f"hugging face error: {path}:{line}:3: model_type 'gpt_neox' is not supported yet (expected "
+        f"{' or '.join(sorted(FAMILIES))}, got gpt_neox)\n  fix: see docs/hugging-face.md for the supported families\n"
     )
 
 
