@@ -105,10 +105,8 @@ class Mamba(nn.Module):
             nn.init.uniform_(self.conv_bias, -bound, bound)
         self.x_proj = nn.Linear(Di, R + 2 * N, bias=False)
         self.dt_proj = nn.Linear(R, Di, bias=True)
-        nn.init.uniform_(self.dt_proj.weight, -(R**-0.5), R**-0.5)
-        dt0 = torch.exp(torch.rand(Di) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt0 + torch.log(-torch.expm1(-dt0)))  # softplus^-1(dt0)
+        self.dt_min, self.dt_max = dt_min, dt_max
+        self.init_dt()
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(Di, 1))  # (Di, N)
         self.D = nn.Parameter(torch.ones(Di))
         self.out_proj = nn.Linear(Di, embed_dim, bias=bias)
@@ -117,6 +115,21 @@ class Mamba(nn.Module):
             self.dt_norm = _RMS(R, dt_bc_norm_eps)
             self.b_norm = _RMS(N, dt_bc_norm_eps)
             self.c_norm = _RMS(N, dt_bc_norm_eps)
+
+    @torch.no_grad()
+    def init_dt(self) -> None:
+        """dt_proj as Mamba starts it: weight uniform in +-R^-0.5, bias softplus^-1(dt0), dt0
+        log-uniform in [dt_min, dt_max] (floor 1e-4), so every channel starts with its own step."""
+        R = self.dt_rank
+        nn.init.uniform_(self.dt_proj.weight, -(R**-0.5), R**-0.5)
+        u = torch.rand(self.d_inner, device=self.dt_proj.bias.device)
+        dt0 = torch.exp(u * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min)).clamp(min=1e-4)
+        self.dt_proj.bias.copy_(dt0 + torch.log(-torch.expm1(-dt0)))
+
+    def after_init_scheme(self) -> None:
+        """A blueprint ``init:`` scheme (gpt2: every Linear N(0, std), biases 0) would give every
+        channel the same step softplus(0); dt_proj keeps Mamba's own initialisation."""
+        self.init_dt()
 
     def _conv(self, x: Tensor, cache: Tensor | None) -> tuple[Tensor, Tensor]:
         """Causal depthwise conv of x (B, T, Di) after ``cache`` (B, K-1, Di) or zeros; returns

@@ -280,3 +280,20 @@ def test_mamba_rejects_bad_options():
         build_example("ssm.mamba", Example({"dt_min": 0.5, "dt_max": 0.1}, {"x": (2, 4, 16)}))
     with pytest.raises(Exception, match="dt_bc_norm_eps"):
         build_example("ssm.mamba", Example({"dt_bc_norm_eps": 0.0}, {"x": (2, 4, 16)}))
+
+
+def test_mamba_keeps_its_dt_init_under_the_gpt2_scheme():
+    """init: gpt2 zeroes every Linear bias; dt_proj's bias is Mamba's softplus^-1 of dt in [dt_min, dt_max]."""
+    from physlm_graph import compile_blueprint
+
+    doc = {"physlm": 1, "name": "m", "params": {}, "inputs": {"tokens": ["batch", "seq"]},
+           "nodes": {"tok": {"use": "embed.token", "in": "tokens", "vocab_size": 20, "embed_dim": 16},
+                     "mix": {"use": "ssm.mamba", "in": "tok", "d_state": 4},
+                     "head": {"use": "head.lm", "in": "mix", "vocab_size": 20}},
+           "outputs": {"logits": "head"}, "init": {"scheme": "gpt2", "std": 0.02}}
+    cm = compile_blueprint(doc)
+    m = cm.module.get_submodule("mix")
+    dt = F.softplus(m.dt_proj.bias)
+    assert dt.min().item() >= 1e-4 - 1e-7 and dt.max().item() <= 0.1 + 1e-6
+    assert dt.std().item() > 0.005  # one step per channel, not softplus(0) everywhere
+    assert cm.module.get_submodule("head").weight.std().item() < 0.03  # the scheme did run
