@@ -209,3 +209,25 @@ def test_what_the_ssm_families_cannot_express_is_named(tmp_path, capsys):
         for line in want[model_type]:
             assert line in err, err
         assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_imported_families_run_on_cuda_as_on_cpu(model_type, tmp_path):
+    """The CUDA paths (SSD's head-major layout, the SDPA kernels) give the CPU logits, fp32, no TF32;
+    and step-by-step decoding on CUDA equals the CUDA full forward."""
+    _tiny(model_type).save_pretrained(tmp_path / "hf")
+    cm = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    with torch.no_grad():
+        cpu = cm.module(X)["logits"]
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        cm.module.cuda()
+        with torch.no_grad():
+            gpu = cm.module(X.cuda())["logits"]
+        assert (gpu.cpu() - cpu).abs().max().item() < 1e-4
+        torch.testing.assert_close(_incremental_logits(cm.module, X.cuda(), 5), gpu, atol=1e-4, rtol=1e-4)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
