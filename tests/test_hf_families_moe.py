@@ -228,3 +228,56 @@ def test_incremental_decode_equals_the_full_forward(family):
                 ctx.offset = a
                 pieces.append(cm.module(X[:, a:b])["logits"])
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-5
+
+
+def _tiny_llama_cm():
+    return compile_blueprint(ROOT / "blueprints" / "families" / "llama.yaml", overrides={
+        f"params.{k}": v for k, v in {**TINY, "kv_heads": 2, "head_dim": 8, "hidden": 48}.items()}, seed=0)
+
+
+def test_the_heads3_layout_refuses_grouped_query_attention():
+    import dataclasses
+
+    from physlm_graph._hf_families import FAMILIES, HFError, weight_map
+    from physlm_graph._registry import HFName
+
+    cm = _tiny_llama_cm()
+    fam = dataclasses.replace(FAMILIES["llama"], modules=tuple(
+        (a, b, (HFName("qkv.weight", ("query_key_value.weight",), layout="heads3"),) if a == "trunk.{i}.attn" else c)
+        for a, b, c in FAMILIES["llama"].modules))
+    with pytest.raises(HFError, match="the heads3 layout needs as many key/value heads as query heads"):
+        weight_map(fam, cm, cm.module)
+
+
+def test_export_refuses_row_pieces_that_leave_a_gap(tmp_path):
+    import dataclasses
+
+    from physlm_graph._hf_export import _write_native
+    from physlm_graph._hf_families import FAMILIES, HFError, config_from_params
+    from physlm_graph._registry import HFName
+
+    cm = _tiny_llama_cm()
+    ffn = (HFName("w1.weight", ("gate_up_proj.weight",), rows=("0", "rows")),
+           HFName("w3.weight", ("gate_up_proj.weight",), rows=("rows + 1", "2 * rows + 1")),
+           HFName("w2.weight", ("down_proj.weight",)))
+    fam = dataclasses.replace(FAMILIES["llama"], modules=tuple(
+        (a, b, ffn if a == "trunk.{i}.ffn" else c) for a, b, c in FAMILIES["llama"].modules))
+    config = config_from_params(fam, {k: cm.resolved.params.get(k) for k in fam.params})
+    with pytest.raises(HFError, match="the parameters that make model.layers.0.mlp.gate_up_proj.weight leave rows out"):
+        _write_native(fam, config, cm, tmp_path)
+
+
+def test_stacked_and_per_head_mappings_invert_each_other():
+    from physlm_graph._hf_families import Mapped
+
+    m = Mapped("x", tuple(f"e{e}.{p}" for e in range(3) for p in "ab"), (2, 4), False, stack=3)
+    value = torch.randn(3, 6, 5)
+    parts = m.theirs_from(value)
+    assert [tuple(p.shape) for p in parts] == [(2, 5), (4, 5)] * 3
+    assert torch.equal(parts[3], value[1, 2:])  # expert 1's second part
+    assert torch.equal(m.ours_from(parts), value)
+    h = Mapped("qkv", ("qkv",), (), False, layout="heads3", heads=4)
+    rows = torch.arange(4 * 3 * 2).float()[:, None]  # ours: [q | k | v], 4 heads of 2
+    theirs = h.theirs_from(rows)[0]
+    assert theirs[:6, 0].tolist() == [0, 1, 8, 9, 16, 17]  # head 0: its q, k, v rows
+    assert torch.equal(h.ours_from([theirs]), rows)
