@@ -54,12 +54,12 @@ def match_family(cm: Any) -> tuple[Family | None, dict[str, Any] | None, str]:
     params = dict(cm.resolved.params)
     why = []
     for fam in FAMILIES.values():
-        lacking = [p for p in fam.params if p not in params]
+        lacking = [k for k, p in fam.params.items() if k not in params and not p.optional]
         if lacking:
             why.append(f"{fam.model_type}: no param {', '.join(lacking)}")
             continue
         try:
-            config = config_from_params(fam, {k: params[k] for k in fam.params})
+            config = config_from_params(fam, {k: params.get(k) for k in fam.params})
         except StopIteration:
             why.append(f"{fam.model_type}: a param value transformers cannot spell")
             continue

@@ -6,7 +6,8 @@ A family says three things, none of them code:
 - ``params``: each blueprint param and the ``config.json`` key it comes from (a dotted key
   reaches into a nested dict: ``rope_parameters.rope_theta``), with a value map where the two
   spell a value differently (GPT-2's ``gelu_new`` is our ``tanh``) and a default (an expression
-  over the params already read) where the config may say ``null``;
+  over the params already read) where the config may say ``null``; an ``optional`` key may be
+  absent (the param is then null, and export leaves the key out while the param is null);
 - ``requires``: config values the graph assumes; any other value is a missing feature, named
   on import (a list in the config compares as a tuple). Export writes the first allowed value, and
   ``writes`` adds values of its own (fixed, or a ``${...}`` expression over the params);
@@ -27,6 +28,7 @@ from typing import Any
 
 from physlm_graph._errors import Loc, PhysLMError
 from physlm_graph._expr import evaluate
+from physlm_graph._registry import HFName
 
 # Llama's module layout, which Qwen2 shares: blueprint node -> transformers module, per layer.
 _LLAMA_LAYOUT = (
@@ -55,6 +57,7 @@ class Param:
     key: str  # the config key (dotted: nested)
     values: dict[Any, Any] = field(default_factory=dict)  # config value -> ours (export: the first that gives ours)
     default: Any = None  # when the config says null: an expression over params read before it, or a list
+    optional: bool = False  # absent or null -> the param is null (export writes nothing for null)
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,37 @@ class Family:
     modules: tuple[tuple[str, str, Any], ...]  # (node path prefix, transformers prefix, layout or HFNames)
 
 
-def _p(key: str, values: dict[Any, Any] | None = None, default: Any = None) -> Param:
-    return Param(key, values or {}, default)
+def _p(key: str, values: dict[Any, Any] | None = None, default: Any = None, optional: bool = False) -> Param:
+    return Param(key, values or {}, default, optional)
 
+
+# Phi-3's checkpoint fuses q, k, v into qkv_proj (rows [q | k | v], as our attention's qkv) and
+# SwiGLU's gate and up into gate_up_proj (rows [gate | up]): names attention.causal and ffn.swiglu
+# do not declare, so the family lists them.
+_PHI3_NAMES: dict[str, tuple[HFName, ...]] = {
+    "trunk.{i}.attn": (HFName("qkv.weight", ("qkv_proj.weight",)), HFName("proj.weight", ("o_proj.weight",))),
+    "trunk.{i}.ffn": (HFName("w1.weight", ("gate_up_proj.weight",), rows=("0", "rows")),
+                      HFName("w3.weight", ("gate_up_proj.weight",), rows=("rows", "2 * rows")),
+                      HFName("w2.weight", ("down_proj.weight",))),
+}
+
+# RoPE context extension (embed.rope's scaling): the rope_parameters keys each kind reads, as
+# blueprint params that are null where the kind does not read them. DeepSeek's mscale keys and
+# the dynamic / longrope kinds are not expressed.
+_ROPE_SCALING = {
+    "rope_scaling": Param("rope_parameters.rope_type", {"default": "none", "linear": "linear", "llama3": "llama3",
+                                                        "yarn": "yarn"}),
+    "rope_factor": Param("rope_parameters.factor", optional=True),
+    "rope_original_context": Param("rope_parameters.original_max_position_embeddings", optional=True),
+    "rope_low_freq_factor": Param("rope_parameters.low_freq_factor", optional=True),
+    "rope_high_freq_factor": Param("rope_parameters.high_freq_factor", optional=True),
+    "yarn_beta_fast": Param("rope_parameters.beta_fast", optional=True),
+    "yarn_beta_slow": Param("rope_parameters.beta_slow", optional=True),
+    "yarn_attention_factor": Param("rope_parameters.attention_factor", optional=True),
+    "yarn_truncate": Param("rope_parameters.truncate", optional=True),
+}
+_ROPE_SCALING_REQUIRES: dict[str, tuple[Any, ...]] = {"rope_parameters.mscale": (None,),
+                                                      "rope_parameters.mscale_all_dim": (None,)}
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(
@@ -83,9 +114,9 @@ FAMILIES: dict[str, Family] = {
             "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
             "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"), "mlp_bias": _p("mlp_bias"),
+            **_ROPE_SCALING,
         },
-        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",),
-                  "pretraining_tp": (1,), "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",), "pretraining_tp": (1,), "tie_word_embeddings": (False,), **_ROPE_SCALING_REQUIRES},
         writes={"attention_dropout": 0.0},
         modules=_LLAMA_LAYOUT,
     ),
@@ -126,6 +157,100 @@ FAMILIES: dict[str, Family] = {
             ("trunk.{i}.mlp", "transformer.h.{i}.mlp", "conv1d"),
             ("norm", "transformer.ln_f", "default"),
             ("head", "lm_head", "default"),
+        ),
+    ),
+    # -- mixture of experts, partial rotary and fused checkpoints --------------------------------
+    "mixtral": Family(
+        model_type="mixtral",
+        architecture="MixtralForCausalLM",
+        blueprint="mixtral.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "heads": _p("num_attention_heads"),
+            "kv_heads": _p("num_key_value_heads", default="heads"), "head_dim": _p("head_dim", default="dim // heads"),
+            "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
+            "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
+            "rope_base": _p("rope_parameters.rope_theta"), "experts": _p("num_local_experts"),
+            "top_k": _p("num_experts_per_tok"), "router_loss": _p("output_router_logits"),
+            "router_loss_weight": _p("router_aux_loss_coef"),
+        },
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "sliding_window": (None,),
+                  "router_jitter_noise": (0.0, 0), "tie_word_embeddings": (False,)},
+        writes={"attention_dropout": 0.0},
+        modules=(
+            *(m for m in _LLAMA_LAYOUT if m[0] != "trunk.{i}.ffn"),
+            ("trunk.{i}.moe", "model.layers.{i}.block_sparse_moe", "mixtral"),
+        ),
+    ),
+    "qwen2_moe": Family(
+        model_type="qwen2_moe",
+        architecture="Qwen2MoeForCausalLM",
+        blueprint="qwen2_moe.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "heads": _p("num_attention_heads"),
+            "kv_heads": _p("num_key_value_heads", default="heads"), "layers": _p("num_hidden_layers"),
+            "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
+            "rope_base": _p("rope_parameters.rope_theta"), "qkv_bias": _p("qkv_bias", default="True"),
+            "experts": _p("num_experts"), "top_k": _p("num_experts_per_tok"),
+            "expert_hidden": _p("moe_intermediate_size"), "shared_hidden": _p("shared_expert_intermediate_size"),
+            "norm_topk": _p("norm_topk_prob"), "router_loss": _p("output_router_logits"),
+            "router_loss_weight": _p("router_aux_loss_coef"),
+        },
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "use_sliding_window": (False,),
+                  "decoder_sparse_step": (1,), "mlp_only_layers": ([],), "tie_word_embeddings": (False,)},
+        writes={"attention_dropout": 0.0},
+        modules=(
+            *(m for m in _LLAMA_LAYOUT if m[0] != "trunk.{i}.ffn"),
+            ("trunk.{i}.moe", "model.layers.{i}.mlp", "default"),
+        ),
+    ),
+    "phi3": Family(
+        model_type="phi3",
+        architecture="Phi3ForCausalLM",
+        blueprint="phi3.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "heads": _p("num_attention_heads"),
+            "kv_heads": _p("num_key_value_heads", default="heads"), "layers": _p("num_hidden_layers"),
+            "hidden": _p("intermediate_size"), "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
+            "rope_base": _p("rope_parameters.rope_theta"),
+            "rotary_pct": _p("rope_parameters.partial_rotary_factor", default="1.0"),
+        },
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "sliding_window": (None,),
+                  "tie_word_embeddings": (False,)},
+        # pad_token_id only makes transformers' embedding keep that row's gradient at zero (our embedding
+        # has no such row), and its default 32000 is out of range for a narrower vocabulary
+        writes={"attention_dropout": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "pad_token_id": None},
+        modules=tuple(
+            (ours, theirs, _PHI3_NAMES.get(ours, layout)) for ours, theirs, layout in _LLAMA_LAYOUT
+        ),
+    ),
+    "gpt_neox": Family(
+        model_type="gpt_neox",
+        architecture="GPTNeoXForCausalLM",
+        blueprint="gpt_neox.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "heads": _p("num_attention_heads"),
+            "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
+            "context": _p("max_position_embeddings"), "eps": _p("layer_norm_eps"),
+            "rope_base": _p("rope_parameters.rope_theta"),
+            "rotary_pct": _p("rope_parameters.partial_rotary_factor", default="1.0"),
+            "attn_bias": _p("attention_bias"), "gelu": _p("hidden_act", {"gelu": "none", "gelu_new": "tanh"}),
+        },
+        requires={"use_parallel_residual": (True,), "rope_parameters.rope_type": ("default",),
+                  "tie_word_embeddings": (False,)},
+        writes={"attention_dropout": 0.0, "hidden_dropout": 0.0},
+        modules=(
+            ("tok", "gpt_neox.embed_in", "default"),
+            ("trunk.{i}.ln1", "gpt_neox.layers.{i}.input_layernorm", "default"),
+            ("trunk.{i}.attn", "gpt_neox.layers.{i}.attention", (
+                HFName("qkv.weight", ("query_key_value.weight",), layout="heads3"),
+                HFName("qkv.bias", ("query_key_value.bias",), layout="heads3"),
+                HFName("proj.weight", ("dense.weight",)), HFName("proj.bias", ("dense.bias",)))),
+            ("trunk.{i}.ln2", "gpt_neox.layers.{i}.post_attention_layernorm", "default"),
+            ("trunk.{i}.mlp", "gpt_neox.layers.{i}.mlp", (
+                HFName("fc.weight", ("dense_h_to_4h.weight",)), HFName("fc.bias", ("dense_h_to_4h.bias",)),
+                HFName("proj.weight", ("dense_4h_to_h.weight",)), HFName("proj.bias", ("dense_4h_to_h.bias",)))),
+            ("norm", "gpt_neox.final_layer_norm", "default"),
+            ("head", "embed_out", "default"),
         ),
     ),
     # -- state-space families: Mamba-2, and the hybrids Jamba (Mamba-1 + attention + MoE) and Bamba --
@@ -292,6 +417,9 @@ def params_from_config(fam: Family, config: dict[str, Any], config_file: Path | 
     for name, p in fam.params.items():
         got = get_key(config, p.key)
         if got is _MISSING or got is None:
+            if p.optional:
+                params[name] = None
+                continue
             if p.default is None:
                 raise HFError(f"config.json has no {p.key}", loc=key_loc(config_file, p.key),
                               fix=f"add {p.key} (a {fam.model_type} config needs it)")
@@ -312,6 +440,8 @@ def config_from_params(fam: Family, params: dict[str, Any]) -> dict[str, Any]:
         _set_key(config, key, value)
     for name, p in fam.params.items():
         value = params[name]
+        if value is None and p.optional:
+            continue
         if p.values:
             value = next(k for k, v in p.values.items() if v == value)
         _set_key(config, p.key, value)
@@ -419,7 +549,7 @@ def weight_map(fam: Family, cm: Any, module: Any) -> list[Mapped]:
                 try:
                     sizes = tuple(int(evaluate(s, attrs)) for s in n.sizes)
                     stack = int(evaluate(n.stack, attrs)) if n.stack else 0
-                    rows = tuple(int(evaluate(r, attrs)) for r in n.rows)
+                    rows = tuple(int(evaluate(r, {**attrs, "rows": state[ours].shape[0]})) for r in n.rows)
                 except ExprError as err:
                     raise HFError(f"component {node['use']}: HFName sizes of {n.ours}: {err}", node=path) from None
                 theirs = tuple(f"{theirs_prefix}.{t}" for t in n.theirs)

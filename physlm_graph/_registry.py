@@ -137,7 +137,8 @@ class HFName:
     ours (dim 0), when it is not the same order: ``heads3`` is GPT-NeoX's fused
     ``query_key_value``, rows per head ``[q_h | k_h | v_h]`` where ours is ``[q | k | v]`` with
     heads contiguous inside each; it reads the module's ``num_heads``. ``rows``: ours is only
-    rows ``start:stop`` (two expressions) of its one tensor of theirs, the other rows belonging to
+    rows ``start:stop`` (two expressions, which may also read ``rows``: ours' own row count) of
+    its one tensor of theirs, the other rows belonging to
     another parameter (Phi-3's fused ``gate_up_proj`` holds SwiGLU's ``w1`` then ``w3``); export
     joins the pieces, which must cover theirs.
     """

@@ -28,7 +28,8 @@ class SwiGLUExperts(nn.Module):
 
     ``forward(x, expert)`` runs assignments: x (M, D) token vectors, expert (M,) their expert
     ids; returns (M, D). Dropless. Batched, never a Python loop over experts: on CUDA bf16 (with
-    ``torch._grouped_mm``) a grouped GEMM over the assignments sorted by expert, elsewhere a
+    ``torch._grouped_mm``, D and H multiples of 8, a Hopper-class GPU) a grouped GEMM over the
+    assignments sorted by expert, elsewhere a
     padded (E, C, D) buffer and ``bmm`` (C the largest expert load, one host sync; on meta every
     assignment).
     """
@@ -49,7 +50,7 @@ class SwiGLUExperts(nn.Module):
 
     def forward(self, x: Tensor, expert: Tensor) -> Tensor:
         counts, rank = expert_ranks(expert, self.num_experts)
-        if _grouped_mm_ok(x, self.gate):
+        if self.hidden_dim % 8 == 0 and _grouped_mm_ok(x, self.gate):  # the hidden rows 16-byte aligned too
             return self._grouped(x, expert, counts)
         cap = x.shape[0] if x.is_meta else max(int(counts.max()), 1) if x.shape[0] else 1
         buf = x.new_zeros(self.num_experts, cap, x.shape[-1])  # (E, C, D)
