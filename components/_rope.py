@@ -25,20 +25,66 @@ Two variants of the angles (``embed.rope``'s ``frequencies`` and ``sign``):
 - ``sign=-1`` turns every pair the other way (angle ``-t * theta``): with the half layout,
   ``y1 = x1 cos + x2 sin``, ``y2 = -x1 sin + x2 cos`` (modded-nanogpt's direction).
 
+Partial rotary (GPT-NeoX ``rotary_pct``, Phi ``partial_rotary_factor``): only the first
+``rotary_dim`` channels of a head turn, paired among themselves as if the head were
+``rotary_dim`` wide (frequencies ``base ** (-2 i / rotary_dim)``); the other channels pass
+unchanged (cos 1, sin 0, partner itself). The table keeps the full ``head_dim`` width, so an
+attention applies it exactly as a full one.
+
+Context extension (``RopeScaling``) changes the frequencies of the turning pairs:
+
+- ``linear`` (position interpolation, Chen et al. 2023): every ``theta_i`` divided by ``factor``;
+- ``llama3`` (Llama 3.1): with wavelength ``w_i = 2 pi / theta_i`` and the pretraining context
+  ``L``, pairs with ``w_i < L / high_freq_factor`` keep ``theta_i``, pairs with
+  ``w_i > L / low_freq_factor`` take ``theta_i / factor``, and the ones between blend the two
+  with ``s = (L / w_i - low) / (high - low)``: ``(1 - s) theta_i / factor + s theta_i``;
+- ``yarn`` (Peng et al. 2023): pair i blends ``theta_i`` (extrapolation) and ``theta_i / factor``
+  (interpolation) with a linear ramp over the pair index between the pairs that turn
+  ``beta_fast`` and ``beta_slow`` times over ``L`` positions (the ramp ends floored / ceiled
+  when ``truncate``), and cos and sin are multiplied by ``attention_factor`` (default
+  ``0.1 ln(factor) + 1``), which scales q k^T by its square.
+
+The arithmetic follows transformers' ``modeling_rope_utils`` step for step, so imported
+checkpoints get the same angles in float32.
+
 Import from other components as ``from physlm_graph.components._rope import apply_rope``.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["RopeStyle", "RopeFrequencies", "rope_inv_freq", "truncated_inv_freq", "rope_table", "apply_rope"]
+__all__ = ["RopeStyle", "RopeFrequencies", "RopeScalingKind", "RopeScaling", "rope_inv_freq", "truncated_inv_freq",
+           "scale_inv_freq", "rope_table", "apply_rope"]
 
 RopeStyle = Literal["half", "interleaved"]
 RopeFrequencies = Literal["rope", "truncated"]
+RopeScalingKind = Literal["none", "linear", "llama3", "yarn"]
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How the frequencies are stretched for a longer context (see the module docstring).
+
+    ``factor`` for every kind but ``none``; ``low_freq_factor``, ``high_freq_factor`` for
+    ``llama3``; ``beta_fast``, ``beta_slow``, ``truncate`` and ``attention_factor`` (None: from
+    ``factor``) for ``yarn``; ``original_max_seq_len`` (the pretraining context) for both.
+    """
+
+    kind: RopeScalingKind = "none"
+    factor: float = 1.0
+    original_max_seq_len: int = 0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    truncate: bool = True
 
 
 def rope_inv_freq(head_dim: int, base: float, device: torch.device | str | None = None) -> Tensor:
@@ -59,34 +105,88 @@ def truncated_inv_freq(head_dim: int, base: float, device: torch.device | str | 
     return torch.cat([turning, turning.new_zeros(head_dim // 2 - q)])
 
 
+def scale_inv_freq(inv_freq: Tensor, dim: int, base: float, scaling: RopeScaling) -> tuple[Tensor, float]:
+    """``inv_freq`` (dim/2,) of a ``dim``-channel rotation stretched by ``scaling``, and the factor
+    on cos and sin (1 but for yarn). Same operations, in the same order, as transformers."""
+    s = scaling
+    if s.kind == "none":
+        return inv_freq, 1.0
+    if s.kind == "linear":
+        return inv_freq / s.factor, 1.0
+    if s.kind == "llama3":
+        low_wavelen = s.original_max_seq_len / s.low_freq_factor
+        high_wavelen = s.original_max_seq_len / s.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        out = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+        smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        smoothed = (1 - smooth) * out / s.factor + smooth * out
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, out), 1.0
+    if s.kind == "yarn":
+        attn = s.attention_factor if s.attention_factor is not None else (
+            0.1 * math.log(s.factor) + 1.0 if s.factor > 1 else 1.0)
+
+        def correction_dim(rotations: float) -> float:  # the pair index that turns ``rotations`` times over L
+            return (dim * math.log(s.original_max_seq_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+        if s.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # a ramp of zero width would divide by zero
+        device = inv_freq.device
+        pos_freqs = base ** (torch.arange(0, dim, 2, device=device).to(dtype=torch.float) / dim)
+        extrapolated, interpolated = 1.0 / pos_freqs, 1.0 / (s.factor * pos_freqs)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device)
+        keep = 1 - ramp  # 1: extrapolate (high frequencies), 0: interpolate
+        return interpolated * (1 - keep) + extrapolated * keep, attn
+    raise ValueError(f"unknown RoPE scaling {s.kind!r}; expected none, linear, llama3 or yarn")
+
+
 def rope_table(
     offset: int, length: int, *, head_dim: int, base: float, style: RopeStyle, device: torch.device | str | None = None,
-    frequencies: RopeFrequencies = "rope", sign: int = 1,
+    frequencies: RopeFrequencies = "rope", sign: int = 1, rotary_dim: int | None = None,
+    scaling: RopeScaling | None = None,
 ) -> Tensor:
     """The RoPE table for absolute positions ``offset .. offset + length - 1``: (1, length, 3, head_dim) float32.
 
     ``frequencies``: ``rope`` (``rope_inv_freq``) or ``truncated`` (``truncated_inv_freq``);
-    ``sign``: 1, or -1 to turn every pair by the opposite angle."""
+    ``sign``: 1, or -1 to turn every pair by the opposite angle; ``rotary_dim``: the leading
+    channels that turn (None: all); ``scaling``: context extension of the frequencies."""
     if frequencies not in ("rope", "truncated") or sign not in (1, -1):
         raise ValueError(f"unknown RoPE frequencies {frequencies!r} or sign {sign!r}; expected 'rope' or 'truncated', 1 or -1")
-    half = head_dim // 2
-    inv_freq = truncated_inv_freq(head_dim, base, device) if frequencies == "truncated" else rope_inv_freq(head_dim, base, device)
+    rd = head_dim if rotary_dim is None else rotary_dim
+    if rd % 2 or not 0 < rd <= head_dim:
+        raise ValueError(f"rotary_dim must be even and in 1..head_dim ({head_dim}), got {rd}")
+    half = rd // 2
+    inv_freq = truncated_inv_freq(rd, base, device) if frequencies == "truncated" else rope_inv_freq(rd, base, device)
+    factor = 1.0
+    if scaling is not None:
+        inv_freq, factor = scale_inv_freq(inv_freq, rd, base, scaling)
     pos = torch.arange(offset, offset + length, dtype=torch.float32, device=device)  # (T,)
-    angles = pos[:, None] * inv_freq[None, :]  # (T, hd/2)
+    angles = pos[:, None] * inv_freq[None, :]  # (T, rd/2)
     cos, sin = angles.cos(), angles.sin() * sign
-    idx = torch.arange(head_dim, device=device)  # (hd,)
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    idx = torch.arange(rd, device=device)  # (rd,)
     if style == "half":
         # out[:h] = x[:h] cos - x[h:] sin ;  out[h:] = x[h:] cos + x[:h] sin
-        cos = torch.cat([cos, cos], dim=-1)  # (T, hd)
-        sin = torch.cat([-sin, sin], dim=-1)  # (T, hd)
-        partner = (idx + half) % head_dim
+        cos = torch.cat([cos, cos], dim=-1)  # (T, rd)
+        sin = torch.cat([-sin, sin], dim=-1)  # (T, rd)
+        partner = (idx + half) % rd
     elif style == "interleaved":
         # out[2i] = x[2i] cos - x[2i+1] sin ;  out[2i+1] = x[2i+1] cos + x[2i] sin
-        cos = cos.repeat_interleave(2, dim=-1)  # (T, hd)
-        sin = torch.stack([-sin, sin], dim=-1).flatten(-2)  # (T, hd)
+        cos = cos.repeat_interleave(2, dim=-1)  # (T, rd)
+        sin = torch.stack([-sin, sin], dim=-1).flatten(-2)  # (T, rd)
         partner = idx + 1 - 2 * (idx % 2)
     else:
         raise ValueError(f"unknown RoPE style {style!r}; expected 'half' or 'interleaved'")
+    if rd < head_dim:  # the channels that do not turn: cos 1, sin 0, partner itself
+        rest = head_dim - rd
+        cos = torch.cat([cos, cos.new_ones(length, rest)], dim=-1)  # (T, hd)
+        sin = torch.cat([sin, sin.new_zeros(length, rest)], dim=-1)
+        partner = torch.cat([partner, torch.arange(rd, head_dim, device=device)])
     partner = partner.to(torch.float32).expand(length, head_dim)  # (T, hd)
     return torch.stack([cos, sin, partner], dim=1).unsqueeze(0)  # (1, T, 3, hd)
 

@@ -1,8 +1,8 @@
 """The ``${...}`` evaluator: arithmetic on params and nothing else (never ``eval``).
 
 Grammar: numbers, booleans, names of params, ``+ - * / // % **``, unary ``-``/``+``,
-parentheses, comparisons, ``a if cond else b``, and the functions ``min max abs int round
-float ceil floor``. ``/`` of two integers that divide exactly is an integer (``${dim / heads}``
+parentheses, comparisons, ``x in list_param`` (and ``not in``), ``a if cond else b``, and the
+functions ``min max abs int round float ceil floor``. ``/`` of two integers that divide exactly is an integer (``${dim / heads}``
 is 64, not 64.0). Anything else (attributes, subscripts, lambdas, strings, calls to other
 names) is refused with the position of the offending part.
 """
@@ -131,6 +131,11 @@ def _eval(node: ast.AST, names: Mapping[str, Any]) -> Any:
         if not isinstance(v, (int, float)):
             raise ExprError("arithmetic needs numbers")
         return -v if isinstance(node.op, ast.USub) else +v
+    if isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], (ast.In, ast.NotIn)):
+        item, within = _eval(node.left, names), _eval(node.comparators[0], names)
+        if not isinstance(within, (list, tuple)) or isinstance(item, (list, tuple)):
+            raise ExprError("`in` tests a number against a list param (index in attn_layers)")
+        return (item in within) == isinstance(node.ops[0], ast.In)
     if isinstance(node, ast.Compare) and all(type(o) in _CMPOPS for o in node.ops):
         left = _eval(node.left, names)
         for op, comp in zip(node.ops, node.comparators):

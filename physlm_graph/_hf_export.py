@@ -54,12 +54,12 @@ def match_family(cm: Any) -> tuple[Family | None, dict[str, Any] | None, str]:
     params = dict(cm.resolved.params)
     why = []
     for fam in FAMILIES.values():
-        lacking = [p for p in fam.params if p not in params]
+        lacking = [k for k, p in fam.params.items() if k not in params and not p.optional]
         if lacking:
             why.append(f"{fam.model_type}: no param {', '.join(lacking)}")
             continue
         try:
-            config = config_from_params(fam, {k: params[k] for k in fam.params})
+            config = config_from_params(fam, {k: params.get(k) for k in fam.params})
         except StopIteration:
             why.append(f"{fam.model_type}: a param value transformers cannot spell")
             continue
@@ -142,13 +142,21 @@ def _write_native(fam: Family, config: dict[str, Any], cm: Any, out: Path) -> No
     hf_config.dtype = torch.float32
     state = dict(cm.module.named_parameters())
     tensors: dict[str, torch.Tensor] = {}
+    pieces: dict[str, list[Any]] = {}
     for m in weight_map(fam, cm, cm.module):
         value = state[m.ours].detach()
-        parts = list(value.split(list(m.sizes), dim=0)) if len(m.theirs) > 1 else [value]
-        if len(parts) != len(m.theirs):
-            raise HFError(f"{m.ours} splits into {len(parts)} parts, not {len(m.theirs)}", node=m.ours)
-        for name, part in zip(m.theirs, parts):
-            tensors[name] = (part.t() if m.transposed else part).contiguous().cpu()
+        for name, part in zip(m.theirs, m.theirs_from(value)):
+            if m.rows:  # one piece of a tensor other parameters fill too
+                pieces.setdefault(name, []).append((m.rows[0], m.rows[1], part, m))
+            else:
+                tensors[name] = part.contiguous().cpu()
+    for name, got in pieces.items():
+        got.sort(key=lambda g: g[0])
+        ends = [0] + [g[1] for g in got]
+        if [g[0] for g in got] != ends[:-1]:
+            raise HFError(f"the parameters that make {name} leave rows out or overlap",
+                          node=", ".join(g[3].ours for g in got))
+        tensors[name] = torch.cat([g[2] for g in got], dim=1 if got[0][3].transposed else 0).contiguous().cpu()
     hf_config.save_pretrained(out)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 

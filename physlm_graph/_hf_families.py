@@ -6,11 +6,14 @@ A family says three things, none of them code:
 - ``params``: each blueprint param and the ``config.json`` key it comes from (a dotted key
   reaches into a nested dict: ``rope_parameters.rope_theta``), with a value map where the two
   spell a value differently (GPT-2's ``gelu_new`` is our ``tanh``) and a default (an expression
-  over the params already read) where the config may say ``null``;
+  over the params already read) where the config may say ``null``; an ``optional`` key may be
+  absent (the param is then null, and export leaves the key out while the param is null);
 - ``requires``: config values the graph assumes; any other value is a missing feature, named
-  on import. Export writes the first allowed value, and ``writes`` adds fixed values of its own;
+  on import (a list in the config compares as a tuple). Export writes the first allowed value, and
+  ``writes`` adds values of its own (fixed, or a ``${...}`` expression over the params);
 - ``modules``: which node path prefix holds which transformers module prefix (``{i}`` a layer
-  index), with the layout of the component's declared names (``HFName``) to use there.
+  index), with the layout of the component's declared names (``HFName``) to use there; where
+  the component does not declare the family's layout, the family lists the ``HFName``s itself.
 
 The weights themselves are mapped by the components' own declarations (``register(hf=...)``),
 so nothing here is per family code: ``weight_map`` below serves every family.
@@ -25,6 +28,7 @@ from typing import Any
 
 from physlm_graph._errors import Loc, PhysLMError
 from physlm_graph._expr import evaluate
+from physlm_graph._registry import HFName
 
 # Llama's module layout, which Qwen2 shares: blueprint node -> transformers module, per layer.
 _LLAMA_LAYOUT = (
@@ -54,8 +58,9 @@ class HFError(PhysLMError):
 class Param:
     key: str  # the config key (dotted: nested)
     values: dict[Any, Any] = field(default_factory=dict)  # config value -> ours (export: the first that gives ours)
-    default: str | None = None  # expression over params read before it, when the config says null
+    default: Any = None  # when the config says null: an expression over params read before it, or a list
     nullable: bool = False  # null is a value of its own (Mistral's sliding_window: null is full attention)
+    optional: bool = False  # absent or null -> the param is null (export writes nothing for null)
 
 
 @dataclass(frozen=True)
@@ -66,11 +71,12 @@ class Family:
     params: dict[str, Param]
     requires: dict[str, tuple[Any, ...]]
     writes: dict[str, Any]
-    modules: tuple[tuple[str, str, str], ...]  # (node path prefix, transformers prefix, layout)
+    modules: tuple[tuple[str, str, Any], ...]  # (node path prefix, transformers prefix, layout or HFNames)
 
 
-def _p(key: str, values: dict[Any, Any] | None = None, default: str | None = None, nullable: bool = False) -> Param:
-    return Param(key, values or {}, default, nullable)
+def _p(key: str, values: dict[Any, Any] | None = None, default: Any = None, nullable: bool = False,
+       optional: bool = False) -> Param:
+    return Param(key, values or {}, default, nullable, optional)
 
 
 class Matcher:
@@ -105,6 +111,34 @@ class Number(Matcher):
         return "a number"
 
 
+# Phi-3's checkpoint fuses q, k, v into qkv_proj (rows [q | k | v], as our attention's qkv) and
+# SwiGLU's gate and up into gate_up_proj (rows [gate | up]): names attention.causal and ffn.swiglu
+# do not declare, so the family lists them.
+_PHI3_NAMES: dict[str, tuple[HFName, ...]] = {
+    "trunk.{i}.attn": (HFName("qkv.weight", ("qkv_proj.weight",)), HFName("proj.weight", ("o_proj.weight",))),
+    "trunk.{i}.ffn": (HFName("w1.weight", ("gate_up_proj.weight",), rows=("0", "rows")),
+                      HFName("w3.weight", ("gate_up_proj.weight",), rows=("rows", "2 * rows")),
+                      HFName("w2.weight", ("down_proj.weight",))),
+}
+
+# RoPE context extension (embed.rope's scaling): the rope_parameters keys each kind reads, as
+# blueprint params that are null where the kind does not read them. DeepSeek's mscale keys and
+# the dynamic / longrope kinds are not expressed.
+_ROPE_SCALING = {
+    "rope_scaling": Param("rope_parameters.rope_type", {"default": "none", "linear": "linear", "llama3": "llama3",
+                                                        "yarn": "yarn"}),
+    "rope_factor": Param("rope_parameters.factor", optional=True),
+    "rope_original_context": Param("rope_parameters.original_max_position_embeddings", optional=True),
+    "rope_low_freq_factor": Param("rope_parameters.low_freq_factor", optional=True),
+    "rope_high_freq_factor": Param("rope_parameters.high_freq_factor", optional=True),
+    "yarn_beta_fast": Param("rope_parameters.beta_fast", optional=True),
+    "yarn_beta_slow": Param("rope_parameters.beta_slow", optional=True),
+    "yarn_attention_factor": Param("rope_parameters.attention_factor", optional=True),
+    "yarn_truncate": Param("rope_parameters.truncate", optional=True),
+}
+_ROPE_SCALING_REQUIRES: dict[str, tuple[Any, ...]] = {"rope_parameters.mscale": (None,),
+                                                      "rope_parameters.mscale_all_dim": (None,)}
+
 FAMILIES: dict[str, Family] = {
     "llama": Family(
         model_type="llama",
@@ -116,9 +150,9 @@ FAMILIES: dict[str, Family] = {
             "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
             "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"), "mlp_bias": _p("mlp_bias"),
+            **_ROPE_SCALING,
         },
-        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",),
-                  "pretraining_tp": (1,), "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",), "pretraining_tp": (1,), "tie_word_embeddings": (False,), **_ROPE_SCALING_REQUIRES},
         writes={"attention_dropout": 0.0},
         modules=_LLAMA_LAYOUT,
     ),
@@ -262,6 +296,181 @@ FAMILIES: dict[str, Family] = {
             ("head", "lm_head", "default"),
         ),
     ),
+    # -- mixture of experts, partial rotary and fused checkpoints --------------------------------
+    "mixtral": Family(
+        model_type="mixtral",
+        architecture="MixtralForCausalLM",
+        blueprint="mixtral.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "heads": _p("num_attention_heads"),
+            "kv_heads": _p("num_key_value_heads", default="heads"), "head_dim": _p("head_dim", default="dim // heads"),
+            "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
+            "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
+            "rope_base": _p("rope_parameters.rope_theta"), "experts": _p("num_local_experts"),
+            "top_k": _p("num_experts_per_tok"), "router_loss": _p("output_router_logits"),
+            "router_loss_weight": _p("router_aux_loss_coef"),
+        },
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "sliding_window": (None,),
+                  "router_jitter_noise": (0.0, 0), "tie_word_embeddings": (False,)},
+        writes={"attention_dropout": 0.0},
+        modules=(
+            *(m for m in _LLAMA_LAYOUT if m[0] != "trunk.{i}.ffn"),
+            ("trunk.{i}.moe", "model.layers.{i}.block_sparse_moe", "mixtral"),
+        ),
+    ),
+    "qwen2_moe": Family(
+        model_type="qwen2_moe",
+        architecture="Qwen2MoeForCausalLM",
+        blueprint="qwen2_moe.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "heads": _p("num_attention_heads"),
+            "kv_heads": _p("num_key_value_heads", default="heads"), "layers": _p("num_hidden_layers"),
+            "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
+            "rope_base": _p("rope_parameters.rope_theta"), "qkv_bias": _p("qkv_bias", default="True"),
+            "experts": _p("num_experts"), "top_k": _p("num_experts_per_tok"),
+            "expert_hidden": _p("moe_intermediate_size"), "shared_hidden": _p("shared_expert_intermediate_size"),
+            "norm_topk": _p("norm_topk_prob"), "router_loss": _p("output_router_logits"),
+            "router_loss_weight": _p("router_aux_loss_coef"),
+        },
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "use_sliding_window": (False,),
+                  "decoder_sparse_step": (1,), "mlp_only_layers": ([],), "tie_word_embeddings": (False,)},
+        writes={"attention_dropout": 0.0},
+        modules=(
+            *(m for m in _LLAMA_LAYOUT if m[0] != "trunk.{i}.ffn"),
+            ("trunk.{i}.moe", "model.layers.{i}.mlp", "default"),
+        ),
+    ),
+    "phi3": Family(
+        model_type="phi3",
+        architecture="Phi3ForCausalLM",
+        blueprint="phi3.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "heads": _p("num_attention_heads"),
+            "kv_heads": _p("num_key_value_heads", default="heads"), "layers": _p("num_hidden_layers"),
+            "hidden": _p("intermediate_size"), "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
+            "rope_base": _p("rope_parameters.rope_theta"),
+            "rotary_pct": _p("rope_parameters.partial_rotary_factor", default="1.0"),
+        },
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "sliding_window": (None,),
+                  "tie_word_embeddings": (False,)},
+        # pad_token_id only makes transformers' embedding keep that row's gradient at zero (our embedding
+        # has no such row), and its default 32000 is out of range for a narrower vocabulary
+        writes={"attention_dropout": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "pad_token_id": None},
+        modules=tuple(
+            (ours, theirs, _PHI3_NAMES.get(ours, layout)) for ours, theirs, layout in _LLAMA_LAYOUT
+        ),
+    ),
+    "gpt_neox": Family(
+        model_type="gpt_neox",
+        architecture="GPTNeoXForCausalLM",
+        blueprint="gpt_neox.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "heads": _p("num_attention_heads"),
+            "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
+            "context": _p("max_position_embeddings"), "eps": _p("layer_norm_eps"),
+            "rope_base": _p("rope_parameters.rope_theta"),
+            "rotary_pct": _p("rope_parameters.partial_rotary_factor", default="1.0"),
+            "attn_bias": _p("attention_bias"), "gelu": _p("hidden_act", {"gelu": "none", "gelu_new": "tanh"}),
+        },
+        requires={"use_parallel_residual": (True,), "rope_parameters.rope_type": ("default",),
+                  "tie_word_embeddings": (False,)},
+        writes={"attention_dropout": 0.0, "hidden_dropout": 0.0},
+        modules=(
+            ("tok", "gpt_neox.embed_in", "default"),
+            ("trunk.{i}.ln1", "gpt_neox.layers.{i}.input_layernorm", "default"),
+            ("trunk.{i}.attn", "gpt_neox.layers.{i}.attention", (
+                HFName("qkv.weight", ("query_key_value.weight",), layout="heads3"),
+                HFName("qkv.bias", ("query_key_value.bias",), layout="heads3"),
+                HFName("proj.weight", ("dense.weight",)), HFName("proj.bias", ("dense.bias",)))),
+            ("trunk.{i}.ln2", "gpt_neox.layers.{i}.post_attention_layernorm", "default"),
+            ("trunk.{i}.mlp", "gpt_neox.layers.{i}.mlp", (
+                HFName("fc.weight", ("dense_h_to_4h.weight",)), HFName("fc.bias", ("dense_h_to_4h.bias",)),
+                HFName("proj.weight", ("dense_4h_to_h.weight",)), HFName("proj.bias", ("dense_4h_to_h.bias",)))),
+            ("norm", "gpt_neox.final_layer_norm", "default"),
+            ("head", "embed_out", "default"),
+        ),
+    ),
+    # -- state-space families: Mamba-2, and the hybrids Jamba (Mamba-1 + attention + MoE) and Bamba --
+    "mamba2": Family(
+        model_type="mamba2",
+        architecture="Mamba2ForCausalLM",
+        blueprint="mamba2.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "layers": _p("num_hidden_layers"),
+            "d_state": _p("state_size"), "expand": _p("expand"), "head_dim": _p("head_dim"), "groups": _p("n_groups"),
+            "conv": _p("conv_kernel"), "chunk": _p("chunk_size"), "eps": _p("layer_norm_epsilon"),
+            "bias": _p("use_bias"), "conv_bias": _p("use_conv_bias"),
+        },
+        # time_step_limit clamps dt; (0, inf) is no clamp. residual_in_fp32 and rescale_prenorm_residual
+        # are not required: our residual stream is float32 (what residual_in_fp32 asks for, and the same
+        # function in float32 either way), and the rescaling is an initialisation only.
+        requires={"hidden_act": ("silu",), "time_step_limit": ((0.0, float("inf")),), "tie_word_embeddings": (False,)},
+        writes={"num_heads": "${expand * dim // head_dim}", "residual_in_fp32": True},
+        modules=(
+            ("tok", "backbone.embeddings", "default"),
+            ("trunk.{i}.norm", "backbone.layers.{i}.norm", "default"),
+            ("trunk.{i}.mixer", "backbone.layers.{i}.mixer", "default"),
+            ("norm", "backbone.norm_f", "default"),
+            ("head", "lm_head", "default"),
+        ),
+    ),
+    "jamba": Family(
+        model_type="jamba",
+        architecture="JambaForCausalLM",
+        blueprint="jamba.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "layers": _p("num_hidden_layers"),
+            "heads": _p("num_attention_heads"), "kv_heads": _p("num_key_value_heads", default="heads"),
+            "hidden": _p("intermediate_size"), "eps": _p("rms_norm_eps"),
+            "d_state": _p("mamba_d_state"), "conv": _p("mamba_d_conv"), "expand": _p("mamba_expand"),
+            "dt_rank": _p("mamba_dt_rank"), "conv_bias": _p("mamba_conv_bias"), "proj_bias": _p("mamba_proj_bias"),
+            "attn_period": _p("attn_layer_period"), "attn_offset": _p("attn_layer_offset"),
+            "experts": _p("num_experts"), "top_k": _p("num_experts_per_tok"),
+            "expert_period": _p("expert_layer_period"), "expert_offset": _p("expert_layer_offset"),
+        },
+        requires={"hidden_act": ("silu",), "tie_word_embeddings": (False,)},
+        writes={"attention_dropout": 0.0},
+        modules=(
+            ("tok", "model.embed_tokens", "default"),
+            ("trunk.{i}.n1", "model.layers.{i}.input_layernorm", "default"),
+            ("trunk.{i}.mamba", "model.layers.{i}.mamba", "default"),
+            ("trunk.{i}.attn", "model.layers.{i}.self_attn", "default"),
+            ("trunk.{i}.n2", "model.layers.{i}.pre_ff_layernorm", "default"),
+            ("trunk.{i}.ffn", "model.layers.{i}.feed_forward", "default"),
+            ("trunk.{i}.moe", "model.layers.{i}.feed_forward", "jamba"),
+            ("norm", "model.final_layernorm", "default"),
+            ("head", "lm_head", "default"),
+        ),
+    ),
+    "bamba": Family(
+        model_type="bamba",
+        architecture="BambaForCausalLM",
+        blueprint="bamba.yaml",
+        params={
+            "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "layers": _p("num_hidden_layers"),
+            "attn_layers": _p("attn_layer_indices", default=[]),  # null: no attention layer
+            "heads": _p("num_attention_heads"), "kv_heads": _p("num_key_value_heads", default="heads"),
+            "hidden": _p("intermediate_size"), "eps": _p("rms_norm_eps"), "context": _p("max_position_embeddings"),
+            "rope_base": _p("rope_parameters.rope_theta"), "rotary_factor": _p("rope_parameters.partial_rotary_factor"),
+            "attn_bias": _p("attention_bias"), "mlp_bias": _p("mlp_bias"),
+            "d_state": _p("mamba_d_state"), "expand": _p("mamba_expand"), "ssm_head_dim": _p("mamba_d_head"),
+            "groups": _p("mamba_n_groups"), "conv": _p("mamba_d_conv"), "chunk": _p("mamba_chunk_size"),
+            "conv_bias": _p("mamba_conv_bias"), "proj_bias": _p("mamba_proj_bias"),
+        },
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",),
+                  "time_step_limit": ((0.0, float("inf")),), "tie_word_embeddings": (False,)},
+        writes={"mamba_n_heads": "${expand * dim // ssm_head_dim}", "attention_dropout": 0.0},
+        modules=(
+            ("tok", "model.embed_tokens", "default"),
+            ("trunk.{i}.n1", "model.layers.{i}.input_layernorm", "default"),
+            ("trunk.{i}.mamba", "model.layers.{i}.mamba", "default"),
+            ("trunk.{i}.attn", "model.layers.{i}.self_attn", "default"),
+            ("trunk.{i}.n2", "model.layers.{i}.pre_ff_layernorm", "default"),
+            ("trunk.{i}.ffn", "model.layers.{i}.feed_forward", "default"),
+            ("norm", "model.final_layernorm", "default"),
+            ("head", "lm_head", "default"),
+        ),
+    ),
 }
 
 
@@ -287,6 +496,8 @@ def _set_key(config: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
     if value is None:
@@ -322,6 +533,7 @@ def missing_features(fam: Family, config: dict[str, Any], config_file: Path | No
     out = []
     for key, allowed in fam.requires.items():
         got = get_key(config, key)
+        got = tuple(got) if isinstance(got, list) else got
         if got is _MISSING or got in allowed or (got == {} and None in allowed):
             continue
         parts = key.split(".")
@@ -342,10 +554,13 @@ def params_from_config(fam: Family, config: dict[str, Any], config_file: Path | 
     for name, p in fam.params.items():
         got = get_key(config, p.key)
         if got is _MISSING or (got is None and not p.nullable):
+            if p.optional:
+                params[name] = None
+                continue
             if p.default is None:
                 raise HFError(f"config.json has no {p.key}", loc=key_loc(config_file, p.key),
                               fix=f"add {p.key} (a {fam.model_type} config needs it)")
-            got = evaluate(p.default, params)
+            got = evaluate(p.default, params) if isinstance(p.default, str) else p.default
         params[name] = p.values.get(got, got) if p.values else got
     return params
 
@@ -357,9 +572,13 @@ def config_from_params(fam: Family, params: dict[str, Any]) -> dict[str, Any]:
         if allowed[0] is not None and not isinstance(allowed[0], Matcher):
             _set_key(config, key, allowed[0])
     for key, value in fam.writes.items():
+        if isinstance(value, str) and value.startswith("${") and value.endswith("}"):
+            value = evaluate(value[2:-1], params)
         _set_key(config, key, value)
     for name, p in fam.params.items():
         value = params[name]
+        if value is None and p.optional:
+            continue
         if p.values:
             value = next(k for k, v in p.values.items() if v == value)
         _set_key(config, p.key, value)
@@ -389,9 +608,49 @@ class Mapped:
     """One of our parameters and the transformers tensors it is made of."""
 
     ours: str  # full path in our state dict
-    theirs: tuple[str, ...]  # full transformers keys
+    theirs: tuple[str, ...]  # full transformers keys (stacked: slice 0's parts, then slice 1's, ...)
     sizes: tuple[int, ...]  # rows of each part (several theirs)
     transposed: bool
+    stack: int = 0  # ours is this many slices along a new dim 0 (experts), 0: not stacked
+    layout: str = ""  # how theirs orders ours' rows ("heads3": per head [q_h | k_h | v_h])
+    heads: int = 0  # the module's num_heads, for heads3
+    rows: tuple[int, int] = ()  # ours is these rows of its one tensor of theirs
+
+    def ours_from(self, parts: list[Any]) -> Any:
+        """Our tensor from theirs (in ``theirs`` order, as stored)."""
+        import torch
+
+        parts = [p.t() if self.transposed else p for p in parts]
+        if self.rows:
+            parts = [p[self.rows[0]:self.rows[1]] for p in parts]
+        if self.stack:
+            n = len(parts) // self.stack
+            value = torch.stack([_cat(parts[e * n:(e + 1) * n]) for e in range(self.stack)])
+        else:
+            value = _cat(parts)
+        if self.layout == "heads3":  # (H, 3, hd, ...) rows -> (3, H, hd, ...)
+            rest = value.shape[1:]
+            value = value.reshape(self.heads, 3, -1, *rest).transpose(0, 1).reshape(-1, *rest)
+        return value
+
+    def theirs_from(self, value: Any) -> list[Any]:
+        """Theirs (in ``theirs`` order) from our tensor."""
+        if self.layout == "heads3":
+            rest = value.shape[1:]
+            value = value.reshape(3, self.heads, -1, *rest).transpose(0, 1).reshape(-1, *rest)
+        slices = list(value) if self.stack else [value]
+        parts = []
+        for piece in slices:
+            parts.extend(piece.split(list(self.sizes), dim=0) if len(self.sizes) > 1 else [piece])
+        if len(parts) != len(self.theirs):
+            raise HFError(f"{self.ours} splits into {len(parts)} parts, not {len(self.theirs)}", node=self.ours)
+        return [p.t() if self.transposed else p for p in parts]
+
+
+def _cat(parts: list[Any]) -> Any:
+    import torch
+
+    return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
 
 
 def weight_map(fam: Family, cm: Any, module: Any) -> list[Mapped]:
@@ -410,7 +669,10 @@ def weight_map(fam: Family, cm: Any, module: Any) -> list[Mapped]:
             if not m:
                 continue
             info = REGISTRY.get(node["use"])
-            names = info.hf_names(layout) if info is not None else None
+            if isinstance(layout, tuple):  # declared by the family: a layout the component lacks
+                names = layout
+            else:
+                names = info.hf_names(layout) if info is not None else None
             if names is None:
                 raise HFError(f"component {node['use']} declares no transformers names for layout {layout!r}",
                               node=path, fix=f"add hf={{{layout!r}: (HFName(...), ...)}} to its register(...)")
@@ -423,9 +685,25 @@ def weight_map(fam: Family, cm: Any, module: Any) -> list[Mapped]:
                     continue  # off in this configuration (a bias), or a tied alias
                 try:
                     sizes = tuple(int(evaluate(s, attrs)) for s in n.sizes)
+                    stack = int(evaluate(n.stack, attrs)) if n.stack else 0
+                    rows = tuple(int(evaluate(r, {**attrs, "rows": state[ours].shape[0]})) for r in n.rows)
                 except ExprError as err:
                     raise HFError(f"component {node['use']}: HFName sizes of {n.ours}: {err}", node=path) from None
-                out.append(Mapped(ours, tuple(f"{theirs_prefix}.{t}" for t in n.theirs), sizes, n.transposed))
+                theirs = tuple(f"{theirs_prefix}.{t}" for t in n.theirs)
+                if stack:
+                    theirs = tuple(t.replace("{e}", str(e)) for e in range(stack) for t in theirs)
+                heads = 0
+                if n.layout == "heads3":
+                    heads = attrs.get("num_heads", 0)
+                    if not heads or attrs.get("num_kv_heads", heads) != heads:
+                        raise HFError(f"{n.ours}: the heads3 layout needs as many key/value heads as query heads",
+                                      node=path, fix="this family has no grouped-query attention")
+                elif n.layout:
+                    raise HFError(f"component {node['use']}: unknown HFName layout {n.layout!r} of {n.ours}", node=path)
+                if rows and (len(n.theirs) != 1 or stack or n.layout):
+                    raise HFError(f"component {node['use']}: HFName rows of {n.ours} need one tensor of theirs, "
+                                  "neither stacked nor laid out", node=path)
+                out.append(Mapped(ours, theirs, sizes, n.transposed, stack, n.layout, heads, rows))
                 covered.add(ours)
     left = [k for k in state if k not in covered]
     if left:

@@ -42,6 +42,7 @@ def read_hf_config(folder: Path) -> tuple[dict[str, Any], Path]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise HFError(f"config.json is not valid JSON: {err.msg}", loc=Loc(str(path), err.lineno, err.colno)) from None
+    raw = _special_floats(raw)
     model_type = raw.get("model_type")
     if model_type not in FAMILIES:
         raise HFError(f"model_type {model_type!r} is not supported yet", loc=_loc(path, "model_type"),
@@ -54,6 +55,21 @@ def read_hf_config(folder: Path) -> tuple[dict[str, Any], Path]:
     except (KeyError, ValueError, TypeError) as err:
         raise HFError(f"transformers rejects this config: {str(err).strip(chr(34))}", loc=Loc(file=str(path)),
                       fix="check that transformers itself loads the folder (AutoConfig.from_pretrained)") from None
+
+
+_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def _special_floats(value: Any) -> Any:
+    """transformers writes inf and nan in config.json as ``{"__float__": "Infinity"}`` (Mamba-2's
+    ``time_step_limit``); its config classes take them back as floats."""
+    if isinstance(value, dict):
+        if len(value) == 1 and value.get("__float__") in _FLOATS:
+            return _FLOATS[value["__float__"]]
+        return {k: _special_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_special_floats(v) for v in value]
+    return value
 
 
 def _loc(path: Path, key: str) -> Loc:
@@ -148,8 +164,10 @@ def _ours(fam: Any, cm: Any, tensors: dict[str, torch.Tensor], folder: Path) -> 
             problems.append(Diagnostic(f"tensor {absent[0]} is missing from the weights", loc=Loc(file=str(folder)),
                                        node=m.ours))
             continue
-        parts = [tensors[t].t() if m.transposed else tensors[t] for t in m.theirs]
-        value = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        try:
+            value = m.ours_from([tensors[t] for t in m.theirs])
+        except RuntimeError:  # parts that do not stack or concatenate: reported as a misfit below
+            value = torch.empty(0)
         want = tuple(state[m.ours].shape)
         if tuple(value.shape) != want:
             problems.append(Diagnostic(f"{' + '.join(m.theirs)} does not fit {m.ours}", loc=Loc(file=str(folder)),

@@ -129,12 +129,27 @@ class HFName:
     part's rows as expressions over the module's integer attributes (``num_heads * head_dim``).
     ``transposed``: theirs is stored (in, out), as GPT-2's ``Conv1D``. A parameter the module
     does not have (a bias turned off) is skipped on both sides.
+
+    ``stack``: ours holds one slice per expert along a new dim 0, as many as this expression
+    over the module's attributes (``num_experts``), and each of theirs names one tensor per
+    slice with ``{e}`` in its name (``experts.{e}.w1.weight``); slice e is made of theirs with
+    ``{e}`` = e, as above (concatenated, transposed). ``layout``: how theirs orders the rows of
+    ours (dim 0), when it is not the same order: ``heads3`` is GPT-NeoX's fused
+    ``query_key_value``, rows per head ``[q_h | k_h | v_h]`` where ours is ``[q | k | v]`` with
+    heads contiguous inside each; it reads the module's ``num_heads``. ``rows``: ours is only
+    rows ``start:stop`` (two expressions, which may also read ``rows``: ours' own row count) of
+    its one tensor of theirs, the other rows belonging to
+    another parameter (Phi-3's fused ``gate_up_proj`` holds SwiGLU's ``w1`` then ``w3``); export
+    joins the pieces, which must cover theirs.
     """
 
     ours: str
     theirs: tuple[str, ...]
     sizes: tuple[str, ...] = ()
     transposed: bool = False
+    stack: str = ""
+    layout: str = ""
+    rows: tuple[str, str] = ()
 
 
 @dataclass(frozen=True)

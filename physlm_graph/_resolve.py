@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from physlm_graph._errors import Diagnostic, Loc, ResolveError, ValidateError
-from physlm_graph._expr import ExprError, references, substitute
+from physlm_graph._expr import EXPR_RE, ExprError, references, substitute
 from physlm_graph._ir import LossSpec, NodeSpec, Ref, Resolved
 from physlm_graph._load import Document
 from physlm_graph._registry import REGISTRY
@@ -202,7 +202,10 @@ class _Resolver:
         if not isinstance(raw, dict):
             self.err(f"node {name!r} must be a mapping with `use:`", src)
             return
-        raw = self.sub(raw, names, src)
+        select = raw.get("select")  # evaluated per instance, where `index` is known
+        raw = self.sub({k: v for k, v in raw.items() if k != "select"}, names, src)
+        if select is not None:
+            raw["select"] = select
         use = raw.get("use")
         full = f"{prefix}{name}"
         if not isinstance(use, str):
@@ -214,11 +217,11 @@ class _Resolver:
                                fix="lower `repeat` or the nesting of blocks")
         if use in self.spec.blocks or "pattern" in raw or "repeat" in raw:
             before = len(self.errors)
-            self.expand_block(name, raw, scope, prefix, src, depth)
+            self.expand_block(name, raw, scope, prefix, src, depth, names)
             if len(self.errors) > before and scope.lookup(name) is None:
                 scope.names[name] = _POISON
             return
-        unknown_meta = {"repeat", "pattern"} & set(raw)
+        unknown_meta = {"repeat", "pattern", "select"} & set(raw)
         if unknown_meta:
             self.err(f"`{sorted(unknown_meta)[0]}` needs a block in `use`", src)
         ins = raw.get("in")
@@ -250,7 +253,7 @@ class _Resolver:
         self.define(scope, name, Ref(full), full)
 
     def expand_block(self, name: str, raw: dict[str, Any], scope: _Scope, prefix: str, src: tuple,
-                     depth: int) -> None:
+                     depth: int, outer: dict[str, Any] | None = None) -> None:
         full = f"{prefix}{name}"
         if depth >= MAX_BLOCK_DEPTH:
             self.err(f"blocks nest deeper than {MAX_BLOCK_DEPTH} levels at {full!r}", src)
@@ -287,6 +290,9 @@ class _Resolver:
             return
         overrides = {k: v for k, v in raw.items() if k not in BLOCK_USE_KEYS}
         count = 1 if repeat is None else repeat
+        chosen = self.select_blocks(raw, pattern, count, src, outer or dict(self.params))
+        if chosen is None:
+            return
         paths = [full] if repeat is None else [f"{full}.{i}" for i in range(count)]
         first = self.spec.blocks[pattern[0]]
         if raw.get("in") is None:  # reported once here, not again for every instance's inputs
@@ -296,7 +302,7 @@ class _Resolver:
         bindings = self.bind_inputs(first.inputs, raw.get("in"), scope, src)
         prev: dict[str, Ref | _Lazy] = {}
         for i, ipath in enumerate(paths):
-            bname = pattern[i % len(pattern)]
+            bname = chosen[i]
             bdef = self.spec.blocks[bname]
             bsrc = ("blocks", bname)
             inst = _Scope(parent=scope)
@@ -338,6 +344,36 @@ class _Resolver:
         for k, v in prev.items():
             self.define(scope, f"{name}.{k}", v, f"{full}.{k}")
         scope.blocks[name] = (full, list(prev), paths if repeat is not None else [])
+
+    def select_blocks(self, raw: dict[str, Any], pattern: list[str], count: int, src: tuple,
+                      names: dict[str, Any]) -> list[str] | None:
+        """The block of each instance: ``pattern[i % len]``, or ``pattern[select]`` with ``select``
+        an expression over the params and ``index`` (the instance's number)."""
+        select = raw.get("select")
+        if select is None:
+            return [pattern[i % len(pattern)] for i in range(count)]
+        where = src + ("select",)
+        if "pattern" not in raw:
+            self.err("`select` picks from `pattern`, and this node has none", where,
+                     fix="add `pattern: [block, ...]` for select to index")
+            return None
+        if not (isinstance(select, str) and EXPR_RE.fullmatch(select.strip())):
+            self.err(f"`select` must be one ${{...}} expression over `index`, got {select!r}", where,
+                     fix='e.g. select: "${1 if index % 8 == 4 else 0}"')
+            return None
+        out = []
+        for i in range(count):
+            try:
+                k = substitute(select.strip(), {**names, "index": i})
+            except ExprError as exc:
+                self.err(f"bad expression {select!r}: {exc}", where)
+                return None
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(pattern):
+                self.err(f"`select` gives {k!r} for index {i}, not a position in `pattern`", where,
+                         expected=f"a whole number 0 .. {len(pattern) - 1}", got=repr(k))
+                return None
+            out.append(pattern[k])
+        return out
 
     def bind_inputs(self, names: list[str], ins: Any, scope: _Scope, src: tuple) -> dict[str, _Lazy]:
         if isinstance(ins, str):

@@ -28,7 +28,7 @@ __all__ = [
 
 # Keys of a node that are not component parameters.
 NODE_KEYS = frozenset({"use", "in", "tie", "allow_leak", "about"})
-BLOCK_USE_KEYS = frozenset({"use", "in", "repeat", "pattern", "about"})
+BLOCK_USE_KEYS = frozenset({"use", "in", "repeat", "pattern", "select", "about"})
 
 
 class _Strict(StrictScalars):

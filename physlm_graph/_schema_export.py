@@ -47,6 +47,8 @@ BLOCK_USE: dict[str, Any] = {
     "repeat": {"anyOf": [{"type": "integer", "minimum": 0}, EXPR], "description": "how many copies, chained"},
     "pattern": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}],
                 "description": "block names used in turn (e.g. [mamba, mamba, attn])"},
+    "select": {**EXPR, "description": "instance i uses pattern[select], an expression over the params and index "
+                                     "(e.g. ${1 if index % 8 == 4 else 0}); without it pattern[i % len]"},
 }
 assert set(NODE_BASE) == set(NODE_KEYS) and set(BLOCK_USE) | {"use", "in", "about"} == set(BLOCK_USE_KEYS)
 

@@ -126,8 +126,7 @@ def test_a_config_we_cannot_express_names_each_missing_piece(tmp_path, capsys):
     cfg = json.loads(path.read_text())
     cfg["hidden_act"] = "gelu"
     cfg["tie_word_embeddings"] = True
-    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 500000.0, "factor": 8.0}
     path.write_text(json.dumps(cfg, indent=2))
     lines = path.read_text().splitlines()
     capsys.readouterr()
@@ -143,11 +142,11 @@ def test_a_config_we_cannot_express_names_each_missing_piece(tmp_path, capsys):
         "3 hugging face errors:\n"
         f"  1. {at('hidden_act')}: hidden_act: gelu is not supported yet (llama imports need hidden_act: silu)\n"
         f"       fix: {fix}\n"
-        f"  2. {at('rope_parameters')}: rope_parameters: {{rope_type: llama3}} is not supported yet "
-        "(llama imports need rope_parameters.rope_type: default)\n"
-        f"       fix: {fix}\n"
-        f"  3. {at('tie_word_embeddings')}: tie_word_embeddings: true is not supported yet "
+        f"  2. {at('tie_word_embeddings')}: tie_word_embeddings: true is not supported yet "
         "(llama imports need tie_word_embeddings: false)\n"
+        f"       fix: {fix}\n"
+        f"  3. {at('rope_parameters')}: rope_parameters.rope_type: dynamic is not supported yet "
+        "(supported: default, linear, llama3, yarn)\n"
         f"       fix: {fix}\n"
     )
     assert not (tmp_path / "ckpt").exists()
@@ -156,14 +155,14 @@ def test_a_config_we_cannot_express_names_each_missing_piece(tmp_path, capsys):
 def test_an_unknown_model_type_is_a_located_error(tmp_path, capsys):
     _tiny("gpt2").save_pretrained(tmp_path / "hf")
     path = tmp_path / "hf" / "config.json"
-    path.write_text(path.read_text().replace('"model_type": "gpt2"', '"model_type": "gpt_neox"'))
+    path.write_text(path.read_text().replace('"model_type": "gpt2"', '"model_type": "gptj"'))
     capsys.readouterr()
     line = next(i for i, ln in enumerate(path.read_text().splitlines(), 1) if '"model_type"' in ln)
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
     assert {"gpt2", "llama", "qwen2", "mistral", "gemma2"} <= set(FAMILIES)
     assert capsys.readouterr().err == (
-        f"hugging face error: {path}:{line}:3: model_type 'gpt_neox' is not supported yet (expected "
-        f"{' or '.join(sorted(FAMILIES))}, got gpt_neox)\n  fix: see docs/hugging-face.md for the supported families\n"
+        f"hugging face error: {path}:{line}:3: model_type 'gptj' is not supported yet (expected "
+        f"{' or '.join(sorted(FAMILIES))}, got gptj)\n  fix: see docs/hugging-face.md for the supported families\n"
     )
 
 
@@ -194,7 +193,7 @@ def test_a_blueprint_that_is_no_family_exports_as_physlm(tmp_path):
     save_checkpoint(tmp_path / "ckpt", cm=cm)
     r = export_hf(tmp_path / "ckpt", tmp_path / "out")
     assert r.model_type == "physlm"
-    assert r.why_physlm.startswith("llama: no param head_dim, eps, rope_base, attn_bias, mlp_bias; qwen2: ")
+    assert r.why_physlm.startswith("llama: no param head_dim, eps, rope_base, attn_bias, mlp_bias, rope_scaling; qwen2: ")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "physlm"
     from transformers import AutoModelForCausalLM
 
@@ -222,13 +221,13 @@ def test_an_older_rope_scaling_is_named_where_config_json_writes_it(tmp_path, ca
     path = tmp_path / "hf" / "config.json"
     cfg = json.loads(path.read_text())
     cfg.pop("rope_parameters", None)
-    cfg.update(rope_theta=10000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    cfg.update(rope_theta=10000.0, rope_scaling={"type": "dynamic", "factor": 2.0})
     path.write_text(json.dumps(cfg, indent=2))
     line = next(i for i, ln in enumerate(path.read_text().splitlines(), 1) if '"rope_scaling"' in ln)
     capsys.readouterr()
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
     assert capsys.readouterr().err == (
-        f"hugging face error: {path}:{line}:3: rope_parameters: {{rope_type: linear}} is not supported yet "
-        "(llama imports need rope_parameters.rope_type: default)\n"
+        f"hugging face error: {path}:{line}:3: rope_parameters.rope_type: dynamic is not supported yet "
+        "(supported: default, linear, llama3, yarn)\n"
         "  fix: docs/hugging-face.md lists what each family supports\n"
     )

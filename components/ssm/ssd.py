@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
+from physlm_graph._registry import HFName
 
 from ._ssd_kernels import ssd_chunked, ssd_step
 
@@ -42,12 +43,14 @@ class SSD(nn.Module):
     groups of B/C of size N = d_state::
 
         [z, xBC, dt] = W_in u                      z (Di), xBC (Di + 2 G N), dt (H)
-        [x, B, C]    = silu(causal_depthwise_conv(xBC))       kernel d_conv, with bias
+        [x, B, C]    = silu(causal_depthwise_conv(xBC))       kernel d_conv, bias if conv_bias
         dt           = softplus(dt + dt_bias)                 (B, T, H)
         A            = -exp(A_log)                            (H,), one scalar decay per head
         h_t          = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T    (H, P, N) per token
         y_t          = h_t C_t + D x_t                        D (H,), init 1
-        out          = W_out(w * rmsnorm_G(y * silu(z)))      RMS over G groups of Di/G
+        out          = W_out(w * rmsnorm_G(y * silu(z)))      RMS over G groups of Di/G, eps norm_eps
+
+    ``bias`` adds biases to W_in and W_out (off in Mamba-2's released models).
 
     The scan is the SSD chunked form (``_ssd_kernels.ssd_chunked``): O(T * chunk_size) work
     in matrix products, no loop over tokens; T is padded at the end to a multiple of
@@ -59,6 +62,10 @@ class SSD(nn.Module):
     and its ``ssd_minimal`` reference; defaults as there (d_state 64, d_conv 4, expand 2,
     head_dim 64, ngroups 1, chunk 64 here vs 256 there, dt in [1e-3, 0.1], A in [1, 16]).
     This is the real SSM that Brain-GPT V2's "MambaBlock" (``ssm.gated_conv``) promised.
+
+    Weights in transformers' names (``Mamba2Mixer``, Bamba's ``BambaMixer``): ``in_proj``,
+    ``conv1d`` (our ``conv_weight`` / ``conv_bias``), ``dt_bias``, ``A_log``, ``D``, ``norm``
+    (the gated RMSNorm), ``out_proj``; the same splits [z | xBC | dt] and [x | B | C].
     """
 
     def __init__(
@@ -74,6 +81,9 @@ class SSD(nn.Module):
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
         A_init_range: tuple[float, float] = (1.0, 16.0),
+        norm_eps: float = 1e-5,
+        bias: bool = False,
+        conv_bias: bool = True,
     ) -> None:
         super().__init__()
         self.d_inner = expand * embed_dim
@@ -81,12 +91,13 @@ class SSD(nn.Module):
         self.head_dim, self.d_state, self.ngroups = head_dim, d_state, ngroups
         self.d_conv, self.chunk_size = d_conv, chunk_size
         conv_dim = self.d_inner + 2 * ngroups * d_state
-        self.in_proj = nn.Linear(embed_dim, self.d_inner + conv_dim + self.num_heads, bias=False)
+        self.in_proj = nn.Linear(embed_dim, self.d_inner + conv_dim + self.num_heads, bias=bias)
         self.conv_weight = nn.Parameter(torch.empty(conv_dim, 1, d_conv))
-        self.conv_bias = nn.Parameter(torch.empty(conv_dim))
+        self.conv_bias = nn.Parameter(torch.empty(conv_dim)) if conv_bias else None
         bound = 1.0 / math.sqrt(d_conv)  # nn.Conv1d's default init for a depthwise kernel
         nn.init.uniform_(self.conv_weight, -bound, bound)
-        nn.init.uniform_(self.conv_bias, -bound, bound)
+        if self.conv_bias is not None:
+            nn.init.uniform_(self.conv_bias, -bound, bound)
         # dt_bias = softplus^-1(dt0), dt0 log-uniform in [dt_min, dt_max] (floor 1e-4)
         u = torch.rand(self.num_heads)
         dt0 = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
@@ -94,8 +105,8 @@ class SSD(nn.Module):
         lo, hi = A_init_range
         self.A_log = nn.Parameter(torch.log(torch.empty(self.num_heads).uniform_(lo, hi)))
         self.D = nn.Parameter(torch.ones(self.num_heads))
-        self.norm = GatedRMSNorm(dim=self.d_inner, group_size=self.d_inner // ngroups)
-        self.out_proj = nn.Linear(self.d_inner, embed_dim, bias=False)
+        self.norm = GatedRMSNorm(dim=self.d_inner, group_size=self.d_inner // ngroups, eps=norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, embed_dim, bias=bias)
 
     def _conv(self, xbc: Tensor, cache: Tensor | None) -> tuple[Tensor, Tensor]:
         """Causal depthwise conv of xbc (B, T, Cc) after ``cache`` (B, K-1, Cc) or zeros.
@@ -149,6 +160,9 @@ class SSDParams(ComponentParams):
     A_init_range: tuple[float, float] = Field(
         (1.0, 16.0), description="A = -exp(A_log) starts with -A uniform in this range"
     )
+    norm_eps: float = Field(1e-5, gt=0.0, description="epsilon of the gated RMSNorm before out_proj")
+    bias: bool = Field(False, description="biases on in_proj and out_proj (Mamba-2: none)")
+    conv_bias: bool = Field(True, description="a bias on the depthwise conv (Mamba-2: yes)")
 
     @model_validator(mode="after")
     def _check(self) -> "SSDParams":
@@ -160,13 +174,24 @@ class SSDParams(ComponentParams):
         return self
 
 
+# transformers' names (Mamba2Mixer, BambaMixer): the same tensors, the conv kept as nn.Conv1d's (C, 1, K)
+_HF = {"default": tuple(HFName(ours, (theirs,)) for ours, theirs in (
+    ("in_proj.weight", "in_proj.weight"), ("in_proj.bias", "in_proj.bias"),
+    ("conv_weight", "conv1d.weight"), ("conv_bias", "conv1d.bias"),
+    ("dt_bias", "dt_bias"), ("A_log", "A_log"), ("D", "D"), ("norm.weight", "norm.weight"),
+    ("out_proj.weight", "out_proj.weight"), ("out_proj.bias", "out_proj.bias")))}
+
+
 @register(
     "ssm.ssd",
     params=SSDParams,
     decode="cached",
+    hf=_HF,
     examples=[
         Example({"d_state": 8, "head_dim": 8, "chunk_size": 4}, {"x": (2, 10, 32)}),
         Example({"d_state": 8, "head_dim": 8, "chunk_size": 4, "ngroups": 2, "d_conv": 3}, {"x": (2, 9, 32)}),
+        Example({"d_state": 8, "head_dim": 8, "chunk_size": 4, "bias": True, "conv_bias": False, "norm_eps": 1e-6},
+                {"x": (2, 9, 32)}),
     ],
 )
 def build_ssd(p: SSDParams, ins: Inputs) -> SSD:
@@ -187,4 +212,7 @@ def build_ssd(p: SSDParams, ins: Inputs) -> SSD:
         dt_min=p.dt_min,
         dt_max=p.dt_max,
         A_init_range=p.A_init_range,
+        norm_eps=p.norm_eps,
+        bias=p.bias,
+        conv_bias=p.conv_bias,
     )

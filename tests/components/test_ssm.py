@@ -95,7 +95,8 @@ def _generate(m, u, chunks):
     return torch.cat(outs, 1)
 
 
-@pytest.mark.parametrize("name,params", [("ssm.ssd", {"d_state": 8, "head_dim": 8, "chunk_size": 4}), ("ssm.gated_conv", {"d_state": 4})])
+@pytest.mark.parametrize("name,params", [("ssm.ssd", {"d_state": 8, "head_dim": 8, "chunk_size": 4}), ("ssm.gated_conv", {"d_state": 4}),
+                                         ("ssm.mamba", {"d_state": 4}), ("ssm.mamba", {"d_state": 4, "dt_bc_norm_eps": 1e-6})])
 @pytest.mark.parametrize("chunks", [[5, 1, 1, 1, 1, 1, 1], [1] * 11, [3, 1, 6, 1]])
 def test_generation_equals_full_sequence(name, params, chunks):
     torch.manual_seed(0)
@@ -212,3 +213,87 @@ def test_ssd_unknown_layout_is_refused():
     z = torch.zeros(1, 4, 2, 2)
     with pytest.raises(ValueError, match="layout must be"):
         ssd_chunked(z, z[..., 0], -torch.ones(2), z[:, :, :1], z[:, :, :1], chunk_size=4, layout="rows")
+
+
+def _mamba(**params):
+    torch.manual_seed(0)
+    m = build_example("ssm.mamba", Example({"d_state": 4, "dt_rank": 3, **params}, {"x": (2, 9, 16)})).eval()
+    with torch.no_grad():  # A and D off their structured inits, biases and norm weights random
+        m.A_log.add_(torch.randn_like(m.A_log) * 0.3)
+        m.D.normal_()
+        for name, p in m.named_parameters():
+            if name.endswith("bias") or name.endswith("norm.weight"):
+                p.normal_(1.0 if "norm" in name else 0.0, 0.5)
+    return m
+
+
+def _mamba_reference(m, u):
+    """Mamba-1 written out with the state as a sum over past tokens (cumulative log decays), not a loop."""
+    Di, N, R = m.d_inner, m.d_state, m.dt_rank
+    x, z = (u @ m.in_proj.weight.T + (m.in_proj.bias if m.in_proj.bias is not None else 0)).split(Di, -1)
+    x = F.silu(_causal_depthwise_conv(x, m.conv_weight, m.conv_bias))
+    d, Bm, Cm = (x @ m.x_proj.weight.T).split([R, N, N], -1)
+    if m.dt_bc_norm_eps is not None:
+        rms = lambda t, w: t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + m.dt_bc_norm_eps) * w  # noqa: E731
+        d, Bm, Cm = rms(d, m.dt_norm.weight), rms(Bm, m.b_norm.weight), rms(Cm, m.c_norm.weight)
+    dt = F.softplus(d @ m.dt_proj.weight.T + m.dt_proj.bias)  # (B, T, Di)
+    logdecay = (dt[..., None] * -torch.exp(m.A_log)).cumsum(1)  # (B, T, Di, N): sum of dt A up to t
+    T = u.shape[1]
+    y = torch.zeros_like(x)
+    for t in range(T):
+        w = torch.exp(logdecay[:, t : t + 1] - logdecay[:, : t + 1])  # decay from s to t, s <= t
+        h = (w * (dt[:, : t + 1] * x[:, : t + 1])[..., None] * Bm[:, : t + 1, None, :]).sum(1)  # (B, Di, N)
+        y[:, t] = (h * Cm[:, t, None, :]).sum(-1)
+    y = (y + x * m.D) * F.silu(z)
+    return y @ m.out_proj.weight.T + (m.out_proj.bias if m.out_proj.bias is not None else 0)
+
+
+@pytest.mark.parametrize("params", [{}, {"dt_bc_norm_eps": 1e-6, "bias": True, "conv_bias": False, "d_conv": 3}])
+def test_mamba_matches_the_written_out_recurrence(params):
+    m = _mamba(**params)
+    u = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(m(u), _mamba_reference(m, u), atol=1e-5, rtol=1e-5)
+
+
+def test_mamba_equals_transformers_mamba_mixer():
+    """Without the inner norms ssm.mamba is transformers' MambaMixer, weight for weight."""
+    transformers = pytest.importorskip("transformers")
+    from physlm_graph import REGISTRY
+
+    m = _mamba(bias=True)
+    cfg = transformers.MambaConfig(hidden_size=16, state_size=4, expand=2, conv_kernel=4, time_step_rank=3,
+                                   use_bias=True, use_conv_bias=True)
+    theirs = transformers.models.mamba.modeling_mamba.MambaMixer(cfg, layer_idx=0).eval()
+    ours = dict(m.named_parameters())
+    with torch.no_grad():
+        for n in REGISTRY.get("ssm.mamba").hf_names("default"):
+            if n.ours in ours:
+                theirs.get_parameter(n.theirs[0]).copy_(ours[n.ours])
+    u = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(m(u), theirs(u), atol=1e-5, rtol=1e-5)
+
+
+def test_mamba_rejects_bad_options():
+    with pytest.raises(Exception, match="dt_min"):
+        build_example("ssm.mamba", Example({"dt_min": 0.5, "dt_max": 0.1}, {"x": (2, 4, 16)}))
+    with pytest.raises(Exception, match="dt_bc_norm_eps"):
+        build_example("ssm.mamba", Example({"dt_bc_norm_eps": 0.0}, {"x": (2, 4, 16)}))
+
+
+def test_mamba_keeps_its_dt_init_under_the_gpt2_scheme():
+    """init: gpt2 zeroes every Linear bias; dt_proj's bias is Mamba's softplus^-1 of dt in [dt_min, dt_max]."""
+    from physlm_graph import compile_blueprint
+
+    doc = {"physlm": 1, "name": "m", "params": {}, "inputs": {"tokens": ["batch", "seq"]},
+           "nodes": {"tok": {"use": "embed.token", "in": "tokens", "vocab_size": 20, "embed_dim": 16},
+                     "mix": {"use": "ssm.mamba", "in": "tok", "d_state": 4},
+                     "head": {"use": "head.lm", "in": "mix", "vocab_size": 20}},
+           "outputs": {"logits": "head"}, "init": {"scheme": "gpt2", "std": 0.02}}
+    cm = compile_blueprint(doc)
+    m = cm.module.get_submodule("mix")
+    dt = F.softplus(m.dt_proj.bias)
+    assert dt.min().item() >= 1e-4 - 1e-7 and dt.max().item() <= 0.1 + 1e-6
+    assert dt.std().item() > 0.005  # one step per channel, not softplus(0) everywhere
+    assert cm.module.get_submodule("head").weight.std().item() < 0.03  # the scheme did run
