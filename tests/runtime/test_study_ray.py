@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from physlm_graph.runtime import study_ray
+
 from physlm_graph._study import StudySpec, load_study
 from physlm_graph.runtime.study import Execution, StudyRuns, run_one, run_study
 
 from ._study_fixtures import DATA, tiny_study
 
-ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.skipif(not DATA.is_file(), reason="needs ../shared/data/tinyshakespeare"),
               pytest.mark.usefixtures("one_thread")]
 
@@ -28,6 +29,7 @@ pytestmark = [pytest.mark.skipif(not DATA.is_file(), reason="needs ../shared/dat
 @pytest.fixture
 def local_ray():
     """A local Ray instance with two CPUs: two one-CPU tasks run at once, each in its own worker."""
+    ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -99,3 +101,85 @@ def test_ray_study_survives_a_killed_worker(local_ray, tmp_path):
     run_one(ref, "wide", 1, device="cpu", progress=False)
     ours, theirs = _weights(target), _weights(ref.run_dir("wide", 1))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+class FakeRay:
+    """Enough of Ray to drive the backend in this process: tasks run when submitted; records the
+    resources each declared and how Ray was started."""
+
+    def __init__(self) -> None:
+        self.inits: list = []
+        self.options: list = []
+        self.up = False
+
+    def is_initialized(self):
+        return self.up
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        self.up = True
+
+    def shutdown(self):
+        self.up = False
+
+    def cluster_resources(self):
+        return {"CPU": 2.0}
+
+    def remote(self, fn):
+        fake = self
+
+        class Task:
+            def options(self, **kw):
+                fake.options.append(kw)
+                return self
+
+            def remote(self, *args):
+                try:
+                    return ("ok", fn(*args))
+                except Exception as exc:  # noqa: BLE001 - as Ray does: raised again by get()
+                    return ("err", exc)
+        return Task()
+
+    def wait(self, refs, num_returns=1):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        if ref[0] == "err":
+            raise ref[1]
+        return ref[1]
+
+
+def test_ray_backend_declares_resources_and_reports_failures(tmp_path, monkeypatch):
+    """Without starting Ray: each run is one task with the declared CPUs, GPUs and retries
+    (errors of the run itself are not retried); a run that fails is missing from the table."""
+    from physlm_graph._study import StudyError
+
+    fake = FakeRay()
+    monkeypatch.setattr(study_ray, "import_ray", lambda: fake)
+
+    def task(study_path, out, name, seed, device, cpus, gpus):
+        if (name, seed) == ("b", 1):
+            raise RuntimeError("worker exploded")
+        spec, root = load_study(study_path)
+        runs = StudyRuns(StudySpec(spec, root, study_path), Path(out))
+        done = {"variant": name, "seed": seed, "key": runs.key(name, seed), "params": 1, "flops_per_token": 1.0,
+                "steps": 2, "tokens": 2, "val_loss": 2.0 + seed, "best_val_loss": 2.0, "tokens_per_s": 1.0,
+                "peak_memory_bytes": 1, "peak_memory_kind": "x", "curve": [[2, 2, 2.0 + seed]], "growth_history": [],
+                "device": device, "cpus": cpus, "gpus": gpus}
+        (runs.run_dir(name, seed) / "done.json").write_text(json.dumps(done), encoding="utf-8")
+        return done["key"]
+
+    monkeypatch.setattr(study_ray, "run_task", task)
+    study = tiny_study(tmp_path, variants=[{"name": "a"}, {"name": "b"}], seeds=[0, 1], steps=2)
+    exe = Execution(backend="ray", device="cpu", address="head:6379", cpus_per_run=2, max_retries=5)
+    with pytest.raises(StudyError, match=r"1 of 4 runs missing or failed: b seed 1 \(worker exploded\)"):
+        run_study(study, out=tmp_path / "out", progress=False, execution=exe)
+    assert fake.inits == [{"address": "head:6379", "include_dashboard": False, "log_to_driver": False}]
+    assert not fake.up  # the backend shut down the Ray it started
+    assert fake.options == [{"num_cpus": 2, "num_gpus": 0, "max_retries": 5, "retry_exceptions": False}]
+    done = json.loads((tmp_path / "out" / "runs" / "a" / "seed1" / "done.json").read_text(encoding="utf-8"))
+    assert (done["device"], done["cpus"], done["gpus"]) == ("cpu", 2, 0)
+
+    # the failed run alone goes again; with --allow-missing a table is written from what finished
+    res = run_study(study, out=tmp_path / "out", progress=False, execution=exe, allow_missing=True)
+    assert res["ran"] == 1 and res["missing"] == ["b seed 1 (worker exploded)"]
