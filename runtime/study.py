@@ -407,7 +407,10 @@ def _worker(argv: list[str]) -> int:
     name, seed = a.run[0], int(a.run[1])
     if name not in runs.variants or seed not in study.seeds:
         raise StudyError(f"no run {name} seed {seed} in this study")
+    from .distributed import close_distributed
+
     run_one(runs, name, seed, device=a.device, progress=False)
+    close_distributed()  # under torchrun: every rank leaves the group before the interpreter exits
     return 0
 
 
