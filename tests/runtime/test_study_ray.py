@@ -203,5 +203,5 @@ def test_a_run_on_two_gpus_trains_under_torchrun_in_its_task(tmp_path):
         folder = tmp_path / "out" / "runs" / "a" / f"seed{seed}"
         done = json.loads((folder / "done.json").read_text(encoding="utf-8"))
         assert done["steps"] == 10 and done["provenance"]["device"].startswith("cuda")
-        assert "torchrun" not in (folder / "torchrun.log").read_text(encoding="utf-8").lower() or True
+        assert (folder / "torchrun.log").is_file()
         assert done["tokens"] == 10 * 4 * 16 * 2  # two ranks, each batch 4 x seq 16
