@@ -330,6 +330,9 @@ def run_study(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | Non
     from .study_report import METRICS, aggregate, write_reports
     from .trackers import make_trackers
 
+    if execution is not None and device not in ("auto", execution.device):
+        raise StudyError(f"device {device!r} and the execution's device {execution.device!r} disagree",
+                         fix="give the device once, in the Execution")
     exe = execution or Execution(device=device)
     exe.check()
     if metric not in METRICS:

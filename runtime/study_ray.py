@@ -62,6 +62,15 @@ def _attempt(folder: Path) -> None:
 
 def run_task(study_path: str, out: str, name: str, seed: int, device: str, cpus: float, gpus: int) -> str:
     """The body of one Ray task: train (or finish) one run; returns its key."""
+    from physlm_graph._errors import PhysLMError
+
+    try:
+        return _run_task(study_path, out, name, seed, device, cpus, gpus)
+    except PhysLMError as exc:  # as plain text: the error's message survives Ray's pickling unchanged
+        raise RuntimeError(str(exc)) from None
+
+
+def _run_task(study_path: str, out: str, name: str, seed: int, device: str, cpus: float, gpus: int) -> str:
     from physlm_graph._study import StudyError, StudySpec, load_study
 
     from .study import StudyRuns, prepare, run_one
