@@ -135,3 +135,13 @@ def test_the_study_baseline_and_metric_reach_the_table(tmp_path, monkeypatch):
     assert all(r["metric"] == "best" for r in res["variants"])
     with pytest.raises(StudyError, match="unknown metric 'worst'"):
         run_study(path, out=tmp_path / "out", metric="worst")
+
+
+def test_the_cli_table_with_one_seed_says_undefined(tmp_path, monkeypatch, capsys):
+    path = tiny_study(tmp_path, variants=[{"name": "a"}, {"name": "b"}], seeds=[0], steps=2)
+    monkeypatch.setattr(study_mod, "run_one", _fake_run_one(set()))
+    assert main(["ablate", str(path), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "undefined (1 seed)" in out and "± 0.0000" not in out and "baseline" in out
+    md = (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
+    assert md.count("(1 seed: std, CI undefined)") == 2 and "| undefined | undefined |" in md
