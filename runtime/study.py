@@ -178,21 +178,25 @@ def _lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
 
 
-def _curve(metrics: Path, resumes: list[dict[str, int]]) -> list[list[float]]:
-    """[step, tokens, val_loss] of each evaluation. A run killed after its last checkpoint
-    logged steps that its resumed run trains again; each resume recorded how many lines
-    metrics.jsonl had (``line``) and the checkpoint's step (``step``), so a line written before
-    a resume counts only up to that step."""
-    by_step: dict[int, list[float]] = {}
+def _records(metrics: Path, resumes: list[dict[str, int]]) -> list[dict[str, Any]]:
+    """Every logged step of a run once. A run killed after its last checkpoint logged steps that
+    its resumed run trains again; each resume recorded how many lines metrics.jsonl had
+    (``line``) and the checkpoint's step (``step``), so a line written before a resume counts
+    only up to that step."""
+    by_step: dict[int, dict[str, Any]] = {}
     for i, line in enumerate(_lines(metrics)):
         try:
             rec = json.loads(line)
         except ValueError:  # a line cut short by a kill
             continue
-        if "val_loss" not in rec or any(i < r["line"] and rec["step"] > r["step"] for r in resumes):
-            continue
-        by_step[int(rec["step"])] = [rec["step"], rec.get("tokens", 0), rec["val_loss"]]
+        if "step" in rec and not any(i < r["line"] and rec["step"] > r["step"] for r in resumes):
+            by_step[int(rec["step"])] = rec
     return [by_step[s] for s in sorted(by_step)]
+
+
+def _curve(metrics: Path, resumes: list[dict[str, int]]) -> list[list[float]]:
+    """[step, tokens, val_loss] of each evaluation (``_records``)."""
+    return [[r["step"], r.get("tokens", 0), r["val_loss"]] for r in _records(metrics, resumes) if "val_loss" in r]
 
 
 @functools.lru_cache(maxsize=1)
@@ -249,6 +253,8 @@ def run_one(runs: StudyRuns, name: str, seed: int, *, device: str = "auto", prog
         torch.cuda.reset_peak_memory_stats()
     extra = {"stop_after": stop_after} if stop_after is not None else {}
     record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    if status == "new" and main:  # an attempt killed before its first checkpoint: its steps are trained again
+        (folder / "metrics.jsonl").unlink(missing_ok=True)
     if status == "resume" and main:  # where the logs of the run before stop counting (see _curve)
         step = (_read_json(folder / "last" / "trainer_state.json") or {}).get("step", 0)
         metrics = folder / "metrics.jsonl"
@@ -280,20 +286,6 @@ def run_one(runs: StudyRuns, name: str, seed: int, *, device: str = "auto", prog
 
 
 # ---------------------------------------------------------------------------- the study
-def _records(metrics: Path, resumes: list[dict[str, int]]) -> list[dict[str, Any]]:
-    """Every logged step of a run once: a line written before a resume counts only up to the
-    checkpoint that resume started from (see ``_curve``)."""
-    by_step: dict[int, dict[str, Any]] = {}
-    for i, line in enumerate(_lines(metrics)):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if "step" in rec and not any(i < r["line"] and rec["step"] > r["step"] for r in resumes):
-            by_step[int(rec["step"])] = rec
-    return [by_step[s] for s in sorted(by_step)]
-
-
 def _track(trackers: list[Any], runs: StudyRuns, name: str, seed: int) -> None:
     """Send a run that finished to each tracker: its definition and provenance, steps, summary."""
     folder = runs.run_dir(name, seed)
