@@ -57,6 +57,12 @@ class Execution:
             raise StudyError("--workers is for --backend local; Ray runs as many tasks at once as the cluster "
                              "has resources for", fix="drop --workers, or set --cpus-per-run / --gpus-per-run")
         gpus = self.gpus_per_run or 0
+        if self.backend == "ray" and self.device.startswith("cuda") and self.gpus_per_run == 0:
+            raise StudyError("--device cuda with --gpus-per-run 0: the runs would have no GPU",
+                             fix="drop --gpus-per-run (one GPU per run), or use --device cpu")
+        if self.backend == "ray" and self.device == "cpu" and gpus > 0:
+            raise StudyError(f"--device cpu with --gpus-per-run {gpus:g}: the runs would hold GPUs they do not use",
+                             fix="use --device cuda, or drop --gpus-per-run")
         if gpus > 1 and gpus != int(gpus):
             raise StudyError(f"--gpus-per-run above 1 must be a whole number, got {gpus}")
 

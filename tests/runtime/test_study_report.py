@@ -114,6 +114,8 @@ def test_missing_runs_fail_the_table_unless_allowed(tmp_path, monkeypatch, capsy
     (["--address", "x:1"], "--address, --cpus-per-run, --gpus-per-run and --max-retries are for --backend ray"),
     (["--backend", "ray", "--workers", "2"], "--workers is for --backend local"),
     (["--workers", "0"], "--workers must be at least 1, got 0"),
+    (["--backend", "ray", "--device", "cpu", "--gpus-per-run", "1"], "--device cpu with --gpus-per-run 1"),
+    (["--backend", "ray", "--gpus-per-run", "1.5"], "--gpus-per-run above 1 must be a whole number, got 1.5"),
 ])
 def test_backend_options_are_checked(tmp_path, capsys, argv, message):
     path = tiny_study(tmp_path, variants=[{"name": "a"}], seeds=[0], steps=2)
