@@ -387,19 +387,21 @@ def run_study(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | Non
                       (("md", "results.md"), ("csv", "results.csv"), ("runs_csv", "runs.csv"), ("png", "curves.png"))}}
 
 def _worker(argv: list[str]) -> int:
-    """``python -m physlm_graph.runtime.study STUDY --out DIR --run NAME SEED [--device D]``: one run
+    """``python -m physlm_graph.runtime.study STUDY --out DIR --variant NAME --seed SEED [--device D]``: one run
     (a pool worker, or each rank of a multi-GPU run under torchrun)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="physlm_graph.runtime.study")
     p.add_argument("study")
     p.add_argument("--out", required=True)
-    p.add_argument("--run", nargs=2, metavar=("VARIANT", "SEED"), required=True)
+    # not --run: torchrun, which launches this module for a run on several GPUs, reads --run as its --run-path
+    p.add_argument("--variant", required=True)
+    p.add_argument("--seed", type=int, required=True)
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
     study, root = load_study(a.study)
     runs = StudyRuns(StudySpec(study, root, a.study), Path(a.out))
-    name, seed = a.run[0], int(a.run[1])
+    name, seed = a.variant, a.seed
     if name not in runs.variants or seed not in study.seeds:
         raise StudyError(f"no run {name} seed {seed} in this study")
     from .distributed import close_distributed

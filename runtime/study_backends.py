@@ -9,7 +9,7 @@ counted once however many times it was attempted.
 - ``local``, one worker: the runs one after another in this process.
 - ``local``, several workers: one process per GPU (``CUDA_VISIBLE_DEVICES``) when GPUs are
   visible, else ``workers`` CPU processes with ``cores / workers`` threads each; each takes the
-  next pending run (``python -m physlm_graph.runtime.study STUDY --out DIR --run NAME SEED``).
+  next pending run (``python -m physlm_graph.runtime.study STUDY --out DIR --variant NAME --seed SEED``).
 - ``ray``: each run a Ray task (``runtime/study_ray.py``).
 """
 
@@ -139,7 +139,7 @@ def run_pool(path: Any, out_dir: Path, pending: list[tuple[str, int]], *, worker
                 name, seed = queue.pop(0)
                 log = open(logs / f"{name}-seed{seed}.log", "w", encoding="utf-8")
                 cmd = [sys.executable, "-m", "physlm_graph.runtime.study", str(path), "--out", str(out_dir),
-                       "--run", name, str(seed), "--device", "cuda" if what == "GPU" else device]
+                       "--variant", name, "--seed", str(seed), "--device", "cuda" if what == "GPU" else device]
                 proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
                 active[i] = (proc, (name, seed), log)
                 con.print(f"{what} {i}: {name} seed {seed} (log {log.name})")

@@ -81,7 +81,7 @@ def _run_task(study_path: str, out: str, name: str, seed: int, device: str, cpus
     _attempt(runs.run_dir(name, seed))
     if gpus > 1:  # several GPUs: DDP inside this task, over the GPUs Ray assigned (CUDA_VISIBLE_DEVICES)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
-               "-m", "physlm_graph.runtime.study", study_path, "--out", out, "--run", name, str(seed),
+               "-m", "physlm_graph.runtime.study", study_path, "--out", out, "--variant", name, "--seed", str(seed),
                "--device", "cuda"]
         log = runs.run_dir(name, seed) / "torchrun.log"
         with open(log, "a", encoding="utf-8") as f:
