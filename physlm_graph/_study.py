@@ -4,7 +4,8 @@
 
 A study file (validated by ``StudyDoc``) names a base blueprint, its variants (each an
 ``extends`` of the base: ``set``/``replace``/``remove``, or another ``blueprint`` entirely),
-the seeds, a budget (``steps`` or ``tokens``), the data and tokenizer, and training overrides;
+the seeds, the baseline variant the others are tested against (default: the first), a budget
+(``steps`` or ``tokens``), the data and tokenizer, and training overrides;
 what it leaves out comes from each blueprint's ``train:`` section, as ``physlm-graph train``
 takes it. ``StudySpec`` compiles every variant on the meta device (no weights) before anything
 trains. Running the study is the runtime's part (``physlm_graph.runtime.study``); this module
