@@ -205,6 +205,10 @@ def _git_commit() -> tuple[str | None, bool | None]:
     outside a git checkout, e.g. an installed wheel)."""
     root = Path(__file__).resolve().parents[1]
     try:
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=10)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:  # installed inside some other repo
+            return None, None
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return None, None

@@ -147,3 +147,22 @@ def test_the_cli_table_with_one_seed_says_undefined(tmp_path, monkeypatch, capsy
     assert "undefined (1 seed)" in out and "± 0.0000" not in out and "baseline" in out
     md = (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
     assert md.count("(1 seed: std, CI undefined)") == 2 and "| undefined | undefined |" in md
+
+
+def test_provenance_names_the_commit_torch_and_device():
+    import subprocess
+
+    import torch
+
+    import physlm_graph
+    from physlm_graph.runtime.study import provenance
+
+    p = provenance(blueprint_hash="00c226927c3f579b", seed=3, device=torch.device("cpu"))
+    assert (p["blueprint_hash"], p["seed"], p["device"]) == ("00c226927c3f579b", 3, "cpu")
+    assert (p["torch_version"], p["package_version"]) == (torch.__version__, physlm_graph.__version__)
+    root = Path(__file__).resolve().parents[2]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert p["git_commit"] == head.stdout.strip() and isinstance(p["git_dirty"], bool)
+    else:  # not a git checkout: said, not guessed
+        assert p["git_commit"] is None
