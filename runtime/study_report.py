@@ -107,7 +107,8 @@ def aggregate(runs: Any, results: list[dict[str, Any]], *, metric: str = "final"
             "flops_per_token": rs[0]["flops_per_token"] if rs else runs.variants[v.name].model.flops_per_token,
             "steps": rs[0]["steps"] if rs else runs.steps[v.name], "tokens": rs[0]["tokens"] if rs else 0,
             "val_loss_mean": losses.mean, "val_loss_std": losses.std,
-            "perplexity": math.exp(losses.mean) if losses.mean < 700 else float("inf"),
+            "perplexity": (math.nan if math.isnan(losses.mean) else math.exp(losses.mean) if losses.mean < 700
+                           else float("inf")),
             "tokens_per_s": statistics.fmean(r["tokens_per_s"] for r in rs) if rs else math.nan,
             "peak_memory_mb": max(r["peak_memory_bytes"] for r in rs) / 2**20 if rs else math.nan,
             "peak_memory_kind": rs[0]["peak_memory_kind"] if rs else "",
