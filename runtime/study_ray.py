@@ -16,7 +16,8 @@ value: the study reads every run's ``done.json``, written once when the run has 
 step, so a result is neither lost nor counted twice. On a cluster, ``--out`` must be a folder
 every node sees at the same path (a shared filesystem), and each node needs this package.
 
-Each attempt appends a line to the run's ``attempts.jsonl`` (process id, host, time).
+Each attempt appends a line to the run's ``attempts.jsonl`` (process id, host, time); a task that
+raises something other than a PhysLMError leaves its traceback in the run's ``errors.log``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,10 @@ def run_task(study_path: str, out: str, name: str, seed: int, device: str, cpus:
         return _run_task(study_path, out, name, seed, device, cpus, gpus)
     except PhysLMError as exc:  # as plain text: the error's message survives Ray's pickling unchanged
         raise RuntimeError(str(exc)) from None
+    except Exception:  # the full traceback stays beside the run; the study prints its last line
+        with open(Path(out) / "runs" / name / f"seed{seed}" / "errors.log", "a", encoding="utf-8") as f:
+            f.write(traceback.format_exc() + "\n")
+        raise
 
 
 def _run_task(study_path: str, out: str, name: str, seed: int, device: str, cpus: float, gpus: int) -> str:
