@@ -71,7 +71,9 @@ def run_task(study_path: str, out: str, name: str, seed: int, device: str, cpus:
     except PhysLMError as exc:  # as plain text: the error's message survives Ray's pickling unchanged
         raise RuntimeError(str(exc)) from None
     except Exception:  # the full traceback stays beside the run; the study prints its last line
-        with open(Path(out) / "runs" / name / f"seed{seed}" / "errors.log", "a", encoding="utf-8") as f:
+        folder = Path(out) / "runs" / name / f"seed{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "errors.log", "a", encoding="utf-8") as f:
             f.write(traceback.format_exc() + "\n")
         raise
 
