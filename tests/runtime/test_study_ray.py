@@ -65,24 +65,9 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "last" / "model.safetensors")
 
 
-def test_a_real_ray_instance_runs_a_study(local_ray, tmp_path):
-    """The one default test that starts Ray (about 10 s of its time is Ray's start): Ray is a dev
-    dependency so that CI runs the backend for real: tasks pickled to separate worker processes,
-    their resources, results read back from done.json with each run's attempt recorded."""
-    study = tiny_study(tmp_path, variants=[{"name": "a"}], seeds=[0, 1], steps=2, train={"eval_every": 2})
-    res = run_study(study, out=tmp_path / "out", progress=False, execution=Execution(backend="ray", device="cpu"))
-    assert res["ran"] == 2 and res["missing"] == []
-    for seed in (0, 1):
-        folder = tmp_path / "out" / "runs" / "a" / f"seed{seed}"
-        attempts = [json.loads(x) for x in (folder / "attempts.jsonl").read_text(encoding="utf-8").splitlines()]
-        assert len(attempts) == 1 and attempts[0]["pid"] != os.getpid()
-        assert json.loads((folder / "done.json").read_text(encoding="utf-8"))["steps"] == 2
-    assert ray.is_initialized()  # the study joined the instance it found and left it running
-    row = next(csv.DictReader(open(tmp_path / "out" / "results.csv", encoding="utf-8")))
-    assert row["n"] == "2" and float(row["ci95_low"]) < float(row["mean"]) < float(row["ci95_high"])
-
-
-@pytest.mark.slow  # about 40 s on two idle cores (Ray's start is 10 s of it); minutes on a loaded machine
+# The one default test that starts Ray (Ray is in the dev extra so that CI runs this backend for
+# real): about 30 s on the shared 2-core machine at load 5, 8 s of it Ray's start; minutes when
+# the machine is loaded.
 def test_ray_study_survives_a_killed_worker(local_ray, tmp_path):
     steps = 30
     study = tiny_study(tmp_path, variants=[{"name": "a"}, {"name": "wide", "set": {"params.dim": 24}},
@@ -103,6 +88,7 @@ def test_ray_study_survives_a_killed_worker(local_ray, tmp_path):
     assert 0 < killed["step"] < steps
 
     assert res["ran"] == 9 and res["missing"] == []
+    assert ray.is_initialized()  # the study joined the instance it found and left it running
     rows = list(csv.DictReader(open(out / "runs.csv", encoding="utf-8")))
     assert sorted((r["variant"], r["seed"]) for r in rows) == sorted((v, str(s)) for v in ("a", "wide", "slow")
                                                                      for s in (0, 1, 2))
