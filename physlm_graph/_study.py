@@ -4,7 +4,8 @@
 
 A study file (validated by ``StudyDoc``) names a base blueprint, its variants (each an
 ``extends`` of the base: ``set``/``replace``/``remove``, or another ``blueprint`` entirely),
-the seeds, a budget (``steps`` or ``tokens``), the data and tokenizer, and training overrides;
+the seeds, the baseline variant the others are tested against (default: the first), a budget
+(``steps`` or ``tokens``), the data and tokenizer, and training overrides;
 what it leaves out comes from each blueprint's ``train:`` section, as ``physlm-graph train``
 takes it. ``StudySpec`` compiles every variant on the meta device (no weights) before anything
 trains. Running the study is the runtime's part (``physlm_graph.runtime.study``); this module
@@ -68,6 +69,7 @@ class StudyDoc(_Strict):
     base: str = Field(description="the base blueprint, relative to the study file")
     overrides: dict[str, Any] = Field(default_factory=dict, description="--set overrides applied to every variant")
     variants: list[Variant] = Field(min_length=1)
+    baseline: str | None = Field(None, description="the variant the others are tested against (default: the first)")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     budget: Budget | None = Field(None, description="default: each blueprint's train.steps")
     data: str | None = Field(None, description="default: each blueprint's train.data")
@@ -80,6 +82,8 @@ class StudyDoc(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"variant names must be unique; repeated: {', '.join(dup)}")
+        if self.baseline is not None and self.baseline not in names:
+            raise ValueError(f"baseline {self.baseline!r} is not a variant; the variants are: {', '.join(names)}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must be unique")
         taken = [k for k in ("steps", "seed", "data", "tokenizer") if k in self.train]

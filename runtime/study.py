@@ -15,24 +15,24 @@ study reuses a finished run whose definition is unchanged, resumes an unfinished
 (``seedN.old-KEY``, never deleted) and trains afresh; the reports read only runs of the current
 definitions. The device is not part of a definition.
 
-Runs go one after another, or one worker process per GPU when several are visible
-(``python -m physlm_graph.runtime.study STUDY --out DIR --run VARIANT SEED``). Outputs:
-``results.md``, ``results.csv`` (one row per variant), ``runs.csv`` (one per run) and
-``curves.png`` (validation loss against tokens, mean over seeds).
+Where runs execute is the backend's part (``runtime/study_backends.py``: this process, a pool
+of local processes, or Ray tasks, ``runtime/study_ray.py``); every backend runs ``run_one``.
+Each result carries its provenance (``provenance``). The table, its statistics against the
+baseline variant and the reports are ``runtime/study_report.py``: ``results.md``,
+``results.csv`` (one row per variant), ``runs.csv`` (one per run) and ``curves.png``.
 """
 
 from __future__ import annotations
 
-import csv
+import functools
 import hashlib
 import json
 import math
 import os
+import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,10 @@ import yaml
 from physlm_graph._errors import Loc, PhysLMError
 from physlm_graph._study import StudyError, StudySpec, load_study
 
-__all__ = ["StudyRuns", "run_study", "run_one", "run_key", "aggregate", "write_reports"]
+from .study_backends import Execution
+from .study_report import aggregate, write_reports
+
+__all__ = ["StudyRuns", "Execution", "run_study", "run_one", "run_key", "provenance", "aggregate", "write_reports"]
 
 
 # ---------------------------------------------------------------------------- definitions
@@ -175,21 +178,61 @@ def _lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
 
 
-def _curve(metrics: Path, resumes: list[dict[str, int]]) -> list[list[float]]:
-    """[step, tokens, val_loss] of each evaluation. A run killed after its last checkpoint
-    logged steps that its resumed run trains again; each resume recorded how many lines
-    metrics.jsonl had (``line``) and the checkpoint's step (``step``), so a line written before
-    a resume counts only up to that step."""
-    by_step: dict[int, list[float]] = {}
+def _records(metrics: Path, resumes: list[dict[str, int]]) -> list[dict[str, Any]]:
+    """Every logged step of a run once. A run killed after its last checkpoint logged steps that
+    its resumed run trains again; each resume recorded how many lines metrics.jsonl had
+    (``line``) and the checkpoint's step (``step``), so a line written before a resume counts
+    only up to that step."""
+    by_step: dict[int, dict[str, Any]] = {}
     for i, line in enumerate(_lines(metrics)):
         try:
             rec = json.loads(line)
         except ValueError:  # a line cut short by a kill
             continue
-        if "val_loss" not in rec or any(i < r["line"] and rec["step"] > r["step"] for r in resumes):
-            continue
-        by_step[int(rec["step"])] = [rec["step"], rec.get("tokens", 0), rec["val_loss"]]
+        if "step" in rec and not any(i < r["line"] and rec["step"] > r["step"] for r in resumes):
+            by_step[int(rec["step"])] = rec
     return [by_step[s] for s in sorted(by_step)]
+
+
+def _curve(metrics: Path, resumes: list[dict[str, int]]) -> list[list[float]]:
+    """[step, tokens, val_loss] of each evaluation (``_records``)."""
+    return [[r["step"], r.get("tokens", 0), r["val_loss"]] for r in _records(metrics, resumes) if "val_loss" in r]
+
+
+@functools.lru_cache(maxsize=1)
+def _git_commit() -> tuple[str | None, bool | None]:
+    """The commit of the package's source tree and whether it has uncommitted changes (None
+    outside a git checkout, e.g. an installed wheel)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=10)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:  # installed inside some other repo
+            return None, None
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None, None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip(), bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def provenance(*, blueprint_hash: str | None, seed: int, device: Any) -> dict[str, Any]:
+    """What a run's result came from: the resolved blueprint's hash (the trained graph, as its
+    checkpoint records it), the package version and git commit, the seed, torch, the device."""
+    import torch
+
+    import physlm_graph
+
+    commit, dirty = _git_commit()
+    dev = str(device)
+    if getattr(device, "type", "") == "cuda" and torch.cuda.is_available():
+        dev = f"{dev} ({torch.cuda.get_device_name(device)})"
+    return {"blueprint_hash": blueprint_hash, "package_version": physlm_graph.__version__, "git_commit": commit,
+            "git_dirty": dirty, "seed": seed, "torch_version": torch.__version__, "device": dev,
+            "python": platform.python_version(), "host": platform.node()}
 
 
 def run_one(runs: StudyRuns, name: str, seed: int, *, device: str = "auto", progress: bool = True,
@@ -200,8 +243,12 @@ def run_one(runs: StudyRuns, name: str, seed: int, *, device: str = "auto", prog
 
     from .train import resolve_device, train
 
-    status = prepare(runs, name, seed, console)
     folder = runs.run_dir(name, seed)
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the run's records
+    if main:
+        status = prepare(runs, name, seed, console)
+    else:  # the launcher prepared the folder (study_ray.run_task)
+        status = "resume" if (folder / "last").exists() else "new"
     if status == "done":
         return {**json.loads((folder / "done.json").read_text(encoding="utf-8")), "reused": True}
     v = runs.variants[name]
@@ -210,7 +257,9 @@ def run_one(runs: StudyRuns, name: str, seed: int, *, device: str = "auto", prog
         torch.cuda.reset_peak_memory_stats()
     extra = {"stop_after": stop_after} if stop_after is not None else {}
     record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
-    if status == "resume":  # where the logs of the run before stop counting (see _curve)
+    if status == "new" and main:  # an attempt killed before its first checkpoint: its steps are trained again
+        (folder / "metrics.jsonl").unlink(missing_ok=True)
+    if status == "resume" and main:  # where the logs of the run before stop counting (see _curve)
         step = (_read_json(folder / "last" / "trainer_state.json") or {}).get("step", 0)
         metrics = folder / "metrics.jsonl"
         if metrics.is_file() and not metrics.read_bytes().endswith(b"\n"):  # a line cut short by a kill:
@@ -232,24 +281,64 @@ def run_one(runs: StudyRuns, name: str, seed: int, *, device: str = "auto", prog
         "peak_memory_bytes": peak, "peak_memory_kind": peak_kind, "device": str(dev), "resumed": status == "resume",
         "growth_history": state.get("growth_history") or [], "curve": _curve(folder / "metrics.jsonl", record["resumes"]),
         "diff": v.diff, "data": v.data, "tokenizer": v.tokenizer,
+        "provenance": provenance(blueprint_hash=state.get("blueprint_hash"), seed=seed, device=dev),
     }
-    if summary["steps"] < runs.steps[name]:  # stopped early: not a finished run
+    if summary["steps"] < runs.steps[name] or not main:  # stopped early: not a finished run
         return {**result, "reused": False}
     _write_json(folder / "done.json", result)
     return {**result, "reused": False}
 
 
 # ---------------------------------------------------------------------------- the study
+def _track(trackers: list[Any], runs: StudyRuns, name: str, seed: int) -> None:
+    """Send a run that finished to each tracker: its definition and provenance, steps, summary."""
+    folder = runs.run_dir(name, seed)
+    done = _read_json(folder / "done.json")
+    if not trackers or done is None:
+        return
+    record = _read_json(folder / "run.json") or {}
+    config = {"study": runs.study.study, "variant": name, "seed": seed, "key": done["key"], "steps": done["steps"],
+              "diff": done.get("diff"), **(done.get("provenance") or {})}
+    summary = {k: float(done[k]) for k in ("val_loss", "best_val_loss", "tokens", "wall_s", "tokens_per_s")
+               if isinstance(done.get(k), (int, float))}
+    steps = _records(folder / "metrics.jsonl", record.get("resumes") or [])
+    for tr in trackers:
+        tr.start(f"{name}-seed{seed}", config)
+        for rec in steps:
+            tr.log({k: float(v) for k, v in rec.items() if k != "step" and isinstance(v, (int, float))
+                    and not isinstance(v, bool)}, int(rec["step"]))
+        tr.finish(summary)
+
+
 def run_study(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None, device: str = "auto",
-              progress: bool = True, console: Any = None, gpus: int | None = None) -> dict[str, Any]:
-    """Run (or finish) a study; returns the aggregated results and writes the reports."""
+              progress: bool = True, console: Any = None, execution: Execution | None = None,
+              metric: str = "final", allow_missing: bool = False, trackers: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run (or finish) a study; returns the aggregated results and writes the reports.
+
+    ``execution`` says where the runs go (``runtime/study_backends.py``; default: this machine
+    with ``device``), ``metric`` what the table compares (``runtime/study_report.METRICS``). A
+    run missing or failed fails the study (StudyError) unless ``allow_missing``: then the table is
+    made of the runs that finished and says which are missing. ``trackers`` names experiment
+    trackers (``runtime/trackers.py``) that receive each run as it finishes."""
     from rich.console import Console
 
+    from .study_backends import gpu_count, run_in_process, run_pool
+    from .study_report import METRICS, aggregate, write_reports
+    from .trackers import make_trackers
+
+    if execution is not None and device not in ("auto", execution.device):
+        raise StudyError(f"device {device!r} and the execution's device {execution.device!r} disagree",
+                         fix="give the device once, in the Execution")
+    exe = execution or Execution(device=device)
+    exe.check()
+    if metric not in METRICS:
+        raise StudyError(f"unknown metric {metric!r}", fix=f"use one of: {', '.join(METRICS)}")
     study, root = load_study(path)
     out_dir = Path(out) if out is not None else Path("runs") / "ablate" / study.study
     con = console or Console(stderr=True)
     runs = StudyRuns(StudySpec(study, root, path), out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    tracking = make_trackers(list(trackers), study=study.study, out=out_dir)
     (out_dir / "study.yaml").write_text(yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
     every = runs.runs()
     status = {r: prepare(runs, *r, con) for r in every}
@@ -257,206 +346,72 @@ def run_study(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | Non
     con.print(f"[bold]study {study.study}[/]: {len(study.variants)} variants x {len(study.seeds)} seeds = "
               f"{len(every)} runs; {len(every) - len(pending)} reused (definition unchanged), "
               f"{sum(status[r] == 'resume' for r in pending)} to resume, "
-              f"{sum(status[r] == 'new' for r in pending)} to run -> {out_dir}")
-    n_gpus = _gpu_count() if gpus is None else gpus
-    t0 = time.perf_counter()
-    if pending and n_gpus > 1 and device in ("auto", "cuda"):
-        _run_parallel(path, out_dir, pending, n_gpus, con)
-    else:
-        for i, (name, seed) in enumerate(pending):
-            eta = ""
-            if i:
-                per = (time.perf_counter() - t0) / i
-                eta = f", about {per * (len(pending) - i):.0f}s left"
-            con.rule(f"[{len(every) - len(pending) + i + 1}/{len(every)}] {name} seed {seed} "
-                     f"({runs.steps[name]} steps{', resuming' if status[(name, seed)] == 'resume' else ''}{eta})")
-            run_one(runs, name, seed, device=device, progress=progress, console=con)
-    results = []
+              f"{sum(status[r] == 'new' for r in pending)} to run -> {out_dir} ({exe.backend} backend)")
+
+    def on_done(name: str, seed: int) -> None:
+        _track(tracking, runs, name, seed)
+
+    failed: dict[tuple[str, int], str] = {}
+    if pending and exe.backend == "ray":
+        from .study_ray import run_ray
+
+        failed = run_ray(path, out_dir, pending, execution=exe, con=con, on_done=on_done)
+    elif pending:
+        gpus = gpu_count() if exe.device in ("auto", "cuda") else 0
+        workers = exe.workers or (gpus if gpus > 1 else 1)
+        if workers > 1:
+            failed = run_pool(path, out_dir, pending, workers=workers, device=exe.device, con=con, on_done=on_done)
+        else:
+            failed = run_in_process(runs, pending, status, device=exe.device, progress=progress, con=con,
+                                    on_done=on_done)
+    for tr in tracking:
+        tr.close()
+    results, missing = [], []
     for name, seed in every:
         done = _read_json(runs.run_dir(name, seed) / "done.json")
         if done is None or done.get("key") != runs.key(name, seed):  # never report another definition's run
-            raise StudyError(f"run {name} seed {seed} did not finish", loc=Loc(file=str(runs.run_dir(name, seed))),
-                             fix="rerun the same command to finish it")
+            missing.append(f"{name} seed {seed} ({failed.get((name, seed), 'did not finish')})")
+            continue
         results.append(done)
-    table = aggregate(runs, results)
-    write_reports(runs, table, results)
+    if missing and not allow_missing:
+        raise StudyError(f"{len(missing)} of {len(every)} runs missing or failed: {'; '.join(missing)}",
+                         loc=Loc(file=str(out_dir)),
+                         fix="rerun the same command to retry only those runs (finished ones are reused), or pass "
+                             "--allow-missing to tabulate the runs that finished")
+    if not results:
+        raise StudyError("no run of the study finished", loc=Loc(file=str(out_dir)), fix="read the errors above")
+    baseline = study.baseline or study.variants[0].name
+    table = aggregate(runs, results, metric=metric, baseline=baseline)
+    write_reports(runs, table, results, missing=missing)
     return {"study": study.study, "out": str(out_dir), "ran": len(pending), "skipped": len(every) - len(pending),
-            "reused": [f"{n}/seed{s}" for n, s in every if status[(n, s)] == "done"],
-            "variants": table, "files": {k: str(out_dir / f) for k, f in
-                                         (("md", "results.md"), ("csv", "results.csv"), ("runs_csv", "runs.csv"),
-                                          ("png", "curves.png"))}}
-
-
-def _gpu_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # noqa: BLE001 - no usable CUDA means one process
-        return 0
-
-
-def _run_parallel(path: Any, out_dir: Path, pending: list[tuple[str, int]], n_gpus: int, con: Any) -> None:
-    """One worker process per GPU (CUDA_VISIBLE_DEVICES), each taking the next pending run."""
-    queue = list(pending)
-    active: dict[int, tuple[subprocess.Popen, tuple[str, int], Any]] = {}
-    failed: list[str] = []
-    logs = out_dir / "logs"
-    logs.mkdir(exist_ok=True)
-    total, finished = len(pending), 0
-    while queue or active:
-        for gpu in range(n_gpus):
-            if gpu not in active and queue:
-                name, seed = queue.pop(0)
-                log = open(logs / f"{name}-seed{seed}.log", "w", encoding="utf-8")
-                env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
-                cmd = [sys.executable, "-m", "physlm_graph.runtime.study", str(path), "--out", str(out_dir),
-                       "--run", name, str(seed)]
-                active[gpu] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), (name, seed), log)
-                con.print(f"GPU {gpu}: {name} seed {seed} (log {log.name})")
-        time.sleep(1.0)
-        for gpu, (proc, (name, seed), log) in list(active.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del active[gpu]
-            finished += 1
-            ok = proc.returncode == 0
-            con.print(f"[{finished}/{total}] {name} seed {seed} on GPU {gpu}: "
-                      + ("[green]done[/]" if ok else f"[red]failed (exit {proc.returncode}), see {log.name}[/]"))
-            if not ok:
-                failed.append(f"{name} seed {seed}")
-    if failed:
-        raise StudyError(f"{len(failed)} run(s) failed: {', '.join(failed)}", loc=Loc(file=str(logs)),
-                         fix="read the logs; rerun the same command to retry only the failed runs")
-
-
-# ---------------------------------------------------------------------------- reports
-def _stages(history: list[dict[str, Any]]) -> str:
-    """A run's growth in a few words: ``0 -> 1 @20 -> 2 @40`` (stage and the step it began)."""
-    return " -> ".join(["0"] + [f"{h['stage']} @{h['step']}" for h in history]) if history else ""
-
-
-def aggregate(runs: StudyRuns, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for v in runs.study.variants:
-        rs = [r for r in results if r["variant"] == v.name]
-        losses = [r["val_loss"] for r in rs if r["val_loss"] is not None]
-        mean = statistics.fmean(losses) if losses else float("nan")
-        std = statistics.stdev(losses) if len(losses) > 1 else 0.0
-        rows.append({
-            "variant": v.name, "seeds": len(rs), "params": rs[0]["params"], "flops_per_token": rs[0]["flops_per_token"],
-            "steps": rs[0]["steps"], "tokens": rs[0]["tokens"], "val_loss_mean": mean, "val_loss_std": std,
-            "perplexity": math.exp(mean) if mean < 700 else float("inf"),
-            "tokens_per_s": statistics.fmean(r["tokens_per_s"] for r in rs),
-            "peak_memory_mb": max(r["peak_memory_bytes"] for r in rs) / 2**20,
-            "peak_memory_kind": rs[0]["peak_memory_kind"], "diff": runs.variants[v.name].diff,
-            "growth": _stages(rs[0].get("growth_history") or []),
-        })
-    return rows
-
-
-CSV_FIELDS = ("variant", "seeds", "params", "flops_per_token", "steps", "tokens", "val_loss_mean", "val_loss_std",
-              "perplexity", "tokens_per_s", "peak_memory_mb", "growth", "diff")
-RUN_FIELDS = ("variant", "seed", "key", "params", "steps", "tokens", "val_loss", "best_val_loss", "wall_s",
-              "tokens_per_s", "peak_memory_bytes", "device", "resumed", "growth")
-
-
-def write_reports(runs: StudyRuns, table: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
-    out = runs.out
-    with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(table)
-    with open(out / "runs.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=RUN_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows({**r, "growth": _stages(r.get("growth_history") or [])} for r in results)
-    s = runs.study
-    steps = sorted(set(runs.steps.values()))
-    budget = (f"{s.budget.steps} steps" if s.budget is not None and s.budget.steps else
-              f"{s.budget.tokens:,} tokens ({', '.join(map(str, steps))} steps)" if s.budget is not None else
-              f"each blueprint's train.steps ({', '.join(map(str, steps))})")
-    data = sorted({v.data for v in runs.variants.values()})
-    toks = sorted({v.tokenizer for v in runs.variants.values()})
-    lines = [f"# Ablation study: {s.study}", ""]
-    if s.about:
-        lines += [s.about.strip(), ""]
-    lines += [f"Base `{s.base}`; data `{'`, `'.join(data)}`, tokenizer `{'`, `'.join(toks)}`; budget {budget} per "
-              f"run; seeds {', '.join(map(str, s.seeds))}. Validation loss is the final evaluation of each run "
-              "(mean ± sample std over seeds); perplexity is exp(mean). Peak memory is "
-              f"{table[0]['peak_memory_kind']}.", ""]
-    grows = any(r["growth"] for r in table)
-    head = "| variant | params | FLOPs/token | val loss | perplexity | tokens/s | peak MB |" + (" growth |" if grows else "")
-    lines += [head + " diff vs base |", "|---|---:|---:|---:|---:|---:|---:|" + ("---|" if grows else "") + "---|"]
-    best = min((r["val_loss_mean"] for r in table if not math.isnan(r["val_loss_mean"])), default=None)
-    for r in table:
-        loss = f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f}"
-        if best is not None and r["val_loss_mean"] == best:
-            loss = f"**{loss}**"
-        lines.append(f"| {r['variant']} | {r['params']:,} | {r['flops_per_token']:,.0f} | {loss} | "
-                     f"{r['perplexity']:.2f} | {r['tokens_per_s']:,.0f} | {r['peak_memory_mb']:,.0f} | "
-                     + (f"{r['growth'] or '-'} | " if grows else "") + f"{r['diff'].replace('|', '/')} |")
-    if grows:
-        lines += ["", "Growth: the stage each run grew into and the step it began (`0 -> 1 @20`); params are "
-                      "those of the last stage."]
-    curves = {r["variant"]: [x["curve"] for x in results if x["variant"] == r["variant"]] for r in table}
-    try:
-        plot_curves(out / "curves.png", curves, title=f"{s.study}: validation loss")
-        lines += ["", "![validation curves](curves.png)", ""]
-    except ImportError:
-        lines += ["", "curves.png was not written: matplotlib is not installed "
-                  "(`pip install matplotlib`); the curves are in each run's done.json.", ""]
-    (out / "results.md").write_text("\n".join(lines), encoding="utf-8")
-
-
-def _mean_curve(curves: list[list[list[float]]]) -> tuple[list[float], list[float]]:
-    """Mean validation loss over seeds at each evaluated token count (present in every seed)."""
-    by_tok: dict[float, list[float]] = {}
-    for c in curves:
-        for _step, tok, loss in c:
-            by_tok.setdefault(tok, []).append(loss)
-    xs = sorted(t for t, v in by_tok.items() if len(v) == len(curves))
-    return xs, [statistics.fmean(by_tok[t]) for t in xs]
-
-
-def plot_curves(path: Path, curves: dict[str, list[list[list[float]]]], *, title: str) -> None:
-    """Validation loss against training tokens, one line per variant (matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for name, cs in curves.items():
-        xs, ys = _mean_curve(cs)
-        if xs:
-            ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, label=name)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation loss (mean over seeds)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
+            "reused": [f"{n}/seed{s}" for n, s in every if status[(n, s)] == "done"], "missing": missing,
+            "metric": metric, "baseline": baseline,
+            "variants": [{k: v for k, v in r.items() if k != "summary"} for r in table],
+            "files": {k: str(out_dir / f) for k, f in
+                      (("md", "results.md"), ("csv", "results.csv"), ("runs_csv", "runs.csv"), ("png", "curves.png"))}}
 
 def _worker(argv: list[str]) -> int:
-    """``python -m physlm_graph.runtime.study STUDY --out DIR --run NAME SEED``: one run (a GPU worker)."""
+    """``python -m physlm_graph.runtime.study STUDY --out DIR --variant NAME --seed SEED [--device D]``: one run
+    (a pool worker, or each rank of a multi-GPU run under torchrun)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="physlm_graph.runtime.study")
     p.add_argument("study")
     p.add_argument("--out", required=True)
-    p.add_argument("--run", nargs=2, metavar=("VARIANT", "SEED"), required=True)
+    # not --run: torchrun, which launches this module for a run on several GPUs, reads --run as its --run-path
+    p.add_argument("--variant", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
     study, root = load_study(a.study)
     runs = StudyRuns(StudySpec(study, root, a.study), Path(a.out))
-    name, seed = a.run[0], int(a.run[1])
+    name, seed = a.variant, a.seed
     if name not in runs.variants or seed not in study.seeds:
         raise StudyError(f"no run {name} seed {seed} in this study")
-    run_one(runs, name, seed, device="auto", progress=False)
+    from .distributed import close_distributed
+
+    run_one(runs, name, seed, device=a.device, progress=False)
+    close_distributed()  # under torchrun: every rank leaves the group before the interpreter exits
     return 0
 
 

@@ -31,23 +31,39 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from physlm_graph.cli import console as _console
-    from physlm_graph.runtime.study import run_study
+    from physlm_graph.runtime.study import Execution, run_study
 
-    res = run_study(args.study, out=args.out, device=args.device, progress=not args.json and not args.no_progress,
-                    console=_console(stderr=True))
+    exe = Execution(backend=args.backend, device=args.device, workers=args.workers, address=args.address,
+                    cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, max_retries=args.max_retries)
+    res = run_study(args.study, out=args.out, progress=not args.json and not args.no_progress,
+                    console=_console(stderr=True), execution=exe, metric=args.metric,
+                    allow_missing=args.allow_missing, trackers=tuple(args.tracker or ()))
     if args.json:
         print(json.dumps(res, indent=2, default=str))
         return 0
     from rich.table import Table
 
-    t = Table(title=f"study {res['study']} ({res['ran']} run, {res['skipped']} reused)", title_justify="left")
-    for c in ("variant", "params", "val loss", "ppl", "tok/s", "peak MB", "diff vs base"):
+    from physlm_graph.runtime.study_report import METRICS
+    from physlm_graph.runtime.stats import Summary
+
+    t = Table(title=f"study {res['study']} ({res['ran']} run, {res['skipped']} reused); {METRICS[res['metric']]}",
+              title_justify="left")
+    for c in ("variant", "seeds", "params", "mean ± std", "95% CI", f"diff vs {res['baseline']}", "p", "seeds needed",
+              "diff vs base"):
         t.add_column(c, justify="left" if c in ("variant", "diff vs base") else "right")
     for r in res["variants"]:
-        t.add_row(r["variant"], f"{r['params']:,}", f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f}",
-                  f"{r['perplexity']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['peak_memory_mb']:,.0f}", r["diff"])
+        s = Summary(r["n"], r["mean"], r["std"], r["ci95_low"], r["ci95_high"])
+        spread = "undefined (1 seed)" if r["n"] == 1 else f"± {r['std']:.4g}" if r["std"] is not None else "no runs"
+        ci = f"{s.ci_low:.4g} to {s.ci_high:.4g}" if s.ci_low is not None else "undefined"
+        p = "" if r["baseline"] else "undefined" if r["p_value"] is None else f"{r['p_value']:.2g}"
+        need = "" if r["baseline"] else "undefined" if r["seeds_needed"] is None else str(r["seeds_needed"])
+        diff = "baseline" if r["baseline"] else "undefined" if r["diff_vs_baseline"] is None else f"{r['diff_vs_baseline']:+.4g}"
+        t.add_row(r["variant"], str(r["seeds"]), f"{r['params']:,}", f"{r['mean']:.4g} {spread}", ci, diff, p, need,
+                  r["diff"])
     con = _console()
     con.print(t)
+    if res["missing"]:
+        con.print(f"[yellow]incomplete: {len(res['missing'])} run(s) missing: {'; '.join(res['missing'])}[/]")
     con.print(f"wrote {res['files']['md']}, {res['files']['csv']}, {res['files']['png']}")
     return 0
 
@@ -66,6 +82,21 @@ def add_commands(sub: Any) -> None:
     a.add_argument("study", metavar="STUDY.yaml")
     a.add_argument("--out", default=None, help="output folder (default runs/ablate/STUDY)")
     a.add_argument("--device", type=device, default="auto", help="auto (CUDA when present; one process per GPU), cpu, cuda, cuda:N")
+    a.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: this machine (in process, or --workers processes); ray: one Ray task per run")
+    a.add_argument("--address", default=None, help="ray: the cluster's address (default: start a local Ray instance)")
+    a.add_argument("--workers", type=int, default=None,
+                   help="local: worker processes (default: one per visible GPU, else runs in this process)")
+    a.add_argument("--cpus-per-run", type=float, default=1.0, help="ray: CPUs each run declares (default 1)")
+    a.add_argument("--gpus-per-run", type=float, default=None,
+                   help="ray: GPUs each run declares (default 1 with --device cuda, else 0); above 1, DDP in the task")
+    a.add_argument("--max-retries", type=int, default=3, help="ray: retries of a run whose worker died (default 3)")
+    a.add_argument("--metric", choices=("final", "best", "loss_at_flops", "flops_to_baseline"), default="final",
+                   help="what the table compares (default: final validation loss)")
+    a.add_argument("--allow-missing", action="store_true",
+                   help="tabulate the runs that finished even when some are missing or failed")
+    a.add_argument("--tracker", action="append", choices=("tensorboard", "wandb", "mlflow"),
+                   help="send each finished run to an experiment tracker (repeatable; none by default)")
     a.add_argument("--no-progress", action="store_true", help="no progress bars")
     a.add_argument("--json", action="store_true")
     a.set_defaults(fn=cmd_ablate)
