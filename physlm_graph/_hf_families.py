@@ -94,7 +94,7 @@ class Repeating(Matcher):
         self.kinds = kinds
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, list) and bool(other) and all(
+        return isinstance(other, (list, tuple)) and bool(other) and all(
             t == self.kinds[i % len(self.kinds)] for i, t in enumerate(other))
 
     def __str__(self) -> str:

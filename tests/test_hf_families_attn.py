@@ -169,7 +169,7 @@ def test_gemma2_layers_that_do_not_alternate_are_named_missing(tmp_path, capsys)
         f"  1. {_at(path, 'hidden_activation')}: hidden_activation: gelu is not supported yet "
         "(gemma2 imports need hidden_activation: gelu_pytorch_tanh)\n"
         f"       fix: {fix}\n"
-        f"  2. {_at(path, 'layer_types')}: layer_types: ['full_attention', 'sliding_attention', 'full_attention'] "
+        f"  2. {_at(path, 'layer_types')}: layer_types: [full_attention, sliding_attention, full_attention] "
         "is not supported yet (gemma2 imports need layer_types: [sliding_attention, full_attention, ...])\n"
         f"       fix: {fix}\n"
     )
