@@ -534,7 +534,8 @@ def missing_features(fam: Family, config: dict[str, Any], config_file: Path | No
     for key, allowed in fam.requires.items():
         got = get_key(config, key)
         got = tuple(got) if isinstance(got, list) else got
-        if got is _MISSING or got in allowed or (got == {} and None in allowed):
+        as_tuples = tuple(tuple(a) if isinstance(a, list) else a for a in allowed)  # a list requirement too
+        if got is _MISSING or got in as_tuples or (got == {} and None in allowed):
             continue
         parts = key.split(".")
         shown = f"{parts[0]}: " + "".join("{" + f"{p}: " for p in parts[1:]) + _show(got) + "}" * (len(parts) - 1)
