@@ -532,9 +532,10 @@ def missing_features(fam: Family, config: dict[str, Any], config_file: Path | No
     """Each config value the family's graph cannot express: (message, where in config.json)."""
     out = []
     for key, allowed in fam.requires.items():
-        got = get_key(config, key)
-        got = tuple(got) if isinstance(got, list) else got
-        if got is _MISSING or got in allowed or (got == {} and None in allowed):
+        raw = get_key(config, key)
+        got = tuple(raw) if isinstance(raw, list) else raw  # a config list against a tuple requirement
+        as_tuples = tuple(tuple(a) if isinstance(a, list) else a for a in allowed)  # and a list requirement
+        if got is _MISSING or raw in allowed or got in as_tuples or (got == {} and None in allowed):
             continue
         parts = key.split(".")
         shown = f"{parts[0]}: " + "".join("{" + f"{p}: " for p in parts[1:]) + _show(got) + "}" * (len(parts) - 1)
