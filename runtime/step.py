@@ -17,7 +17,44 @@ import torch
 
 from .objective import OBJECTIVE
 
-__all__ = ["optimizer_step", "clip_gradients", "fused_optimizer", "deferred"]
+__all__ = ["optimizer_step", "clip_gradients", "fused_optimizer", "deferred", "build_optimizer", "scheduled_lr",
+           "set_lr"]
+
+
+def build_optimizer(t: Any) -> Any:
+    """Trainer ``t``'s optimizer: with ``train.optimizers``, one optimizer per kind over the plan's
+    groups, driven as one (``recipe.OptimizerSet``); else AdamW over every parameter (``optim.py``)."""
+    from .optim import make_optimizer, node_components
+    from .recipe import OptimizerSet, make_optimizers
+
+    c = t.cfg
+    if c.optimizers is None:
+        return make_optimizer(t.model, lr=c.lr, weight_decay=c.weight_decay, betas=c.betas,
+                              owners=node_components(t.cm))
+    return OptimizerSet(make_optimizers(t.plan.optimizer_groups(t.model)))
+
+
+def scheduled_lr(cfg: Any, step: int, steps: int) -> float:
+    """The schedule at 0-based ``step`` of ``steps``: the learning rate, or with ``train.optimizers``
+    the factor on each group's own lr (``recipe.lr_factor``)."""
+    from .optim import lr_at
+    from .recipe import lr_factor, wsd_lr
+
+    if cfg.optimizers is not None:
+        return lr_factor(step, schedule=cfg.schedule, steps=steps, warmup=cfg.warmup, decay_frac=cfg.decay_frac)
+    if cfg.schedule == "wsd":
+        return wsd_lr(step, lr=cfg.lr, steps=steps, warmup=cfg.warmup,
+                      decay_frac=0.7 if cfg.decay_frac is None else cfg.decay_frac,
+                      min_lr=0.0 if cfg.min_lr is None else cfg.min_lr)
+    return lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, steps=steps, schedule=cfg.schedule)
+
+
+def set_lr(t: Any, lr: float) -> None:
+    """Give every group of ``t.optimizer`` the scheduled ``lr``: a group with its own ``initial_lr``
+    (``train.optimizers``) gets ``initial_lr * lr``."""
+    for g in t.optimizer.param_groups:
+        base = g.get("initial_lr")
+        g["lr"] = lr if base is None else base * lr
 
 
 def optimizer_step(t: Any, step: int, loss_sum: torch.Tensor, record: dict[str, Any]) -> None:
