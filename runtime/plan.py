@@ -185,6 +185,19 @@ class RunPlan:
         except RecipeError as err:
             raise self._recipe_error(err, "optimizers") from None
 
+    def check_recipe(self) -> None:
+        """Match ``train.optimizers`` and ``train.init_rules`` against the parameter names of the
+        model on the meta device (no memory, no data), so a wrong rule stops the run before its
+        data are read. Later models (another vocabulary, a growth stage) are matched again."""
+        if self.config.optimizers is None and not self.config.init_rules:
+            return
+        from physlm_graph._compile import compile_blueprint
+
+        cm = compile_blueprint(self.blueprint, device="meta", stage=0 if self.stages else None)
+        if self.config.optimizers is not None:
+            self.optimizer_groups(cm.module)
+        self.apply_init_rules(cm.module)  # meta parameters: checked, not drawn
+
     def apply_init_rules(self, model: Any) -> list[str]:
         """``train.init_rules`` applied to ``model`` (seeded by ``train.seed``); the names no rule took."""
         from .recipe import RecipeError, apply_init_rules, init_rules_from_config
@@ -232,8 +245,10 @@ def make_plan(source: str | os.PathLike[str] | dict[str, Any], *, overrides: dic
 
     ov = normalize_overrides(overrides)
     compiled = compile_blueprint(source, overrides=ov, build=False)
-    return RunPlan(source=source, overrides=ov, compiled=compiled,
+    plan = RunPlan(source=source, overrides=ov, compiled=compiled,
                    config=_train_config(compiled.train_config, train_options))
+    plan.check_recipe()
+    return plan
 
 
 def checkpoint_stage(folder: str | os.PathLike[str]) -> int | None:

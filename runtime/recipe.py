@@ -163,10 +163,10 @@ def select_groups(model: nn.Module, rules: tuple[GroupRule, ...] | list[GroupRul
                               fix="narrow the patterns (or `shape`) so each parameter is in one group")
         else:
             taken[hits[0]].append(name)
+    _check_rules_take(rules, taken, params, "optimizer group")
     if missing:
         raise RecipeError(f"no optimizer group takes parameter(s) {_listed(missing)}",
                           fix="add a group for them (a last group with params ['**'] takes the rest)")
-    _check_rules_take(rules, taken, params, "optimizer group")
     by_name = dict(params)
     groups = []
     for rule, names in zip(rules, taken):

@@ -133,3 +133,78 @@ def test_summed_loss_is_the_sum_over_tokens_and_micro_batches():
     assert float(Objective({}, reduction="sum", accumulate=8).micro_loss(mean, y)) == 6.0  # 3 targets
     assert float(Objective({}, reduction="sum", accumulate=8, world=2).micro_loss(mean, y)) == 12.0  # DDP averages
     assert float(Objective({}, reduction="mean", accumulate=8).micro_loss(mean, y)) == 0.25
+
+
+# ---------------------------------------------------------------- the recipe's errors, before any data
+
+
+def _blueprint(tmp_path: Path, old: str, new: str) -> Path:
+    text = BLUEPRINT.read_text(encoding="utf-8")
+    assert old in text
+    path = tmp_path / "bp.yaml"
+    path.write_text(text.replace(old, new), encoding="utf-8")
+    return path
+
+
+HEAD = "params: [head.weight], optimizer: adamw"
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    (HEAD, "params: [head.weights], optimizer: adamw",
+     "bp.yaml:79:20: train.optimizers: optimizer group 'head': params ['head.weights'] match no parameter\n"
+     "  fix: did you mean 'head.weight', 'x0.weight'?"),
+    (HEAD, "params: [head.weight, tok.weight], optimizer: adamw",
+     "bp.yaml:79:20: train.optimizers: parameter tok.weight is in two optimizer groups: 'embed' and 'head'\n"
+     "  fix: narrow the patterns (or `shape`) so each parameter is in one group"),
+    ('params: ["**"], shape: vector, optimizer: adamw', 'params: ["trunk.**"], shape: vector, optimizer: adamw',
+     "bp.yaml:72:3: train.optimizers: no optimizer group takes parameter(s) x0.weight, norm.weight, head.bias\n"
+     "  fix: add a group for them (a last group with params ['**'] takes the rest)"),
+    ('params: ["trunk.*.attn.proj.weight", "trunk.*.mlp.*.weight"], optimizer: muon',
+     'params: ["trunk.*.attn.proj.weight", "trunk.*.mlp.*.weight"], shape: vector, optimizer: muon',
+     "bp.yaml:75:84: train.optimizers: optimizer group 'blocks': params ['trunk.*.attn.proj.weight', "
+     "'trunk.*.mlp.*.weight'] match trunk.0.attn.proj.weight, trunk.0.mlp.fc.weight, trunk.0.mlp.proj.weight, "
+     "trunk.1.attn.proj.weight, trunk.1.mlp.fc.weight, ... (6 in all), but no vector\n"
+     "  fix: drop `shape`, or change the patterns"),
+    ("{params: [tok.weight], init: normal", "{params: [embed.weight], init: normal",
+     "bp.yaml:85:8: train.init_rules: init rule 1: params ['embed.weight'] match no parameter\n"
+     "  fix: did you mean 'head.weight', 'norm.weight'?"),
+    ('{params: ["**.bias"], init: zeros}', '{params: [head.weight], init: zeros}',
+     "bp.yaml:86:8: train.init_rules: init rule 2 takes no parameter: earlier rules took head.weight\n"
+     "  fix: remove the rule, or put it before the rules that take its parameters"),
+])
+def test_a_rule_that_does_not_fit_the_model_is_refused_where_it_is_written(tmp_path, old, new, message):
+    with pytest.raises(TrainingError) as err:
+        make_plan(_blueprint(tmp_path, old, new), overrides={"params.layers": 2})
+    assert str(err.value).split(str(tmp_path) + "/", 1)[1] == message
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ("lr: 0.004, betas", "lr: 0.004, momentum: 0.9, betas",
+     "bp.yaml:79:7: train.optimizers.3: momentum is not a setting of adamw (its settings: lr, weight_decay, betas, eps)"),
+    ("lr: 0.004, betas", "lr: 0.004, beta: [0.9, 0.9], betas",
+     "bp.yaml:79:72: train.optimizers.3.beta: unknown key 'beta'\n  fix: did you mean betas?"),
+    ("schedule: wsd ", "schedule: cosine",
+     "bp.yaml:59:1: train: decay_frac is a setting of schedule: wsd, not cosine"),
+    ("  warmup: 0\n", "  warmup: 0\n  lr: 0.1\n",
+     "bp.yaml:59:1: train: lr is for the default AdamW; with optimizers each group has its own lr and weight_decay "
+     "(and its schedule ends at the default floor), so leave them out"),
+    ("init: fan_in, scale: 0.33", "init: fan_in, std: 0.33",
+     "bp.yaml:88:7: train.init_rules.4: std is a setting of init: normal, not fan_in"),
+])
+def test_a_malformed_group_or_rule_is_a_located_schema_error(tmp_path, old, new, message):
+    from physlm_graph import PhysLMError
+
+    with pytest.raises(PhysLMError) as err:
+        make_plan(_blueprint(tmp_path, old, new))
+    assert str(err.value).split(str(tmp_path) + "/", 1)[1] == message
+
+
+def test_the_cli_refuses_a_wrong_rule_before_reading_data(tmp_path, capsys):
+    from physlm_graph.cli import main
+
+    bp = _blueprint(tmp_path, HEAD, "params: [head.weights], optimizer: adamw")
+    code = main(["train", str(bp), "--data", str(tmp_path / "missing.bin"), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr()
+    assert code == 2
+    assert "train.optimizers: optimizer group 'head': params ['head.weights'] match no parameter" in out.err + out.out
+    assert not (tmp_path / "out").exists()
