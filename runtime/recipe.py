@@ -169,15 +169,16 @@ def select_groups(model: nn.Module, rules: tuple[GroupRule, ...] | list[GroupRul
                           fix="add a group for them (a last group with params ['**'] takes the rest)")
     by_name = dict(params)
     groups = []
-    for rule, names in zip(rules, taken):
+    for index, (rule, names) in enumerate(zip(rules, taken)):
         if rule.optimizer == "muon":
             k = int(rule.settings.get("split", 1))
             bad = [n for n in names if by_name[n].ndim != 2 or by_name[n].shape[0] % k]
             if bad:
-                shapes = ", ".join(f"{n} {tuple(by_name[n].shape)}" for n in bad[:5])
+                shapes = ", ".join(f"{n} {tuple(by_name[n].shape)}" for n in bad[:5]) + (
+                    f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
                 need = "2-D matrices" + (f" whose rows split into {k} equal blocks" if k > 1 else "")
                 raise RecipeError(f"optimizer group {rule.name!r}: Muon takes {need}; it holds {shapes}",
-                                  rule=rules.index(rule), key="shape" if k == 1 else "split",
+                                  rule=index, key="shape" if k == 1 else "split",
                                   fix="add `shape: matrix`, or give these parameters an adamw group")
         groups.append({"group": rule.name, "optimizer": rule.optimizer, "params": [by_name[n] for n in names],
                        "names": names, **rule.settings})

@@ -213,3 +213,18 @@ def test_the_trainers_schedule_wsd_with_and_without_groups():
     assert [scheduled_lr(groups, s, 10) for s in (0, 2, 3, 9)] == pytest.approx([1.0, 1.0, 1.0, (1 - 0.9) / 0.7])
     cosine = TrainConfig(warmup=0, optimizers=[{"name": "all", "params": ["**"], "optimizer": "adamw", "lr": 0.1}])
     assert scheduled_lr(cosine, 10, 10) == pytest.approx(0.1)  # the default floor: a tenth of each group's lr
+
+
+def test_muon_on_a_vector_or_an_unsplittable_matrix_is_named(model):
+    rules = [GroupRule("all", ("**",), "muon", {"lr": 0.1})]
+    with pytest.raises(ValueError, match=r"^optimizer group 'all': Muon takes 2-D matrices; it holds x0.weight \(64,\), "
+                                         r"trunk.0.n1.weight \(64,\), .*, \.\.\. \(15 in all\)$") as err:
+        select_groups(model, rules)
+    assert err.value.rule == 0 and err.value.key == "shape"
+    rules = [GroupRule("qkv", ("trunk.*.attn.qkv.weight",), "muon", {"lr": 0.1, "split": 5}),
+             GroupRule("rest", ("{tok,x0,norm,head}.**", "trunk.*.{n1,n2,mlp}.**", "trunk.*.attn.proj.*",
+                                "trunk.*.attn.qkv.bias"), "adamw", {"lr": 0.1})]
+    with pytest.raises(ValueError, match=r"optimizer group 'qkv': Muon takes 2-D matrices whose rows split into 5 equal "
+                                         r"blocks; it holds trunk.0.attn.qkv.weight \(192, 64\)") as err:
+        select_groups(model, rules)
+    assert err.value.key == "split"
