@@ -76,13 +76,16 @@ def run_hand(args: argparse.Namespace, t: Trainer, start: dict[str, torch.Tensor
     fwd = torch.compile(hand.loss, dynamic=False) if cfg.compile else hand.loss
     batches = RandomWindows(t.train_tokens, batch_size=cfg.batch_size, seq_len=t.seq_len, seed=cfg.seed, device=dev)
     tokens = cfg.batch_size * t.seq_len * cfg.accumulate
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else torch.autocast(
-        dev.type, enabled=False)
+    bf16 = cfg.dtype == "bfloat16"
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # the forward under autocast, as the trainer's
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            return fwd(x, y)
+
     losses, times = [], []
     for step in range(args.steps):
         t0 = time.perf_counter()
-        with autocast:
-            total = hand_step(hand, opts, batches, step=step, steps=args.steps, accumulate=cfg.accumulate, loss_fn=fwd)
+        total = hand_step(hand, opts, batches, step=step, steps=args.steps, accumulate=cfg.accumulate, loss_fn=loss_fn)
         losses.append(float(total) / tokens)  # the host waits for the step
         times.append(time.perf_counter() - t0)
     return losses, times
@@ -121,6 +124,10 @@ def main() -> None:
         t0 = time.perf_counter()
         t, rows = run_trainer(args, folder / "run", shard, tok, opts)
         t_trainer = time.perf_counter() - t0
+        timed = slice(args.warmup, args.steps - 1)  # the last logged step holds an evaluation and a save
+        ours_ms = statistics.median(t.tokens_per_step / r["tokens_per_s"] for r in rows[timed]) * 1e3
+        print(f"trainer: {ours_ms:.1f} ms/step, {t.tokens_per_step / ours_ms * 1e3:,.0f} tokens/s "
+              f"({t_trainer:.0f} s with compilation); the hand-written program next", flush=True)
         t.model.cpu()
         del t.optimizer, t.wrapped, t.forward, t.forward_loss
         if torch.cuda.is_available():
@@ -130,8 +137,6 @@ def main() -> None:
         t_hand = time.perf_counter() - t0
 
     tokens = t.tokens_per_step
-    timed = slice(args.warmup, args.steps - 1)  # the last logged step holds an evaluation and a save
-    ours_ms = statistics.median(tokens / r["tokens_per_s"] for r in rows[timed]) * 1e3
     hand_ms = statistics.median(hand_times[timed]) * 1e3
     ours_losses = [r["loss"] for r in rows]
     diffs = [abs(a - b) for a, b in zip(ours_losses, hand_losses)]
