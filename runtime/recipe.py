@@ -14,7 +14,7 @@ it, and a parameter no rule matches is an error naming it.
 
 The blueprint's ``train:`` section carries the same pieces: ``train.optimizers`` (groups),
 ``train.init_rules``, ``schedule: wsd``; ``rules_from_config`` and ``init_rules_from_config`` turn
-them into rules, and the trainer builds its optimizers with ``build_optimizers``. A pattern that
+them into rules, and the trainer builds its optimizers from them (``runtime/step.py``'s ``group_optimizers``). A pattern that
 matches no parameter, a parameter two groups claim and a trainable parameter no group takes are
 each a ``RecipeError`` naming the parameter and the rule (``runtime/plan.py`` locates it in the file).
 """
@@ -383,6 +383,11 @@ class OptimizerSet:
         groups = list(sd["param_groups"])
         if len(groups) != len(self.param_groups):
             raise ValueError(f"the state has {len(groups)} param groups, the optimizers {len(self.param_groups)}")
+        for saved, now in zip(groups, self.param_groups):
+            if saved.get("group") != now.get("group") or set(saved) != set(now):
+                raise ValueError(f"group {saved.get('group')!r} was saved with other settings "
+                                 f"({', '.join(sorted(set(saved) ^ set(now)))}) than group {now.get('group')!r} has: "
+                                 "the optimizers changed")
         offset = 0
         for opt in self.optimizers:
             mine, groups = groups[:len(opt.param_groups)], groups[len(opt.param_groups):]

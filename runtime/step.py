@@ -1,5 +1,7 @@
 """The optimizer step of the trainer, after the micro-batches' backward passes: gradient
-clipping, the non-finite check, and AdamW's step, synchronous or deferred.
+clipping, the non-finite check, and the optimizer's step, synchronous or deferred; and what the
+step needs beforehand: the optimizers of ``train.optimizers``' groups (``group_optimizers``) and
+the learning rate of each group at a step (``scheduled_lr``, ``set_lr``).
 
 A synchronous step brings the loss and the gradient norm to the host and skips the step (with
 the guard's policy) when one is not finite. A deferred step (the fused AdamW) never waits for
@@ -17,20 +19,15 @@ import torch
 
 from .objective import OBJECTIVE
 
-__all__ = ["optimizer_step", "clip_gradients", "fused_optimizer", "deferred", "build_optimizer", "scheduled_lr",
+__all__ = ["optimizer_step", "clip_gradients", "fused_optimizer", "deferred", "group_optimizers", "scheduled_lr",
            "set_lr"]
 
 
-def build_optimizer(t: Any) -> Any:
-    """Trainer ``t``'s optimizer: with ``train.optimizers``, one optimizer per kind over the plan's
-    groups, driven as one (``recipe.OptimizerSet``); else AdamW over every parameter (``optim.py``)."""
-    from .optim import make_optimizer, node_components
+def group_optimizers(t: Any) -> Any:
+    """Trainer ``t``'s optimizers over ``train.optimizers``' groups: one per kind, driven as one
+    (``recipe.OptimizerSet``). Without groups the trainer builds one AdamW (``optim.py``)."""
     from .recipe import OptimizerSet, make_optimizers
 
-    c = t.cfg
-    if c.optimizers is None:
-        return make_optimizer(t.model, lr=c.lr, weight_decay=c.weight_decay, betas=c.betas,
-                              owners=node_components(t.cm))
     return OptimizerSet(make_optimizers(t.plan.optimizer_groups(t.model)))
 
 

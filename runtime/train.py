@@ -6,7 +6,8 @@ The blueprint's ``train:`` section gives the defaults; arguments override them. 
 read once into a run plan (``runtime/plan.py``); the trainer follows it. Each step draws
 ``accumulate`` micro-batches of random windows, optimizes the plan's objective (the final
 cross-entropy plus the weighted auxiliary and exit losses, ``runtime/objective.py``), clips the
-gradient and takes one AdamW step at ``lr_at(step)``. Every ``eval_every`` steps the mean final
+gradient and takes one optimizer step (AdamW, or ``train.optimizers``' groups) at the schedule's
+learning rate. Every ``eval_every`` steps the mean final
 cross-entropy over ``eval_iters`` validation batches is measured (the same windows each time, so
 evaluations compare); ``last`` is saved every ``save_every`` steps and at the end, ``best``
 whenever the validation loss improves.
@@ -42,9 +43,10 @@ from .growth_part import GrowthPart
 from .guard import NonFiniteGuard
 from .model_setup import install_model
 from .objective import OBJECTIVE, Objective
+from .optim import make_optimizer, node_components
 from .parts import Part
 from .plan import RunPlan, make_plan, normalize_overrides, vocab_overrides
-from .step import build_optimizer, clip_gradients, deferred, optimizer_step, scheduled_lr, set_lr
+from .step import clip_gradients, deferred, group_optimizers, optimizer_step, scheduled_lr, set_lr
 from .summary import describe_run
 
 __all__ = ["Trainer", "train", "resolve_device", "vocab_overrides", "rng_state", "set_rng_state"]
@@ -211,8 +213,11 @@ class Trainer:
         install_model(self, cm)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW, or ``train.optimizers``' groups (``runtime/step.py``)."""
-        return build_optimizer(self)
+        """AdamW over every parameter, or ``train.optimizers``' groups (``runtime/step.py``)."""
+        c = self.cfg
+        if c.optimizers is not None:
+            return group_optimizers(self)
+        return make_optimizer(self.model, lr=c.lr, weight_decay=c.weight_decay, betas=c.betas, owners=node_components(self.cm))
 
     @property
     def tokens_per_step(self) -> int:

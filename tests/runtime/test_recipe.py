@@ -199,6 +199,10 @@ def test_optimizer_set_state_round_trips_by_parameter():
     assert torch.equal(other.state[v]["exp_avg_sq"], opts.state[v]["exp_avg_sq"])
     with pytest.raises(ValueError, match="the state has 1 param groups, the optimizers 2"):
         other.load_state_dict({"state": {}, "param_groups": sd["param_groups"][:1]})
+    swapped = [{**g, "optimizer": "adamw"} for g in groups]  # the matrices' group moved from Muon to AdamW
+    with pytest.raises(ValueError, match=r"^group 'm' was saved with other settings \(.*betas.*\) than group 'm' has: "
+                                         r"the optimizers changed$"):
+        OptimizerSet(make_optimizers(swapped)).load_state_dict(sd)
 
 
 def test_the_trainers_schedule_wsd_with_and_without_groups():
