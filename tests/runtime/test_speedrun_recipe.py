@@ -208,3 +208,17 @@ def test_the_cli_refuses_a_wrong_rule_before_reading_data(tmp_path, capsys):
     assert code == 2
     assert "train.optimizers: optimizer group 'head': params ['head.weights'] match no parameter" in out.err + out.out
     assert not (tmp_path / "out").exists()
+
+
+def test_hand_init_is_the_programs():
+    from _handspeedrun import hand_init
+
+    hand = HandSpeedrun(vocab=256, dim=64, layers=2, head_dim=32)
+    hand_init(hand, seed=0)
+    sd = hand.state_dict()
+    for name in ("proj.weight", "blocks.0.attn.proj.weight", "blocks.1.proj.weight", "blocks.0.fc.bias", "proj.bias"):
+        assert not sd[name].any(), name
+    assert torch.equal(sd["norm0.gain"], torch.ones(64))
+    assert sd["embed.weight"].dtype == torch.bfloat16 and abs(sd["embed.weight"].float().std().item() - 1) < 0.05
+    assert abs(sd["blocks.0.attn.q.weight"].std().item() - (0.33 / 64) ** 0.5) < 0.01
+    assert abs(sd["blocks.0.fc.weight"].std().item() - (0.33 / 64) ** 0.5) < 0.01
