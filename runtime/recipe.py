@@ -344,7 +344,8 @@ class OptimizerSet:
     """Several optimizers driven as one (the trainer's ``optimizer``): ``param_groups`` lists every
     group in order, ``step``/``zero_grad`` reach each, and ``state_dict`` numbers the parameters
     across all of them, so a checkpoint saves and restores every optimizer's state by name.
-    ``found_inf`` and ``grad_scale`` (the fused AdamW's hooks) are handed to each optimizer."""
+    ``found_inf`` and ``grad_scale`` (the fused AdamW's hooks) are handed to the fused optimizers
+    only; the others step regardless (``runtime/step.py``'s ``deferred`` says when that is safe)."""
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
         self.optimizers = list(optimizers)
@@ -362,6 +363,9 @@ class OptimizerSet:
 
     def step(self) -> None:
         for opt in self.optimizers:
+            if not all(g.get("fused") for g in opt.param_groups):  # found_inf and grad_scale are fused AdamW's
+                opt.step()
+                continue
             opt.found_inf, opt.grad_scale = self.found_inf, self.grad_scale  # type: ignore[attr-defined]
             try:
                 opt.step()

@@ -124,7 +124,16 @@ def deferred(t: Any) -> bool:
     non-finite step is skipped on the device (the kernel's ``found_inf``), and the loss, the
     gradient norm and the non-finite steps reach the host only when ``resolve`` is called
     (at log, evaluation and save steps). FSDP2 keeps the synchronous path, and so does
-    ``PHYSLM_SYNC_STEPS=1`` in the environment (every step checked at once, as before)."""
+    ``PHYSLM_SYNC_STEPS=1`` in the environment (every step checked at once, as before).
+    ``train.optimizers``' groups defer too under ``nan_policy: stop``: their Muon cannot skip a
+    step on the device, but the run stops at the next resolve, which comes before any save, so
+    the last good checkpoint is kept, and the host never waits on the device mid-run."""
     if os.environ.get("PHYSLM_SYNC_STEPS", "0") == "1" or t.strategy == "fsdp":
         return False
-    return fused_optimizer(t)
+    if fused_optimizer(t):
+        return True
+    # train.optimizers' groups (Muon has no found_inf): a bad step is not skipped on the device, so
+    # only nan_policy stop defers: the run stops at the next resolve, before anything is saved
+    from .recipe import OptimizerSet
+
+    return isinstance(t.optimizer, OptimizerSet) and t.cfg.nan_policy == "stop"

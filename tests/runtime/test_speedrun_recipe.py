@@ -222,3 +222,25 @@ def test_hand_init_is_the_programs():
     assert sd["embed.weight"].dtype == torch.bfloat16 and abs(sd["embed.weight"].float().std().item() - 1) < 0.05
     assert abs(sd["blocks.0.attn.q.weight"].std().item() - (0.33 / 64) ** 0.5) < 0.01
     assert abs(sd["blocks.0.fc.weight"].std().item() - (0.33 / 64) ** 0.5) < 0.01
+
+
+class _Poisoned(Trainer):
+    """The loss of 0-based step 2 times nan."""
+
+    def compute_loss(self, out, y, ce=None):
+        total, parts = super().compute_loss(out, y, ce=ce)
+        return (total * float("nan"), parts) if self.step == 2 else (total, parts)
+
+
+def test_a_nan_step_with_muon_groups_stops_naming_it_and_keeps_the_last_good_checkpoint(tmp_path, shard):
+    """Muon cannot skip a step on the device, so these steps defer their check only under
+    nan_policy stop: the run stops at the next resolve, naming the step, before saving anything."""
+    t = _Poisoned(BLUEPRINT, out_dir=tmp_path / "run", data=str(shard), steps=6, save_every=2, log_every=3,
+                  eval_every=6, **RUN)
+    with pytest.raises(TrainingError, match=r"the loss is nan at step 3; the last good checkpoint is kept in "):
+        t.fit()
+    assert t.deferred()
+    state = (tmp_path / "run" / "last" / "trainer_state.json").read_text()
+    assert '"step": 2,' in state
+    weights = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
