@@ -6,9 +6,18 @@ named ``proj``), so ``load_blueprint_state`` maps the blueprint's state dict ont
 Dtypes: the embedding table is bf16 (``embed_dtype``); the lookup goes to the autocast dtype under
 autocast, else to float32, so without autocast everything computes in float32 and under bf16
 autocast the residual stream is bf16, as in the program. The logits are soft-capped in float32.
+
+The program's training recipe is written out here too, apart from ``runtime/recipe.py`` and
+``runtime/muon.py``: ``hand_init`` (its init by name), ``HandMuon`` (its Muon, one matrix at a time,
+the update optionally compiled as the program compiles it), ``hand_optimizers`` (Muon on the blocks'
+matrices, AdamW on the rest) and ``hand_step`` (summed losses over the micro-batches, the
+stable-then-decay schedule, every optimizer stepped).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -134,3 +143,104 @@ def blueprint_to_hand(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def load_blueprint_state(hand: HandSpeedrun, state: dict[str, Tensor]) -> None:
     """Copy a blueprint model's weights into ``hand`` (strict: every parameter on both sides)."""
     hand.load_state_dict(blueprint_to_hand(state), strict=True)
+
+
+# ---------------------------------------------------------------- the program's training recipe
+
+
+@torch.no_grad()
+def hand_init(model: HandSpeedrun, seed: int = 0) -> None:
+    """The program's init, by parameter name: weights of anything named ``proj`` (the blocks' output
+    projections and the head) zero, the table N(0, 1), other weights N(0, 0.33 / fan_in), biases
+    zero, gains one."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.zero_()
+        elif name.endswith("gain"):
+            p.fill_(1.0)
+        elif "proj" in name:
+            p.zero_()
+        else:
+            std = 1.0 if name.startswith("embed") else math.sqrt(0.33 / p.shape[-1])
+            p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=gen))
+
+
+def _orthogonal(g: Tensor) -> Tensor:
+    """The program's Newton-Schulz: bf16, 12 steps of X <- 2 X + (-1.5 A + 0.5 A A) X, A = X X^T."""
+    x = g.bfloat16()
+    if g.size(0) > g.size(1):
+        x = x.mT
+    x = x / (x.norm() + 1e-7)
+    for _ in range(12):
+        a = x @ x.mT
+        x = 2.0 * x + (-1.5 * a + 0.5 * a @ a) @ x
+    return x.mT if g.size(0) > g.size(1) else x
+
+
+def _muon_update(grad: Tensor, buf: Tensor, mu: float) -> Tensor:
+    buf.lerp_(grad, 1 - mu)
+    update = _orthogonal(grad.lerp(buf, mu))  # Nesterov
+    return update * max(1.0, grad.size(0) / grad.size(1)) ** 0.5
+
+
+class HandMuon(torch.optim.Optimizer):
+    """The program's Muon on one device: momentum 0.95 with Nesterov, the orthogonalised update,
+    decoupled weight decay ``W <- (1 - lr wd) W - lr U``. ``compiled``: the update through
+    ``torch.compile``, as the program does."""
+
+    def __init__(self, params: list[nn.Parameter], *, lr: float, weight_decay: float, compiled: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, mu=0.95))
+        self.update: Callable[..., Tensor] = torch.compile(_muon_update) if compiled else _muon_update
+
+    @torch.no_grad()
+    def step(self) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["momentum"] = torch.zeros_like(p)
+                update = self.update(p.grad, state["momentum"], group["mu"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"])
+
+
+def hand_optimizers(model: HandSpeedrun, *, compiled: bool = False) -> list[torch.optim.Optimizer]:
+    """The recipe of issue 26: Muon (lr 0.025, wd 0.05) on the blocks' matrices; AdamW (betas 0.8,
+    0.95, eps 1e-10, wd 0.001) on the table (lr 0.7), the head (lr 0.004) and every vector (lr 0.015).
+    Each group remembers its ``initial_lr``."""
+    matrices = [p for p in model.blocks.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    on_cuda = model.proj.weight.is_cuda
+    adamw = torch.optim.AdamW([dict(params=[model.embed.weight], lr=0.7), dict(params=[model.proj.weight], lr=0.004),
+                               dict(params=vectors, lr=0.015)], betas=(0.8, 0.95), eps=1e-10, weight_decay=0.001,
+                              **({"fused": True} if on_cuda else {}))
+    opts = [adamw, HandMuon(matrices, lr=0.025, weight_decay=0.05, compiled=compiled)]
+    for opt in opts:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return opts
+
+
+def hand_step(model: HandSpeedrun, opts: list[torch.optim.Optimizer], batches: Iterator[tuple[Tensor, Tensor]], *,
+              step: int, steps: int, accumulate: int, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+              cooldown: float = 0.7) -> Tensor:
+    """One step of the program: ``accumulate`` micro-batches, each back-propagating its summed
+    cross-entropy; the lr ``initial_lr x 1`` for the first 30% of the steps, then
+    ``initial_lr x (1 - step / steps) / 0.7``; every optimizer steps, then the gradients go.
+    Returns the step's summed loss (detached, on the device)."""
+    loss_fn = loss_fn or model.loss
+    total = torch.zeros((), device=model.proj.weight.device)
+    for _ in range(accumulate):
+        x, y = next(batches)
+        loss = loss_fn(x, y)
+        loss.backward()
+        total += loss.detach()
+    progress = step / steps
+    eta = 1.0 if progress < 1 - cooldown else (1 - progress) / cooldown
+    for opt in opts:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * eta
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return total

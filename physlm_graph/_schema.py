@@ -21,6 +21,8 @@ __all__ = [
     "ExitsDoc",
     "ExtensionDoc",
     "TrainConfig",
+    "OptimizerGroupDoc",
+    "InitRuleDoc",
     "NODE_KEYS",
     "BLOCK_USE_KEYS",
     "unknown_key_fix",
@@ -154,6 +156,85 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 COMPILE_MODES: tuple[str, ...] = CompileMode.__args__
 
 
+ParamShape = Literal["any", "matrix", "vector"]
+
+_MUON_KEYS = ("momentum", "nesterov", "ns_coefficients", "ns_steps", "split")
+_ADAMW_KEYS = ("betas", "eps")
+
+
+class OptimizerGroupDoc(StrictScalars):
+    """One parameter group of ``train.optimizers``: the parameters whose names match one of
+    ``params`` (the blueprint's globs over ``named_parameters()`` names: ``*`` one segment, ``**``
+    any, ``{a,b}``), of the ``shape`` asked (matrix: 2 or more dimensions, vector: fewer), trained
+    by ``optimizer`` at ``lr`` (scaled by the schedule) with decoupled ``weight_decay``. Each
+    trainable parameter must fall in exactly one group."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    name: str = Field(min_length=1, description="the group's name, in the run summary and the optimizer state")
+    params: list[str] = Field(min_length=1, description="name patterns; a pattern that matches no parameter is an error")
+    shape: ParamShape = "any"
+    optimizer: Literal["muon", "adamw"]
+    lr: float = Field(gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] | None = Field(None, description="adamw: default (0.9, 0.95)")
+    eps: float | None = Field(None, gt=0.0, description="adamw: default 1e-8")
+    momentum: float | None = Field(None, ge=0.0, lt=1.0, description="muon: default 0.95")
+    nesterov: bool | None = Field(None, description="muon: default true")
+    ns_coefficients: tuple[float, float, float] | None = Field(
+        None, description="muon: the Newton-Schulz step X <- a X + (b A + c A^2) X, A = X X^T; default (2, -1.5, 0.5)")
+    ns_steps: int | None = Field(None, ge=1, le=99, description="muon: Newton-Schulz steps; default 12")
+    split: int | None = Field(None, ge=1, description="muon: orthogonalise each matrix as this many equal row blocks "
+                              "(a fused q, k, v projection is 3); default 1")
+
+    @field_validator("lr", "weight_decay", "eps", mode="before")
+    @classmethod
+    def _exponent_float(cls, v: Any) -> Any:
+        return _yaml12_float(v)
+
+    @field_validator("betas", "ns_coefficients", mode="before")
+    @classmethod
+    def _tuple_from_list(cls, v: Any) -> Any:
+        return tuple(_yaml12_float(x) for x in v) if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _settings_of_its_optimizer(self) -> "OptimizerGroupDoc":
+        other = _ADAMW_KEYS if self.optimizer == "muon" else _MUON_KEYS
+        given = [k for k in other if getattr(self, k) is not None]
+        if given:
+            mine = _MUON_KEYS if self.optimizer == "muon" else _ADAMW_KEYS
+            raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not a setting of {self.optimizer} "
+                             f"(its settings: lr, weight_decay, {', '.join(mine)})")
+        return self
+
+
+class InitRuleDoc(StrictScalars):
+    """One rule of ``train.init_rules``: parameters matching ``params`` (and ``shape``) start as
+    ``init``: zeros, ones, normal (N(0, std^2)) or fan_in (N(0, scale / fan_in), fan_in the last
+    dimension). The first rule matching a parameter takes it; a rule that takes none is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    params: list[str] = Field(min_length=1)
+    shape: ParamShape = "any"
+    init: Literal["zeros", "ones", "normal", "fan_in"]
+    std: float | None = Field(None, gt=0.0, description="normal: the standard deviation (default 1)")
+    scale: float | None = Field(None, gt=0.0, description="fan_in: the variance times fan_in (default 1)")
+
+    @field_validator("std", "scale", mode="before")
+    @classmethod
+    def _exponent_float(cls, v: Any) -> Any:
+        return _yaml12_float(v)
+
+    @model_validator(mode="after")
+    def _settings_of_its_init(self) -> "InitRuleDoc":
+        if self.std is not None and self.init != "normal":
+            raise ValueError(f"std is a setting of init: normal, not {self.init}")
+        if self.scale is not None and self.init != "fan_in":
+            raise ValueError(f"scale is a setting of init: fan_in, not {self.init}")
+        return self
+
+
 class TrainConfig(_Strict):
     """Defaults for ``physlm-graph train``; the command line overrides them. Strict types: a
     string is not a number (``steps: "10"``), a float not an int (``steps: 10.0``), and only
@@ -171,7 +252,11 @@ class TrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0.0)
     min_lr: float | None = Field(None, ge=0.0, description="default lr / 10")
     warmup: int = Field(100, ge=0)
-    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    schedule: Literal["cosine", "constant", "linear", "wsd"] = Field(
+        "cosine", description="after warmup: cosine or linear down to min_lr, constant, or wsd (stable, then a "
+        "linear decay to min_lr over the last decay_frac of the steps)")
+    decay_frac: float | None = Field(None, ge=0.0, le=1.0, description="wsd: the decaying share of the steps "
+                                     "(default 0.7)")
     weight_decay: float = Field(0.1, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = Field(1.0, ge=0.0)
@@ -248,6 +333,35 @@ class TrainConfig(_Strict):
             return {"nodes": list(pats)}
         raise ValueError(f"expected none, blocks, {{every: k}} or {{nodes: [patterns]}}, got {v!r}")
 
+    optimizers: list[OptimizerGroupDoc] | None = Field(
+        None, description="optimizers by parameter group (Muon or AdamW, each with its lr and weight decay); "
+        "default: one AdamW over every parameter with lr, weight_decay and betas")
+    init_rules: list[InitRuleDoc] | None = Field(
+        None, description="initialisation by parameter name pattern, applied when the run builds its model; "
+        "parameters no rule takes keep their component's init")
+    loss_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="what the gradient is of: the objective averaged over tokens and micro-batches (mean), "
+        "or summed over both (sum); the logged losses are per-token means either way")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "TrainConfig":
+        if self.decay_frac is not None and self.schedule != "wsd":
+            raise ValueError(f"decay_frac is a setting of schedule: wsd, not {self.schedule}")
+        if self.optimizers is not None:
+            if not self.optimizers:
+                raise ValueError("optimizers is empty: list at least one group, or leave it out for the default AdamW")
+            dflt = {k: TrainConfig.model_fields[k].default for k in ("lr", "weight_decay", "betas", "min_lr")}
+            moved = [k for k, v in dflt.items() if getattr(self, k) != v]
+            if moved:
+                raise ValueError(f"{', '.join(moved)} {'is' if len(moved) == 1 else 'are'} for the default AdamW; with "
+                                 "optimizers each group has its own lr and weight_decay (and its schedule ends at "
+                                 "the default floor), so leave them out")
+            names = [g.name for g in self.optimizers]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"optimizer group name(s) {', '.join(twice)} used twice")
+        return self
+
     @field_validator("val_fraction", "lr", "min_lr", "weight_decay", "grad_clip", "ddp_bucket_mb", mode="before")
     @classmethod
     def _exponent_float(cls, v: Any) -> Any:
@@ -312,6 +426,8 @@ def unknown_key_fix(path: tuple[str | int, ...]) -> str | None:
     sections: dict[tuple[str | int, ...], type[BaseModel]] = {
         (): BlueprintDoc, ("train",): TrainConfig, ("init",): InitDoc, ("exits",): ExitsDoc}
     model = sections.get(parent)
+    if model is None and len(parent) == 3 and parent[0] == "train":
+        model = {"optimizers": OptimizerGroupDoc, "init_rules": InitRuleDoc}.get(str(parent[1]))
     if model is None and len(parent) == 2:
         model = {"losses": LossDoc, "growth": GrowthStage, "blocks": BlockDoc}.get(str(parent[0]))
     if model is None or not path:

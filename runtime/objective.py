@@ -7,6 +7,12 @@ validation measures too. Each auxiliary loss the blueprint declares is ``aux/<na
 (unweighted), each exit's cross-entropy ``exit/<point>/ce`` (unweighted); the optimized total,
 ``loss + sum(weight * term)``, is logged as ``objective``. ``describe()`` lists the terms with
 their weights for the run summary.
+
+``micro_loss`` is what a micro-batch back-propagates (``train.loss_reduction``): ``mean`` divides
+the total by the micro-batches of a step, so the gradient is of the per-token mean over the step;
+``sum`` multiplies it by the micro-batch's target tokens (and the number of processes, whose
+gradients DDP averages), so the gradient is of the objective summed over every token of the step,
+as the speedrun's program back-propagates its summed cross-entropy.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ LOSS, OBJECTIVE = "loss", "objective"
 class Objective:
     """The final cross-entropy plus the plan's weighted auxiliary losses and the model's exit losses."""
 
-    def __init__(self, loss_weights: dict[str, float]) -> None:
+    def __init__(self, loss_weights: dict[str, float], *, reduction: str = "mean", accumulate: int = 1,
+                 world: int = 1) -> None:
         self.loss_weights = dict(loss_weights)
+        self.reduction, self.accumulate, self.world = reduction, accumulate, world
         self._exit_weights: tuple[Any, dict[str, float]] | None = None  # (graph, weights), per model
 
     def exit_weights(self, cm: Any) -> dict[str, float]:
@@ -55,10 +63,17 @@ class Objective:
             terms.update(parts)
         return total, terms
 
+    def micro_loss(self, total: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """What one micro-batch with targets ``y`` back-propagates of its per-token ``total``."""
+        if self.reduction == "sum":
+            return total * ((y != -100).sum() * self.world)
+        return total / self.accumulate
+
     def describe(self, cm: Any) -> str:
         """``loss + 0.01 x aux/balance + 0.25 x exit/trunk.1/ce`` (the optimized total's terms)."""
         parts = ["loss"]
         parts += [f"{w:g} x aux/{name}" for name, w in self.loss_weights.items()]
         if cm.resolved.exit_points:
             parts += [f"{w:.3g} x exit/{p}/ce" for p, w in self.exit_weights(cm).items()]
-        return " + ".join(parts)
+        out = " + ".join(parts)
+        return out + (", summed over the step's tokens (loss_reduction: sum)" if self.reduction == "sum" else "")

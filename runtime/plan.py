@@ -3,6 +3,7 @@
     plan = make_plan("blueprints/baby-gpt.yaml", overrides=["layers=4"], steps=2000, compile="default")
     plan.config.steps, plan.stages, plan.exits, plan.loss_weights   # everything the trainer follows
     cm, notes = plan.model(vocab=tok.vocab_size, stage=0)          # the model, built for a tokenizer
+    groups = plan.optimizer_groups(cm.module)                      # train.optimizers' groups of its parameters
 
 The blueprint is read once (``compile_blueprint(..., build=False)``: loaded, merged with its
 ``extends`` and overrides, checked); the training options are its ``train:`` section with the
@@ -11,6 +12,12 @@ trainer, a resumed run, each torchrun worker and a study's runs all start from a
 all honour the same blueprint: its growth stages, exits, extensions and losses. Later models
 (the tokenizer's vocabulary, another growth stage) are compiled from the plan's merged document,
 never from the file again.
+
+``train.init_rules`` are applied to every model the plan builds (after the blueprint's own init,
+drawn from ``train.seed``), and ``train.optimizers`` are matched against the model's parameter
+names when the trainer builds its optimizer: either failing (a pattern matching no parameter, a
+parameter in two groups or in none, Muon on a vector) is a TrainingError at the rule's place in
+the blueprint file, before step 0.
 """
 
 from __future__ import annotations
@@ -163,6 +170,46 @@ class RunPlan:
                 return str(base / spec)
         return spec
 
+    # -- the recipe
+    def _recipe_error(self, err: Any, section: str) -> TrainingError:
+        path: tuple[Any, ...] = ("train", section) if err.rule is None else ("train", section, err.rule, err.key)
+        loc = self.compiled.resolved.doc.loc(path) if self.compiled.resolved.doc is not None else None
+        return TrainingError(f"train.{section}: {err}", loc=loc or self.where, fix=err.fix)
+
+    def optimizer_groups(self, model: Any) -> list[dict[str, Any]]:
+        """``train.optimizers`` over ``model``'s parameters (``recipe.select_groups``)."""
+        from .recipe import RecipeError, rules_from_config, select_groups
+
+        try:
+            return select_groups(model, rules_from_config(self.config.optimizers or []))
+        except RecipeError as err:
+            raise self._recipe_error(err, "optimizers") from None
+
+    def check_recipe(self) -> None:
+        """Match ``train.optimizers`` and ``train.init_rules`` against the parameter names of the
+        model on the meta device (no memory, no data), so a wrong rule stops the run before its
+        data are read. Later models (another vocabulary, a growth stage) are matched again."""
+        if self.config.optimizers is None and not self.config.init_rules:
+            return
+        from physlm_graph._compile import compile_blueprint
+
+        cm = compile_blueprint(self.blueprint, device="meta", stage=0 if self.stages else None)
+        if self.config.optimizers is not None:
+            self.optimizer_groups(cm.module)
+        self.apply_init_rules(cm.module)  # meta parameters: checked, not drawn
+
+    def apply_init_rules(self, model: Any) -> list[str]:
+        """``train.init_rules`` applied to ``model`` (seeded by ``train.seed``); the names no rule took."""
+        from .recipe import RecipeError, apply_init_rules, init_rules_from_config
+
+        if not self.config.init_rules:
+            return []
+        try:
+            return apply_init_rules(model, init_rules_from_config(self.config.init_rules), seed=self.config.seed,
+                                    complete=False)
+        except RecipeError as err:
+            raise self._recipe_error(err, "init_rules") from None
+
     # -- the model
     def model(self, *, vocab: int, stage: int | None = None, device: str = "cpu") -> tuple[Any, list[str]]:
         """The model for a tokenizer of ``vocab`` ids (at growth ``stage``), seeded by
@@ -176,6 +223,10 @@ class RunPlan:
             stage = 0
         cm = compile_blueprint(self.blueprint, overrides=extra, stage=stage, seed=self.config.seed, device=device)
         cm.resolved.doc = self.compiled.resolved.doc  # locations in the source file, for later errors
+        untouched = self.apply_init_rules(cm.module)
+        if untouched:
+            shown = ", ".join(untouched[:4]) + (f", ... ({len(untouched)} in all)" if len(untouched) > 4 else "")
+            notes.append(f"train.init_rules take no rule for {shown}: they keep their component's init")
         mv = model_vocab(cm)
         if mv is not None and mv < vocab:
             raise TrainingError(
@@ -194,8 +245,10 @@ def make_plan(source: str | os.PathLike[str] | dict[str, Any], *, overrides: dic
 
     ov = normalize_overrides(overrides)
     compiled = compile_blueprint(source, overrides=ov, build=False)
-    return RunPlan(source=source, overrides=ov, compiled=compiled,
+    plan = RunPlan(source=source, overrides=ov, compiled=compiled,
                    config=_train_config(compiled.train_config, train_options))
+    plan.check_recipe()
+    return plan
 
 
 def checkpoint_stage(folder: str | os.PathLike[str]) -> int | None:

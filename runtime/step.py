@@ -1,5 +1,7 @@
 """The optimizer step of the trainer, after the micro-batches' backward passes: gradient
-clipping, the non-finite check, and AdamW's step, synchronous or deferred.
+clipping, the non-finite check, and the optimizer's step, synchronous or deferred; and what the
+step needs beforehand: the optimizers of ``train.optimizers``' groups (``group_optimizers``) and
+the learning rate of each group at a step (``scheduled_lr``, ``set_lr``).
 
 A synchronous step brings the loss and the gradient norm to the host and skips the step (with
 the guard's policy) when one is not finite. A deferred step (the fused AdamW) never waits for
@@ -17,7 +19,39 @@ import torch
 
 from .objective import OBJECTIVE
 
-__all__ = ["optimizer_step", "clip_gradients", "fused_optimizer", "deferred"]
+__all__ = ["optimizer_step", "clip_gradients", "fused_optimizer", "deferred", "group_optimizers", "scheduled_lr",
+           "set_lr"]
+
+
+def group_optimizers(t: Any) -> Any:
+    """Trainer ``t``'s optimizers over ``train.optimizers``' groups: one per kind, driven as one
+    (``recipe.OptimizerSet``). Without groups the trainer builds one AdamW (``optim.py``)."""
+    from .recipe import OptimizerSet, make_optimizers
+
+    return OptimizerSet(make_optimizers(t.plan.optimizer_groups(t.model)))
+
+
+def scheduled_lr(cfg: Any, step: int, steps: int) -> float:
+    """The schedule at 0-based ``step`` of ``steps``: the learning rate, or with ``train.optimizers``
+    the factor on each group's own lr (``recipe.lr_factor``)."""
+    from .optim import lr_at
+    from .recipe import lr_factor, wsd_lr
+
+    if cfg.optimizers is not None:
+        return lr_factor(step, schedule=cfg.schedule, steps=steps, warmup=cfg.warmup, decay_frac=cfg.decay_frac)
+    if cfg.schedule == "wsd":
+        return wsd_lr(step, lr=cfg.lr, steps=steps, warmup=cfg.warmup,
+                      decay_frac=0.7 if cfg.decay_frac is None else cfg.decay_frac,
+                      min_lr=0.0 if cfg.min_lr is None else cfg.min_lr)
+    return lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, steps=steps, schedule=cfg.schedule)
+
+
+def set_lr(t: Any, lr: float) -> None:
+    """Give every group of ``t.optimizer`` the scheduled ``lr``: a group with its own ``initial_lr``
+    (``train.optimizers``) gets ``initial_lr * lr``."""
+    for g in t.optimizer.param_groups:
+        base = g.get("initial_lr")
+        g["lr"] = lr if base is None else base * lr
 
 
 def optimizer_step(t: Any, step: int, loss_sum: torch.Tensor, record: dict[str, Any]) -> None:
@@ -90,7 +124,16 @@ def deferred(t: Any) -> bool:
     non-finite step is skipped on the device (the kernel's ``found_inf``), and the loss, the
     gradient norm and the non-finite steps reach the host only when ``resolve`` is called
     (at log, evaluation and save steps). FSDP2 keeps the synchronous path, and so does
-    ``PHYSLM_SYNC_STEPS=1`` in the environment (every step checked at once, as before)."""
+    ``PHYSLM_SYNC_STEPS=1`` in the environment (every step checked at once, as before).
+    ``train.optimizers``' groups defer too under ``nan_policy: stop``: their Muon cannot skip a
+    step on the device, but the run stops at the next resolve, which comes before any save, so
+    the last good checkpoint is kept, and the host never waits on the device mid-run."""
     if os.environ.get("PHYSLM_SYNC_STEPS", "0") == "1" or t.strategy == "fsdp":
         return False
-    return fused_optimizer(t)
+    if fused_optimizer(t):
+        return True
+    # train.optimizers' groups (Muon has no found_inf): a bad step is not skipped on the device, so
+    # only nan_policy stop defers: the run stops at the next resolve, before anything is saved
+    from .recipe import OptimizerSet
+
+    return isinstance(t.optimizer, OptimizerSet) and t.cfg.nan_policy == "stop"

@@ -30,6 +30,11 @@ def _compile_label(mode: Any) -> str:
     return ", torch.compile" + ("" if mode == "default" else f" {mode}")
 
 
+def _schedule_label(c: Any) -> str:
+    decay = f", decay over the last {0.7 if c.decay_frac is None else c.decay_frac:g}" if c.schedule == "wsd" else ""
+    return f"{c.schedule}, warmup {c.warmup}{decay}"
+
+
 def describe_run(t: Any) -> None:
     """Print what trainer ``t`` (set up) will do."""
     from rich.table import Table
@@ -44,8 +49,18 @@ def describe_run(t: Any) -> None:
     tab.add_row("tokens/step", f"{t.tokens_per_step:,} (batch {c.batch_size} x seq {t.seq_len} x accumulate {c.accumulate})")
     tab.add_row("steps", f"{c.steps:,}" + (f" (resuming at {t.step:,})" if t.step else ""))
     tab.add_row("total tokens", f"{c.steps * t.tokens_per_step:,}")
-    tab.add_row("optimizer", f"AdamW lr {c.lr:g} -> {c.min_lr if c.min_lr is not None else c.lr / 10:g} ({c.schedule}, "
-                f"warmup {c.warmup}), wd {c.weight_decay:g}, clip {c.grad_clip:g}")
+    if c.optimizers is None:
+        floor = c.min_lr if c.min_lr is not None else 0.0 if c.schedule == "wsd" else c.lr / 10
+        tab.add_row("optimizer", f"AdamW lr {c.lr:g} -> {floor:g} ({_schedule_label(c)}), wd {c.weight_decay:g}, "
+                    f"clip {c.grad_clip:g}")
+    else:
+        from .recipe import describe_optimizers
+
+        tab.add_row("optimizers", "\n".join(describe_optimizers(t.optimizer)))
+        floor = "0" if c.schedule == "wsd" else "0.1 x"
+        tab.add_row("schedule", f"{_schedule_label(c)}: each group's lr -> {floor} its lr, clip {c.grad_clip:g}")
+    if c.init_rules:
+        tab.add_row("init", f"by name pattern ({len(c.init_rules)} train.init_rules)")
     tab.add_row("device", f"{t.device} ({t.dtype_name}{_compile_label(c.compile)})"
                 + (f", {t.dist.world} processes ({t.strategy}{_fsdp_label(t)})" if t.dist.enabled else ""))
     tab.add_row("loss", "final head: " + ("fused head + cross-entropy (train.fused_loss)" if t.fused_loss

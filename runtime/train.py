@@ -6,7 +6,8 @@ The blueprint's ``train:`` section gives the defaults; arguments override them. 
 read once into a run plan (``runtime/plan.py``); the trainer follows it. Each step draws
 ``accumulate`` micro-batches of random windows, optimizes the plan's objective (the final
 cross-entropy plus the weighted auxiliary and exit losses, ``runtime/objective.py``), clips the
-gradient and takes one AdamW step at ``lr_at(step)``. Every ``eval_every`` steps the mean final
+gradient and takes one optimizer step (AdamW, or ``train.optimizers``' groups) at the schedule's
+learning rate. Every ``eval_every`` steps the mean final
 cross-entropy over ``eval_iters`` validation batches is measured (the same windows each time, so
 evaluations compare); ``last`` is saved every ``save_every`` steps and at the end, ``best``
 whenever the validation loss improves.
@@ -43,10 +44,10 @@ from .guard import NonFiniteGuard
 from .init_from import InitFrom, carry_weights
 from .model_setup import install_model
 from .objective import OBJECTIVE, Objective
-from .optim import lr_at, make_optimizer, node_components
+from .optim import make_optimizer, node_components
 from .parts import Part
 from .plan import RunPlan, make_plan, normalize_overrides, vocab_overrides
-from .step import clip_gradients, deferred, optimizer_step
+from .step import clip_gradients, deferred, group_optimizers, optimizer_step, scheduled_lr, set_lr
 from .summary import describe_run
 
 __all__ = ["Trainer", "train", "resolve_device", "vocab_overrides", "rng_state", "set_rng_state"]
@@ -144,7 +145,8 @@ class Trainer:
 
             raise GrowthError("growth under FSDP is not supported: the sharded weights cannot be copied into the "
                               "grown model", fix="train growth schedules with --strategy ddp (the default)")
-        self.objective = Objective(self.plan.loss_weights)
+        self.objective = Objective(self.plan.loss_weights, reduction=self.cfg.loss_reduction,
+                                   accumulate=self.cfg.accumulate, world=self.dist.world)
         self.guard = NonFiniteGuard(self.cfg, self.device, self.out_dir)
         self.cadence = CheckpointCadence(self.cfg, self.stop_after)
         self.growth = GrowthPart(self.plan.stages, check=self.check_growth) if self.plan.stages else None
@@ -214,7 +216,10 @@ class Trainer:
         install_model(self, cm)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over every parameter, or ``train.optimizers``' groups (``runtime/step.py``)."""
         c = self.cfg
+        if c.optimizers is not None:
+            return group_optimizers(self)
         return make_optimizer(self.model, lr=c.lr, weight_decay=c.weight_decay, betas=c.betas, owners=node_components(self.cm))
 
     @property
@@ -229,8 +234,7 @@ class Trainer:
     # ------------------------------------------------------------ the step
     def lr_at(self, step: int) -> float:
         """The schedule's learning rate at ``step``, times each part's factor (growth's re-warmup)."""
-        c = self.cfg
-        lr = lr_at(step, lr=c.lr, min_lr=c.min_lr, warmup=c.warmup, steps=self.schedule_steps, schedule=c.schedule)
+        lr = scheduled_lr(self.cfg, step, self.schedule_steps)  # with train.optimizers: the factor on each group's lr
         for part in self.parts:
             scale = part.lr_scale(step)
             if scale != 1.0:
@@ -249,8 +253,7 @@ class Trainer:
             part.before_step(self, step)
         c = self.cfg
         lr = self.lr_at(step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        set_lr(self, lr)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         terms: dict[str, torch.Tensor] = {}
@@ -261,7 +264,7 @@ class Trainer:
             with grad_sync(self.wrapped, self.dist, self.strategy, last=i == c.accumulate - 1):
                 with self.autocast():
                     loss, parts = self.forward_loss(x, y)
-                (loss / c.accumulate).backward()
+                self.objective.micro_loss(loss, y).backward()
             loss_sum += loss.detach() / c.accumulate
             for k, v in parts.items():
                 terms[k] = terms.get(k, 0.0) + v.detach().float() / c.accumulate

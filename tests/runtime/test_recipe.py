@@ -38,9 +38,10 @@ def model() -> nn.Module:
 
 def test_speedrun_groups(model):
     groups = {g["group"]: g for g in select_groups(model, SPEEDRUN_GROUPS)}
-    assert list(groups) == ["blocks", "embed", "head", "vectors"]
+    assert list(groups) == ["qkv", "blocks", "embed", "head", "vectors"]
+    assert groups["qkv"]["names"] == ["trunk.0.attn.qkv.weight", "trunk.1.attn.qkv.weight"] and groups["qkv"]["split"] == 3
     assert groups["blocks"]["names"] == [f"trunk.{i}.{m}.weight" for i in range(2)
-                                         for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")]
+                                         for m in ("attn.proj", "mlp.fc", "mlp.proj")]
     assert groups["embed"]["names"] == ["tok.weight"] and groups["head"]["names"] == ["head.weight"]
     vectors = groups["vectors"]["names"]
     assert "head.bias" in vectors and "x0.weight" in vectors and "trunk.1.n2.weight" in vectors
@@ -52,10 +53,10 @@ def test_speedrun_groups(model):
 
 def test_a_parameter_no_rule_matches_is_named(model):
     rules = [GroupRule("blocks", ("trunk.**",), "muon", {"lr": 0.1}, shape="matrix")]
-    with pytest.raises(ValueError, match=r"no optimizer group rule matches parameter\(s\) tok.weight, x0.weight, "
+    with pytest.raises(ValueError, match=r"no optimizer group takes parameter\(s\) tok.weight, x0.weight, "
                                          r"trunk.0.n1.weight, trunk.0.attn.qkv.bias, trunk.0.attn.proj.bias, \.\.\."):
         select_groups(model, rules)
-    with pytest.raises(ValueError, match="no init rule matches parameter"):
+    with pytest.raises(ValueError, match="no init rule takes parameter"):
         apply_init_rules(model, [InitRule(("**.bias",), "zeros")])
 
 
@@ -132,9 +133,10 @@ def test_a_few_recipe_steps_lower_the_summed_loss(model):
     apply_init_rules(model, SPEEDRUN_INIT)
     opts = make_optimizers(select_groups(model, SPEEDRUN_GROUPS))
     lines = describe_optimizers(opts)
-    assert lines[0].startswith("blocks: Muon lr 0.025, weight decay 0.05, 8 tensors, ")
-    assert [ln.split(":")[0] for ln in lines] == ["blocks", "embed", "head", "vectors"]
-    assert lines[1].startswith("embed: AdamW lr 0.7, weight decay 0.001, 1 tensors, 8,192 parameters")
+    assert lines[0].startswith("blocks: torch.optim.Muon lr 0.025, weight decay 0.05, 6 tensors, ")
+    assert lines[1].startswith("qkv: runtime.muon.Muon lr 0.025, weight decay 0.05, split 3, 2 tensors, ")
+    assert [ln.split(":")[0] for ln in lines] == ["blocks", "qkv", "embed", "head", "vectors"]
+    assert lines[2].startswith("embed: torch.optim.AdamW lr 0.7, weight decay 0.001, 1 tensors, 8,192 parameters")
     x = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     losses = []
     for step in range(6):
@@ -148,3 +150,85 @@ def test_a_few_recipe_steps_lower_the_summed_loss(model):
         losses.append(loss.item())
     assert losses[0] == pytest.approx(4 * 31 * math.log(128), rel=1e-4)  # a zero head: uniform logits
     assert losses[-1] < 0.9 * losses[0]
+
+
+def test_our_muon_is_the_programs_update_and_splits_a_fused_matrix():
+    """runtime/muon.py: the written-out update above, and ``split: 3`` on a (3r, c) matrix moves
+    each r-row block as Muon moves that block alone."""
+    from physlm_graph.runtime.muon import Muon
+
+    torch.manual_seed(0)
+    fused = nn.Parameter(torch.randn(24, 8))
+    alone = [nn.Parameter(b.detach().clone()) for b in fused.detach().chunk(3)]
+    refs, bufs = [b.detach().clone() for b in alone], [torch.zeros(8, 8) for _ in range(3)]
+    opt = Muon([{"params": [fused], "split": 3}], lr=0.05, weight_decay=0.1)
+    each = Muon(alone, lr=0.05, weight_decay=0.1)
+    for _ in range(3):
+        grad = torch.randn(24, 8)
+        fused.grad = grad.clone()
+        for p, g in zip(alone, grad.chunk(3)):
+            p.grad = g.clone()
+        opt.step()
+        each.step()
+        for ref, buf, g in zip(refs, bufs, grad.chunk(3)):
+            _program_muon_step(ref, g, buf, lr=0.05, wd=0.1)
+    torch.testing.assert_close(fused.detach(), torch.cat([p.detach() for p in alone]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(fused.detach(), torch.cat(refs), atol=2e-2 * 0.05, rtol=0)
+    whole = nn.Parameter(torch.cat(refs).clone())  # unsplit, the same gradient: another update
+    whole.grad = torch.randn(24, 8)
+    with pytest.raises(ValueError, match=r"Muon takes 2-D matrices whose rows split into 5 equal blocks; got shape \(24, 8\)"):
+        Muon([{"params": [whole], "split": 5}])
+
+
+def test_optimizer_set_state_round_trips_by_parameter():
+    from physlm_graph.runtime.recipe import OptimizerSet
+
+    torch.manual_seed(0)
+    a, b, v = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4))
+    groups = [{"group": "m", "optimizer": "muon", "params": [a, b], "names": ["a", "b"], "lr": 0.02, "weight_decay": 0.0},
+              {"group": "v", "optimizer": "adamw", "params": [v], "names": ["v"], "lr": 0.01, "weight_decay": 0.0}]
+    opts = OptimizerSet(make_optimizers(groups))
+    for p in (a, b, v):
+        p.grad = torch.randn_like(p)
+    opts.step()
+    sd = opts.state_dict()
+    assert sorted(sd["state"]) == [0, 1, 2] and [g["params"] for g in sd["param_groups"]] == [[0, 1], [2]]
+    other = OptimizerSet(make_optimizers(groups))
+    other.load_state_dict(sd)
+    assert torch.equal(other.state[b]["momentum_buffer"], opts.state[b]["momentum_buffer"])
+    assert torch.equal(other.state[v]["exp_avg_sq"], opts.state[v]["exp_avg_sq"])
+    with pytest.raises(ValueError, match="the state has 1 param groups, the optimizers 2"):
+        other.load_state_dict({"state": {}, "param_groups": sd["param_groups"][:1]})
+    swapped = [{**g, "optimizer": "adamw"} for g in groups]  # the matrices' group moved from Muon to AdamW
+    with pytest.raises(ValueError, match=r"^group 'm' was saved with other settings \(.*betas.*\) than group 'm' has: "
+                                         r"the optimizers changed$"):
+        OptimizerSet(make_optimizers(swapped)).load_state_dict(sd)
+
+
+def test_the_trainers_schedule_wsd_with_and_without_groups():
+    from physlm_graph._schema import TrainConfig
+    from physlm_graph.runtime.step import scheduled_lr
+
+    plain = TrainConfig(schedule="wsd", lr=0.5, warmup=2, min_lr=0.05, decay_frac=0.5)
+    assert [scheduled_lr(plain, s, 10) for s in (0, 1, 2, 4, 5, 8)] == pytest.approx(
+        [0.5 / 3, 1.0 / 3, 0.5, 0.5, 0.05 + 0.45 * 0.5 / 0.5, 0.05 + 0.45 * 0.2 / 0.5])
+    groups = TrainConfig(schedule="wsd", warmup=0, optimizers=[
+        {"name": "all", "params": ["**"], "optimizer": "adamw", "lr": 0.1}])
+    assert [scheduled_lr(groups, s, 10) for s in (0, 2, 3, 9)] == pytest.approx([1.0, 1.0, 1.0, (1 - 0.9) / 0.7])
+    cosine = TrainConfig(warmup=0, optimizers=[{"name": "all", "params": ["**"], "optimizer": "adamw", "lr": 0.1}])
+    assert scheduled_lr(cosine, 10, 10) == pytest.approx(0.1)  # the default floor: a tenth of each group's lr
+
+
+def test_muon_on_a_vector_or_an_unsplittable_matrix_is_named(model):
+    rules = [GroupRule("all", ("**",), "muon", {"lr": 0.1})]
+    with pytest.raises(ValueError, match=r"^optimizer group 'all': Muon takes 2-D matrices; it holds x0.weight \(64,\), "
+                                         r"trunk.0.n1.weight \(64,\), .*, \.\.\. \(15 in all\)$") as err:
+        select_groups(model, rules)
+    assert err.value.rule == 0 and err.value.key == "shape"
+    rules = [GroupRule("qkv", ("trunk.*.attn.qkv.weight",), "muon", {"lr": 0.1, "split": 5}),
+             GroupRule("rest", ("{tok,x0,norm,head}.**", "trunk.*.{n1,n2,mlp}.**", "trunk.*.attn.proj.*",
+                                "trunk.*.attn.qkv.bias"), "adamw", {"lr": 0.1})]
+    with pytest.raises(ValueError, match=r"optimizer group 'qkv': Muon takes 2-D matrices whose rows split into 5 equal "
+                                         r"blocks; it holds trunk.0.attn.qkv.weight \(192, 64\)") as err:
+        select_groups(model, rules)
+    assert err.value.key == "split"
