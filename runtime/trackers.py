@@ -109,6 +109,9 @@ class MlflowTracker(Tracker):
         super().__init__(**kw)
         self.mlflow = _need("mlflow", "mlflow", "mlflow")
         if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # a local file store under the study (MLflow 3.x refuses one unless told it is wanted;
+            # a server or database is chosen with MLFLOW_TRACKING_URI)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             self.mlflow.set_tracking_uri((self.out / "mlruns").resolve().as_uri())
         self.mlflow.set_experiment(self.study)
 

@@ -1,6 +1,7 @@
 """Experiment trackers receive each finished run once (config with provenance, every logged step,
-the summary); a tracker that is not installed is a clear error before anything trains. wandb,
-mlflow and tensorboard are not installed here: they are replaced by fakes that record calls."""
+the summary); a tracker that is not installed is a clear error before anything trains. Here the
+packages are replaced by fakes that record calls (tests/runtime/test_trackers_real.py runs the
+real wandb and mlflow, which the dev setup installs)."""
 
 from __future__ import annotations
 
