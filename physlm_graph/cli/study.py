@@ -69,7 +69,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    from physlm_graph._cliargs import device
+    from physlm_graph._cliargs import device, nonnegative_float, nonnegative_int, positive_float, positive_int
 
     d = sub.add_parser("diff", help="what changed between two compiled models (exit 1 when they differ)")
     d.add_argument("a", metavar="A.yaml")
@@ -85,12 +85,12 @@ def add_commands(sub: Any) -> None:
     a.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="local: this machine (in process, or --workers processes); ray: one Ray task per run")
     a.add_argument("--address", default=None, help="ray: the cluster's address (default: start a local Ray instance)")
-    a.add_argument("--workers", type=int, default=None,
+    a.add_argument("--workers", type=positive_int, default=None,
                    help="local: worker processes (default: one per visible GPU, else runs in this process)")
-    a.add_argument("--cpus-per-run", type=float, default=1.0, help="ray: CPUs each run declares (default 1)")
-    a.add_argument("--gpus-per-run", type=float, default=None,
+    a.add_argument("--cpus-per-run", type=positive_float, default=1.0, help="ray: CPUs each run declares (default 1)")
+    a.add_argument("--gpus-per-run", type=nonnegative_float, default=None,
                    help="ray: GPUs each run declares (default 1 with --device cuda, else 0); above 1, DDP in the task")
-    a.add_argument("--max-retries", type=int, default=3, help="ray: retries of a run whose worker died (default 3)")
+    a.add_argument("--max-retries", type=nonnegative_int, default=3, help="ray: retries of a run whose worker died (default 3)")
     a.add_argument("--metric", choices=("final", "best", "loss_at_flops", "flops_to_baseline"), default="final",
                    help="what the table compares (default: final validation loss)")
     a.add_argument("--allow-missing", action="store_true",

@@ -24,6 +24,7 @@ FREE_TEXT = {
     ("viz-coords", "--output"),  # the page is written whatever the suffix
     ("import", "--name"),  # the imported blueprint's name: any text
     ("train", "--init-from"),  # a checkpoint folder, checked by runtime/init_from.py (the fuzzer feeds bad ones)
+    ("ablate", "--address"),  # a Ray cluster's address (host:port, auto, ray://...), checked by Ray when it connects
 }
 
 BAD = {
