@@ -355,14 +355,15 @@ def run_study(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | Non
     if pending and exe.backend == "ray":
         from .study_ray import run_ray
 
-        failed = run_ray(path, out_dir, pending, execution=exe, con=con, on_done=on_done)
+        failed = run_ray(path, out_dir, pending, execution=exe, con=con, api=(StudyRuns, prepare, run_one),
+                         on_done=on_done)
     elif pending:
         gpus = gpu_count() if exe.device in ("auto", "cuda") else 0
         workers = exe.workers or (gpus if gpus > 1 else 1)
         if workers > 1:
             failed = run_pool(path, out_dir, pending, workers=workers, device=exe.device, con=con, on_done=on_done)
         else:
-            failed = run_in_process(runs, pending, status, device=exe.device, progress=progress, con=con,
+            failed = run_in_process(runs, pending, status, run_one=run_one, device=exe.device, progress=progress, con=con,
                                     on_done=on_done)
     for tr in tracking:
         tr.close()

@@ -77,11 +77,12 @@ def gpu_count() -> int:
 
 
 def run_in_process(runs: Any, pending: list[tuple[str, int]], status: dict[tuple[str, int], str], *,
-                   device: str, progress: bool, con: Any, on_done: Any = None) -> dict[tuple[str, int], str]:
-    """The runs one after another in this process; a run that raises is recorded, the rest go on."""
+                   run_one: Any, device: str, progress: bool, con: Any,
+                   on_done: Any = None) -> dict[tuple[str, int], str]:
+    """The runs one after another in this process, each through ``run_one`` (the study's own,
+    passed in so that this module does not import the study); a run that raises is recorded,
+    the rest go on."""
     from physlm_graph._errors import PhysLMError
-
-    from .study import run_one
 
     failed: dict[tuple[str, int], str] = {}
     t0, total = time.perf_counter(), len(status)

@@ -62,12 +62,12 @@ def _attempt(folder: Path) -> None:
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}) + "\n")
 
 
-def run_task(study_path: str, out: str, name: str, seed: int, device: str, cpus: float, gpus: int) -> str:
+def run_task(api: Any, study_path: str, out: str, name: str, seed: int, device: str, cpus: float, gpus: int) -> str:
     """The body of one Ray task: train (or finish) one run; returns its key."""
     from physlm_graph._errors import PhysLMError
 
     try:
-        return _run_task(study_path, out, name, seed, device, cpus, gpus)
+        return _run_task(api, study_path, out, name, seed, device, cpus, gpus)
     except PhysLMError as exc:  # as plain text: the error's message survives Ray's pickling unchanged
         raise RuntimeError(str(exc)) from None
     except Exception:  # the full traceback stays beside the run; the study prints its last line
@@ -78,10 +78,10 @@ def run_task(study_path: str, out: str, name: str, seed: int, device: str, cpus:
         raise
 
 
-def _run_task(study_path: str, out: str, name: str, seed: int, device: str, cpus: float, gpus: int) -> str:
+def _run_task(api: Any, study_path: str, out: str, name: str, seed: int, device: str, cpus: float, gpus: int) -> str:
     from physlm_graph._study import StudyError, StudySpec, load_study
 
-    from .study import StudyRuns, prepare, run_one
+    StudyRuns, prepare, run_one = api  # the study's own (runtime/study.py), sent by reference with the task
 
     study, root = load_study(study_path)
     runs = StudyRuns(StudySpec(study, root, study_path), Path(out))
@@ -104,9 +104,11 @@ def _run_task(study_path: str, out: str, name: str, seed: int, device: str, cpus
     return runs.key(name, seed)
 
 
-def run_ray(path: Any, out_dir: Path, pending: list[tuple[str, int]], *, execution: Any, con: Any,
+def run_ray(path: Any, out_dir: Path, pending: list[tuple[str, int]], *, execution: Any, con: Any, api: Any,
             on_done: Any = None) -> dict[tuple[str, int], str]:
-    """Submit every pending run as a Ray task and wait for them as they finish; returns the failed."""
+    """Submit every pending run as a Ray task and wait for them as they finish; returns the failed.
+    ``api``: the study's ``(StudyRuns, prepare, run_one)``, which each task calls (passed in, as
+    module-level names Ray pickles by reference, so that this module does not import the study)."""
     ray = import_ray()
     started = not ray.is_initialized()
     if started:
@@ -118,7 +120,7 @@ def run_ray(path: Any, out_dir: Path, pending: list[tuple[str, int]], *, executi
         device = "cuda" if gpus else execution.device if execution.device != "auto" else "cpu"
         task = ray.remote(run_task).options(num_cpus=execution.cpus_per_run, num_gpus=gpus,
                                             max_retries=execution.max_retries, retry_exceptions=False)
-        refs = {task.remote(str(Path(path).resolve()), str(out_dir.resolve()), name, seed, device,
+        refs = {task.remote(api, str(Path(path).resolve()), str(out_dir.resolve()), name, seed, device,
                             execution.cpus_per_run, int(gpus)): (name, seed) for name, seed in pending}
         res = ray.cluster_resources()
         con.print(f"ray: {len(refs)} tasks of {execution.cpus_per_run:g} CPU, {gpus:g} GPU each on a cluster of "

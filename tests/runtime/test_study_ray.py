@@ -166,7 +166,8 @@ def test_ray_backend_declares_resources_and_reports_failures(tmp_path, monkeypat
     fake = FakeRay()
     monkeypatch.setattr(study_ray, "import_ray", lambda: fake)
 
-    def task(study_path, out, name, seed, device, cpus, gpus):
+    def task(api, study_path, out, name, seed, device, cpus, gpus):
+        assert api[0] is StudyRuns  # the study's own functions travel with the task
         if (name, seed) == ("b", 1):
             raise RuntimeError("worker exploded")
         spec, root = load_study(study_path)
