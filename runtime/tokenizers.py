@@ -136,6 +136,12 @@ def add_boundary_token(folder: str | Path, token_id: int) -> int:
                                    fix="export from the checkpoint's own tokenizer folder")
         hf.add_special_tokens([AddedToken(BOUNDARY, special=True, normalized=False)])
         hf.save(str(folder / "tokenizer.json"))
+        desc_path = folder / DESCRIPTION
+        if desc_path.is_file():  # a trained or imported tokenizer's fingerprint covers its added tokens
+            desc = json.loads(desc_path.read_text(encoding="utf-8"))
+            if desc.get("kind") not in ("bytes", "chars"):
+                desc["fingerprint"] = HFTokenizer(hf, name=desc.get("name", ""), kind=desc["kind"]).fingerprint()
+                _write_description(folder, desc)
     elif have != token_id:
         raise RuntimeDataError(f"{BOUNDARY} already has id {have}, not {token_id}", loc=Loc(file=str(folder)))
     path = folder / "tokenizer_config.json"

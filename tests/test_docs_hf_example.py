@@ -66,7 +66,9 @@ def _run(root: Path, monkeypatch, capsys, train_extra: list[str]) -> str:
     record = json.loads((root / "runs" / "hybrid" / "init_from.json").read_text())
     assert record["fresh"] == ["trunk.1.ssd", "trunk.3.ssd"] and len(record["unused"]) == 4
     exported = load_checkpoint(root / "export" / "hybrid")  # the exported folder is a physlm checkpoint
-    assert exported.tokenizer is not None and exported.tokenizer.vocab_size == 256
+    # a tokenizer with no end-of-text token gains <|endoftext|> at the first free id (BOS/EOS/PAD)
+    assert exported.tokenizer is not None and exported.tokenizer.vocab_size == 257
+    assert exported.tokenizer.hf.token_to_id("<|endoftext|>") == 256 == exported.tokenizer.eos_id
     assert "trunk.1.ssd" in exported.model.graph["nodes"] and "trunk.1.attn" not in exported.model.graph["nodes"]
     return text
 
