@@ -52,11 +52,12 @@ def match_family(cm: Any) -> tuple[Family | None, dict[str, Any] | None, str]:
     from physlm_graph._diff import diff_models
 
     params = dict(cm.resolved.params)
-    why = []
+    why = []  # families whose params the blueprint has: why each is not the graph
+    short: list[tuple[int, str]] = []  # the others: how many params each lacks, and which
     for fam in FAMILIES.values():
         lacking = [k for k, p in fam.params.items() if k not in params and not p.optional]
         if lacking:
-            why.append(f"{fam.model_type}: no param {', '.join(lacking)}")
+            short.append((len(lacking), f"{fam.model_type}: no param {', '.join(lacking)}"))
             continue
         try:
             config = config_from_params(fam, {k: params.get(k) for k in fam.params})
@@ -73,6 +74,11 @@ def match_family(cm: Any) -> tuple[Family | None, dict[str, Any] | None, str]:
         if d.identical:
             return fam, config, ""
         why.append(f"{fam.model_type}: the graph differs ({d.summary()})")
+    if not why and short:  # no family's params all there: name the three closest (fewest missing), not all 15
+        why = [text for _, text in sorted(short, key=lambda s: s[0])[:3]]
+        rest = len(short) - len(why)
+        if rest:
+            why.append(f"{rest} other famil{'y lacks' if rest == 1 else 'ies lack'} more params")
     return None, None, "; ".join(why)
 
 
