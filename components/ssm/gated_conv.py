@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
+
+from ._dt import log_uniform_dt
 
 
 class GatedConv(nn.Module):
@@ -64,9 +64,7 @@ class GatedConv(nn.Module):
         self.x_proj_dt = nn.Parameter(x_proj.weight.detach()[2 * d_state :].clone())  # (1, Di)
         self.dt_proj = nn.Linear(1, d_inner, bias=True)
         with torch.no_grad():
-            u = torch.rand(d_inner)
-            dt0 = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
-            self.dt_proj.bias.copy_(torch.log(dt0))
+            self.dt_proj.bias.copy_(torch.log(log_uniform_dt(d_inner, dt_min, dt_max)))
         A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)  # (Di, N)
         self.register_buffer("A_log", torch.log(A))  # published, never read
         self.D_skip = nn.Parameter(torch.ones(d_inner))

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
 from physlm_graph._registry import HFName
 
+from ._dt import inverse_softplus, log_uniform_dt
+
 
 class _RMS(nn.Module):
     """``x * rsqrt(mean(x^2) + eps) * weight`` over the last axis, computed in float32."""
@@ -122,9 +124,8 @@ class Mamba(nn.Module):
         log-uniform in [dt_min, dt_max] (floor 1e-4), so every channel starts with its own step."""
         R = self.dt_rank
         nn.init.uniform_(self.dt_proj.weight, -(R**-0.5), R**-0.5)
-        u = torch.rand(self.d_inner, device=self.dt_proj.bias.device)
-        dt0 = torch.exp(u * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min)).clamp(min=1e-4)
-        self.dt_proj.bias.copy_(dt0 + torch.log(-torch.expm1(-dt0)))
+        dt0 = log_uniform_dt(self.d_inner, self.dt_min, self.dt_max, device=self.dt_proj.bias.device)
+        self.dt_proj.bias.copy_(inverse_softplus(dt0))
 
     def after_init_scheme(self) -> None:
         """A blueprint ``init:`` scheme (gpt2: every Linear N(0, std), biases 0) would give every

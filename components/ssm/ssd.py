@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
 from physlm_graph._registry import HFName
 
+from ._dt import inverse_softplus, log_uniform_dt
 from ._ssd_kernels import ssd_chunked, ssd_step
 
 
@@ -99,9 +100,7 @@ class SSD(nn.Module):
         if self.conv_bias is not None:
             nn.init.uniform_(self.conv_bias, -bound, bound)
         # dt_bias = softplus^-1(dt0), dt0 log-uniform in [dt_min, dt_max] (floor 1e-4)
-        u = torch.rand(self.num_heads)
-        dt0 = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
-        self.dt_bias = nn.Parameter(dt0 + torch.log(-torch.expm1(-dt0)))
+        self.dt_bias = nn.Parameter(inverse_softplus(log_uniform_dt(self.num_heads, dt_min, dt_max)))
         lo, hi = A_init_range
         self.A_log = nn.Parameter(torch.log(torch.empty(self.num_heads).uniform_(lo, hi)))
         self.D = nn.Parameter(torch.ones(self.num_heads))
