@@ -43,8 +43,8 @@ from physlm_graph._registry import REGISTRY
 from physlm_graph.components._static_cache import StaticCache, StaticDecodeContext
 
 from .checkpoint import model_context
-from .generate import (NonFiniteLogits, _as_compiled, _logit_nodes, _not_incremental, check_sampling, generate,
-                       nonfinite_parameter, prompt_tensor)
+from .generate import (NonFiniteLogits, _as_compiled, _logit_nodes, _not_incremental, check_sampling, filter_top,
+                       generate, nonfinite_parameter, prompt_tensor)
 
 __all__ = ["DecodeEngine", "generate_static", "static_plan", "sample_on_device"]
 
@@ -80,18 +80,10 @@ def static_plan(cm: Any) -> tuple[dict[str, str], list[str]]:
 def sample_on_device(logits: Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
                      generator: torch.Generator | None) -> Tensor:
     """One token per row of ``logits`` (B, V), with no host sync: greedy for ``temperature=0``,
-    else top-k / top-p filtering as ``generate.sample_next`` does, then the exponential race."""
+    else top-k / top-p filtering (``generate.filter_top``, as ``sample_next``), then the exponential race."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
-    logits = logits.float() / temperature  # (B, V)
-    if top_k is not None and top_k < logits.size(-1):
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-        probs = sorted_logits.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix reaching top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    logits = filter_top(logits.float() / temperature, top_k=top_k, top_p=top_p)  # (B, V)
     probs = logits.softmax(dim=-1)  # (B, V)
     race = torch.empty_like(probs).exponential_(generator=generator)  # E ~ Exp(1)
     return (probs / race).argmax(dim=-1)  # (B,): row b picks v with probability probs[b, v]

@@ -30,7 +30,7 @@ from physlm_graph._registry import REGISTRY
 
 from .checkpoint import Checkpoint, load_checkpoint, model_context
 
-__all__ = ["generate", "can_cache", "check_sampling", "sample_next", "NonFiniteLogits"]
+__all__ = ["generate", "can_cache", "check_sampling", "sample_next", "filter_top", "NonFiniteLogits"]
 
 
 class NonFiniteLogits(PhysLMError):
@@ -97,6 +97,20 @@ def _as_compiled(model_or_ckpt: Any, device: str | torch.device | None) -> Any:
     raise TypeError(f"generate() takes a CompiledModel, a Checkpoint or a checkpoint path, got {type(model_or_ckpt).__name__}")
 
 
+def filter_top(logits: Tensor, *, top_k: int | None, top_p: float | None) -> Tensor:
+    """``logits`` (B, V) with all but the ``top_k`` largest, then all past the smallest prefix whose
+    probability reaches ``top_p`` (always at least one), set to -inf. No host sync."""
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
 def sample_next(
     logits: Tensor,
     seen: Tensor,
@@ -116,15 +130,7 @@ def sample_next(
         logits.scatter_(1, seen, torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty))
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-        probs = sorted_logits.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix reaching top_p (always >= 1)
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    logits = filter_top(logits / temperature, top_k=top_k, top_p=top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
 
