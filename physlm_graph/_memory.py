@@ -205,7 +205,8 @@ def estimate_memory(cm: Any, *, batch: int, seq: int, dtype: str = "bfloat16", w
         raise
     except Exception as e:  # a component that cannot run on meta (data-dependent shapes, .item())
         raise PhysLMError(f"the memory estimate could not run the model on meta: {type(e).__name__}: {e}",
-                          fix="components whose shapes depend on data values cannot be measured this way")
+                          fix="the message names the node: a window (--seq) longer than the model's context is refused "
+                          "there, and components whose shapes depend on data values cannot be measured this way")
     logits = row_logits * batch
     per_row = max(two - one, 0)
     fixed = max(one - per_row, 0)

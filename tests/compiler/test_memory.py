@@ -105,3 +105,11 @@ def test_checkpointing_shrinks_the_estimate():
     blocks = estimate_memory(cm, batch=2, seq=64, dtype="float32", checkpointing="blocks")
     # two layers: what the blocks keep plus one block recomputed in its backward
     assert blocks.activations < 0.7 * plain.activations and blocks.checkpointing == "blocks"
+
+
+def test_a_window_past_the_context_is_a_clear_error(capsys):
+    bp = str(ROOT / "blueprints" / "baby-gpt-cpu.yaml")
+    assert main(["build", bp, "--memory", "--seq", "5000"]) == 2
+    err = capsys.readouterr().err
+    assert "memory estimate could not run the model on meta" in err and "max_seq_len 64" in err
+    assert "Traceback" not in err
