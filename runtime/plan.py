@@ -22,6 +22,7 @@ the blueprint file, before step 0.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from physlm_graph._errors import Loc, TrainingError
+from physlm_graph._errors import Loc, PhysLMError, TrainingError
 from physlm_graph._schema import TrainConfig
 
 __all__ = ["RunPlan", "make_plan", "checkpoint_stage", "vocab_overrides", "normalize_overrides", "TOKENIZER_KINDS"]
@@ -170,6 +171,19 @@ class RunPlan:
                 return str(base / spec)
         return spec
 
+    def _relocated(self, err: PhysLMError) -> PhysLMError:
+        """``err`` with the positions of the merged document (``<dict>``: the plan compiles a
+        dict) replaced by the node's position in the blueprint file the plan read."""
+        res = self.compiled.resolved
+        diags = []
+        for d in err.diagnostics:
+            if d.loc is not None and d.loc.file == "<dict>":
+                node = (d.node or "").split(" ")[0]
+                loc = res.doc.loc(res.nodes[node].src) if res.doc is not None and node in res.nodes else None
+                d = dataclasses.replace(d, loc=loc or self.where)
+            diags.append(d)
+        return type(err)(diags)
+
     # -- the recipe
     def _recipe_error(self, err: Any, section: str) -> TrainingError:
         path: tuple[Any, ...] = ("train", section) if err.rule is None else ("train", section, err.rule, err.key)
@@ -221,7 +235,10 @@ class RunPlan:
         extra, notes = vocab_overrides(self.blueprint, vocab, self.config.vocab_multiple)
         if stage is None and self.stages:
             stage = 0
-        cm = compile_blueprint(self.blueprint, overrides=extra, stage=stage, seed=self.config.seed, device=device)
+        try:
+            cm = compile_blueprint(self.blueprint, overrides=extra, stage=stage, seed=self.config.seed, device=device)
+        except PhysLMError as err:
+            raise self._relocated(err) from None
         cm.resolved.doc = self.compiled.resolved.doc  # locations in the source file, for later errors
         untouched = self.apply_init_rules(cm.module)
         if untouched:

@@ -71,3 +71,17 @@ def test_a_trainer_runs_a_plan_made_beforehand(tmp_path):
     assert result["steps"] == 2
     with pytest.raises(TrainingError, match="a RunPlan already holds the overrides and training options"):
         Trainer(plan, out_dir=tmp_path / "other", steps=3)
+
+
+def test_a_model_that_cannot_fit_is_located_in_the_blueprint_file_not_the_merged_dict():
+    """The plan compiles its merged document (a dict); the fit check's location still names the
+    blueprint file and the node's line there."""
+    from physlm_graph import BuildError
+
+    root = Path(__file__).parents[2]
+    plan = make_plan(root / "blueprints" / "baby-gpt-cpu.yaml", overrides={"params.dim": 1 << 20})
+    with pytest.raises(BuildError) as err:
+        plan.model(vocab=65)
+    msg = str(err.value)
+    assert "<dict>" not in msg
+    assert msg.startswith(f"build error: {root}/blueprints/baby-gpt.yaml:17:7: trunk.0.mlp: the weights do not fit"), msg
