@@ -8,14 +8,16 @@ set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]*' | head -1 | tr A-Z a-z)
+CARD=${CARD:-gpu}
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 for what in "$@"; do
   echo "=== $what ($(date -u +%H:%M:%S))"
   case $what in
-    decode)   timeout 330 python benchmarks/decode.py 2>&1 | tee "$OUT/decode-h100.txt" ;;
-    memory)   timeout 150 python benchmarks/memory_estimate.py 2>&1 | tee "$OUT/memory-estimate-h100.txt" ;;
-    speedrun) timeout 560 python benchmarks/speedrun_speed.py 2>&1 | tee "$OUT/speedrun-h100.txt" ;;
-    tests)    timeout 500 python -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests-h100.txt" ;;
+    decode)   timeout 330 python benchmarks/decode.py 2>&1 | tee "$OUT/decode-$CARD.txt" ;;
+    memory)   timeout 150 python benchmarks/memory_estimate.py 2>&1 | tee "$OUT/memory-estimate-$CARD.txt" ;;
+    speedrun) timeout 560 python benchmarks/speedrun_speed.py 2>&1 | tee "$OUT/speedrun-$CARD.txt" ;;
+    tests)    timeout 500 python -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests-$CARD.txt" ;;
     *) echo "unknown section $what"; exit 2 ;;
   esac
 done
