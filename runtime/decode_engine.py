@@ -90,7 +90,8 @@ def logits_only(gm: fx.GraphModule) -> fx.GraphModule:
     graph.graph_copy(gm.graph, remap, return_output_node=False)
     graph.output({"logits": remap[result["logits"]]})
     pruned = fx.GraphModule(gm, graph)
-    pruned.graph.eliminate_dead_code()
+    if not pruned.graph.eliminate_dead_code():
+        return gm  # the other outputs read nothing the logits do not (an empty ``aux``)
     pruned.recompile()
     return pruned
 
