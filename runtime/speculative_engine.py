@@ -314,12 +314,12 @@ class SpeculativeEngine:
             st.layer_rows += (k + 1) * st.full_layers  # every row runs the draft layers, then the rest
             if a < k and self._snaps_needed():
                 st.layer_rows += (a + 1) * st.full_layers  # the kept rows again, for the states
-            st.per_round.append(a + 1)
             for t in range(a + 1):
                 st.tokens += 1
                 done = emit([r[t] for r in host])
                 if done:
                     break
+            st.per_round.append(t + 1)  # the tokens it emitted (a last round may keep fewer than a + 1)
         return out
 
 

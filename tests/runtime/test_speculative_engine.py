@@ -229,11 +229,13 @@ def test_the_engine_runs_no_exit_head(models):
 
 def test_same_stats_as_the_old_path(models):
     """Same tokens, same rounds: the engine and ``runtime/speculative.py`` accept the same drafts
-    (within the context, where neither re-prefills)."""
+    (within the context, where neither re-prefills) but in the last round, where the old path
+    drafts only as many tokens as are still wanted and the engine a whole round."""
     cm, _ = models["gpt2"]
     old, a = generate_self_speculative(cm, PROMPT, max_new_tokens=40, draft_exit=1, draft_len=3)
     new, b = generate_speculative_static(cm, PROMPT, max_new_tokens=40, draft_exit=1, draft_len=3)
-    assert new == old and b.per_round == a.per_round and b.accepted == a.accepted
+    assert new == old and b.per_round == a.per_round and b.tokens == a.tokens == 39
+    assert b.accepted >= a.accepted and b.drafted >= a.drafted
 
 
 @pytest.mark.gpu
@@ -252,3 +254,33 @@ def test_cuda_graph_round_equals_full_depth_greedy(models, name, compile):
         assert spec.generate([PROMPT], max_new_tokens=40)[0] == want  # the captured round replays again
     finally:
         cm.module.cpu()
+
+
+def test_cli_generate_compile_honours_speculate_and_exit_threshold(models, tmp_path, capsys):
+    """``--compile --speculate K`` runs the speculative round on the engine and ``--compile
+    --exit-threshold T`` the exits on its caches: the same ids as without ``--compile``."""
+    import json
+
+    from physlm_graph.cli import main
+    from physlm_graph.runtime.checkpoint import save_checkpoint
+    from physlm_graph.runtime.tokenizers import CharTokenizer
+
+    tok = CharTokenizer([chr(c) for c in range(32, 97)])
+    folder = save_checkpoint(tmp_path / "ck", cm=models["gpt2"][0], tokenizer=tok)
+    base = ["generate", str(folder), "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "30",
+            "--device", "cpu", "--json"]
+    runs = {}
+    for how in (["--speculate", "3", "--draft-exit", "trunk.2"], ["--exit-threshold", "0.3", "--exit-rule", "top1"]):
+        for flag in ([], ["--compile"]):
+            assert main([*base, *how, *flag]) == 0
+            runs[how[0], bool(flag)] = json.loads(capsys.readouterr().out)
+    assert main([*base]) == 0
+    full = json.loads(capsys.readouterr().out)["ids"]
+    spec, eng = runs["--speculate", False], runs["--speculate", True]
+    assert eng["ids"] == spec["ids"] == full and eng["engine"] and not spec["engine"]
+    assert eng["speculative"]["tokens_per_round"] > 1 and spec["speculative"]["tokens_per_round"] > 1
+    exits, eng = runs["--exit-threshold", False], runs["--exit-threshold", True]
+    assert eng["ids"] == exits["ids"] != full and eng["exits"] == exits["exits"]
+    assert main([*base, "--compile", "--speculate", "2", "--temperature", "0.8"]) == 2
+    assert "--speculate decodes greedily with the KV cache; it cannot be combined with --temperature 0.8" in \
+        capsys.readouterr().err
