@@ -3,6 +3,7 @@
 # benchmark's output is kept under $OUT (or results/ when OUT is unset).
 #   bash benchmarks/gpu_goals.sh decode memory     # decode engine and the memory estimate
 #   bash benchmarks/gpu_goals.sh speedrun          # the speedrun recipe against the hand-written program
+#   bash benchmarks/gpu_goals.sh earlyexit         # early exit / self-speculative against the decode engine
 #   bash benchmarks/gpu_goals.sh tests             # the gpu-marked tests
 set -u
 OUT=${OUT:-benchmarks/results}
@@ -15,6 +16,7 @@ for what in "$@"; do
     decode)   timeout 330 python benchmarks/decode.py 2>&1 | tee "$OUT/decode-h100.txt" ;;
     memory)   timeout 150 python benchmarks/memory_estimate.py 2>&1 | tee "$OUT/memory-estimate-h100.txt" ;;
     speedrun) timeout 560 python benchmarks/speedrun_speed.py 2>&1 | tee "$OUT/speedrun-h100.txt" ;;
+    earlyexit) timeout 590 python benchmarks/early_exit_engine.py --steps 2000 --thresholds 0.9 2>&1 | tee "$OUT/early-exit-engine-h100.txt" ;;
     tests)    timeout 500 python -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests-h100.txt" ;;
     *) echo "unknown section $what"; exit 2 ;;
   esac
