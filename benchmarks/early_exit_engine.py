@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, help="prompts from the validation text (default 8; --smoke: 2)")
     ap.add_argument("--prompt-len", type=int, default=8)
     ap.add_argument("--rounds", type=int, help="timed rounds per mode (default 3; --smoke: 1)")
-    ap.add_argument("--no-compile", action="store_true", help="on a GPU: capture the engines' steps without torch.compile")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="on a GPU: capture the engines' steps without torch.compile")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", help="run folder for the trained model (default: a temporary folder)")
     args = ap.parse_args(argv)
@@ -211,10 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     eng_tps = statistics.median(base.tps)
     old_tps = statistics.median(plain.tps) if plain.tps else None
     print()
+    how = ("eager" if device.type != "cuda" else "CUDA graphs" if args.no_compile else "compiled + CUDA graphs")
     print(f"Early exit and self-speculative decoding against the full-depth engine; {describe(device)}; "
           f"{cm.name}, {len(exit_points(cm))} exits; {n_prompts} prompts x {n} greedy tokens, batch 1; "
-          f"{'CPU smoke run, ' if args.smoke else ''}engines {'compiled + CUDA graphs' if device.type == 'cuda' and not args.no_compile else 'CUDA graphs' if device.type == 'cuda' else 'eager'}")
-    head = f"| {'mode':<26} | {'setting':<14} | {'tok/s':>9} | {'vs engine':>9} | {'vs generate()':>13} | {'same':>5} | detail"
+          f"{'CPU smoke run, ' if args.smoke else ''}engines {how}")
+    head = (f"| {'mode':<26} | {'setting':<14} | {'tok/s':>9} | {'vs engine':>9} | {'vs generate()':>13} | "
+            f"{'same':>5} | detail")
     print(head)
     print("|" + "|".join("-" * (w + 2) for w in (26, 14, 9, 9, 13, 5)) + "|-------")
     for m in modes:

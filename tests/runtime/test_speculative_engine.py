@@ -163,9 +163,8 @@ def test_past_the_context_it_runs_the_old_path_and_says_so(models, capsys):
 def test_nodes_off_the_static_path_fall_back(models, capsys):
     """``memory.episodic`` keeps a store the engine does not hold in fixed buffers: the engine
     refuses it, the one-call API runs the old path (which refuses what it cannot cut back)."""
-    d = blueprint(layers=3, every=1, block="trunk")
-    nodes = d["blocks"]["gpt_block"]["nodes"]
-    nodes["attn"] = {"use": "memory.episodic", "in": "ln1"}
+    d = blueprint(layers=2, every=1, block="trunk")
+    d["blocks"]["gpt_block"]["nodes"]["attn"] = {"use": "memory.episodic", "in": "ln1"}
     cm = compile_blueprint(d)
     with pytest.raises(PhysLMError, match="keep caches that grow: trunk.0.attn"):
         SpeculativeEngine(cm, batch=1, max_len=32)
