@@ -52,19 +52,21 @@ __all__ = ["SpeculativeEngine", "generate_speculative_static"]
 class SpeculativeEngine:
     """Greedy self-speculative decoding of ``batch`` rows of at most ``max_len`` positions on a
     ``DecodeEngine``'s static buffers (see the module doc). ``draft_exit``: an exit point's name or
-    index, shallowest first (default the shallowest); ``draft_len``: tokens drafted per round."""
+    index, shallowest first (default the shallowest); ``draft_len``: tokens drafted per round.
+    ``stats`` (a ``speculative.SpeculativeStats``) describes the last ``generate`` call."""
 
     def __init__(self, model: Any, *, batch: int, max_len: int, draft_exit: str | int | None = None,
                  draft_len: int = 4, device: str | torch.device | None = None, compile: bool = False,
                  cuda_graph: bool | None = None, prefill_chunk: int = 256) -> None:
         cm = _as_compiled(model, device)
         spec = SelfSpeculativeDecoder(cm, draft_exit=draft_exit, draft_len=draft_len)  # checks exits, k
+        unstatic = static_plan(cm)[1] if not _not_incremental(cm) else []
+        if unstatic:
+            raise PhysLMError("self-speculative decoding on the engine needs every node on its static path; these "
+                              f"keep caches that grow: {', '.join(unstatic)}",
+                              fix="decode without --compile (runtime.speculative.generate_self_speculative)")
         self.engine = eng = DecodeEngine(cm, batch=batch, max_len=max_len, device=device,
                                          cuda_graph=False, prefill_chunk=prefill_chunk)
-        if eng.unstatic:
-            raise PhysLMError("self-speculative decoding on the engine needs every node on its static path; these "
-                              f"keep caches that grow: {', '.join(eng.unstatic)}",
-                              fix="decode without --compile (runtime.speculative.generate_self_speculative)")
         self.cut, self.e, self.k, self.handoff = spec.cut, spec.e, draft_len, spec.handoff
         self.stats = spec.stats
         self.batch, self.max_len, self.device = batch, max_len, eng.device
