@@ -3,6 +3,8 @@
 # benchmark's output is kept under $OUT (or results/ when OUT is unset).
 #   bash benchmarks/gpu_goals.sh decode memory     # decode engine and the memory estimate
 #   bash benchmarks/gpu_goals.sh speedrun          # the speedrun recipe against the hand-written program
+#   bash benchmarks/gpu_goals.sh earlyexit         # early exit / self-speculative against the decode engine
+#   DATA=input.txt bash benchmarks/gpu_goals.sh earlyexit   # early exit and self-speculation on the decode engine
 #   bash benchmarks/gpu_goals.sh tests             # the gpu-marked tests
 set -u
 OUT=${OUT:-benchmarks/results}
@@ -17,6 +19,7 @@ for what in "$@"; do
     decode)   timeout 330 python benchmarks/decode.py 2>&1 | tee "$OUT/decode-$CARD.txt" ;;
     memory)   timeout 150 python benchmarks/memory_estimate.py 2>&1 | tee "$OUT/memory-estimate-$CARD.txt" ;;
     speedrun) timeout 560 python benchmarks/speedrun_speed.py 2>&1 | tee "$OUT/speedrun-$CARD.txt" ;;
+    earlyexit) timeout 590 python benchmarks/early_exit_engine.py --data "${DATA:-../shared/data/tinyshakespeare/input.txt}" --steps 1500 --thresholds 0.9 --speculate 2:4,2:6 2>&1 | tee "$OUT/early-exit-engine-$CARD.txt" ;;
     tests)    timeout 500 python -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests-$CARD.txt" ;;
     *) echo "unknown section $what"; exit 2 ;;
   esac

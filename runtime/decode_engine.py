@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 from torch.utils import _pytree as pytree
 
 from physlm_graph._context import decoding
@@ -46,7 +46,7 @@ from .checkpoint import model_context
 from .generate import (NonFiniteLogits, _as_compiled, _logit_nodes, _not_incremental, check_sampling, filter_top,
                        generate, nonfinite_parameter, prompt_tensor)
 
-__all__ = ["DecodeEngine", "generate_static", "static_plan", "sample_on_device"]
+__all__ = ["DecodeEngine", "generate_static", "static_plan", "sample_on_device", "logits_only"]
 
 # Components that know the static protocol (they read ``static_cache()``).
 _STATIC = frozenset({"attention.causal", "embed.learned_position", "embed.rope"})
@@ -75,6 +75,25 @@ def static_plan(cm: Any) -> tuple[dict[str, str], list[str]]:
         else:
             other.append(f"{path} ({use})")
     return plan, other
+
+
+def logits_only(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` without the nodes only its other outputs need (exit heads and exit states, auxiliary
+    outputs): a GraphModule sharing ``gm``'s submodules whose output is ``{"logits": ...}``, so
+    decoding runs no head it does not read; ``gm`` itself when it outputs nothing else."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    result = out.args[0]
+    if not isinstance(result, dict) or "logits" not in result or set(result) == {"logits"}:
+        return gm
+    graph = fx.Graph()
+    remap: dict[fx.Node, fx.Node] = {}
+    graph.graph_copy(gm.graph, remap, return_output_node=False)
+    graph.output({"logits": remap[result["logits"]]})
+    pruned = fx.GraphModule(gm, graph)
+    if not pruned.graph.eliminate_dead_code():
+        return gm  # the other outputs read nothing the logits do not (an empty ``aux``)
+    pruned.recompile()
+    return pruned
 
 
 def sample_on_device(logits: Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
@@ -107,7 +126,7 @@ class DecodeEngine:
             raise PhysLMError(f"batch, prefill_chunk and check_every must be >= 1 and max_len >= 2; got batch={batch}, "
                               f"max_len={max_len}, prefill_chunk={prefill_chunk}, check_every={check_every}")
         self.cm = cm
-        self.module = cm.module.eval()
+        self.module = logits_only(cm.module).eval()
         self.device = next(self.module.parameters()).device if device is None else torch.device(device)
         self.module.to(self.device)
         self.batch, self.max_len = batch, max_len

@@ -265,11 +265,14 @@ def generate_with_exits(
     eos_id: int | None = None,
     on_token: Callable[[list[int]], None] | None = None,
     kv_fill: str = "lazy",
+    executor: Callable[..., SegmentExecutor] | None = None,
 ) -> tuple[list[int] | Tensor, ExitStats]:
     """Generate with the KV cache, exiting per token by the blueprint's rule (or ``rule``) at
     ``threshold`` (default: the blueprint's); returns the ids (as ``generate`` does) and the stats.
     ``kv_fill``: ``"lazy"`` completes skipped layers exactly, later; ``"propagate"`` fills their
-    K/V from the exit state (CALM; saves compute, approximate).
+    K/V from the exit state (CALM; saves compute, approximate). ``executor``: what builds the
+    executor from ``(cm, rule=, threshold=, kv_fill=)`` (default ``SegmentExecutor``;
+    ``exit_engine.generate_with_exits_static`` passes one on the decode engine's static caches).
 
     A batch exits only where every row's rule fires. Past the model's context the cache is
     cleared and the last ``context`` tokens are run again at full depth, as ``generate`` does.
@@ -282,7 +285,7 @@ def generate_with_exits(
     if not can_cache(cm):
         raise PhysLMError("early-exit generation needs incremental decoding, but some components cannot decode "
                           "incrementally", fix="generate without exits (runtime.generate with use_cache=False)")
-    ex = SegmentExecutor(cm, rule=rule, threshold=threshold, kv_fill=kv_fill)
+    ex = (executor or SegmentExecutor)(cm, rule=rule, threshold=threshold, kv_fill=kv_fill)
     module = cm.module
     dev = next(module.parameters()).device
     ids, flat = prompt_tensor(prompt_ids, dev)

@@ -63,7 +63,9 @@ def add_commands(subparsers: Any) -> None:
     g.add_argument("--no-cache", action="store_true", help="recompute the whole context each step (no KV cache)")
     g.add_argument("--compile", action="store_true",
                    help="decode with the engine: preallocated caches and a one-token step compiled and captured as "
-                        "a CUDA graph on a GPU (runtime/decode_engine.py); the same greedy output")
+                        "a CUDA graph on a GPU (runtime/decode_engine.py); the same greedy output. With --speculate "
+                        "the draft + verify round is captured instead; with --exit-threshold the exits run on the "
+                        "engine's caches, uncaptured")
     g.add_argument("--device", type=device, default="auto")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--exit-threshold", type=finite_float, help="early exit: leave at the first exit whose rule reaches T")
@@ -152,12 +154,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise PhysLMError("--exit-rule needs --exit-threshold", fix="add --exit-threshold T")
     if args.exit_kv is not None and args.exit_threshold is None:
         raise PhysLMError("--exit-kv needs --exit-threshold", fix="add --exit-threshold T")
-    if args.compile:
-        clash = [f for f, on in (("--no-cache", args.no_cache), ("--exit-threshold", args.exit_threshold is not None),
-                                 ("--speculate", args.speculate is not None)) if on]
-        if clash:
-            raise PhysLMError(f"--compile decodes with the engine's static cache; it cannot be combined with "
-                              f"{', '.join(clash)}", fix="drop one of them")
+    if args.compile and args.no_cache:
+        raise PhysLMError("--compile decodes with the engine's static cache; it cannot be combined with --no-cache",
+                          fix="drop one of them")
     if args.draft_exit is not None and args.speculate is None:
         raise PhysLMError("--draft-exit needs --speculate", fix="add --speculate K (e.g. 4)")
     if args.speculate is not None:
@@ -191,24 +190,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(prompt)
         t0 = time.perf_counter()
         exits = None
-        if args.speculate is not None:  # self-speculative (runtime/speculative.py)
+        cached = {k: v for k, v in opts.items() if k != "use_cache"}
+        if args.speculate is not None:  # self-speculative (runtime/speculative.py; on the engine with --compile)
             from physlm_graph.runtime.speculative import generate_self_speculative
+            from physlm_graph.runtime.speculative_engine import generate_speculative_static
 
-            _, spec = generate_self_speculative(ck.model, ids, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id,
-                                                draft_exit=int(args.draft_exit) if (args.draft_exit or "").isdigit()
-                                                else args.draft_exit, draft_len=args.speculate, on_token=stream)
+            speculate = generate_speculative_static if args.compile else generate_self_speculative
+            _, spec = speculate(ck.model, ids, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id,
+                                draft_exit=int(args.draft_exit) if (args.draft_exit or "").isdigit()
+                                else args.draft_exit, draft_len=args.speculate, on_token=stream)
             exits = spec.as_dict()
+        elif args.exit_threshold is not None:  # early exit (runtime/early_exit.py; on the engine with --compile)
+            from physlm_graph.runtime.exit_engine import generate_with_exits_static
+
+            run_exits = generate_with_exits_static if args.compile else generate_with_exits
+            _, stats = run_exits(ck.model, ids, seed=seed, on_token=stream, threshold=args.exit_threshold,
+                                 rule=args.exit_rule, kv_fill=args.exit_kv or "lazy", **cached)
+            exits = stats.as_dict()
         elif args.compile:  # the decode engine (runtime/decode_engine.py)
             from physlm_graph.runtime.decode_engine import generate_static
 
-            generate_static(ck, ids, seed=seed, on_token=stream, **{k: v for k, v in opts.items() if k != "use_cache"})
-        elif args.exit_threshold is None:
+            generate_static(ck, ids, seed=seed, on_token=stream, **cached)
+        else:
             generate(ck, ids, seed=seed, on_token=stream, **opts)
-        else:  # early exit (runtime/early_exit.py); it always decodes with the KV cache
-            _, stats = generate_with_exits(ck.model, ids, seed=seed, on_token=stream, threshold=args.exit_threshold,
-                                           rule=args.exit_rule, kv_fill=args.exit_kv or "lazy",
-                                           **{k: v for k, v in opts.items() if k != "use_cache"})
-            exits = stats.as_dict()
         seconds = time.perf_counter() - t0
         if args.json:
             print(json.dumps({"prompt": prompt, "completion": tok.decode(new), "prompt_ids": ids, "ids": new,
