@@ -3,7 +3,6 @@
 # benchmark's output is kept under $OUT (or results/ when OUT is unset).
 #   bash benchmarks/gpu_goals.sh decode memory     # decode engine and the memory estimate
 #   bash benchmarks/gpu_goals.sh speedrun          # the speedrun recipe against the hand-written program
-#   bash benchmarks/gpu_goals.sh earlyexit         # early exit / self-speculative against the decode engine
 #   DATA=input.txt bash benchmarks/gpu_goals.sh earlyexit   # early exit and self-speculation on the decode engine
 #   bash benchmarks/gpu_goals.sh tests             # the gpu-marked tests
 set -u
