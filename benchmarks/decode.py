@@ -83,6 +83,33 @@ def hf_gpt2(cm, dtype: torch.dtype, device: torch.device):
     return model.to(device=device, dtype=dtype)
 
 
+def profile_engine(fn, tokens: int, device: torch.device, top: int = 12) -> None:
+    """One more engine run under torch.profiler: kernels per generated token, the GPU time they
+    take against the wall time, and the kernels that take most of it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        wall = time.perf_counter() - t
+    if device.type == "cuda":  # kernels and copies, graph replays included
+        gpu = [(e.name, e.device_time) for e in prof.events() if e.device_type.name == "CUDA"]
+    else:  # on CPU: the outermost aten operations and their CPU time
+        gpu = [(e.name, e.cpu_time_total) for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
+    busy = sum(us for _, us in gpu) / 1e3  # ms
+    kind = "GPU operations" if device.type == "cuda" else "aten operations (CPU)"
+    say(f"  profile: {len(gpu):,} {kind} for {tokens} tokens ({len(gpu) / tokens:.1f} per token); "
+        f"GPU busy {busy:.1f} ms of {wall * 1e3:.1f} ms wall ({100 * busy / max(wall * 1e3, 1e-9):.0f}%)")
+    by: dict[str, list[float]] = {}
+    for name, us in gpu:
+        by.setdefault(name, []).append(us)
+    for k, v in sorted(by.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        say(f"    {sum(v) / 1e3:8.2f} ms  {len(v) / tokens:5.1f}/token  {sum(v) / len(v):7.1f} us each  {k[:90]}")
+
+
 def run_model(args, name: str, blueprint: Path, overrides: dict, device: torch.device, dtype: torch.dtype,
               with_hf: bool, old_tokens: int) -> list[tuple[str, float | None, str]]:
     say(f"{name}: building {blueprint.name} with random weights")
@@ -133,6 +160,8 @@ def run_model(args, name: str, blueprint: Path, overrides: dict, device: torch.d
             rows[key].append(n / timed(fn, device))
         say(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:,.0f} tok/s" for k, v in rows.items()))
     result = [(f"{name} {k}", statistics.median(v), "") for k, v in rows.items()]
+    if args.profile and "engine" in runs:
+        profile_engine(runs["engine"], n, device)
     if old_tokens:
         say(f"{name}: generate() (the append cache), {old_tokens} tokens")
         with torch.inference_mode():
@@ -157,6 +186,8 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, help="HBM bytes/s for the bound (default: from the card's name)")
     ap.add_argument("--no-compile", action="store_true", help="capture the engine's step without torch.compile")
     ap.add_argument("--smoke", action="store_true", help="tiny models, a few tokens: checks the script on CPU")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one more engine run: kernels per token, GPU busy time, the top kernels")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
