@@ -2,6 +2,7 @@
 
     python benchmarks/speedrun_speed.py                # one GPU: the program's sizes, bf16, compiled
     python benchmarks/speedrun_speed.py --smoke        # CPU: a tiny model, float32, to check the script
+    python benchmarks/speedrun_speed.py --steps 30 --profile 2   # and where each side's GPU time goes
 
 (a) Step time: ``blueprints/speedrun-track3.yaml`` through ``Trainer.fit`` (the code path of
 ``physlm-graph train``: its train section's Muon and AdamW groups, init rules, wsd schedule and
@@ -68,6 +69,53 @@ def run_trainer(args: argparse.Namespace, out: Path, shard: Path, tok: Path, opt
     return t, rows
 
 
+def profile_steps(step_fn, n: int, device: torch.device) -> dict:
+    """``n`` calls of ``step_fn`` under torch.profiler: wall and GPU time per step, the part of the
+    GPU time launched inside optimizer steps (torch's ``Optimizer.step#...`` ranges), and the
+    kernels by total time (on CPU: the outermost aten operations and their CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step_fn()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / n
+    events = prof.events()
+    if cuda:
+        work = [(e.name, e.device_time) for e in events if e.device_type.name == "CUDA"]
+        opt = sum(e.device_time_total for e in events if e.name.startswith("Optimizer.step#") and
+                  not (e.cpu_parent and e.cpu_parent.name.startswith("Optimizer.step#")))
+    else:
+        work = [(e.name, e.cpu_time_total) for e in events if e.name.startswith("aten::") and e.cpu_parent is None]
+        opt = sum(e.cpu_time_total for e in events if e.name.startswith("Optimizer.step#") and
+                  not (e.cpu_parent and e.cpu_parent.name.startswith("Optimizer.step#")))
+    by: dict[str, float] = {}
+    for name, us in work:
+        by[name] = by.get(name, 0.0) + us
+    busy = sum(by.values()) / 1e3 / n if cuda else wall * 1e3  # on CPU the host does the work: its wall time
+    return dict(wall_ms=wall * 1e3, busy_ms=busy, opt_ms=opt / 1e3 / n,
+                launches=len(work) / n, top=sorted(by.items(), key=lambda kv: -kv[1])[:10])
+
+
+def print_profiles(profiles: dict[str, dict], n: int) -> None:
+    print(f"\nprofile, {n} steps of each side (per step):\n")
+    print("| | wall ms | GPU busy ms | in optimizer steps ms | rest ms | operations |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for side, p in profiles.items():
+        print(f"| {side} | {p['wall_ms']:.1f} | {p['busy_ms']:.1f} | {p['opt_ms']:.1f} | "
+              f"{p['busy_ms'] - p['opt_ms']:.1f} | {p['launches']:,.0f} |")
+    for side, p in profiles.items():
+        print(f"\n{side}: the operations that take most time (ms per step)")
+        for name, us in p["top"]:
+            print(f"  {us / 1e3 / n:9.2f}  {name[:100]}")
+
+
 def run_hand(args: argparse.Namespace, t: Trainer, start: dict[str, torch.Tensor], dims: dict) -> tuple[list[float], list[float]]:
     dev, cfg = t.device, t.cfg
     hand = HandSpeedrun(**dims).to(dev)
@@ -88,6 +136,11 @@ def run_hand(args: argparse.Namespace, t: Trainer, start: dict[str, torch.Tensor
         total = hand_step(hand, opts, batches, step=step, steps=args.steps, accumulate=cfg.accumulate, loss_fn=loss_fn)
         losses.append(float(total) / tokens)  # the host waits for the step
         times.append(time.perf_counter() - t0)
+    if args.profile:
+        mid = args.steps // 2
+        args.profiles["hand-written program"] = profile_steps(
+            lambda: hand_step(hand, opts, batches, step=mid, steps=args.steps, accumulate=cfg.accumulate,
+                              loss_fn=loss_fn), args.profile, dev)
     return losses, times
 
 
@@ -97,7 +150,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="steps of each side (default 100; smoke 8)")
     ap.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (default 10; smoke 2)")
     ap.add_argument("--tokens", type=int, default=None, help="random ids in the shard (default 20M; smoke 50,000)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timing, profile N more steps of each side: GPU time in and out of the optimizers")
     args = ap.parse_args()
+    args.profiles = {}
     smoke = args.smoke or not torch.cuda.is_available()
     if not args.smoke and smoke:
         print("no CUDA device: running --smoke")
@@ -128,6 +184,9 @@ def main() -> None:
         ours_ms = statistics.median(t.tokens_per_step / r["tokens_per_s"] for r in rows[timed]) * 1e3
         print(f"trainer: {ours_ms:.1f} ms/step, {t.tokens_per_step / ours_ms * 1e3:,.0f} tokens/s "
               f"({t_trainer:.0f} s with compilation); the hand-written program next", flush=True)
+        if args.profile:  # more steps of the trained model, from the middle of the schedule
+            args.profiles["blueprint, Trainer.fit"] = profile_steps(
+                lambda: t.resolve(t.train_step(args.steps // 2)), args.profile, t.device)
         t.model.cpu()
         del t.optimizer, t.wrapped, t.forward, t.forward_loss
         if torch.cuda.is_available():
@@ -153,6 +212,8 @@ def main() -> None:
           f"{hand_losses[0]:.4f} | {hand_losses[-1]:.4f} |")
     print(f"\nlosses over {len(diffs)} steps: max |trainer - hand| = {diffs[worst]:.3g} at step {worst + 1}; "
           f"mean {statistics.mean(diffs):.3g}")
+    if args.profiles:
+        print_profiles(args.profiles, args.profile)
 
 
 if __name__ == "__main__":
