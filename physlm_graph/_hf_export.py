@@ -59,8 +59,10 @@ def match_family(cm: Any) -> tuple[Family | None, dict[str, Any] | None, str]:
         if lacking:
             short.append((len(lacking), f"{fam.model_type}: no param {', '.join(lacking)}"))
             continue
+        # an optional param the blueprint lacks (written before the family had it) has the family's default
+        defaults = family_blueprint(fam, {}, name="", about="")["params"]
         try:
-            config = config_from_params(fam, {k: params.get(k) for k in fam.params})
+            config = config_from_params(fam, {k: params.get(k, defaults.get(k)) for k in fam.params})
         except StopIteration:
             why.append(f"{fam.model_type}: a param value transformers cannot spell")
             continue

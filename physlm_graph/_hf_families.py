@@ -136,6 +136,12 @@ _ROPE_SCALING = {
     "yarn_attention_factor": Param("rope_parameters.attention_factor", optional=True),
     "yarn_truncate": Param("rope_parameters.truncate", optional=True),
 }
+# tie_word_embeddings: the head shares the token embedding's table. Every family blueprint's head
+# reads ``tie: ${tie_head}``, so the param is the node the head ties to (the family's token
+# embedding, ``tok``) or null (a head of its own). Optional: a checkpoint written before the param
+# existed has the blueprint's default (see ``match_family``); export writes false for null.
+_TIED_HEAD = Param("tie_word_embeddings", {True: "tok", False: None}, optional=True)
+
 _ROPE_SCALING_REQUIRES: dict[str, tuple[Any, ...]] = {"rope_parameters.mscale": (None,),
                                                       "rope_parameters.mscale_all_dim": (None,)}
 
@@ -151,8 +157,9 @@ FAMILIES: dict[str, Family] = {
             "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"), "mlp_bias": _p("mlp_bias"),
             **_ROPE_SCALING,
+            "tie_head": _TIED_HEAD,
         },
-        requires={"hidden_act": ("silu",), "pretraining_tp": (1,), "tie_word_embeddings": (False,), **_ROPE_SCALING_REQUIRES},
+        requires={"hidden_act": ("silu",), "pretraining_tp": (1,), **_ROPE_SCALING_REQUIRES},
         writes={"attention_dropout": 0.0},
         modules=_LLAMA_LAYOUT,
     ),
@@ -166,9 +173,9 @@ FAMILIES: dict[str, Family] = {
             "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
             "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"),
+            "tie_head": _TIED_HEAD,
         },
-        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "use_sliding_window": (False,),
-                  "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "use_sliding_window": (False,)},
         writes={"attention_dropout": 0.0},
         modules=_LLAMA_LAYOUT,
     ),
@@ -180,9 +187,10 @@ FAMILIES: dict[str, Family] = {
             "vocab": _p("vocab_size"), "dim": _p("n_embd"), "heads": _p("n_head"), "layers": _p("n_layer"),
             "context": _p("n_positions"), "hidden": _p("n_inner", default="4 * dim"), "eps": _p("layer_norm_epsilon"),
             "gelu": _p("activation_function", {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}),
+            "tie_head": _TIED_HEAD,
         },
         requires={"scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
-                  "reorder_and_upcast_attn": (False,), "add_cross_attention": (False,), "tie_word_embeddings": (True,)},
+                  "reorder_and_upcast_attn": (False,), "add_cross_attention": (False,)},
         writes={"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0},
         modules=(
             ("tok", "transformer.wte", "default"),
@@ -206,8 +214,9 @@ FAMILIES: dict[str, Family] = {
             "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
             "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"), "window": _p("sliding_window", nullable=True),
+            "tie_head": _TIED_HEAD,
         },
-        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",)},
         writes={"attention_dropout": 0.0},
         modules=_LLAMA_LAYOUT,
     ),
@@ -221,9 +230,9 @@ FAMILIES: dict[str, Family] = {
             "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
             "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"),
+            "tie_head": _TIED_HEAD,
         },
-        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "use_sliding_window": (False,),
-                  "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "use_sliding_window": (False,)},
         writes={"attention_dropout": 0.0},
         modules=_LLAMA_LAYOUT,
     ),
@@ -237,9 +246,10 @@ FAMILIES: dict[str, Family] = {
             "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
             "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"),
+            "tie_head": _TIED_HEAD,
         },
         requires={"hidden_act": ("gelu_pytorch_tanh",), "rope_parameters.rope_type": ("default",),
-                  "tie_word_embeddings": (True,), "use_bidirectional_attention": (None, False)},
+                  "use_bidirectional_attention": (None, False)},
         writes={"attention_dropout": 0.0},
         modules=_LLAMA_LAYOUT,
     ),
@@ -255,9 +265,10 @@ FAMILIES: dict[str, Family] = {
             "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"),
             "window": _p("sliding_window"), "query_scalar": _p("query_pre_attn_scalar"),
             "attn_cap": _p("attn_logit_softcapping", nullable=True), "logit_cap": _p("final_logit_softcapping"),
+            "tie_head": _TIED_HEAD,
         },
         requires={"hidden_activation": ("gelu_pytorch_tanh",), "rope_parameters.rope_type": ("default",),
-                  "tie_word_embeddings": (True,), "use_bidirectional_attention": (None, False),
+                  "use_bidirectional_attention": (None, False),
                   "layer_types": (Repeating("sliding_attention", "full_attention"),),
                   "final_logit_softcapping": (Number(),)},
         writes={"attention_dropout": 0.0},
@@ -283,8 +294,9 @@ FAMILIES: dict[str, Family] = {
             "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
             "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"),
+            "tie_head": _TIED_HEAD,
         },
-        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",)},
         writes={"attention_dropout": 0.0},
         modules=(
             ("tok", "model.embed_tokens", "default"),
@@ -309,9 +321,10 @@ FAMILIES: dict[str, Family] = {
             "rope_base": _p("rope_parameters.rope_theta"), "experts": _p("num_local_experts"),
             "top_k": _p("num_experts_per_tok"), "router_loss": _p("output_router_logits"),
             "router_loss_weight": _p("router_aux_loss_coef"),
+            "tie_head": _TIED_HEAD,
         },
         requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "sliding_window": (None,),
-                  "router_jitter_noise": (0.0, 0), "tie_word_embeddings": (False,)},
+                  "router_jitter_noise": (0.0, 0)},
         writes={"attention_dropout": 0.0},
         modules=(
             *(m for m in _LLAMA_LAYOUT if m[0] != "trunk.{i}.ffn"),
@@ -331,9 +344,10 @@ FAMILIES: dict[str, Family] = {
             "expert_hidden": _p("moe_intermediate_size"), "shared_hidden": _p("shared_expert_intermediate_size"),
             "norm_topk": _p("norm_topk_prob"), "router_loss": _p("output_router_logits"),
             "router_loss_weight": _p("router_aux_loss_coef"),
+            "tie_head": _TIED_HEAD,
         },
         requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "use_sliding_window": (False,),
-                  "decoder_sparse_step": (1,), "mlp_only_layers": ([],), "tie_word_embeddings": (False,)},
+                  "decoder_sparse_step": (1,), "mlp_only_layers": ([],)},
         writes={"attention_dropout": 0.0},
         modules=(
             *(m for m in _LLAMA_LAYOUT if m[0] != "trunk.{i}.ffn"),
@@ -350,9 +364,9 @@ FAMILIES: dict[str, Family] = {
             "hidden": _p("intermediate_size"), "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"),
             "rotary_pct": _p("rope_parameters.partial_rotary_factor", default="1.0"),
+            "tie_head": _TIED_HEAD,
         },
-        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "sliding_window": (None,),
-                  "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "sliding_window": (None,)},
         # pad_token_id only makes transformers' embedding keep that row's gradient at zero (our embedding
         # has no such row), and its default 32000 is out of range for a narrower vocabulary
         writes={"attention_dropout": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "pad_token_id": None},
@@ -371,9 +385,9 @@ FAMILIES: dict[str, Family] = {
             "rope_base": _p("rope_parameters.rope_theta"),
             "rotary_pct": _p("rope_parameters.partial_rotary_factor", default="1.0"),
             "attn_bias": _p("attention_bias"), "gelu": _p("hidden_act", {"gelu": "none", "gelu_new": "tanh"}),
+            "tie_head": _TIED_HEAD,
         },
-        requires={"use_parallel_residual": (True,), "rope_parameters.rope_type": ("default",),
-                  "tie_word_embeddings": (False,)},
+        requires={"use_parallel_residual": (True,), "rope_parameters.rope_type": ("default",)},
         writes={"attention_dropout": 0.0, "hidden_dropout": 0.0},
         modules=(
             ("tok", "gpt_neox.embed_in", "default"),
@@ -399,12 +413,12 @@ FAMILIES: dict[str, Family] = {
             "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "layers": _p("num_hidden_layers"),
             "d_state": _p("state_size"), "expand": _p("expand"), "head_dim": _p("head_dim"), "groups": _p("n_groups"),
             "conv": _p("conv_kernel"), "chunk": _p("chunk_size"), "eps": _p("layer_norm_epsilon"),
-            "bias": _p("use_bias"), "conv_bias": _p("use_conv_bias"),
+            "bias": _p("use_bias"), "conv_bias": _p("use_conv_bias"), "tie_head": _TIED_HEAD,
         },
         # time_step_limit clamps dt; (0, inf) is no clamp. residual_in_fp32 and rescale_prenorm_residual
         # are not required: our residual stream is float32 (what residual_in_fp32 asks for, and the same
         # function in float32 either way), and the rescaling is an initialisation only.
-        requires={"hidden_act": ("silu",), "time_step_limit": ((0.0, float("inf")),), "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",), "time_step_limit": ((0.0, float("inf")),)},
         writes={"num_heads": "${expand * dim // head_dim}", "residual_in_fp32": True},
         modules=(
             ("tok", "backbone.embeddings", "default"),
@@ -427,8 +441,9 @@ FAMILIES: dict[str, Family] = {
             "attn_period": _p("attn_layer_period"), "attn_offset": _p("attn_layer_offset"),
             "experts": _p("num_experts"), "top_k": _p("num_experts_per_tok"),
             "expert_period": _p("expert_layer_period"), "expert_offset": _p("expert_layer_offset"),
+            "tie_head": _TIED_HEAD,
         },
-        requires={"hidden_act": ("silu",), "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",)},
         writes={"attention_dropout": 0.0},
         modules=(
             ("tok", "model.embed_tokens", "default"),
@@ -456,9 +471,10 @@ FAMILIES: dict[str, Family] = {
             "d_state": _p("mamba_d_state"), "expand": _p("mamba_expand"), "ssm_head_dim": _p("mamba_d_head"),
             "groups": _p("mamba_n_groups"), "conv": _p("mamba_d_conv"), "chunk": _p("mamba_chunk_size"),
             "conv_bias": _p("mamba_conv_bias"), "proj_bias": _p("mamba_proj_bias"),
+            "tie_head": _TIED_HEAD,
         },
         requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",),
-                  "time_step_limit": ((0.0, float("inf")),), "tie_word_embeddings": (False,)},
+                  "time_step_limit": ((0.0, float("inf")),)},
         writes={"mamba_n_heads": "${expand * dim // ssm_head_dim}", "attention_dropout": 0.0},
         modules=(
             ("tok", "model.embed_tokens", "default"),
@@ -578,8 +594,8 @@ def config_from_params(fam: Family, params: dict[str, Any]) -> dict[str, Any]:
         _set_key(config, key, value)
     for name, p in fam.params.items():
         value = params[name]
-        if value is None and p.optional:
-            continue
+        if value is None and p.optional and None not in p.values.values():
+            continue  # left out: transformers' default (a value map that spells null writes it)
         if p.values:
             value = next(k for k, v in p.values.items() if v == value)
         _set_key(config, p.key, value)

@@ -175,7 +175,8 @@ def _ours(fam: Any, cm: Any, tensors: dict[str, torch.Tensor], folder: Path) -> 
             continue
         out[m.ours] = value.to(torch.float32)
         used.update(m.theirs)
-    unused = sorted(k for k in tensors if k not in used and not _tied_alias(fam, k))
+    aliases = _tied_aliases(fam, cm)
+    unused = sorted(k for k in tensors if k not in used and k not in aliases)
     if unused:
         problems.append(Diagnostic(f"{len(unused)} tensors have no place in the {fam.model_type} blueprint: "
                                    f"{', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}",
@@ -185,9 +186,14 @@ def _ours(fam: Any, cm: Any, tensors: dict[str, torch.Tensor], folder: Path) -> 
     return out
 
 
-def _tied_alias(fam: Any, key: str) -> bool:
-    """transformers may save a tied head's weight too; ours shares the embedding's."""
-    return fam.requires.get("tie_word_embeddings") == (True,) and key == "lm_head.weight"
+def _tied_aliases(fam: Any, cm: Any) -> set[str]:
+    """transformers may save a tied head's weight too (``lm_head.weight``, GPT-NeoX's older
+    ``embed_out.weight``); ours shares the embedding's, so those tensors have no place of their
+    own. Empty when the head is not tied (then ``lm_head.weight`` is the head's own)."""
+    if cm.resolved.params.get("tie_head") is None:
+        return set()
+    head = next(theirs for ours, theirs, _ in fam.modules if ours == "head")
+    return {f"{head}.weight", "lm_head.weight"}
 
 
 def _tokenizer(folder: Path) -> Any:

@@ -1,0 +1,167 @@
+"""Hugging Face families, the config fields past the basic graphs: tied heads, RoPE scaling in every
+family with rotary positions, bf16 checkpoints kept in bf16, and Qwen's per-layer sliding windows.
+Each both ways as in tests/test_hf_families.py: a small random transformers model saved with
+save_pretrained -> import -> the same logits -> export -> transformers' own class loads it -> the
+same logits. Nothing downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from physlm_graph._hf_export import export_hf  # noqa: E402
+from physlm_graph._hf_families import FAMILIES  # noqa: E402
+from physlm_graph._hf_import import import_hf  # noqa: E402
+from physlm_graph.cli import main  # noqa: E402
+from physlm_graph.runtime.checkpoint import load_checkpoint  # noqa: E402
+
+VOCAB = 97
+X = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+FIX = "docs/hugging-face.md lists what each family supports"
+
+_ATTN = dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, rms_norm_eps=1e-5,
+             max_position_embeddings=64)
+# 2-3 layers, 32 wide, 97 tokens; the hybrids get an attention layer, the MoEs a few experts
+_SIZES: dict[str, dict] = {
+    "llama": dict(_ATTN), "qwen2": dict(_ATTN), "qwen3": dict(_ATTN, head_dim=16), "mistral": dict(_ATTN),
+    "olmo2": dict(_ATTN), "phi3": dict(_ATTN), "gemma": dict(_ATTN, head_dim=16),
+    "gemma2": dict(_ATTN, num_hidden_layers=3, head_dim=16, sliding_window=5, query_pre_attn_scalar=10,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=64),
+    "gpt_neox": dict(num_attention_heads=4, intermediate_size=48, max_position_embeddings=64),
+    "mixtral": dict(_ATTN, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(_ATTN, moe_intermediate_size=12, shared_expert_intermediate_size=20, num_experts=5,
+                      num_experts_per_tok=3),
+    "mamba2": dict(expand=2, num_heads=8, head_dim=8, state_size=8, n_groups=2, chunk_size=8, conv_kernel=3,
+                   layer_norm_epsilon=1e-5),
+    "jamba": dict(_ATTN, num_hidden_layers=3, num_experts=3, num_experts_per_tok=2, expert_layer_period=2,
+                  expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4, mamba_dt_rank=3),
+    "bamba": dict(_ATTN, num_hidden_layers=3, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_state=8,
+                  mamba_n_groups=2, mamba_chunk_size=8),
+}
+
+
+def _tiny(model_type: str, *, dtype: torch.dtype = torch.float32, **kw):
+    """A small transformers model with every weight random (norms and biases off their defaults)."""
+    args = {"num_hidden_layers": 2, "hidden_size": 32, "vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 0,
+            "pad_token_id": 0, **_SIZES[model_type], **kw}
+    if model_type == "gpt2":
+        args.pop("num_hidden_layers"), args.pop("hidden_size")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **args))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", ".D")) or "norm" in name or "ln_" in name:
+                p.normal_(0.0, 0.1 if name.endswith("bias") else 0.5).add_(0.0 if name.endswith("bias") else 1.0)
+            elif p.dim() >= 2:
+                p.normal_(0.0, 0.5 / p.shape[-1] ** 0.5)
+    return model.to(dtype).eval()
+
+
+def _logits(model, x=X):
+    with torch.no_grad():
+        return model(x).logits.float()
+
+
+def _round_trip(model, tmp_path: Path, *, atol: float = 1e-5):
+    """save_pretrained -> import -> logits -> export -> from_pretrained -> logits; returns the
+    imported model, the exported config and the reloaded transformers model."""
+    model.save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    cm = load_checkpoint(tmp_path / "ckpt").model
+    want = _logits(model)
+    with torch.no_grad():
+        got = cm.module(X)["logits"].float()
+    assert (got - want).abs().max().item() < atol
+    r = export_hf(tmp_path / "ckpt", tmp_path / "out")
+    assert r.model_type == model.config.model_type
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back) is type(model)  # transformers' own class, not physlm's
+    assert (_logits(back) - want).abs().max().item() < atol
+    return cm, config, back
+
+
+def _edit(tmp_path: Path, model, **changes) -> Path:
+    model.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def _at(path: Path, key: str) -> str:
+    lines = path.read_text().splitlines()
+    n = next(i for i, ln in enumerate(lines) if f'"{key}"' in ln)
+    return f"{path}:{n + 1}:{lines[n].index(chr(34) + key) + 1}"
+
+
+def _embedding(model):
+    return model.get_input_embeddings().weight
+
+
+# -- tied heads ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_a_tied_head_round_trips_tied(model_type, tmp_path):
+    model = _tiny(model_type, tie_word_embeddings=True)
+    assert model.lm_head.weight is _embedding(model)
+    cm, config, back = _round_trip(model, tmp_path)
+    assert cm.resolved.params["tie_head"] == "tok"
+    assert cm.module.get_submodule("head").weight is cm.module.get_submodule("tok").weight
+    assert config["tie_word_embeddings"] is True
+    assert back.lm_head.weight is _embedding(back)
+    from safetensors.torch import load_file
+
+    assert "lm_head.weight" not in load_file(str(tmp_path / "out" / "model.safetensors"))  # one table
+
+
+@pytest.mark.parametrize("model_type", sorted(set(FAMILIES) - {"llama", "qwen2", "qwen3"}))
+def test_every_family_imports_its_other_head_kind(model_type, tmp_path):
+    """Untied where transformers' default ties (GPT-2, Gemma, Gemma 2), tied elsewhere."""
+    tied = not transformers.AutoConfig.for_model(model_type).tie_word_embeddings
+    model = _tiny(model_type, tie_word_embeddings=tied)
+    assert (model.lm_head.weight is _embedding(model)) == tied
+    cm, config, back = _round_trip(model, tmp_path, atol=1e-4 if model_type in ("jamba", "bamba", "mamba2") else 1e-5)
+    assert cm.resolved.params["tie_head"] == ("tok" if tied else None)
+    assert config["tie_word_embeddings"] is tied
+    assert (back.lm_head.weight is _embedding(back)) == tied
+
+
+def test_an_untied_llama_keeps_its_own_head(tmp_path):
+    model = _tiny("llama")
+    cm, config, _ = _round_trip(model, tmp_path)
+    assert cm.resolved.params["tie_head"] is None
+    assert not torch.equal(cm.module.get_submodule("head").weight, cm.module.get_submodule("tok").weight)
+    assert config["tie_word_embeddings"] is False
+
+
+def test_a_checkpoint_without_the_tie_param_still_exports(tmp_path):
+    """A llama (and a gpt2) imported before the family had tie_head: the blueprint's default holds."""
+    from physlm_graph import compile_blueprint
+    from physlm_graph.runtime.checkpoint import save_checkpoint
+
+    for model_type, tied in (("llama", False), ("gpt2", True)):
+        _tiny(model_type).save_pretrained(tmp_path / model_type)
+        cm = import_hf(tmp_path / model_type, tmp_path / f"{model_type}-ckpt")
+        doc = json.loads(json.dumps(cm.blueprint))
+        doc["params"].pop("tie_head")
+        head = doc["nodes"]["head"]
+        if tied:
+            head["tie"] = "tok"
+        else:
+            head.pop("tie")
+        old = compile_blueprint(doc)
+        old.module.load_state_dict(cm.module.state_dict())
+        save_checkpoint(tmp_path / f"{model_type}-old", cm=old)
+        r = export_hf(tmp_path / f"{model_type}-old", tmp_path / f"{model_type}-out")
+        assert r.model_type == model_type, r.why_physlm
+        config = json.loads((tmp_path / f"{model_type}-out" / "config.json").read_text())
+        assert config["tie_word_embeddings"] is tied
