@@ -34,7 +34,7 @@ _SIZES: dict[str, dict] = {
                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
     "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=64),
     "gpt_neox": dict(num_attention_heads=4, intermediate_size=48, max_position_embeddings=64),
-    "mixtral": dict(_ATTN, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
+    "mixtral": dict(_ATTN, head_dim=8, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(_ATTN, moe_intermediate_size=12, shared_expert_intermediate_size=20, num_experts=5,
                       num_experts_per_tok=3),
     "mamba2": dict(expand=2, num_heads=8, head_dim=8, state_size=8, n_groups=2, chunk_size=8, conv_kernel=3,
@@ -165,3 +165,81 @@ def test_a_checkpoint_without_the_tie_param_still_exports(tmp_path):
         assert r.model_type == model_type, r.why_physlm
         config = json.loads((tmp_path / f"{model_type}-out" / "config.json").read_text())
         assert config["tie_word_embeddings"] is tied
+
+
+# -- RoPE scaling -------------------------------------------------------------------------------
+
+# original_max_position_embeddings 16 < the 24 tokens of X: the scaled bands show in the logits
+_ROPE = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 16.0},
+}
+_ROPE_FAMILIES = ["qwen2", "qwen3", "mistral", "olmo2", "gemma", "gemma2", "mixtral", "qwen2_moe", "gpt_neox", "bamba"]
+
+
+def _scaled(model_type: str, kind: str, **kw):
+    base = transformers.AutoConfig.for_model(model_type).rope_parameters  # rope_theta, partial_rotary_factor
+    return _tiny(model_type, rope_parameters={**base, **_ROPE[kind]}, **kw)
+
+
+@pytest.mark.parametrize("model_type,kind", [(t, "yarn") for t in _ROPE_FAMILIES]
+                         + [(t, k) for t in ("qwen2", "qwen3", "mistral", "olmo2") for k in ("linear", "llama3")])
+def test_rope_scaling_round_trips_in_every_rotary_family(model_type, kind, tmp_path):
+    model = _scaled(model_type, kind)
+    cm, config, back = _round_trip(model, tmp_path)
+    assert cm.resolved.params["rope_scaling"] == kind
+    assert {k: config["rope_parameters"][k] for k in _ROPE[kind]} == _ROPE[kind]
+    assert back.config.rope_parameters["rope_type"] == kind
+
+
+def test_the_scaling_shows_in_the_logits(tmp_path):
+    """Without its scaling the imported qwen2 gives other logits: the round trips above test something."""
+    from physlm_graph import compile_blueprint
+
+    model = _scaled("qwen2", "yarn")
+    model.save_pretrained(tmp_path / "hf")
+    cm = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    plain = compile_blueprint(cm.blueprint, overrides={"params.rope_scaling": "none", "params.rope_factor": None,
+                                                       "params.rope_original_context": None,
+                                                       "params.yarn_beta_fast": None})
+    plain.module.load_state_dict(cm.module.state_dict())
+    with torch.no_grad():
+        assert (plain.module(X)["logits"] - _logits(model)).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("model_type,rope,shown", [
+    ("qwen2", {"rope_type": "dynamic", "factor": 2.0}, "rope_parameters.rope_type: dynamic"),
+    ("mistral", {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+                 "original_max_position_embeddings": 16}, "rope_parameters.rope_type: longrope"),
+    ("olmo2", {"rope_type": "dynamic", "factor": 2.0}, "rope_parameters.rope_type: dynamic"),
+])
+def test_dynamic_and_longrope_are_refused_by_name(model_type, rope, shown, tmp_path, capsys):
+    path = _edit(tmp_path, _tiny(model_type), rope_parameters={"rope_theta": 10000.0, **rope})
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
+    assert capsys.readouterr().err == (
+        f"hugging face error: {_at(path, 'rope_parameters')}: {shown} is not supported yet "
+        f"(supported: default, linear, llama3, yarn)\n  fix: {FIX}\n")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_yarn_with_deepseek_mscale_is_refused_by_name(tmp_path, capsys):
+    path = _edit(tmp_path, _tiny("qwen3"), rope_parameters={"rope_theta": 10000.0, **_ROPE["yarn"], "mscale": 0.7})
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
+    assert capsys.readouterr().err == (
+        f"hugging face error: {_at(path, 'rope_parameters')}: rope_parameters: {{mscale: 0.7}} is not supported yet "
+        f"(qwen3 imports need rope_parameters.mscale: null)\n  fix: {FIX}\n")
+
+
+def test_phi3_longrope_is_refused_by_name(tmp_path, capsys):
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+            "short_factor": [1.0] * 4, "long_factor": [2.0] * 4, "original_max_position_embeddings": 16}
+    path = _edit(tmp_path, _tiny("phi3"), rope_parameters=rope)
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
+    assert capsys.readouterr().err == (
+        f"hugging face error: {_at(path, 'rope_parameters')}: rope_parameters: {{rope_type: longrope}} is not "
+        f"supported yet (phi3 imports need rope_parameters.rope_type: default)\n  fix: {FIX}\n")
