@@ -147,8 +147,9 @@ def _write_native(fam: Family, config: dict[str, Any], cm: Any, out: Path) -> No
     from transformers import AutoConfig
 
     hf_config = AutoConfig.for_model(fam.model_type, **config)
-    hf_config.dtype = torch.float32
     state = dict(cm.module.named_parameters())
+    dtypes = {v.dtype for v in state.values()}
+    hf_config.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # what the tensors are (an import's bf16)
     tensors: dict[str, torch.Tensor] = {}
     pieces: dict[str, list[Any]] = {}
     for m in weight_map(fam, cm, cm.module):

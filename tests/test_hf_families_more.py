@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from physlm_graph._hf_export import export_hf  # noqa: E402
-from physlm_graph._hf_families import FAMILIES  # noqa: E402
+from physlm_graph._hf_families import FAMILIES, HFError  # noqa: E402
 from physlm_graph._hf_import import import_hf  # noqa: E402
 from physlm_graph.cli import main  # noqa: E402
 from physlm_graph.runtime.checkpoint import load_checkpoint  # noqa: E402
@@ -243,3 +243,108 @@ def test_phi3_longrope_is_refused_by_name(tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"hugging face error: {_at(path, 'rope_parameters')}: rope_parameters: {{rope_type: longrope}} is not "
         f"supported yet (phi3 imports need rope_parameters.rope_type: default)\n  fix: {FIX}\n")
+
+
+# -- bfloat16 / float16 checkpoints -------------------------------------------------------------
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gpt2"])
+def test_a_bf16_checkpoint_stays_bf16_through_import_and_export(model_type, tmp_path):
+    model = _tiny(model_type, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    theirs = _tensors(tmp_path / "hf" / "model.safetensors")
+    cm = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    assert {p.dtype for p in cm.module.parameters()} == {torch.bfloat16}
+    stored = _tensors(tmp_path / "ckpt" / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+    # the references: the folder as transformers loads it, by default (bf16) and in float32
+    ref16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ref32 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert ref16.dtype == torch.bfloat16
+    ck = load_checkpoint(tmp_path / "ckpt")
+    assert {p.dtype for p in ck.model.module.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        got = ck.model.module(X)["logits"]
+    assert got.dtype == torch.bfloat16
+    want = _logits(ref16)
+    assert (got.float() - want).abs().max().item() < 0.05 * want.abs().max().item()  # bf16 rounding, two op orders
+    with torch.no_grad():  # the same weights: in float32 both compute the same function
+        assert (ck.model.module.float()(X)["logits"] - _logits(ref32)).abs().max().item() < 1e-5
+
+    export_hf(tmp_path / "ckpt", tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    back_tensors = _tensors(tmp_path / "out" / "model.safetensors")
+    assert set(back_tensors) == set(theirs)
+    assert all(back_tensors[k].dtype == torch.bfloat16 and torch.equal(back_tensors[k], theirs[k]) for k in theirs)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert back.dtype == torch.bfloat16
+    assert torch.equal(_logits(back), want)  # the same bf16 weights, the same bf16 model
+
+
+def test_dtype_float32_widens_a_bf16_checkpoint_exactly(tmp_path, capsys):
+    model = _tiny("qwen2", dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"), "--dtype", "float32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dtype"] == "float32"
+    ck = load_checkpoint(tmp_path / "ckpt")
+    assert {p.dtype for p in ck.model.module.parameters()} == {torch.float32}
+    theirs = _tensors(tmp_path / "hf" / "model.safetensors")
+    assert torch.equal(ck.model.module.get_parameter("tok.weight"), theirs["model.embed_tokens.weight"].float())
+    ref32 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (ck.model.module(X)["logits"] - _logits(ref32)).abs().max().item() < 1e-5
+    export_hf(tmp_path / "ckpt", tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_a_float16_checkpoint_imports_as_float16_and_bf16_can_be_asked_for(tmp_path, capsys):
+    model = _tiny("mistral", dtype=torch.float16)
+    model.save_pretrained(tmp_path / "hf")
+    cm = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    assert {p.dtype for p in cm.module.parameters()} == {torch.float16}
+    assert {p.dtype for p in load_checkpoint(tmp_path / "ckpt").model.module.parameters()} == {torch.float16}
+    cm = import_hf(tmp_path / "hf", tmp_path / "ckpt16", dtype="bfloat16")
+    assert {p.dtype for p in cm.module.parameters()} == {torch.bfloat16}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "x"), "--dtype", "float64"])
+    assert exit_.value.code == 2 and "argument --dtype: invalid choice: 'float64'" in capsys.readouterr().err
+    with pytest.raises(HFError, match="unknown dtype 'float64'"):
+        import_hf(tmp_path / "hf", tmp_path / "x", dtype="float64")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_float32_import_and_a_training_init_stay_float32(tmp_path):
+    """A float32 checkpoint imports as before; train --init-from reads a bf16 import into its float32 model."""
+    from physlm_graph import compile_blueprint
+    from physlm_graph.runtime.init_from import InitFrom
+
+    _tiny("llama").save_pretrained(tmp_path / "hf32")
+    assert {p.dtype for p in import_hf(tmp_path / "hf32", tmp_path / "ck32").module.parameters()} == {torch.float32}
+    _tiny("llama", dtype=torch.bfloat16).save_pretrained(tmp_path / "hf")
+    imported = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    run = compile_blueprint(imported.blueprint)
+    InitFrom(tmp_path / "ckpt").apply(run)
+    assert {p.dtype for p in run.module.parameters()} == {torch.float32}
+    assert torch.equal(run.module.get_parameter("tok.weight"), imported.module.get_parameter("tok.weight").float())
+
+
+def test_a_dtype_an_import_cannot_keep_is_located(tmp_path, capsys):
+    path = _edit(tmp_path, _tiny("llama"), dtype="float64")
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
+    assert capsys.readouterr().err == (
+        f"hugging face error: {_at(path, 'dtype')}: config.json records dtype float64, which an import does not keep "
+        "(expected float32, bfloat16, float16, got float64)\n"
+        "  fix: import with --dtype float32 (or bfloat16, float16)\n")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"), "--dtype", "float32"]) == 0
