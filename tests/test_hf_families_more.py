@@ -348,3 +348,16 @@ def test_a_dtype_an_import_cannot_keep_is_located(tmp_path, capsys):
         "(expected float32, bfloat16, float16, got float64)\n"
         "  fix: import with --dtype float32 (or bfloat16, float16)\n")
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"), "--dtype", "float32"]) == 0
+
+
+def test_transformers_opens_a_bf16_import_in_bf16_by_default(tmp_path):
+    """AutoModelForCausalLM on the physlm checkpoint (after import physlm_graph): dtype auto is the
+    stored dtype, as for transformers' own models; float32 when asked."""
+    _tiny("llama", dtype=torch.bfloat16).save_pretrained(tmp_path / "hf")
+    cm = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    assert m.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(m(X).logits, cm.module.eval()(X)["logits"])
+    m32 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    assert m32.dtype == torch.float32
