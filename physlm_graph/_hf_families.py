@@ -85,6 +85,10 @@ class Matcher:
 
     __hash__ = None  # type: ignore[assignment]
 
+    def bound(self, config: dict[str, Any]) -> Any:
+        """What it matches in this config (itself, unless it reads other keys of the config)."""
+        return self
+
 
 class Repeating(Matcher):
     """A per-layer list that repeats ``kinds`` from layer 0 on, whatever its length (Gemma 2's
@@ -99,6 +103,19 @@ class Repeating(Matcher):
 
     def __str__(self) -> str:
         return "[" + ", ".join(self.kinds) + ", ...]"
+
+
+class WindowFrom(Matcher):
+    """Qwen's ``layer_types`` as transformers derives them when the config does not list them:
+    full attention in the layers below ``max_window_layers``, sliding from there on, and full
+    everywhere without a window (``use_sliding_window: false`` nulls ``sliding_window``). A list
+    that says otherwise is a layout the blueprint's ``select`` cannot express."""
+
+    def bound(self, config: dict[str, Any]) -> tuple[str, ...]:
+        window, start = config.get("sliding_window"), config.get("max_window_layers")
+        n = len(config.get("layer_types") or ())
+        return tuple("sliding_attention" if window is not None and start is not None and i >= start
+                     else "full_attention" for i in range(n))
 
 
 class Number(Matcher):
@@ -175,9 +192,11 @@ FAMILIES: dict[str, Family] = {
             "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
             "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"),
-            "tie_head": _TIED_HEAD, **_ROPE_SCALING,
+            "use_window": _p("use_sliding_window", optional=True),
+            "window": _p("sliding_window", nullable=True, optional=True),
+            "window_layers": _p("max_window_layers", optional=True), "tie_head": _TIED_HEAD, **_ROPE_SCALING,
         },
-        requires={"hidden_act": ("silu",), **_ROPE_SCALING_REQUIRES, "use_sliding_window": (False,)},
+        requires={"hidden_act": ("silu",), **_ROPE_SCALING_REQUIRES, "layer_types": (WindowFrom(),)},
         writes={"attention_dropout": 0.0},
         modules=_LLAMA_LAYOUT,
     ),
@@ -232,9 +251,11 @@ FAMILIES: dict[str, Family] = {
             "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
             "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"),
-            "tie_head": _TIED_HEAD, **_ROPE_SCALING,
+            "use_window": _p("use_sliding_window", optional=True),
+            "window": _p("sliding_window", nullable=True, optional=True),
+            "window_layers": _p("max_window_layers", optional=True), "tie_head": _TIED_HEAD, **_ROPE_SCALING,
         },
-        requires={"hidden_act": ("silu",), **_ROPE_SCALING_REQUIRES, "use_sliding_window": (False,)},
+        requires={"hidden_act": ("silu",), **_ROPE_SCALING_REQUIRES, "layer_types": (WindowFrom(),)},
         writes={"attention_dropout": 0.0},
         modules=_LLAMA_LAYOUT,
     ),
@@ -550,6 +571,8 @@ def missing_features(fam: Family, config: dict[str, Any], config_file: Path | No
     """Each config value the family's graph cannot express: (message, where in config.json)."""
     out = []
     for key, allowed in fam.requires.items():
+        # a matcher that reads other keys (WindowFrom) becomes the one value it allows here
+        allowed = tuple(a.bound(config) if isinstance(a, Matcher) else a for a in allowed)
         raw = get_key(config, key)
         got = tuple(raw) if isinstance(raw, list) else raw  # a config list against a tuple requirement
         as_tuples = tuple(tuple(a) if isinstance(a, list) else a for a in allowed)  # and a list requirement
@@ -596,8 +619,8 @@ def config_from_params(fam: Family, params: dict[str, Any]) -> dict[str, Any]:
         _set_key(config, key, value)
     for name, p in fam.params.items():
         value = params[name]
-        if value is None and p.optional and None not in p.values.values():
-            continue  # left out: transformers' default (a value map that spells null writes it)
+        if value is None and p.optional and not p.nullable and None not in p.values.values():
+            continue  # left out: transformers' default (a nullable param, or a value map that spells null, writes it)
         if p.values:
             value = next(k for k, v in p.values.items() if v == value)
         _set_key(config, p.key, value)

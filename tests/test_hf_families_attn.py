@@ -178,7 +178,7 @@ def test_gemma2_layers_that_do_not_alternate_are_named_missing(tmp_path, capsys)
 
 @pytest.mark.parametrize("model_type,key,value,need", [
     ("qwen3", "hidden_act", "gelu", "hidden_act: silu"),
-    ("qwen3", "use_sliding_window", True, "use_sliding_window: false"),
+    ("mistral", "hidden_act", "gelu", "hidden_act: silu"),
     ("gemma", "hidden_act", "relu", "hidden_act: gelu_pytorch_tanh"),
     ("olmo2", "hidden_act", "gelu", "hidden_act: silu"),
 ])

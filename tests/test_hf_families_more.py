@@ -361,3 +361,83 @@ def test_transformers_opens_a_bf16_import_in_bf16_by_default(tmp_path):
         assert torch.equal(m(X).logits, cm.module.eval()(X)["logits"])
     m32 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
     assert m32.dtype == torch.float32
+
+
+# -- Qwen's sliding window from max_window_layers on ----------------------------------------------
+
+
+@pytest.mark.parametrize("model_type,start", [("qwen2", 2), ("qwen3", 2), ("qwen2", 0), ("qwen3", 4)])
+def test_qwen_sliding_layers_from_max_window_layers_round_trip(model_type, start, tmp_path):
+    """Layers below max_window_layers attend to everything, the others to a window of 5 (of 24 tokens)."""
+    model = _tiny(model_type, num_hidden_layers=4, use_sliding_window=True, sliding_window=5, max_window_layers=start)
+    assert model.config.layer_types == ["full_attention"] * start + ["sliding_attention"] * (4 - start)
+    cm, config, back = _round_trip(model, tmp_path)
+    windows = [cm.module.get_submodule(f"trunk.{i}.attn").sliding_window for i in range(4)]
+    assert windows == [None] * start + [5] * (4 - start)
+    assert (config["use_sliding_window"], config["sliding_window"], config["max_window_layers"]) == (True, 5, start)
+    assert back.config.layer_types == model.config.layer_types
+
+
+def test_qwen_without_use_sliding_window_is_full_attention_everywhere(tmp_path):
+    """use_sliding_window: false (the released Qwen2 and Qwen3 configs) nulls the window whatever
+    sliding_window says; export writes it so, and the window shows in the logits when on."""
+    model = _tiny("qwen2", num_hidden_layers=4, use_sliding_window=False, sliding_window=5, max_window_layers=2)
+    cm, config, _ = _round_trip(model, tmp_path)
+    assert [cm.module.get_submodule(f"trunk.{i}.attn").sliding_window for i in range(4)] == [None] * 4
+    assert (config["use_sliding_window"], config["sliding_window"]) == (False, None)
+    windowed = _tiny("qwen2", num_hidden_layers=4, use_sliding_window=True, sliding_window=5, max_window_layers=2)
+    assert (_logits(windowed) - _logits(model)).abs().max().item() > 1e-3  # the same weights, another function
+
+
+def test_qwen_layer_types_other_than_derived_are_refused_by_name(tmp_path, capsys):
+    model = _tiny("qwen3", num_hidden_layers=3, use_sliding_window=True, sliding_window=5, max_window_layers=1)
+    path = _edit(tmp_path, model, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
+    assert capsys.readouterr().err == (
+        f"hugging face error: {_at(path, 'layer_types')}: layer_types: [sliding_attention, full_attention, "
+        "sliding_attention] is not supported yet (qwen3 imports need layer_types: [full_attention, "
+        f"sliding_attention, sliding_attention])\n  fix: {FIX}\n")
+
+
+def test_qwen_sliding_layers_decode_token_by_token_as_the_full_forward(tmp_path):
+    from physlm_graph._context import DecodeContext, decoding
+
+    model = _tiny("qwen2", num_hidden_layers=3, use_sliding_window=True, sliding_window=5, max_window_layers=1)
+    model.save_pretrained(tmp_path / "hf")
+    cm = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    cm.module.eval()
+    with torch.no_grad():
+        full = cm.module(X)["logits"]
+        ctx, pieces = DecodeContext(), []
+        with decoding(ctx):
+            for a, b in zip([0, *range(9, 24)], [9, *range(10, 25)]):
+                ctx.offset = a
+                pieces.append(cm.module(X[:, a:b])["logits"])
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-5
+
+
+def test_a_qwen2_checkpoint_from_before_ties_scaling_and_windows_still_exports(tmp_path):
+    """The qwen2 blueprint as imports wrote it before tie_head, the rope_* params and the windows:
+    the family's defaults fill them in, and it is still qwen2."""
+    from physlm_graph import compile_blueprint
+    from physlm_graph.runtime.checkpoint import save_checkpoint
+
+    model = _tiny("qwen2")
+    model.save_pretrained(tmp_path / "hf")
+    cm = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    doc = json.loads(json.dumps(cm.blueprint))
+    new = {"tie_head", "use_window", "window", "window_layers"} | {k for k in doc["params"] if k.startswith(("rope_", "yarn_"))}
+    doc["params"] = {k: v for k, v in doc["params"].items() if k not in new - {"rope_base"}}
+    del doc["blocks"]["window_layer"]
+    doc["nodes"]["trunk"] = {"use": "decoder_layer", "repeat": "${layers}", "in": "tok"}
+    doc["nodes"]["head"].pop("tie")
+    doc["nodes"]["rope"] = {k: v for k, v in doc["nodes"]["rope"].items()
+                            if k in ("use", "in", "head_dim", "max_seq_len", "base", "style")}
+    old = compile_blueprint(doc)
+    old.module.load_state_dict(cm.module.state_dict())
+    save_checkpoint(tmp_path / "old", cm=old)
+    r = export_hf(tmp_path / "old", tmp_path / "out")
+    assert r.model_type == "qwen2", r.why_physlm
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert (_logits(back) - _logits(model)).abs().max().item() < 1e-5
