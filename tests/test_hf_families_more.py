@@ -441,3 +441,49 @@ def test_a_qwen2_checkpoint_from_before_ties_scaling_and_windows_still_exports(t
     assert r.model_type == "qwen2", r.why_physlm
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert (_logits(back) - _logits(model)).abs().max().item() < 1e-5
+
+
+@pytest.mark.slow  # a second process starting transformers: about 15 s on a shared CPU
+def test_the_exports_load_in_a_process_without_physlm_graph(tmp_path):
+    """One export of each kind above (tied, scaled, bf16, windowed) opened by plain transformers."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    models = {
+        "tied": _tiny("qwen3", tie_word_embeddings=True),
+        "yarn": _scaled("mistral", "yarn"),
+        "bf16": _tiny("llama", dtype=torch.bfloat16),
+        "window": _tiny("qwen2", num_hidden_layers=4, use_sliding_window=True, sliding_window=5, max_window_layers=2),
+    }
+    cases = {}
+    for name, model in models.items():
+        model.save_pretrained(tmp_path / name / "hf")
+        import_hf(tmp_path / name / "hf", tmp_path / name / "ckpt")
+        export_hf(tmp_path / name / "ckpt", tmp_path / name / "out")
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name / "hf").eval()
+        cases[name] = {"out": str(tmp_path / name / "out"), "want": _logits(ref)}
+    torch.save({"x": X, "cases": cases}, tmp_path / "io.pt")
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        for name, case in io["cases"].items():
+            m = AutoModelForCausalLM.from_pretrained(case["out"]).eval()
+            with torch.no_grad():
+                err = (m(io["x"]).logits.float() - case["want"]).abs().max().item()
+            print(name, type(m).__name__, str(m.dtype).replace("torch.", ""), err)
+        print("physlm_graph" in sys.modules)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    *rows, imported = run.stdout.split("\n")[:-1]
+    assert imported == "False"
+    got = {name: (cls, dtype, float(err)) for name, cls, dtype, err in (r.split() for r in rows)}
+    assert {n: g[:2] for n, g in got.items()} == {"tied": ("Qwen3ForCausalLM", "float32"),
+                                                  "yarn": ("MistralForCausalLM", "float32"),
+                                                  "bf16": ("LlamaForCausalLM", "bfloat16"),
+                                                  "window": ("Qwen2ForCausalLM", "float32")}
+    assert all(err < 1e-5 for _, _, err in got.values()), got
