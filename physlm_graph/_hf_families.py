@@ -105,17 +105,24 @@ class Repeating(Matcher):
         return "[" + ", ".join(self.kinds) + ", ...]"
 
 
-class WindowFrom(Matcher):
-    """Qwen's ``layer_types`` as transformers derives them when the config does not list them:
-    full attention in the layers below ``max_window_layers``, sliding from there on, and full
-    everywhere without a window (``use_sliding_window: false`` nulls ``sliding_window``). A list
-    that says otherwise is a layout the blueprint's ``select`` cannot express."""
+class WindowLayers(Matcher):
+    """Qwen's ``layer_types`` as transformers derives them when the config does not list them, the
+    layout the blueprint's ``select`` expresses. qwen2 and qwen3: sliding from ``max_window_layers``
+    on, full attention below it and everywhere without a window (``use_sliding_window: false``
+    nulls ``sliding_window``). qwen2_moe (``even_below``): sliding in the even layers below
+    ``max_window_layers`` when ``use_sliding_window``. A list that says otherwise is refused."""
+
+    def __init__(self, *, even_below: bool = False) -> None:
+        self.even_below = even_below
 
     def bound(self, config: dict[str, Any]) -> tuple[str, ...]:
-        window, start = config.get("sliding_window"), config.get("max_window_layers")
+        start = config.get("max_window_layers") or 0
         n = len(config.get("layer_types") or ())
-        return tuple("sliding_attention" if window is not None and start is not None and i >= start
-                     else "full_attention" for i in range(n))
+        if self.even_below:
+            on = [bool(config.get("use_sliding_window")) and i % 2 == 0 and i < start for i in range(n)]
+        else:
+            on = [config.get("sliding_window") is not None and i >= start for i in range(n)]
+        return tuple("sliding_attention" if w else "full_attention" for w in on)
 
 
 class Number(Matcher):
@@ -196,7 +203,7 @@ FAMILIES: dict[str, Family] = {
             "window": _p("sliding_window", nullable=True, optional=True),
             "window_layers": _p("max_window_layers", optional=True), "tie_head": _TIED_HEAD, **_ROPE_SCALING,
         },
-        requires={"hidden_act": ("silu",), **_ROPE_SCALING_REQUIRES, "layer_types": (WindowFrom(),)},
+        requires={"hidden_act": ("silu",), **_ROPE_SCALING_REQUIRES, "layer_types": (WindowLayers(),)},
         writes={"attention_dropout": 0.0},
         modules=_LLAMA_LAYOUT,
     ),
@@ -255,7 +262,7 @@ FAMILIES: dict[str, Family] = {
             "window": _p("sliding_window", nullable=True, optional=True),
             "window_layers": _p("max_window_layers", optional=True), "tie_head": _TIED_HEAD, **_ROPE_SCALING,
         },
-        requires={"hidden_act": ("silu",), **_ROPE_SCALING_REQUIRES, "layer_types": (WindowFrom(),)},
+        requires={"hidden_act": ("silu",), **_ROPE_SCALING_REQUIRES, "layer_types": (WindowLayers(),)},
         writes={"attention_dropout": 0.0},
         modules=_LLAMA_LAYOUT,
     ),
@@ -367,9 +374,11 @@ FAMILIES: dict[str, Family] = {
             "expert_hidden": _p("moe_intermediate_size"), "shared_hidden": _p("shared_expert_intermediate_size"),
             "norm_topk": _p("norm_topk_prob"), "router_loss": _p("output_router_logits"),
             "router_loss_weight": _p("router_aux_loss_coef"),
-            "tie_head": _TIED_HEAD, **_ROPE_SCALING,
+            "use_window": _p("use_sliding_window", optional=True),
+            "window": _p("sliding_window", nullable=True, optional=True),
+            "window_layers": _p("max_window_layers", optional=True), "tie_head": _TIED_HEAD, **_ROPE_SCALING,
         },
-        requires={"hidden_act": ("silu",), **_ROPE_SCALING_REQUIRES, "use_sliding_window": (False,),
+        requires={"hidden_act": ("silu",), **_ROPE_SCALING_REQUIRES, "layer_types": (WindowLayers(even_below=True),),
                   "decoder_sparse_step": (1,), "mlp_only_layers": ([],)},
         writes={"attention_dropout": 0.0},
         modules=(
@@ -571,7 +580,7 @@ def missing_features(fam: Family, config: dict[str, Any], config_file: Path | No
     """Each config value the family's graph cannot express: (message, where in config.json)."""
     out = []
     for key, allowed in fam.requires.items():
-        # a matcher that reads other keys (WindowFrom) becomes the one value it allows here
+        # a matcher that reads other keys (WindowLayers) becomes the one value it allows here
         allowed = tuple(a.bound(config) if isinstance(a, Matcher) else a for a in allowed)
         raw = get_key(config, key)
         got = tuple(raw) if isinstance(raw, list) else raw  # a config list against a tuple requirement

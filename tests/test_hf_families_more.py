@@ -389,6 +389,21 @@ def test_qwen_without_use_sliding_window_is_full_attention_everywhere(tmp_path):
     assert (_logits(windowed) - _logits(model)).abs().max().item() > 1e-3  # the same weights, another function
 
 
+@pytest.mark.parametrize("start,windows", [(3, [5, None, 5, None]), (1, [5, None, None, None])])
+def test_qwen2_moe_slides_in_the_even_layers_below_max_window_layers(start, windows, tmp_path):
+    """Qwen2-MoE derives its layer_types the other way round from Qwen2: the even layers below
+    max_window_layers slide; use_sliding_window: false writes sliding_window 0 (no layer slides)."""
+    model = _tiny("qwen2_moe", num_hidden_layers=4, use_sliding_window=True, sliding_window=5, max_window_layers=start)
+    cm, config, back = _round_trip(model, tmp_path / "on")
+    assert [cm.module.get_submodule(f"trunk.{i}.attn").sliding_window for i in range(4)] == windows
+    assert back.config.layer_types == model.config.layer_types
+    off = _tiny("qwen2_moe", num_hidden_layers=4, use_sliding_window=False, sliding_window=5, max_window_layers=start)
+    cm, config, _ = _round_trip(off, tmp_path / "off")
+    assert [cm.module.get_submodule(f"trunk.{i}.attn").sliding_window for i in range(4)] == [None] * 4
+    assert (config["use_sliding_window"], config["sliding_window"]) == (False, 0)
+    assert (_logits(model) - _logits(off)).abs().max().item() > 1e-3
+
+
 def test_qwen_layer_types_other_than_derived_are_refused_by_name(tmp_path, capsys):
     model = _tiny("qwen3", num_hidden_layers=3, use_sliding_window=True, sliding_window=5, max_window_layers=1)
     path = _edit(tmp_path, model, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
@@ -398,6 +413,14 @@ def test_qwen_layer_types_other_than_derived_are_refused_by_name(tmp_path, capsy
         f"hugging face error: {_at(path, 'layer_types')}: layer_types: [sliding_attention, full_attention, "
         "sliding_attention] is not supported yet (qwen3 imports need layer_types: [full_attention, "
         f"sliding_attention, sliding_attention])\n  fix: {FIX}\n")
+    moe = _tiny("qwen2_moe", num_hidden_layers=3, use_sliding_window=True, sliding_window=5, max_window_layers=3)
+    path = _edit(tmp_path / "moe", moe, layer_types=["full_attention", "sliding_attention", "full_attention"])
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "moe" / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
+    assert capsys.readouterr().err == (
+        f"hugging face error: {_at(path, 'layer_types')}: layer_types: [full_attention, sliding_attention, "
+        "full_attention] is not supported yet (qwen2_moe imports need layer_types: [sliding_attention, "
+        f"full_attention, sliding_attention])\n  fix: {FIX}\n")
 
 
 def test_qwen_sliding_layers_decode_token_by_token_as_the_full_forward(tmp_path):
