@@ -7,8 +7,9 @@ is the family's ``blueprints/families/<type>.yaml`` with the config's params; ev
 through the names the components declare (``register(hf=...)``). Weights keep the dtype that
 ``config.json`` records (``dtype``, formerly ``torch_dtype``), as transformers' ``from_pretrained``
 does by default (``dtype="auto"``): a bfloat16 checkpoint imports as bfloat16, weights and compute.
-``dtype="float32"`` (or ``bfloat16``, ``float16``) picks one instead. A config that uses something the family's graph cannot
-express fails with one located error per missing piece, before any weight is read.
+``dtype="float32"`` (or ``bfloat16``, ``float16``) picks one instead. A config that uses
+something the family's graph cannot express fails with one located error per missing piece,
+before any weight is read.
 """
 
 from __future__ import annotations
