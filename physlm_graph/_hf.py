@@ -309,10 +309,10 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
                         **kwargs: Any) -> "PhysLMForCausalLM":
         """Open a physlm checkpoint folder (or a run folder's ``last``/``best``) or a save_pretrained folder.
 
-        Accepts ``dtype``/``torch_dtype`` and ``device_map`` (one device); Hub download options are
-        ignored: the folder must be local.
+        Accepts ``dtype``/``torch_dtype`` (``auto``, the default: the stored weights' dtype) and
+        ``device_map`` (one device); Hub download options are ignored: the folder must be local.
         """
-        from physlm_graph.runtime.checkpoint import MANIFEST, find_checkpoint, load_weights
+        from physlm_graph.runtime.checkpoint import MANIFEST, MODEL, find_checkpoint, load_weights, stored_dtype
 
         folder = find_checkpoint(_local_folder(pretrained_model_name_or_path, kwargs.get("subfolder") or ""))
         if not isinstance(config, PhysLMConfig):
@@ -330,7 +330,9 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
             model.generation_config.use_cache = model.can_cache  # what the graph can do, not what an old file says
         if (folder / TOKENIZER / "tokenizer.json").is_file():
             model.__dict__["tokenizer_folder"] = folder / TOKENIZER
-        dtype = _dtype(kwargs.get("dtype", kwargs.get("torch_dtype")))
+        asked = kwargs.get("dtype", kwargs.get("torch_dtype", "auto"))
+        # auto (transformers' default): as stored; float32 unless an import kept a checkpoint's bf16 or fp16
+        dtype = stored_dtype(folder / MODEL) if asked in (None, "auto") else _dtype(asked)
         if dtype is not None:
             model.to(dtype)
         device = kwargs.get("device_map")

@@ -59,8 +59,10 @@ def match_family(cm: Any) -> tuple[Family | None, dict[str, Any] | None, str]:
         if lacking:
             short.append((len(lacking), f"{fam.model_type}: no param {', '.join(lacking)}"))
             continue
+        # an optional param the blueprint lacks (written before the family had it) has the family's default
+        defaults = family_blueprint(fam, {}, name="", about="")["params"]
         try:
-            config = config_from_params(fam, {k: params.get(k) for k in fam.params})
+            config = config_from_params(fam, {k: params.get(k, defaults.get(k)) for k in fam.params})
         except StopIteration:
             why.append(f"{fam.model_type}: a param value transformers cannot spell")
             continue
@@ -145,8 +147,9 @@ def _write_native(fam: Family, config: dict[str, Any], cm: Any, out: Path) -> No
     from transformers import AutoConfig
 
     hf_config = AutoConfig.for_model(fam.model_type, **config)
-    hf_config.dtype = torch.float32
     state = dict(cm.module.named_parameters())
+    dtypes = {v.dtype for v in state.values()}
+    hf_config.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # what the tensors are (an import's bf16)
     tensors: dict[str, torch.Tensor] = {}
     pieces: dict[str, list[Any]] = {}
     for m in weight_map(fam, cm, cm.module):

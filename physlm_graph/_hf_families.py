@@ -85,6 +85,10 @@ class Matcher:
 
     __hash__ = None  # type: ignore[assignment]
 
+    def bound(self, config: dict[str, Any]) -> Any:
+        """What it matches in this config (itself, unless it reads other keys of the config)."""
+        return self
+
 
 class Repeating(Matcher):
     """A per-layer list that repeats ``kinds`` from layer 0 on, whatever its length (Gemma 2's
@@ -99,6 +103,26 @@ class Repeating(Matcher):
 
     def __str__(self) -> str:
         return "[" + ", ".join(self.kinds) + ", ...]"
+
+
+class WindowLayers(Matcher):
+    """Qwen's ``layer_types`` as transformers derives them when the config does not list them, the
+    layout the blueprint's ``select`` expresses. qwen2 and qwen3: sliding from ``max_window_layers``
+    on, full attention below it and everywhere without a window (``use_sliding_window: false``
+    nulls ``sliding_window``). qwen2_moe (``even_below``): sliding in the even layers below
+    ``max_window_layers`` when ``use_sliding_window``. A list that says otherwise is refused."""
+
+    def __init__(self, *, even_below: bool = False) -> None:
+        self.even_below = even_below
+
+    def bound(self, config: dict[str, Any]) -> tuple[str, ...]:
+        start = config.get("max_window_layers") or 0
+        n = len(config.get("layer_types") or ())
+        if self.even_below:
+            on = [bool(config.get("use_sliding_window")) and i % 2 == 0 and i < start for i in range(n)]
+        else:
+            on = [config.get("sliding_window") is not None and i >= start for i in range(n)]
+        return tuple("sliding_attention" if w else "full_attention" for w in on)
 
 
 class Number(Matcher):
@@ -121,12 +145,14 @@ _PHI3_NAMES: dict[str, tuple[HFName, ...]] = {
                       HFName("w2.weight", ("down_proj.weight",))),
 }
 
-# RoPE context extension (embed.rope's scaling): the rope_parameters keys each kind reads, as
+# RoPE context extension (embed.rope's scaling), in every family with rotary positions but Phi-3
+# (whose config takes only default and longrope): the rope_parameters keys each kind reads, as
 # blueprint params that are null where the kind does not read them. DeepSeek's mscale keys and
-# the dynamic / longrope kinds are not expressed.
+# the dynamic / longrope kinds are not expressed: refused by name on import.
+# All optional: a checkpoint imported before its family had them exports with the defaults (none).
 _ROPE_SCALING = {
     "rope_scaling": Param("rope_parameters.rope_type", {"default": "none", "linear": "linear", "llama3": "llama3",
-                                                        "yarn": "yarn"}),
+                                                        "yarn": "yarn"}, optional=True),
     "rope_factor": Param("rope_parameters.factor", optional=True),
     "rope_original_context": Param("rope_parameters.original_max_position_embeddings", optional=True),
     "rope_low_freq_factor": Param("rope_parameters.low_freq_factor", optional=True),
@@ -136,6 +162,12 @@ _ROPE_SCALING = {
     "yarn_attention_factor": Param("rope_parameters.attention_factor", optional=True),
     "yarn_truncate": Param("rope_parameters.truncate", optional=True),
 }
+# tie_word_embeddings: the head shares the token embedding's table. Every family blueprint's head
+# reads ``tie: ${tie_head}``, so the param is the node the head ties to (the family's token
+# embedding, ``tok``) or null (a head of its own). Optional: a checkpoint written before the param
+# existed has the blueprint's default (see ``match_family``); export writes false for null.
+_TIED_HEAD = Param("tie_word_embeddings", {True: "tok", False: None}, optional=True)
+
 _ROPE_SCALING_REQUIRES: dict[str, tuple[Any, ...]] = {"rope_parameters.mscale": (None,),
                                                       "rope_parameters.mscale_all_dim": (None,)}
 
@@ -151,8 +183,9 @@ FAMILIES: dict[str, Family] = {
             "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"), "mlp_bias": _p("mlp_bias"),
             **_ROPE_SCALING,
+            "tie_head": _TIED_HEAD,
         },
-        requires={"hidden_act": ("silu",), "pretraining_tp": (1,), "tie_word_embeddings": (False,), **_ROPE_SCALING_REQUIRES},
+        requires={"hidden_act": ("silu",), "pretraining_tp": (1,), **_ROPE_SCALING_REQUIRES},
         writes={"attention_dropout": 0.0},
         modules=_LLAMA_LAYOUT,
     ),
@@ -166,9 +199,11 @@ FAMILIES: dict[str, Family] = {
             "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
             "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"),
+            "use_window": _p("use_sliding_window", optional=True),
+            "window": _p("sliding_window", nullable=True, optional=True),
+            "window_layers": _p("max_window_layers", optional=True), "tie_head": _TIED_HEAD, **_ROPE_SCALING,
         },
-        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "use_sliding_window": (False,),
-                  "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",), **_ROPE_SCALING_REQUIRES, "layer_types": (WindowLayers(),)},
         writes={"attention_dropout": 0.0},
         modules=_LLAMA_LAYOUT,
     ),
@@ -180,9 +215,10 @@ FAMILIES: dict[str, Family] = {
             "vocab": _p("vocab_size"), "dim": _p("n_embd"), "heads": _p("n_head"), "layers": _p("n_layer"),
             "context": _p("n_positions"), "hidden": _p("n_inner", default="4 * dim"), "eps": _p("layer_norm_epsilon"),
             "gelu": _p("activation_function", {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}),
+            "tie_head": _TIED_HEAD,
         },
         requires={"scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
-                  "reorder_and_upcast_attn": (False,), "add_cross_attention": (False,), "tie_word_embeddings": (True,)},
+                  "reorder_and_upcast_attn": (False,), "add_cross_attention": (False,)},
         writes={"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0},
         modules=(
             ("tok", "transformer.wte", "default"),
@@ -206,8 +242,9 @@ FAMILIES: dict[str, Family] = {
             "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
             "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"), "window": _p("sliding_window", nullable=True),
+            "tie_head": _TIED_HEAD, **_ROPE_SCALING,
         },
-        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",), **_ROPE_SCALING_REQUIRES},
         writes={"attention_dropout": 0.0},
         modules=_LLAMA_LAYOUT,
     ),
@@ -221,9 +258,11 @@ FAMILIES: dict[str, Family] = {
             "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
             "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"),
+            "use_window": _p("use_sliding_window", optional=True),
+            "window": _p("sliding_window", nullable=True, optional=True),
+            "window_layers": _p("max_window_layers", optional=True), "tie_head": _TIED_HEAD, **_ROPE_SCALING,
         },
-        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "use_sliding_window": (False,),
-                  "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",), **_ROPE_SCALING_REQUIRES, "layer_types": (WindowLayers(),)},
         writes={"attention_dropout": 0.0},
         modules=_LLAMA_LAYOUT,
     ),
@@ -237,9 +276,10 @@ FAMILIES: dict[str, Family] = {
             "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
             "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"),
+            "tie_head": _TIED_HEAD, **_ROPE_SCALING,
         },
-        requires={"hidden_act": ("gelu_pytorch_tanh",), "rope_parameters.rope_type": ("default",),
-                  "tie_word_embeddings": (True,), "use_bidirectional_attention": (None, False)},
+        requires={"hidden_act": ("gelu_pytorch_tanh",), **_ROPE_SCALING_REQUIRES,
+                  "use_bidirectional_attention": (None, False)},
         writes={"attention_dropout": 0.0},
         modules=_LLAMA_LAYOUT,
     ),
@@ -255,9 +295,10 @@ FAMILIES: dict[str, Family] = {
             "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"),
             "window": _p("sliding_window"), "query_scalar": _p("query_pre_attn_scalar"),
             "attn_cap": _p("attn_logit_softcapping", nullable=True), "logit_cap": _p("final_logit_softcapping"),
+            "tie_head": _TIED_HEAD, **_ROPE_SCALING,
         },
-        requires={"hidden_activation": ("gelu_pytorch_tanh",), "rope_parameters.rope_type": ("default",),
-                  "tie_word_embeddings": (True,), "use_bidirectional_attention": (None, False),
+        requires={"hidden_activation": ("gelu_pytorch_tanh",), **_ROPE_SCALING_REQUIRES,
+                  "use_bidirectional_attention": (None, False),
                   "layer_types": (Repeating("sliding_attention", "full_attention"),),
                   "final_logit_softcapping": (Number(),)},
         writes={"attention_dropout": 0.0},
@@ -283,8 +324,9 @@ FAMILIES: dict[str, Family] = {
             "layers": _p("num_hidden_layers"), "hidden": _p("intermediate_size"),
             "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"), "attn_bias": _p("attention_bias"),
+            "tie_head": _TIED_HEAD, **_ROPE_SCALING,
         },
-        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",), **_ROPE_SCALING_REQUIRES},
         writes={"attention_dropout": 0.0},
         modules=(
             ("tok", "model.embed_tokens", "default"),
@@ -309,9 +351,10 @@ FAMILIES: dict[str, Family] = {
             "rope_base": _p("rope_parameters.rope_theta"), "experts": _p("num_local_experts"),
             "top_k": _p("num_experts_per_tok"), "router_loss": _p("output_router_logits"),
             "router_loss_weight": _p("router_aux_loss_coef"),
+            "tie_head": _TIED_HEAD, **_ROPE_SCALING,
         },
-        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "sliding_window": (None,),
-                  "router_jitter_noise": (0.0, 0), "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",), **_ROPE_SCALING_REQUIRES, "sliding_window": (None,),
+                  "router_jitter_noise": (0.0, 0)},
         writes={"attention_dropout": 0.0},
         modules=(
             *(m for m in _LLAMA_LAYOUT if m[0] != "trunk.{i}.ffn"),
@@ -331,9 +374,12 @@ FAMILIES: dict[str, Family] = {
             "expert_hidden": _p("moe_intermediate_size"), "shared_hidden": _p("shared_expert_intermediate_size"),
             "norm_topk": _p("norm_topk_prob"), "router_loss": _p("output_router_logits"),
             "router_loss_weight": _p("router_aux_loss_coef"),
+            "use_window": _p("use_sliding_window", optional=True),
+            "window": _p("sliding_window", nullable=True, optional=True),
+            "window_layers": _p("max_window_layers", optional=True), "tie_head": _TIED_HEAD, **_ROPE_SCALING,
         },
-        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "use_sliding_window": (False,),
-                  "decoder_sparse_step": (1,), "mlp_only_layers": ([],), "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",), **_ROPE_SCALING_REQUIRES, "layer_types": (WindowLayers(even_below=True),),
+                  "decoder_sparse_step": (1,), "mlp_only_layers": ([],)},
         writes={"attention_dropout": 0.0},
         modules=(
             *(m for m in _LLAMA_LAYOUT if m[0] != "trunk.{i}.ffn"),
@@ -350,9 +396,9 @@ FAMILIES: dict[str, Family] = {
             "hidden": _p("intermediate_size"), "context": _p("max_position_embeddings"), "eps": _p("rms_norm_eps"),
             "rope_base": _p("rope_parameters.rope_theta"),
             "rotary_pct": _p("rope_parameters.partial_rotary_factor", default="1.0"),
+            "tie_head": _TIED_HEAD,
         },
-        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "sliding_window": (None,),
-                  "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",), "sliding_window": (None,)},
         # pad_token_id only makes transformers' embedding keep that row's gradient at zero (our embedding
         # has no such row), and its default 32000 is out of range for a narrower vocabulary
         writes={"attention_dropout": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "pad_token_id": None},
@@ -371,9 +417,9 @@ FAMILIES: dict[str, Family] = {
             "rope_base": _p("rope_parameters.rope_theta"),
             "rotary_pct": _p("rope_parameters.partial_rotary_factor", default="1.0"),
             "attn_bias": _p("attention_bias"), "gelu": _p("hidden_act", {"gelu": "none", "gelu_new": "tanh"}),
+            "tie_head": _TIED_HEAD, **_ROPE_SCALING,
         },
-        requires={"use_parallel_residual": (True,), "rope_parameters.rope_type": ("default",),
-                  "tie_word_embeddings": (False,)},
+        requires={"use_parallel_residual": (True,), **_ROPE_SCALING_REQUIRES},
         writes={"attention_dropout": 0.0, "hidden_dropout": 0.0},
         modules=(
             ("tok", "gpt_neox.embed_in", "default"),
@@ -399,12 +445,12 @@ FAMILIES: dict[str, Family] = {
             "vocab": _p("vocab_size"), "dim": _p("hidden_size"), "layers": _p("num_hidden_layers"),
             "d_state": _p("state_size"), "expand": _p("expand"), "head_dim": _p("head_dim"), "groups": _p("n_groups"),
             "conv": _p("conv_kernel"), "chunk": _p("chunk_size"), "eps": _p("layer_norm_epsilon"),
-            "bias": _p("use_bias"), "conv_bias": _p("use_conv_bias"),
+            "bias": _p("use_bias"), "conv_bias": _p("use_conv_bias"), "tie_head": _TIED_HEAD,
         },
         # time_step_limit clamps dt; (0, inf) is no clamp. residual_in_fp32 and rescale_prenorm_residual
         # are not required: our residual stream is float32 (what residual_in_fp32 asks for, and the same
         # function in float32 either way), and the rescaling is an initialisation only.
-        requires={"hidden_act": ("silu",), "time_step_limit": ((0.0, float("inf")),), "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",), "time_step_limit": ((0.0, float("inf")),)},
         writes={"num_heads": "${expand * dim // head_dim}", "residual_in_fp32": True},
         modules=(
             ("tok", "backbone.embeddings", "default"),
@@ -427,8 +473,9 @@ FAMILIES: dict[str, Family] = {
             "attn_period": _p("attn_layer_period"), "attn_offset": _p("attn_layer_offset"),
             "experts": _p("num_experts"), "top_k": _p("num_experts_per_tok"),
             "expert_period": _p("expert_layer_period"), "expert_offset": _p("expert_layer_offset"),
+            "tie_head": _TIED_HEAD,
         },
-        requires={"hidden_act": ("silu",), "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",)},
         writes={"attention_dropout": 0.0},
         modules=(
             ("tok", "model.embed_tokens", "default"),
@@ -456,9 +503,10 @@ FAMILIES: dict[str, Family] = {
             "d_state": _p("mamba_d_state"), "expand": _p("mamba_expand"), "ssm_head_dim": _p("mamba_d_head"),
             "groups": _p("mamba_n_groups"), "conv": _p("mamba_d_conv"), "chunk": _p("mamba_chunk_size"),
             "conv_bias": _p("mamba_conv_bias"), "proj_bias": _p("mamba_proj_bias"),
+            "tie_head": _TIED_HEAD, **_ROPE_SCALING,
         },
-        requires={"hidden_act": ("silu",), "rope_parameters.rope_type": ("default",),
-                  "time_step_limit": ((0.0, float("inf")),), "tie_word_embeddings": (False,)},
+        requires={"hidden_act": ("silu",), **_ROPE_SCALING_REQUIRES,
+                  "time_step_limit": ((0.0, float("inf")),)},
         writes={"mamba_n_heads": "${expand * dim // ssm_head_dim}", "attention_dropout": 0.0},
         modules=(
             ("tok", "model.embed_tokens", "default"),
@@ -532,6 +580,8 @@ def missing_features(fam: Family, config: dict[str, Any], config_file: Path | No
     """Each config value the family's graph cannot express: (message, where in config.json)."""
     out = []
     for key, allowed in fam.requires.items():
+        # a matcher that reads other keys (WindowLayers) becomes the one value it allows here
+        allowed = tuple(a.bound(config) if isinstance(a, Matcher) else a for a in allowed)
         raw = get_key(config, key)
         got = tuple(raw) if isinstance(raw, list) else raw  # a config list against a tuple requirement
         as_tuples = tuple(tuple(a) if isinstance(a, list) else a for a in allowed)  # and a list requirement
@@ -578,8 +628,8 @@ def config_from_params(fam: Family, params: dict[str, Any]) -> dict[str, Any]:
         _set_key(config, key, value)
     for name, p in fam.params.items():
         value = params[name]
-        if value is None and p.optional:
-            continue
+        if value is None and p.optional and not p.nullable and None not in p.values.values():
+            continue  # left out: transformers' default (a nullable param, or a value map that spells null, writes it)
         if p.values:
             value = next(k for k, v in p.values.items() if v == value)
         _set_key(config, p.key, value)

@@ -4,9 +4,12 @@
 
 The family comes from ``config.json``'s ``model_type`` (``_hf_families.FAMILIES``); the blueprint
 is the family's ``blueprints/families/<type>.yaml`` with the config's params; every weight goes
-through the names the components declare (``register(hf=...)``). Weights are stored in float32,
-the dtype a compiled blueprint trains in. A config that uses something the family's graph cannot
-express fails with one located error per missing piece, before any weight is read.
+through the names the components declare (``register(hf=...)``). Weights keep the dtype that
+``config.json`` records (``dtype``, formerly ``torch_dtype``), as transformers' ``from_pretrained``
+does by default (``dtype="auto"``): a bfloat16 checkpoint imports as bfloat16, weights and compute.
+``dtype="float32"`` (or ``bfloat16``, ``float16``) picks one instead. A config that uses
+something the family's graph cannot express fails with one located error per missing piece,
+before any weight is read.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from physlm_graph._hf_families import (
     weight_map,
 )
 
-__all__ = ["import_hf", "read_hf_config", "read_hf_weights", "hf_blueprint", "load_hf_weights", "is_hf_folder"]
+__all__ = ["import_hf", "read_hf_config", "read_hf_weights", "hf_blueprint", "load_hf_weights", "is_hf_folder",
+           "DTYPES", "import_dtype"]
 
 INDEX = "model.safetensors.index.json"
 
@@ -99,19 +103,41 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def import_hf(folder: str | Path, out: str | Path, *, name: str | None = None) -> Any:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def import_dtype(folder: str | Path, dtype: str = "auto") -> torch.dtype:
+    """The dtype an import keeps: ``dtype`` itself, or with ``auto`` the one ``config.json`` records
+    (float32 when it records none, as transformers then loads)."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise HFError(f"unknown dtype {dtype!r}", expected="auto, " + ", ".join(DTYPES), got=str(dtype))
+    if dtype != "auto":
+        return DTYPES[dtype]
+    config, path = read_hf_config(Path(folder))
+    raw = config.get("dtype") or config.get("torch_dtype") or "float32"
+    name = str(raw).replace("torch.", "")
+    if name not in DTYPES:
+        key = "dtype" if '"dtype"' in path.read_text(encoding="utf-8") else "torch_dtype"
+        raise HFError(f"config.json records {key} {name}, which an import does not keep", loc=_loc(path, key),
+                      expected=", ".join(DTYPES), got=name, fix="import with --dtype float32 (or bfloat16, float16)")
+    return DTYPES[name]
+
+
+def import_hf(folder: str | Path, out: str | Path, *, name: str | None = None, dtype: str = "auto") -> Any:
     """Import the transformers model in ``folder`` into a physlm checkpoint at ``out``.
 
-    Returns the ``CompiledModel`` (weights loaded). The checkpoint holds the blueprint, the
-    weights and, when the folder has one, the tokenizer; ``load_checkpoint``, ``generate`` and
-    ``train --init-from``/``--resume`` open it.
+    Returns the ``CompiledModel`` (weights loaded, in ``import_dtype(folder, dtype)``). The
+    checkpoint holds the blueprint, the weights in that dtype and, when the folder has one, the
+    tokenizer; ``load_checkpoint``, ``generate`` and ``train --init-from``/``--resume`` open it
+    (``load_checkpoint`` in the stored dtype; a run's own model keeps float32 and reads them into it).
     """
     from physlm_graph._compile import compile_blueprint
     from physlm_graph.runtime.checkpoint import save_checkpoint
 
     folder = Path(folder)
+    want = import_dtype(folder, dtype)
     cm = compile_blueprint(hf_blueprint(folder, name=name), device="cpu")
-    load_hf_weights(cm, folder)
+    load_hf_weights(cm, folder, dtype=want)
     tokenizer = _tokenizer(folder)
     save_checkpoint(out, cm=cm, tokenizer=tokenizer)
     return cm
@@ -141,13 +167,15 @@ def hf_blueprint(folder: str | Path, *, name: str | None = None) -> dict[str, An
                             f"{fam.model_type}) by physlm-graph import; graph: blueprints/families/{fam.blueprint}.")
 
 
-def load_hf_weights(cm: Any, folder: str | Path) -> None:
-    """Copy the folder's weights (in float32) into ``cm.module``, a compiled family blueprint;
-    every tensor that has no place, or does not fit, is named."""
+def load_hf_weights(cm: Any, folder: str | Path, *, dtype: torch.dtype = torch.float32) -> None:
+    """Copy the folder's weights into ``cm.module``, a compiled family blueprint, which becomes
+    ``dtype`` (float32: the dtype a compiled blueprint trains in); every tensor that has no
+    place, or does not fit, is named."""
     folder = Path(folder)
     config, _ = read_hf_config(folder)
     fam = FAMILIES[config["model_type"]]
     state = _ours(fam, cm, read_hf_weights(folder), folder)
+    cm.module.to(dtype)
     with torch.no_grad():
         for key, value in state.items():
             cm.module.get_parameter(key).copy_(value)
@@ -173,9 +201,10 @@ def _ours(fam: Any, cm: Any, tensors: dict[str, torch.Tensor], folder: Path) -> 
             problems.append(Diagnostic(f"{' + '.join(m.theirs)} does not fit {m.ours}", loc=Loc(file=str(folder)),
                                        node=m.ours, expected=str(list(want)), got=str(list(value.shape))))
             continue
-        out[m.ours] = value.to(torch.float32)
+        out[m.ours] = value  # copy_ casts it to the module's dtype
         used.update(m.theirs)
-    unused = sorted(k for k in tensors if k not in used and not _tied_alias(fam, k))
+    aliases = _tied_aliases(fam, cm)
+    unused = sorted(k for k in tensors if k not in used and k not in aliases)
     if unused:
         problems.append(Diagnostic(f"{len(unused)} tensors have no place in the {fam.model_type} blueprint: "
                                    f"{', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}",
@@ -185,9 +214,14 @@ def _ours(fam: Any, cm: Any, tensors: dict[str, torch.Tensor], folder: Path) -> 
     return out
 
 
-def _tied_alias(fam: Any, key: str) -> bool:
-    """transformers may save a tied head's weight too; ours shares the embedding's."""
-    return fam.requires.get("tie_word_embeddings") == (True,) and key == "lm_head.weight"
+def _tied_aliases(fam: Any, cm: Any) -> set[str]:
+    """transformers may save a tied head's weight too (``lm_head.weight``, GPT-NeoX's older
+    ``embed_out.weight``); ours shares the embedding's, so those tensors have no place of their
+    own. Empty when the head is not tied (then ``lm_head.weight`` is the head's own)."""
+    if cm.resolved.params.get("tie_head") is None:
+        return set()
+    head = next(theirs for ours, theirs, _ in fam.modules if ours == "head")
+    return {f"{head}.weight", "lm_head.weight"}
 
 
 def _tokenizer(folder: Path) -> Any:

@@ -228,7 +228,8 @@ def _config(cm: Any, tokenizer: Any | None) -> dict[str, Any]:
     for hf, ours in (("hidden_size", "dim"), ("num_hidden_layers", "layers"), ("num_attention_heads", "heads")):
         if isinstance(params.get(ours), int):
             cfg[hf] = params[ours]
-    cfg["torch_dtype"] = "float32"
+    dtypes = {p.dtype for p in cm.module.parameters()}
+    cfg["torch_dtype"] = str(dtypes.pop()).replace("torch.", "") if len(dtypes) == 1 else "float32"
     cfg["physlm"] = {
         "format": FORMAT,
         "blueprint": cm.name,
@@ -468,6 +469,19 @@ def _aliases(key: str, shared: dict[int, list[str]]) -> list[str]:
     return next((names for names in shared.values() if key in names), [])
 
 
+def stored_dtype(path: Path) -> torch.dtype | None:
+    """bfloat16 or float16 when every floating tensor of ``model.safetensors`` is stored so (an
+    import that kept its checkpoint's dtype), else None (float32: what a compiled blueprint has)."""
+    names = {"BF16": torch.bfloat16, "F16": torch.float16}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            kinds = {f.get_slice(k).get_dtype() for k in f.keys()}
+    except (SafetensorError, OSError, ValueError):
+        return None  # reported by load_weights, which reads the file next
+    floats = kinds & {"F64", "F32", "BF16", "F16"}
+    return names.get(floats.pop()) if len(floats) == 1 else None
+
+
 def load_weights(module: torch.nn.Module, path: str | Path, *, verify: bool = True) -> Path:
     """Load a checkpoint's weights into an existing module (resume); returns the checkpoint folder."""
     folder = find_checkpoint(path)
@@ -518,6 +532,9 @@ def _load_folder(folder: Path, *, device: str | torch.device, verify: bool, toke
     except PhysLMError as err:
         raise CheckpointError(f"the stored blueprint no longer compiles:\n{err}", loc=Loc(file=str(folder / BLUEPRINT)),
                               fix="use the version of physlm-graph that wrote the checkpoint") from None
+    half = stored_dtype(folder / MODEL)
+    if half is not None:  # an import that kept a checkpoint's bfloat16 (or float16): loaded as stored
+        cm.module.to(half)
     load_weights(cm.module, folder, verify=False)
     cm.module.to(device).eval()
     tok = None

@@ -125,7 +125,7 @@ def test_a_config_we_cannot_express_names_each_missing_piece(tmp_path, capsys):
     path = tmp_path / "hf" / "config.json"
     cfg = json.loads(path.read_text())
     cfg["hidden_act"] = "gelu"
-    cfg["tie_word_embeddings"] = True
+    cfg["pretraining_tp"] = 2
     cfg["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 500000.0, "factor": 8.0}
     path.write_text(json.dumps(cfg, indent=2))
     lines = path.read_text().splitlines()
@@ -142,8 +142,8 @@ def test_a_config_we_cannot_express_names_each_missing_piece(tmp_path, capsys):
         "3 hugging face errors:\n"
         f"  1. {at('hidden_act')}: hidden_act: gelu is not supported yet (llama imports need hidden_act: silu)\n"
         f"       fix: {fix}\n"
-        f"  2. {at('tie_word_embeddings')}: tie_word_embeddings: true is not supported yet "
-        "(llama imports need tie_word_embeddings: false)\n"
+        f"  2. {at('pretraining_tp')}: pretraining_tp: 2 is not supported yet "
+        "(llama imports need pretraining_tp: 1)\n"
         f"       fix: {fix}\n"
         f"  3. {at('rope_parameters')}: rope_parameters.rope_type: dynamic is not supported yet "
         "(supported: default, linear, llama3, yarn)\n"

@@ -190,13 +190,13 @@ def test_full_size_family_blueprint_has_transformers_parameter_count(model_type)
 
 def test_what_the_ssm_families_cannot_express_is_named(tmp_path, capsys):
     cases = {"mamba2": {"time_step_limit": [0.0, 0.1], "hidden_act": "gelu"},
-             "jamba": {"tie_word_embeddings": True}, "bamba": {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
+             "jamba": {"hidden_act": "gelu"}, "bamba": {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0,
                                                                          "rope_theta": 10000.0}}}
     want = {"mamba2": ["time_step_limit: [0.0, 0.1] is not supported yet (mamba2 imports need time_step_limit: "
                        "[0.0, inf])", "hidden_act: gelu is not supported yet (mamba2 imports need hidden_act: silu)"],
-            "jamba": ["tie_word_embeddings: true is not supported yet (jamba imports need tie_word_embeddings: false)"],
-            "bamba": ["rope_parameters: {rope_type: linear} is not supported yet (bamba imports need "
-                      "rope_parameters.rope_type: default)"]}
+            "jamba": ["hidden_act: gelu is not supported yet (jamba imports need hidden_act: silu)"],
+            "bamba": ["rope_parameters.rope_type: dynamic is not supported yet (supported: default, linear, llama3, "
+                      "yarn)"]}
     for model_type, change in cases.items():
         folder = tmp_path / model_type
         transformers.AutoConfig.for_model(model_type).save_pretrained(folder)

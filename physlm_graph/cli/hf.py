@@ -22,6 +22,8 @@ def add_commands(subparsers: Any) -> None:
     i.add_argument("folder", metavar="HF_FOLDER", help="a save_pretrained folder: config.json + *.safetensors")
     i.add_argument("--out", required=True, metavar="DIR", help="the checkpoint folder to write")
     i.add_argument("--name", default=None, help="the blueprint's name (default: <model_type>-import)")
+    i.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the weights' dtype (auto: the one config.json records, as transformers loads it)")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(fn=cmd_import)
 
@@ -36,12 +38,18 @@ def add_commands(subparsers: Any) -> None:
 def cmd_import(args: argparse.Namespace) -> int:
     from physlm_graph._hf_import import import_hf
 
-    cm = import_hf(args.folder, args.out, name=args.name)
+    cm = import_hf(args.folder, args.out, name=args.name, dtype=args.dtype)
     if args.json:
-        print(json.dumps({"out": args.out, "blueprint": cm.name, "params": cm.num_params, "hash": cm.hash}))
+        print(json.dumps({"out": args.out, "blueprint": cm.name, "params": cm.num_params, "hash": cm.hash,
+                          "dtype": _dtype_name(cm)}))
     else:
-        print(f"wrote {args.out}: blueprint {cm.name}, {cm.num_params:,} parameters", file=sys.stderr)
+        print(f"wrote {args.out}: blueprint {cm.name}, {cm.num_params:,} parameters ({_dtype_name(cm)})",
+              file=sys.stderr)
     return 0
+
+
+def _dtype_name(cm: Any) -> str:
+    return str(next(cm.module.parameters()).dtype).replace("torch.", "")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
