@@ -19,8 +19,8 @@ the phase that sets it.
 
 The phases are measured, not guessed: the model runs forward, its cross-entropy on fp32 logits
 and the backward pass on the ``meta`` device, at the asked batch and window, while a dispatch
-mode counts the bytes of every storage an operation creates for as long as it lives (views share
-their base). Meta tensors hold no data, so this costs what the operations' bookkeeping costs.
+mode (``physlm_graph._livebytes.LiveBytes``) counts the bytes of every storage an operation
+creates for as long as it lives (views share their base). Meta tensors hold no data, so this costs what the operations' bookkeeping costs.
 ``tests/compiler/test_memory.py`` checks it against the same count on a real CPU training step.
 
 Under ``bfloat16`` the pass emulates CUDA autocast where it decides what exists: the inputs of
@@ -42,92 +42,24 @@ estimate is an upper bound for it. Allocator rounding and library workspaces are
 
 from __future__ import annotations
 
-import weakref
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from physlm_graph._errors import PhysLMError
+from physlm_graph._livebytes import PHASES, LiveBytes
 
-__all__ = ["MemoryEstimate", "estimate_memory", "OPTIMIZER_STATE", "LiveBytes"]
+__all__ = ["MemoryEstimate", "estimate_memory", "OPTIMIZER_STATE", "PHASES"]
 
 # fp32 numbers of optimizer state per parameter
 OPTIMIZER_STATE = {"adamw": 2, "muon": 1, "sgd": 1}
-PHASES = ("forward", "backward", "step")
 
 _MATMULS = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm,
             torch.bmm, torch.Tensor.bmm, torch.addmm, torch.baddbmm, torch.einsum, F.conv1d}
-
-
-class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of each storage an operation creates, while it lives, and the largest sum
-    each phase (``self.phase``, set by the caller) reaches.
-
-    Storages in ``existing`` (parameters, buffers, inputs, optimizer state) are not counted,
-    nor created again when an in-place operation or a view hands them back. A storage is freed
-    with its last tensor (a finalizer on it: PyTorch keeps one Python object per storage for as
-    long as the storage lives). Any device, ``meta`` included. Storages marked ``cast`` (autocast's
-    weight copies) or ``grad`` (a parameter's gradient) are summed apart as well, and each phase
-    records ``[largest sum, largest sum without gradients, largest sum without either]``."""
-
-    def __init__(self, existing: set[int] = frozenset()) -> None:
-        super().__init__()
-        self.existing = set(existing)
-        self.live: dict[int, int] = {}  # storage -> bytes
-        self.marked: dict[int, str] = {}  # storage -> "cast" | "grad"
-        self.now = self.casts = self.grads = 0
-        self.phase = "forward"
-        self.peaks: dict[str, list[int]] = {}
-
-    @staticmethod
-    def key(t: torch.Tensor) -> int:
-        return t.untyped_storage()._cdata
-
-    def _free(self, key: int) -> None:
-        n = self.live.pop(key, 0)
-        self.now -= n
-        kind = self.marked.pop(key, None)
-        if kind == "cast":
-            self.casts -= n
-        elif kind == "grad":
-            self.grads -= n
-
-    def mark(self, t: torch.Tensor, kind: str) -> None:
-        key = self.key(t)
-        if key in self.live and key not in self.marked:
-            self.marked[key] = kind
-            if kind == "cast":
-                self.casts += self.live[key]
-            else:
-                self.grads += self.live[key]
-            self._record()
-
-    def _record(self) -> None:
-        p = self.peaks.setdefault(self.phase, [0, 0, 0])
-        p[0] = max(p[0], self.now)
-        p[1] = max(p[1], self.now - self.grads)
-        p[2] = max(p[2], self.now - self.grads - self.casts)
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                key = st._cdata
-                if key not in self.live and key not in self.existing:
-                    self.live[key] = st.nbytes()
-                    self.now += st.nbytes()
-                    weakref.finalize(st, self._free, key)
-        self._record()
-        return out
-
-    def peak(self, phase: str, column: int = 0) -> int:
-        return self.peaks.get(phase, [0, 0, 0])[column]
 
 
 class _FlashSaved(torch.autograd.Function):
@@ -264,7 +196,7 @@ def _run(module: torch.nn.Module, cm: Any, batch: int, seq: int, dtype: torch.dt
 
     hooks = [p.register_post_accumulate_grad_hook(lambda p: live.mark(p.grad, "grad")) for p in params] if live else []
     try:
-        with live if live is not None else _nothing():
+        with live if live is not None else nullcontext():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), mode:
                 out = module(**inputs)
                 logits = out["logits"] if isinstance(out, dict) else out
@@ -282,7 +214,8 @@ def _run(module: torch.nn.Module, cm: Any, batch: int, seq: int, dtype: torch.dt
                 live.phase = "backward"
                 with mode:  # on for a checkpointed piece's recomputation; the engine directly, since
                     # ``loss.backward()`` would run inside the mode's handler, where the mode is off
-                    torch.autograd.graph._engine_run_backward((loss,), (torch.ones_like(loss),), False, False, (), True, True)
+                    seed = (torch.ones_like(loss),)
+                    torch.autograd.graph._engine_run_backward((loss,), seed, False, False, (), True, True)
                 del loss
                 live.phase = "step"
                 seen: set[int] = set()
@@ -296,14 +229,6 @@ def _run(module: torch.nn.Module, cm: Any, batch: int, seq: int, dtype: torch.dt
         for p in params:
             p.grad = None
     return _Pass(saved, casts, n_logits, live, grads)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
 
 
 def _largest_block(cm: Any, module: torch.nn.Module) -> int:
@@ -384,44 +309,3 @@ def estimate_memory(cm: Any, *, batch: int, seq: int, dtype: str = "bfloat16", w
                           peak_phase=peak_phase, largest_block=block * 4, checkpointing=checkpointing,
                           single=single, ddp=ddp, fsdp=fsdp)
 
-
-def measure_step(model: torch.nn.Module, inputs: dict[str, torch.Tensor], targets: torch.Tensor, *,
-                 dtype: str = "bfloat16", steps: int = 3) -> dict[str, Any]:
-    """The live bytes of a real training step (any device; on CPU, where no allocator keeps a
-    peak, the check of the estimate): ``steps`` steps of fused AdamW on ``model`` as the
-    benchmark runs them, autocast to bf16 unless ``dtype`` is float32, the unfused cross-entropy
-    on fp32 logits, gradients set to None; the last step is counted with ``LiveBytes``.
-    Returns static bytes (weights, buffers, optimizer state), each phase's largest live bytes
-    on top, and ``peak``."""
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    dev = next(model.parameters()).device
-    live = None
-    for step in range(steps):
-        if step == steps - 1:
-            held = [*model.parameters(), *model.buffers()]
-            held += [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-            static = sum(t.untyped_storage().nbytes() for t in {LiveBytes.key(t): t for t in held}.values())
-            live = LiveBytes({LiveBytes.key(t) for t in (*held, *inputs.values(), targets)})
-            live.__enter__()
-        try:
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-                out = model(**inputs)
-                logits = out["logits"] if isinstance(out, dict) else out
-                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
-            del out, logits
-            if live is not None:
-                live.phase = "backward"
-            loss.backward()
-            del loss
-            if live is not None:
-                live.phase = "step"
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        finally:
-            if live is not None:
-                live.__exit__(None, None, None)
-    assert live is not None
-    phases = {k: live.peak(k) for k in PHASES}
-    return {"static": static, **phases, "peak_phase": max(PHASES, key=lambda k: phases[k]),
-            "peak": static + max(phases.values())}

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from physlm_graph import compile_blueprint
 from physlm_graph._errors import PhysLMError
-from physlm_graph._memory import LiveBytes, estimate_memory, measure_step
+from physlm_graph._livebytes import LiveBytes, measure_step
+from physlm_graph._memory import estimate_memory
 from physlm_graph._passes import checkpoint_blocks
 from physlm_graph.cli import main
 
