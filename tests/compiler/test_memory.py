@@ -20,6 +20,7 @@ from physlm_graph._passes import checkpoint_blocks
 from physlm_graph.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL_LLAMA = ["vocab=512", "dim=128", "heads=4", "kv_heads=2", "layers=2", "hidden=256", "context=128"]
 # a vocabulary large next to the width: the loss's logits-sized tensors set the peak
 BIG_VOCAB = ["vocab=4096", "dim=64", "heads=4", "kv_heads=2", "layers=2", "hidden=128", "context=64"]
