@@ -75,6 +75,9 @@ def test_parts_follow_params_optimizer_dtype_and_world():
     assert adam.single < adam.ddp <= adam.static + adam.gradients + max(adam.forward, adam.backward)
     assert estimate_memory(cm, batch=4, seq=64, bucket_view=False).ddp == adam.single + adam.gradients
     assert adam.fsdp < adam.single  # state divided by 4, two gathered blocks added
+    eight = estimate_memory(cm, batch=4, seq=64, dtype="bfloat16", world=8)
+    # more devices: smaller shards of the static memory and the gradients; DDP replicates them all
+    assert eight.fsdp < adam.fsdp and eight.ddp == adam.ddp and eight.single == adam.single
     assert adam.largest_block > 0
     double = estimate_memory(cm, batch=8, seq=64, dtype="bfloat16")
     assert double.activations - adam.activations == pytest.approx(4 * 64 * adam.activations_per_token)
