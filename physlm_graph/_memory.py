@@ -11,7 +11,9 @@ a step goes through three phases:
   gradient of the log-softmax output and of the fp32 logits, each the size of the fp32 logits);
   as it goes, saved tensors and weight copies are freed and the parameters' gradients appear.
   With ``train.checkpointing`` a checkpointed piece's activations are recomputed here.
-- **step**: every gradient exists, the activations are gone; fused AdamW updates in place.
+- **step**: every gradient exists, the activations are gone; fused AdamW updates in place (an
+  optimizer's own temporaries, such as Muon's orthogonalization of one matrix, are not counted).
+  The backward ends holding every gradient, so this phase sets the peak only when it allocates.
 
 Static memory (fp32 weights, buffers and optimizer state, allocated by the first step) is alive
 throughout, so the peak is ``static + max(forward, backward, step)``, and ``peak_phase`` names
