@@ -96,6 +96,8 @@ def measure_step(model: torch.nn.Module, inputs: dict[str, torch.Tensor], target
     on fp32 logits, gradients set to None; the last step is counted with ``LiveBytes``.
     Returns static bytes (weights, buffers, optimizer state), each phase's largest live bytes
     on top, and ``peak``."""
+    if dtype not in ("bfloat16", "float32") or steps < 1:
+        raise ValueError(f"measure_step: dtype bfloat16 or float32 and steps >= 1, got {dtype!r} and {steps}")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     dev = next(model.parameters()).device

@@ -187,3 +187,9 @@ def test_the_peak_is_the_largest_phase_not_a_sum():
     assert est.backward == pytest.approx(est.activations + est.weight_casts + 2 * est.logits_grad, rel=1e-3)
     # gradients never coexist with all the activations: the peak is below the sum of the parts
     assert est.single < est.static + est.gradients + est.activations + est.weight_casts + est.logits_grad
+
+
+def test_measure_step_refuses_what_it_would_ignore():
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="float16"):
+        measure_step(model, {"input": torch.zeros(2, 4)}, torch.zeros(2, dtype=torch.long), dtype="float16")
