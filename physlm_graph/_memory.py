@@ -1,33 +1,50 @@
 """How much accelerator memory a blueprint needs to train: ``build --memory``.
 
-Weights, gradients and optimizer state follow from the parameter count. Activations are
-measured, not guessed: the model runs forward (and its cross-entropy) on the ``meta`` device
-under ``saved_tensors_hooks``, and every tensor autograd keeps for the backward pass is counted
-once (views share their base; parameters are not activations). Two batch sizes give the bytes
-per token and the bytes that do not grow with the batch.
+The peak of a training step is not a sum of everything the step ever holds: some of it is never
+alive at the same time. With gradients set to None between steps (``zero_grad(set_to_none=True)``),
+a step goes through three phases:
 
-Under ``bfloat16`` the forward emulates CUDA autocast where it decides what is saved: the
-inputs of matrix products (``linear``, ``matmul``, ``bmm``, ``einsum``, ``conv1d``) are cast to
-bf16 before autograd sees them (a parameter's cast counted once, as autocast caches it), and
-``scaled_dot_product_attention`` saves, in either dtype, what the fused kernels save (queries,
-keys, values, the output and one fp32 log-sum-exp per query), not the math path's attention
-matrix that meta would otherwise take. In fp32 the count equals what a real CPU forward saves
-(``tests/compiler/test_memory.py``).
+- **forward** (model and loss): the activations autograd saves pile up, with autocast's bf16
+  copies of the weights and the loss's transients (the bf16 logits, their fp32 copy, the
+  log-softmax output); no gradients exist yet.
+- **backward**: it starts with every saved activation alive plus the loss's gradients (the
+  gradient of the log-softmax output and of the fp32 logits, each the size of the fp32 logits);
+  as it goes, saved tensors and weight copies are freed and the parameters' gradients appear.
+  With ``train.checkpointing`` a checkpointed piece's activations are recomputed here.
+- **step**: every gradient exists, the activations are gone; fused AdamW updates in place (an
+  optimizer's own temporaries, such as Muon's orthogonalization of one matrix, are not counted).
+  The backward ends holding every gradient, so this phase sets the peak only when it allocates.
 
-The peak of a training step is taken as weights + gradients + optimizer state + activations +
-the bf16 weight copies autocast keeps during the forward + the loss's gradient with respect to
-the logits (fp32, alive at the start of the backward pass, the moment every activation is
-still held). DDP adds its gradient buckets, one more copy of the gradients, unless the gradients
-live inside them (``train.ddp_bucket_view``, the default); FSDP divides
-weights, gradients and optimizer state by the world size and adds the largest block gathered
-twice (the one computing and the one prefetched). With ``train.checkpointing`` the pass runs
-first, so only what the checkpointed pieces keep is counted, plus one piece's activations
-recomputed during its backward. Eager mode, unfused loss: ``torch.compile``
-recomputes cheap operations and saves less, so the estimate is an upper bound for it.
+Static memory (fp32 weights, buffers and optimizer state, allocated by the first step) is alive
+throughout, so the peak is ``static + max(forward, backward, step)``, and ``peak_phase`` names
+the phase that sets it.
+
+The phases are measured, not guessed: the model runs forward, its cross-entropy on fp32 logits
+and the backward pass on the ``meta`` device, at the asked batch and window, while a dispatch
+mode (``physlm_graph._livebytes.LiveBytes``) counts the bytes of every storage an operation
+creates for as long as it lives (views share their base). Meta tensors hold no data, so this costs what the operations' bookkeeping costs.
+``tests/compiler/test_memory.py`` checks it against the same count on a real CPU training step.
+
+Under ``bfloat16`` the pass emulates CUDA autocast where it decides what exists: the inputs of
+matrix products (``linear``, ``matmul``, ``bmm``, ``einsum``, ``conv1d``) are cast to bf16 (a
+parameter's cast cached for the forward, as autocast does, and made afresh in a checkpointed
+piece's recomputation), and ``scaled_dot_product_attention`` saves, in either dtype, what the
+fused kernels save (queries, keys, values, the output and one fp32 log-sum-exp per query), not
+the math path's attention matrix that meta would otherwise take.
+
+DDP keeps the gradients in its buckets, allocated once: under DDP they are static, and the
+backward phase counts without them; without ``train.ddp_bucket_view`` the buckets are one more
+copy. FSDP (bf16 all-gathers, so no autocast weight copies) divides weights and optimizer state
+by the world size, keeps each device's shard of the gradients plus one block's unsharded
+gradients before their reduce-scatter, and adds the largest block gathered twice (the one
+computing and the one prefetched); the FSDP column is a model, not measured like the phases.
+Eager mode, unfused loss: ``torch.compile`` recomputes cheap operations and saves less, so the
+estimate is an upper bound for it. Allocator rounding and library workspaces are not counted.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,8 +53,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from physlm_graph._errors import PhysLMError
+from physlm_graph._livebytes import PHASES, LiveBytes
 
-__all__ = ["MemoryEstimate", "estimate_memory", "OPTIMIZER_STATE"]
+__all__ = ["MemoryEstimate", "estimate_memory", "OPTIMIZER_STATE", "PHASES"]
 
 # fp32 numbers of optimizer state per parameter
 OPTIMIZER_STATE = {"adamw": 2, "muon": 1, "sgd": 1}
@@ -59,26 +77,32 @@ class _FlashSaved(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:  # pragma: no cover - never run
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
         q, k, v, _, _ = ctx.saved_tensors
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 class _Autocast(TorchFunctionMode):
-    """CUDA autocast's effect on what autograd saves, for meta tensors (autocast ignores them)."""
+    """CUDA autocast's effect on what exists, for meta tensors (autocast ignores them)."""
 
-    def __init__(self, dtype: torch.dtype | None, params: set[int]) -> None:
+    def __init__(self, dtype: torch.dtype | None, params: set[int], live: LiveBytes | None = None) -> None:
         super().__init__()
-        self.dtype, self.params = dtype, params
+        self.dtype, self.params, self.live = dtype, params, live
         self.casts: dict[int, torch.Tensor] = {}  # parameter id -> its cached cast
+        self.cache = True  # off once the forward's autocast region has closed
 
     def _cast(self, x: Any) -> Any:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == self.dtype:
             return x
         if id(x) in self.params:
-            if id(x) not in self.casts:
-                self.casts[id(x)] = x.to(self.dtype)
-            return self.casts[id(x)]
+            if id(x) in self.casts:
+                return self.casts[id(x)]
+            c = x.to(self.dtype)
+            if self.live is not None:
+                self.live.mark(c, "cast")
+            if self.cache:
+                self.casts[id(x)] = c
+            return c
         return x.to(self.dtype)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -96,7 +120,14 @@ class _Autocast(TorchFunctionMode):
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per device for one training step (see the module's docstring for the model)."""
+    """Bytes per device for one training step (see the module's docstring for the model).
+
+    ``forward``, ``backward`` and ``step`` are each phase's largest live bytes on top of
+    ``static`` (weights, buffers, optimizer state); ``single`` = ``static`` + the largest, the
+    phase ``peak_phase``. ``activations`` is what autograd saves for the backward pass (without
+    the weight copies, ``weight_casts``), ``logits_grad`` the size of one fp32 logits gradient,
+    ``gradients_bytes`` of all the gradients (``gradients``: the fp32 gradients of the parameter
+    count)."""
 
     dtype: str
     optimizer: str
@@ -105,13 +136,19 @@ class MemoryEstimate:
     world: int
     params: int
     weights: int
+    buffers: int
     gradients: int
     optimizer_state: int
+    static: int
     activations_per_token: float
     activations_fixed: int
     activations: int
     weight_casts: int
     logits_grad: int
+    forward: int
+    backward: int
+    step: int
+    peak_phase: str
     largest_block: int
     checkpointing: Any
     single: int  # one device, no wrapper
@@ -134,31 +171,70 @@ def _inputs(cm: Any, batch: int, seq: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _saved_bytes(module: torch.nn.Module, cm: Any, batch: int, seq: int, dtype: torch.dtype | None) -> tuple[int, int]:
-    """Bytes autograd keeps for backward in one forward + loss; and the fp32 logits' bytes."""
-    params = {id(p) for p in module.parameters()}
-    mode = _Autocast(dtype, params)
-    param_storages = {p.untyped_storage()._cdata for p in module.parameters()}
+@dataclass
+class _Pass:
+    saved: int  # bytes autograd keeps for backward (the inputs included; parameters and weight casts not)
+    casts: int  # bytes of the weight casts made in the forward
+    logits: int  # bytes of the fp32 logits
+    live: LiveBytes | None  # the phases, when the backward ran
+    grads: int  # bytes of the gradients at the end of the backward
+
+
+def _run(module: torch.nn.Module, cm: Any, batch: int, seq: int, dtype: torch.dtype | None, backward: bool) -> _Pass:
+    """One forward + cross-entropy on meta (and its backward when ``backward``), counted."""
+    params = list(module.parameters())
+    param_keys = {LiveBytes.key(p) for p in params}
+    inputs = _inputs(cm, batch, seq)
+    existing = param_keys | {LiveBytes.key(t) for t in (*module.buffers(), *inputs.values())}
+    live = LiveBytes(existing) if backward else None
+    mode = _Autocast(dtype, {id(p) for p in params}, live)
     kept: dict[int, torch.Tensor] = {}  # storage -> a tensor holding it (kept alive: ids stay unique)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        key = t.untyped_storage()._cdata
-        cast_keys = {c.untyped_storage()._cdata for c in mode.casts.values()}
-        if key not in param_storages and key not in cast_keys:
+        key = LiveBytes.key(t)
+        if key not in param_keys and key not in {LiveBytes.key(c) for c in mode.casts.values()}:
             kept[key] = t
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), mode:
-        out = module(**_inputs(cm, batch, seq))
-        logits = out["logits"] if isinstance(out, dict) else out
-        flat = logits.reshape(-1, logits.size(-1)).float()
-        F.cross_entropy(flat, torch.zeros(flat.shape[0], dtype=torch.long, device="meta"))
-    saved = sum(t.untyped_storage().nbytes() for t in kept.values())
-    return saved, flat.numel() * 4
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: live.mark(p.grad, "grad")) for p in params] if live else []
+    try:
+        with live if live is not None else nullcontext():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), mode:
+                out = module(**inputs)
+                logits = out["logits"] if isinstance(out, dict) else out
+                flat = logits.reshape(-1, logits.size(-1)).float()
+                loss = F.cross_entropy(flat, torch.zeros(flat.shape[0], dtype=torch.long, device="meta"))
+            saved = sum(t.untyped_storage().nbytes() for t in kept.values())
+            casts = sum(c.untyped_storage().nbytes() for c in mode.casts.values())
+            n_logits = flat.numel() * 4
+            kept.clear()
+            mode.casts.clear()  # autocast's region closes: its cache goes
+            mode.cache = False
+            del out, logits, flat
+            grads = 0
+            if live is not None:
+                live.phase = "backward"
+                with mode:  # on for a checkpointed piece's recomputation; the engine directly, since
+                    # ``loss.backward()`` would run inside the mode's handler, where the mode is off
+                    seed = (torch.ones_like(loss),)
+                    torch.autograd.graph._engine_run_backward((loss,), seed, False, False, (), True, True)
+                del loss
+                live.phase = "step"
+                seen: set[int] = set()
+                for p in params:
+                    if p.grad is not None and LiveBytes.key(p.grad) not in seen:
+                        seen.add(LiveBytes.key(p.grad))
+                        grads += p.grad.untyped_storage().nbytes()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in params:
+            p.grad = None
+    return _Pass(saved, casts, n_logits, live, grads)
 
 
-def _largest_block(cm: Any, module: torch.nn.Module, bytes_per: int) -> int:
-    """Parameter bytes of the largest block instance (what FSDP gathers at once)."""
+def _largest_block(cm: Any, module: torch.nn.Module) -> int:
+    """Parameters of the largest block instance (what FSDP gathers at once)."""
     sizes: dict[str, int] = {}
     for path, node in cm.resolved.nodes.items():
         inst = node.instance
@@ -169,15 +245,16 @@ def _largest_block(cm: Any, module: torch.nn.Module, bytes_per: int) -> int:
         except AttributeError:
             continue
         sizes[inst] = sizes.get(inst, 0) + sum(p.numel() for p in sub.parameters())
-    return max(sizes.values(), default=0) * bytes_per
+    return max(sizes.values(), default=0)
 
 
 def estimate_memory(cm: Any, *, batch: int, seq: int, dtype: str = "bfloat16", world: int = 1,
                     optimizer: str = "adamw", bucket_view: bool = True, checkpointing: Any = "none") -> MemoryEstimate:
-    """Estimate one training step's memory for compiled blueprint ``cm`` (built on meta).
+    """Estimate one training step's memory for compiled blueprint ``cm`` (built on meta): static
+    memory plus the largest of the forward, backward and step phases (the module's docstring).
 
-    ``checkpointing`` (``train.checkpointing``) is applied to ``cm.module`` in place; the peak then
-    adds one checkpointed piece's recomputed activations (its backward's working set)."""
+    ``checkpointing`` (``train.checkpointing``) is applied to ``cm.module`` in place before the
+    count; its recomputation is then part of the backward phase."""
     if optimizer not in OPTIMIZER_STATE:
         raise PhysLMError(f"unknown optimizer {optimizer!r} for the memory estimate",
                           expected=", ".join(OPTIMIZER_STATE))
@@ -189,39 +266,48 @@ def estimate_memory(cm: Any, *, batch: int, seq: int, dtype: str = "bfloat16", w
     half = {"bfloat16": torch.bfloat16, "float32": None}[dtype]
     module.train()
     try:
-        one, row_logits = _saved_bytes(module, cm, 1, seq, half)
-        two, _ = _saved_bytes(module, cm, 2, seq, half)
-        recompute = 0
         if checkpointing != "none":
             from physlm_graph._passes import checkpoint_blocks
 
-            plain = (two - one) * batch + max(one - (two - one), 0)
-            pieces = checkpoint_blocks(module, cm.resolved, checkpointing)
-            one, _ = _saved_bytes(module, cm, 1, seq, half)
-            two, _ = _saved_bytes(module, cm, 2, seq, half)
-            kept = (two - one) * batch + max(one - (two - one), 0)
-            recompute = max(plain - kept, 0) // max(len(pieces), 1)
+            checkpoint_blocks(module, cm.resolved, checkpointing)
+        one = _run(module, cm, 1, seq, half, backward=False).saved
+        two = _run(module, cm, 2, seq, half, backward=False).saved
+        full = _run(module, cm, batch, seq, half, backward=True)
     except PhysLMError:
         raise
     except Exception as e:  # a component that cannot run on meta (data-dependent shapes, .item())
         raise PhysLMError(f"the memory estimate could not run the model on meta: {type(e).__name__}: {e}",
                           fix="the message names the node: a window (--seq) longer than the model's context is refused "
                           "there, and components whose shapes depend on data values cannot be measured this way")
-    logits = row_logits * batch
+    live = full.live
+    assert live is not None
     per_row = max(two - one, 0)
-    fixed = max(one - per_row, 0)
-    acts = per_row * batch + fixed
     n = sum(p.numel() for p in module.parameters())
-    weights = grads = 4 * n  # fp32 master weights and their gradients (autocast keeps parameters fp32)
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+    grads = 4 * n  # fp32 gradients (autocast keeps the parameters fp32)
     opt = OPTIMIZER_STATE[optimizer] * 4 * n
-    casts = 2 * n if half is not None else 0
-    block = _largest_block(cm, module, 4)
-    acts += recompute
-    single = weights + grads + opt + acts + casts + logits
-    ddp = single + (0 if bucket_view else grads)
-    fsdp = (weights + grads + opt) // max(world, 1) + acts + logits + 2 * block + (casts // max(world, 1))
+    static = weights + buffers + opt
+    phases = {"forward": live.peak("forward"), "backward": live.peak("backward"),
+              "step": full.grads}  # fused AdamW: every gradient, no temporaries
+    peak_phase = max(PHASES, key=lambda k: phases[k])
+    single = static + phases[peak_phase]
+    # DDP: the buckets hold the gradients for the whole run; with the bucket view the gradients
+    # are written into them, else they are one more copy next to the gradients autograd makes
+    if bucket_view:
+        ddp = static + full.grads + max(phases["forward"], live.peak("backward", 1))
+    else:
+        ddp = single + full.grads
+    w = max(world, 1)
+    block = _largest_block(cm, module)
+    gathered = 2 * block * (2 if half is not None else 4)
+    fsdp = ((weights + opt) // w + buffers + gathered
+            + max(live.peak("forward", 2), live.peak("backward", 2) + full.grads // w + 4 * block, full.grads // w))
     return MemoryEstimate(dtype=dtype, optimizer=optimizer, batch=batch, seq=seq, world=world, params=n,
-                          weights=weights, gradients=grads, optimizer_state=opt,
-                          activations_per_token=per_row / seq, activations_fixed=fixed, activations=acts,
-                          weight_casts=casts, logits_grad=logits, largest_block=block, checkpointing=checkpointing, single=single, ddp=ddp,
-                          fsdp=fsdp)
+                          weights=weights, buffers=buffers, gradients=grads, optimizer_state=opt, static=static,
+                          activations_per_token=per_row / seq, activations_fixed=max(one - per_row, 0),
+                          activations=full.saved, weight_casts=full.casts, logits_grad=full.logits,
+                          forward=phases["forward"], backward=phases["backward"], step=phases["step"],
+                          peak_phase=peak_phase, largest_block=block * 4, checkpointing=checkpointing,
+                          single=single, ddp=ddp, fsdp=fsdp)
+

@@ -92,27 +92,31 @@ def _gib(n: float) -> str:
 
 
 def memory_table(m: Any) -> Any:
+    """Static memory, each phase of the step on top of it, and the peak (the largest phase)."""
     from rich.table import Table
 
     ck = "" if m.checkpointing == "none" else f", checkpointing {m.checkpointing}"
     t = Table(title=f"training memory per device: batch {m.batch} x {m.seq} tokens, {m.dtype}, {m.optimizer}{ck} "
-              f"(eager, unfused loss)", title_justify="left")
+              f"(eager, unfused loss; peak = static + the largest phase)", title_justify="left")
     t.add_column("part")
     t.add_column("one device", justify="right")
     t.add_column("DDP", justify="right")
     t.add_column(f"FSDP x{m.world}", justify="right")
     w = max(m.world, 1)
-    t.add_row("weights (fp32)", _gib(m.weights), _gib(m.weights), _gib(m.weights // w))
-    t.add_row("gradients (DDP: + buckets)", _gib(m.gradients), _gib(m.gradients + m.ddp - m.single),
-              _gib(m.gradients // w))
+    t.add_row("weights (fp32) and buffers", _gib(m.weights + m.buffers), _gib(m.weights + m.buffers),
+              _gib(m.weights // w + m.buffers))
     t.add_row("optimizer state", _gib(m.optimizer_state), _gib(m.optimizer_state), _gib(m.optimizer_state // w))
-    t.add_row(f"activations ({m.activations_per_token / 1024:.1f} KiB/token)", _gib(m.activations),
-              _gib(m.activations), _gib(m.activations))
-    t.add_row("bf16 weight copies", _gib(m.weight_casts), _gib(m.weight_casts), _gib(m.weight_casts // w))
-    t.add_row("loss gradient (fp32 logits)", _gib(m.logits_grad), _gib(m.logits_grad), _gib(m.logits_grad))
-    t.add_row("gathered blocks (2 x largest)", "", "", _gib(2 * m.largest_block))
+    t.add_row("gradient buckets / shards", "", _gib(m.gradients), _gib(m.gradients // w))
+    t.add_row("gathered blocks (2 x largest)", "", "", _gib(2 * m.largest_block * (2 if m.dtype == "bfloat16" else 4) // 4))
     t.add_section()
-    t.add_row("peak", _gib(m.single), _gib(m.ddp), _gib(m.fsdp))
+    mark = {p: " <" if p == m.peak_phase else "" for p in ("forward", "backward", "step")}
+    t.add_row(f"forward: activations ({m.activations_per_token / 1024:.1f} KiB/token), bf16 weight copies, loss",
+              _gib(m.forward) + mark["forward"], "", "")
+    t.add_row(f"backward: starts with them + loss gradients ({_gib(m.logits_grad)} each)",
+              _gib(m.backward) + mark["backward"], "", "")
+    t.add_row("step: every gradient", _gib(m.step) + mark["step"], "", "")
+    t.add_section()
+    t.add_row(f"peak ({m.peak_phase})", _gib(m.single), _gib(m.ddp), _gib(m.fsdp))
     return t
 
 
