@@ -10,6 +10,10 @@
       trainer_state.json       step, tokens seen, best val loss, RNG states, the batcher's state
       manifest.json            sha256 of every other file, written last
 
+A sharded checkpoint (``train.checkpoint_format: sharded``, ``runtime/sharded_checkpoint.py``)
+holds ``shards/`` and ``sharded.json`` in place of the two ``.safetensors`` files; ``load_checkpoint``
+and ``load_weights`` read either kind.
+
 ``save_checkpoint`` builds the folder next to its target (``.last.tmp-<pid>``), fsyncs it,
 moves the old folder aside (``.last.old``), renames the new one in, and deletes the old one,
 so a crash at any moment leaves the old or the new checkpoint. ``find_checkpoint`` accepts a

@@ -262,3 +262,13 @@ def test_two_rank_sharded_resume_equals_the_uninterrupted_two_rank_run(two, tmp_
     _torchrun(tmp_path, 2, tmp_path / "resumed", 6, "sharded", "--resume")
     _torchrun(tmp_path, 2, tmp_path / "straight", 6, "sharded")
     _assert_equal(_weights(tmp_path / "resumed" / "last"), _weights(tmp_path / "straight" / "last"))
+
+
+@needs_data
+def test_init_from_a_sharded_checkpoint_says_to_consolidate_it(one, tmp_path):
+    """--init-from reads one model.safetensors: a sharded folder is refused with the command that
+    makes one."""
+    with pytest.raises(CheckpointError, match=f"{one}: --init-from reads a full checkpoint's model.safetensors; this "
+                                              f"one is sharded\n  fix: write it as a full one first: physlm-graph "
+                                              f"consolidate {one} DIR"):
+        Trainer(BLUEPRINT, out_dir=tmp_path / "o", init_from=one)
