@@ -106,7 +106,7 @@ def save_sharded(path: str | Path, *, cm: Any, model: torch.nn.Module, optimizer
     the manifest (each rank hashes its own shards), then swaps the folder in as ``save_checkpoint``
     does, so a crash leaves the old or the new checkpoint. ``trainer_state`` is rank 0's."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageWriter
 
     target = Path(path)
     tmp = target.parent / f".{target.name}.tmp-sharded"
@@ -132,8 +132,8 @@ def save_sharded(path: str | Path, *, cm: Any, model: torch.nn.Module, optimizer
             ck._fsync_file(p)
         entries = {p.relative_to(tmp).as_posix(): {"sha256": ck._sha256(p), "bytes": p.stat().st_size} for p in mine}
         error = None
-    except OSError as err:
-        entries, error = {}, err.strerror or str(err)
+    except (OSError, CheckpointException) as err:  # DCP reports any rank's failure on every rank
+        entries, error = {}, getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
     gathered = _gather((entries, error))
     failed = [e for _, e in gathered if e is not None]
     if rank == 0:
@@ -261,18 +261,30 @@ def _optimizer_targets(optimizer: Any, index: ShardIndex, folder: Path) -> dict[
             raise CheckpointError(f"`{key}`: unknown dtype {info.dtype!r}", loc=Loc(file=str(folder / INDEX)), fix=_DAMAGED)
         if info.shape == list(p.shape):
             targets[key] = torch.zeros_like(p, dtype=dtype)  # a DTensor keeps the parameter's placement
-        else:  # a step count: one value, replicated
-            targets[key] = torch.zeros(info.shape, dtype=dtype, device=p.device if p.device.type != "meta" else "cpu")
+        else:  # a step count: one value, replicated; on the CPU, where the optimizer's own load puts it
+            targets[key] = torch.zeros(info.shape, dtype=dtype)
     return targets
+
+
+def _read(targets: dict[str, torch.Tensor], folder: Path) -> None:
+    """Fill ``targets`` (by stored name) from the shards through DCP, each with the piece it covers."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader
+
+    try:
+        with warnings.catch_warnings():  # one process without a group: DCP warns that it reads alone
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(folder / SHARDS)))
+    except (SafetensorError, OSError, RuntimeError, ValueError, AssertionError, CheckpointException) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"the shards could not be read: {first}", loc=Loc(file=str(folder / SHARDS)),
+                              fix=_DAMAGED) from None
 
 
 def load_sharded(folder: str | Path, model: torch.nn.Module, optimizer: Any | None = None, *,
                  cm_hash: str | None = None, verify: bool = True) -> None:
     """Load a sharded checkpoint into ``model`` (and ``optimizer``): plain modules get the full
     tensors, FSDP2 modules the pieces their rank owns. Every rank of the process group calls it."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-
     folder = Path(folder)
     if verify:
         ck._verify(folder)
@@ -282,14 +294,7 @@ def load_sharded(folder: str | Path, model: torch.nn.Module, optimizer: Any | No
     targets = {f"model.{k}": v for k, v in state.items()}
     if optimizer is not None:
         targets.update(_optimizer_targets(optimizer, index, folder))
-    try:
-        with warnings.catch_warnings():  # one process without a group: DCP warns that it reads alone
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(folder / SHARDS)))
-    except (SafetensorError, OSError, RuntimeError, ValueError, AssertionError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"the shards could not be read: {first}", loc=Loc(file=str(folder / SHARDS)),
-                              fix=_DAMAGED) from None
+    _read(targets, folder)
     weights = {k.removeprefix("model."): v for k, v in targets.items() if k.startswith("model.")}
     weights.update({a: weights[k] for a, k in aliases.items()})
     model.load_state_dict(weights, strict=True)
@@ -309,18 +314,16 @@ def consolidate(path: str | Path, out: str | Path, *, optimizer: bool = True) ->
     out = Path(out)
     if out.resolve() == folder.resolve():
         raise CheckpointError("the output is the checkpoint itself", loc=Loc(file=str(out)), fix="pass another folder")
+    if out.exists() and not (out / ck.MANIFEST).is_file():  # a checkpoint there is replaced; anything else is kept
+        raise CheckpointError("the output exists and is not a checkpoint folder", loc=Loc(file=str(out)),
+                              fix="pass a new folder (an existing checkpoint folder there would be replaced)")
     loaded = ck.load_checkpoint(folder, tokenizer=True)
     opt_state = None
     if optimizer and (folder / ck.OPTIM_META).is_file():
         index = read_index(folder)
         meta = read_json(folder / ck.OPTIM_META)
         targets = _optimizer_targets(_NamedParams(loaded.module, meta, folder), index, folder)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint import HuggingFaceStorageReader
-
-            dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(folder / SHARDS)))
+        _read(targets, folder)
         opt_state = ({f"state.{k.removeprefix('optim.')}": v.contiguous() for k, v in targets.items()}, meta)
     ck.save_checkpoint(out, cm=loaded.model, tokenizer=loaded.tokenizer, optimizer=opt_state,
                        trainer_state=loaded.trainer_state)

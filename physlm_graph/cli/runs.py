@@ -97,7 +97,7 @@ def add_commands(subparsers: Any) -> None:
                               "blueprint, config, tokenizer and trainer state. generate, eval and export also read "
                               "sharded folders directly.")
     c.add_argument("checkpoint", help="a sharded checkpoint folder, or a run folder (its last, else best)")
-    c.add_argument("out", help="the folder to write (replaced if it is a checkpoint already)")
+    c.add_argument("out", help="the folder to write: a new one, or a checkpoint folder to replace")
     c.add_argument("--no-optimizer", action="store_true", help="leave the optimizer state out (weights only)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_consolidate)

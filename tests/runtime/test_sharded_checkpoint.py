@@ -119,6 +119,9 @@ def test_consolidate_writes_a_full_checkpoint_that_generate_reads_like_the_shard
     """``physlm-graph consolidate`` writes one model.safetensors (and the optimizer by name) whose
     weights equal the shards'; ``generate`` reads the sharded folder directly and greedily writes
     the same text from both."""
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(CheckpointError, match="notes: the output exists and is not a checkpoint folder"):
+        consolidate(one, tmp_path / "notes")  # a folder that is not a checkpoint is never replaced
     proc = _cli("consolidate", str(one), str(tmp_path / "full"), "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     files = json.loads(proc.stdout)["files"]
