@@ -231,18 +231,18 @@ def _restore_batcher(t: Any, state: dict[str, Any]) -> None:
     if saved is None:  # one process wrote it (or an older run, which kept rank 0's position only)
         if t.dist.main:
             t.batches.load_state_dict(state["batcher"])
-        elif t.dist.enabled:
+        if t.dist.enabled:  # only rank 0 prints notes
             t.notes.append("the checkpoint holds rank 0's data position only: the other ranks start their streams")
         return
     if t.dist.rank < len(saved):
         t.batches.load_state_dict(saved[t.dist.rank])
     if len(saved) != t.dist.world:
         kept = min(len(saved), t.dist.world)
-        rest = (f", {_ranks(kept, t.dist.world)} start(s) its own" if t.dist.world > kept
-                else f"; the stream of {_ranks(kept, len(saved))} ends")
+        rest = (f", {_ranks(kept, t.dist.world, 'starts its own', 'start their own')}" if t.dist.world > kept
+                else f"; {_ranks(kept, len(saved), 'ends its stream', 'end theirs')}")
         t.notes.append(f"resumed on {t.dist.world} process(es) from a checkpoint written on {len(saved)}: "
-                       f"{_ranks(0, kept)} continue(s) its data stream{rest}")
+                       f"{_ranks(0, kept, 'continues its data stream', 'continue their data streams')}{rest}")
 
 
-def _ranks(first: int, end: int) -> str:
-    return f"rank {first}" if end - first == 1 else f"ranks {first}-{end - 1}"
+def _ranks(first: int, end: int, one: str, many: str) -> str:
+    return f"rank {first} {one}" if end - first == 1 else f"ranks {first}-{end - 1} {many}"

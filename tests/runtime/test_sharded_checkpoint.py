@@ -250,7 +250,8 @@ def test_two_rank_sharded_checkpoint_resumes_on_four_processes(two, tmp_path):
     for fmt in ("sharded", "full"):
         shutil.copytree(two / fmt, tmp_path / fmt)
         stdout = _torchrun(tmp_path, 4, tmp_path / fmt, 6, fmt, "--resume")
-        assert "resumed on 4 process(es) from a checkpoint written on 2" in stdout, stdout
+        assert "resumed on 4 process(es) from a checkpoint written on 2: ranks 0-1 continue their data streams, ranks 2-3 start their own" in stdout, stdout
+        assert ("sharded: each rank writes its own" in stdout) == (fmt == "sharded"), stdout
         ends[fmt] = _weights(tmp_path / fmt / "last")
     _assert_equal(ends["sharded"], ends["full"])
     assert len(list((tmp_path / "sharded" / "last" / "shards").glob("shard-*.safetensors"))) == 4
@@ -275,3 +276,22 @@ def test_init_from_a_sharded_checkpoint_says_to_consolidate_it(one, tmp_path):
                                               f"one is sharded\n  fix: write it as a full one first: physlm-graph "
                                               f"consolidate {one} DIR"):
         Trainer(BLUEPRINT, out_dir=tmp_path / "o", init_from=one)
+
+
+@needs_data
+@pytest.mark.slow
+def test_a_ddp_sharded_checkpoint_resumes_on_one_process(tmp_path):
+    """Without FSDP2 every rank holds every tensor: DCP writes each once, spread over the ranks'
+    files; resumed in one process, the run equals the same run resumed from a full checkpoint."""
+    ends = {}
+    for fmt in ("sharded", "full"):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+        cmd = [sys.executable, "-m", "physlm_graph", "train", str(BLUEPRINT), "--data", str(_text(tmp_path)), "--steps",
+               "3", "--out", str(tmp_path / fmt), "--device", "cpu", "--no-progress", "--batch-size", "4", "--gpus", "2",
+               *[a for s in [*SETS, f"train.checkpoint_format={fmt}"] for a in ("--set", s)]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "2 processes (ddp)" in proc.stdout
+        _resume_here(tmp_path, tmp_path / fmt, fmt)
+        ends[fmt] = _weights(tmp_path / fmt / "last")
+    _assert_equal(ends["sharded"], ends["full"])
