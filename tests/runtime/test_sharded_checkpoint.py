@@ -59,21 +59,21 @@ def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
         assert torch.equal(a[k], b[k]), k
 
 
-def _torchrun(tmp: Path, nproc: int, out: Path, steps: int, fmt: str, *extra: str) -> str:
-    """``physlm-graph train`` of the tiny model on ``nproc`` gloo processes under FSDP2."""
+def _torchrun(tmp: Path, nproc: int, out: Path, steps: int, fmt: str, *extra: str, device: str = "cpu") -> str:
+    """``physlm-graph train`` of the tiny model on ``nproc`` processes under FSDP2 (gloo on the CPU)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     cmd = [sys.executable, "-m", "physlm_graph", "train", str(BLUEPRINT), "--data", str(_text(tmp)), "--steps", str(steps),
-           "--out", str(out), "--device", "cpu", "--no-progress", "--batch-size", "4", "--gpus", str(nproc),
+           "--out", str(out), "--device", device, "--no-progress", "--batch-size", "4", "--gpus", str(nproc),
            "--strategy", "fsdp", *[a for s in [*SETS, f"train.checkpoint_format={fmt}"] for a in ("--set", s)], *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
-def _resume_here(tmp: Path, out: Path, fmt: str, steps: int = 6) -> dict:
+def _resume_here(tmp: Path, out: Path, fmt: str, steps: int = 6, device: str = "cpu", sets: tuple[str, ...] = ()) -> dict:
     """Resume ``out`` in this process (one process, no process group)."""
-    return train(BLUEPRINT, data=str(_text(tmp)), out_dir=out, steps=steps, overrides=SETS + [f"train.checkpoint_format={fmt}"],
-                 resume=True, device="cpu", progress=False, batch_size=4)
+    return train(BLUEPRINT, data=str(_text(tmp)), out_dir=out, steps=steps, resume=True, device=device, progress=False,
+                 overrides=SETS + [f"train.checkpoint_format={fmt}", *sets], batch_size=4)
 
 
 # ---------------------------------------------------------------- one process
@@ -259,12 +259,14 @@ def test_two_rank_sharded_checkpoint_resumes_on_four_processes(two, tmp_path):
 
 @needs_data
 @pytest.mark.slow
-def test_two_rank_sharded_resume_equals_the_uninterrupted_two_rank_run(two, tmp_path):
-    """2 -> 2: 3 steps, saved sharded, resumed on 2 processes for 3 more, equals 6 steps on 2
-    processes without a stop, bit for bit (every rank continues its own data stream)."""
-    shutil.copytree(two / "sharded", tmp_path / "resumed")
-    _torchrun(tmp_path, 2, tmp_path / "resumed", 6, "sharded", "--resume")
-    _torchrun(tmp_path, 2, tmp_path / "straight", 6, "sharded")
+@pytest.mark.parametrize("fmt", ["sharded", "full"])
+def test_two_rank_resume_equals_the_uninterrupted_two_rank_run(two, tmp_path, fmt):
+    """2 -> 2 under FSDP2: 3 steps, saved, resumed on 2 processes for 3 more, equals 6 steps on 2
+    processes without a stop, bit for bit (every rank continues its own data stream; the full
+    checkpoint now holds the gathered optimizer moments, which each rank cuts back to its piece)."""
+    shutil.copytree(two / fmt, tmp_path / "resumed")
+    _torchrun(tmp_path, 2, tmp_path / "resumed", 6, fmt, "--resume")
+    _torchrun(tmp_path, 2, tmp_path / "straight", 6, fmt)
     _assert_equal(_weights(tmp_path / "resumed" / "last"), _weights(tmp_path / "straight" / "last"))
 
 
@@ -295,3 +297,23 @@ def test_a_ddp_sharded_checkpoint_resumes_on_one_process(tmp_path):
         _resume_here(tmp_path, tmp_path / fmt, fmt)
         ends[fmt] = _weights(tmp_path / fmt / "last")
     _assert_equal(ends["sharded"], ends["full"])
+
+
+@needs_data
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_on_two_gpus_a_sharded_checkpoint_holds_what_fsdp_gathers_and_resumes_on_one(tmp_path):
+    """NCCL, fp32: the shards hold exactly the weights and moments FSDP2 gathers into a full
+    checkpoint; resumed on one GPU both continue alike (to 1e-6: GPU kernels such as the embedding's
+    backward need not be deterministic)."""
+    ends = {}
+    for fmt in ("sharded", "full"):
+        _torchrun(tmp_path, 2, tmp_path / fmt, 3, fmt, "--set", "train.dtype=float32", device="cuda")
+    _assert_equal(_weights(tmp_path / "sharded" / "last"), _weights(tmp_path / "full" / "last"))
+    out = consolidate(tmp_path / "sharded" / "last", tmp_path / "c")
+    _assert_equal(load_file(out / "optimizer.safetensors"), load_file(tmp_path / "full" / "last" / "optimizer.safetensors"))
+    for fmt in ("sharded", "full"):
+        _resume_here(tmp_path, tmp_path / fmt, fmt, device="cuda", sets=("train.dtype=float32",))
+        ends[fmt] = _weights(tmp_path / fmt / "last")
+    for k, v in ends["full"].items():
+        torch.testing.assert_close(ends["sharded"][k], v, atol=1e-6, rtol=1e-5, msg=k)
