@@ -430,6 +430,10 @@ def check_checkpoint(folder: str | Path, *, resume: bool = False) -> None:
     for p in sorted(folder.glob("*.json")):
         if p.is_file():
             _read_json(p)
+    from .sharded_checkpoint import check_shards, is_sharded
+
+    if is_sharded(folder):  # every element of every tensor stored once (the shards' headers only)
+        check_shards(folder)
     if (folder / TOKENIZER).is_dir():
         _load_tokenizer(folder / TOKENIZER)
     if resume:

@@ -16,6 +16,8 @@ not depend on the horizon of the run that saved it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -108,10 +110,19 @@ def one(tmp_path_factory):
     return tmp / "run" / "last"
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "physlm_graph", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
+def _cli(*args: str, cwd: Path, process: bool = False) -> subprocess.CompletedProcess:
+    """``physlm-graph ARGS``: in this process through ``cli.main`` (its exit code, stdout and
+    stderr), or with ``process`` as a real process."""
+    if process:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, "-m", "physlm_graph", *args], capture_output=True, text=True, env=env,
+                              cwd=cwd, timeout=300)
+    from physlm_graph.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @needs_data
@@ -146,7 +157,7 @@ def test_a_missing_or_damaged_shard_is_a_located_error_with_exit_2(one, tmp_path
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF
     shard.write_bytes(bytes(data))
-    proc = _cli("generate", str(ck), "--prompt", "a", "--device", "cpu", cwd=tmp_path)
+    proc = _cli("generate", str(ck), "--prompt", "a", "--device", "cpu", cwd=tmp_path, process=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{shard}: checksum mismatch" in proc.stderr, proc.stderr
     shard.unlink()
@@ -317,3 +328,16 @@ def test_on_two_gpus_a_sharded_checkpoint_holds_what_fsdp_gathers_and_resumes_on
         ends[fmt] = _weights(tmp_path / fmt / "last")
     for k, v in ends["full"].items():
         torch.testing.assert_close(ends["sharded"][k], v, atol=1e-6, rtol=1e-5, msg=k)
+
+
+@needs_data
+def test_a_damaged_sharded_last_falls_back_to_best_on_resume(one, tmp_path, capsys):
+    """--resume checks the shards of last/ as it checks a full checkpoint's files: one gone, the
+    run resumes from best/ with a warning naming what was wrong."""
+    from physlm_graph.runtime.checkpoint import find_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(one.parent, run)
+    next((run / "last" / "shards").glob("*.safetensors")).unlink()
+    assert find_checkpoint(run, resume=True) == run / "best"
+    assert f"warning: the checkpoint {run / 'last'} is damaged, using {run / 'best'} instead" in capsys.readouterr().err
