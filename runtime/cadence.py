@@ -185,7 +185,7 @@ def save_run(t: Any, name: str) -> Path:
     module, optimizer = t.model, t.optimizer
     if t.dist.enabled and t.strategy == "fsdp":
         full = full_state_dict(t.model, t.strategy)
-        optimizer = _flatten_optimizer(t.optimizer)  # the moments gathered too (every rank joins), kept by rank 0
+        optimizer = _flatten_optimizer(t.optimizer, keep=t.dist.main)  # the moments gathered too (every rank joins)
         if t.dist.main:
             from physlm_graph._compile import compile_blueprint
 

@@ -178,11 +178,13 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer, *, sharded: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _flatten_optimizer(opt: torch.optim.Optimizer, *, sharded: bool = False,
+                       keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Optimizer state as tensors keyed by parameter name, plus JSON metadata (no pickle).
 
     FSDP2's sharded moments are gathered into full CPU tensors (a collective: every rank calls
-    this), or with ``sharded`` kept as they are, each rank's pieces (``sharded_checkpoint``)."""
+    this; with ``keep`` False a rank joins the gathers but keeps no tensor), or with ``sharded``
+    kept as they are, each rank's pieces (``sharded_checkpoint``)."""
     sd = opt.state_dict()
     names: list[str] = []
     for g in opt.param_groups:
@@ -192,7 +194,9 @@ def _flatten_optimizer(opt: torch.optim.Optimizer, *, sharded: bool = False) -> 
     for idx, st in sd["state"].items():
         for key, val in st.items():
             if isinstance(val, torch.Tensor):
-                tensors[f"state.{names[idx]}.{key}"] = val.detach() if sharded else _full(val.detach()).cpu().contiguous()
+                value = val.detach() if sharded else _full(val.detach())
+                if keep:
+                    tensors[f"state.{names[idx]}.{key}"] = value if sharded else value.cpu().contiguous()
             else:
                 scalars.setdefault(names[idx], {})[key] = val
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
