@@ -19,7 +19,7 @@ import os
 import random
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -197,8 +197,8 @@ class OptimizerMeta(BaseModel):
 
 class _TensorInfo(BaseModel):
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
-    shape: list[int]
-    dtype: str
+    shape: list[Annotated[int, Field(ge=0)]]
+    dtype: Literal["float32", "float16", "bfloat16", "float64", "int64", "int32"]
 
 
 class ShardIndex(BaseModel):

@@ -187,6 +187,9 @@ def check_shards(folder: str | Path) -> ShardIndex:
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"not a readable safetensors file (truncated or corrupt): {err}", loc=loc,
                                   fix=_DAMAGED) from None
+        if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
+            raise CheckpointError("the header's DCP_SHARDING_INFO is not a map of tensor names to offsets", loc=loc,
+                                  fix=_DAMAGED)
         for key, (shape, _dt) in pieces.items():
             if 0 in shape:
                 continue  # a rank that owns no rows of this tensor
@@ -195,7 +198,8 @@ def check_shards(folder: str | Path) -> ShardIndex:
                 raise CheckpointError(f"the shard holds `{key}`, which {INDEX} does not list", loc=loc,
                                       fix="the shard belongs to another checkpoint: use another one")
             offsets = (info.get(key) or {}).get("saved_offsets")
-            if not isinstance(offsets, list) or len(offsets) != len(want.shape) or len(shape) != len(want.shape):
+            if not isinstance(offsets, list) or not all(type(o) is int for o in offsets) \
+                    or len(offsets) != len(want.shape) or len(shape) != len(want.shape):
                 raise CheckpointError(f"`{key}`: the piece's offsets are missing or do not fit its shape", loc=loc,
                                       fix=_DAMAGED)
             if any(o < 0 or o + s > full for o, s, full in zip(offsets, shape, want.shape)):

@@ -341,3 +341,34 @@ def test_a_damaged_sharded_last_falls_back_to_best_on_resume(one, tmp_path, caps
     next((run / "last" / "shards").glob("*.safetensors")).unlink()
     assert find_checkpoint(run, resume=True) == run / "best"
     assert f"warning: the checkpoint {run / 'last'} is damaged, using {run / 'best'} instead" in capsys.readouterr().err
+
+
+def _mutations(data: bytes) -> dict[str, bytes]:
+    """A shard file's bytes damaged in the ways a disk or an editor damages them."""
+    n = int.from_bytes(data[:8], "little")  # the safetensors header's length
+    header = json.loads(data[8:8 + n])
+    out = {"truncated": data[: len(data) // 2], "empty": b"", "header cut": data[:8 + n // 2],
+           "no header length": data[:4]}
+    for name, info in [("info a list", "[1, 2]"), ("info of numbers", '{"model.tok.weight": 3}'),
+                       ("offsets as text", json.dumps({k: {"saved_offsets": "0"} for k in header if k != "__metadata__"})),
+                       ("offsets too far", json.dumps({k: {"saved_offsets": [10**6] * len(v["shape"])}
+                                                       for k, v in header.items() if k != "__metadata__"}))]:
+        h = {**header, "__metadata__": {**header["__metadata__"], "DCP_SHARDING_INFO": info}}
+        text = json.dumps(h).encode()
+        text += b" " * (-len(text) % 8)
+        out[name] = len(text).to_bytes(8, "little") + text + data[8 + n:]
+    return out
+
+
+@needs_data
+def test_damaged_shards_are_checkpoint_errors_even_unverified(one, tmp_path):
+    """Every damage of the shard file, read without the manifest's check: a CheckpointError naming
+    a file of the checkpoint, never another exception or a half-loaded model."""
+    shard = next((one / "shards").glob("*.safetensors"))
+    for what, data in _mutations(shard.read_bytes()).items():
+        ck = tmp_path / what.replace(" ", "-")
+        shutil.copytree(one, ck)
+        (ck / "shards" / shard.name).write_bytes(data)
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(ck, verify=False)
+        assert str(ck) in str(err.value), (what, str(err.value))
