@@ -1,7 +1,7 @@
 """Saving and loading an FSDP2 run's checkpoint: full (gathered to rank 0) against sharded (each
 rank writes its own pieces through torch.distributed.checkpoint), the same model and AdamW state.
 
-    torchrun --nproc-per-node 2 benchmarks/sharded_checkpoint.py [--blueprint blueprints/gpt2.yaml] [--repeat 3]
+    torchrun --nproc-per-node 2 benchmarks/sharded_checkpoint.py [--blueprint blueprints/gpt2-124m.yaml] [--repeat 3]
     torchrun --nproc-per-node 2 benchmarks/sharded_checkpoint.py --smoke      # tiny, on CPU over gloo
 
 Each format is saved ``--repeat`` times into a temporary folder (``--dir`` to choose the disk) and
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--blueprint", default="blueprints/gpt2.yaml")
+    ap.add_argument("--blueprint", default="blueprints/gpt2-124m.yaml")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="blueprint overrides (repeatable)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", help="where to write (default: a temporary folder)")
