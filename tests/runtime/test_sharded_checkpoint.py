@@ -372,3 +372,18 @@ def test_damaged_shards_are_checkpoint_errors_even_unverified(one, tmp_path):
         with pytest.raises(CheckpointError) as err:
             load_checkpoint(ck, verify=False)
         assert str(ck) in str(err.value), (what, str(err.value))
+
+
+@needs_data
+def test_export_reads_a_sharded_checkpoint(one, tmp_path):
+    """``physlm-graph export`` of a sharded folder writes the model.safetensors that the export of
+    its consolidated full checkpoint writes, tensor for tensor."""
+    full = consolidate(one, tmp_path / "full", optimizer=False)
+    assert not (full / "optimizer.safetensors").exists() and not (full / "optimizer.json").exists()
+    exported = []
+    for name, folder in (("from-shards", one), ("from-full", full)):
+        proc = _cli("export", str(folder), "--out", str(tmp_path / name), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        exported.append(load_file(tmp_path / name / "model.safetensors"))
+    assert "head.weight" in exported[0]
+    _assert_equal(*exported)
