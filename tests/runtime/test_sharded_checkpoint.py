@@ -198,9 +198,69 @@ def test_shards_of_another_blueprint_are_refused_by_name(one, tmp_path):
 # ---------------------------------------------------------------- several processes
 
 
+_SAVE_SCRIPT = r"""
+import os, sys, torch, torch.distributed as dist
+from safetensors.torch import save_file
+from physlm_graph._compile import compile_blueprint
+from physlm_graph.runtime.checkpoint import _flatten_optimizer, model_vocab
+from physlm_graph.runtime.distributed import DistInfo, wrap_model
+from physlm_graph.runtime.optim import make_optimizer
+from physlm_graph.runtime.sharded_checkpoint import save_sharded
+
+blueprint, out = sys.argv[1], sys.argv[2]
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+cm = compile_blueprint(blueprint, overrides=["dim=32", "heads=2", "layers=2", "vocab=61"], device="cpu")
+model = cm.module
+wrap_model(model, DistInfo(rank=rank, world=world), "fsdp", [p for ps in cm.resolved.instances.values() for p in ps])
+opt = make_optimizer(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
+torch.manual_seed(rank)
+for _ in range(2):
+    model(torch.randint(0, model_vocab(cm), (2, 16)))["logits"].square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+save_sharded(out, cm=cm, model=model, optimizer=opt, tokenizer=None, trainer_state={"step": 2})
+weights = {k: v.full_tensor() for k, v in model.state_dict().items()}  # FSDP2's own gather, for the test
+moments, _ = _flatten_optimizer(opt, keep=rank == 0)
+if rank == 0:
+    save_file({k: v.contiguous() for k, v in weights.items() if k != "head.weight"}, out + ".weights.safetensors")
+    save_file(moments, out + ".moments.safetensors")
+dist.barrier()
+dist.destroy_process_group()
+os._exit(0)
+"""
+
+
+def test_each_of_two_ranks_writes_its_shard_and_one_process_reads_the_whole(tmp_path):
+    """Two gloo ranks under FSDP2 save through ``save_sharded`` (a 61-row vocabulary: the ranks own
+    31 and 30 rows); read back in one process, the weights and the AdamW moments equal bit for bit
+    what FSDP2's own gather gives, and the manifest holds each rank's shard."""
+    script = tmp_path / "save.py"
+    script.write_text(_SAVE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+           str(BLUEPRINT), str(tmp_path / "ck")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ck = tmp_path / "ck"
+    manifest = json.loads((ck / "manifest.json").read_text())["files"]
+    assert sorted(f for f in manifest if f.startswith("shards/")) == [
+        f"shards/shard-0000{r}-model-00001-of-00001.safetensors" for r in (1, 2)]
+    loaded = load_checkpoint(ck, tokenizer=False).module.state_dict()
+    gathered = load_file(tmp_path / "ck.weights.safetensors")
+    assert loaded["tok.weight"].shape[0] == 61
+    for k, v in gathered.items():
+        assert torch.equal(loaded[k], v), k
+    out = consolidate(ck, tmp_path / "full")
+    _assert_equal(load_file(out / "optimizer.safetensors"), load_file(tmp_path / "ck.moments.safetensors"))
+
+
+
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    """Two gloo processes under FSDP2, 3 steps, once saving sharded and once full (the same run)."""
+    """Two gloo processes under FSDP2, 3 steps, once saving sharded and once full (the same run).
+    The two launches take 27-38 s on 2 shared cores, so every test that uses them is marked slow
+    (``pytest -m slow tests/runtime/test_sharded_checkpoint.py`` runs them)."""
     tmp = tmp_path_factory.mktemp("two")
     t0 = time.perf_counter()
     for fmt in ("sharded", "full"):
@@ -210,6 +270,7 @@ def two(tmp_path_factory):
 
 
 @needs_data
+@pytest.mark.slow
 def test_a_sharded_checkpoint_holds_exactly_what_fsdp_gathers(two, tmp_path):
     """Each rank wrote its own shard file; read back in one process, the weights and the optimizer
     moments equal bit for bit those FSDP2 gathered into the full checkpoint of the same run, and
@@ -226,6 +287,7 @@ def test_a_sharded_checkpoint_holds_exactly_what_fsdp_gathers(two, tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_a_shard_missing_from_a_two_rank_checkpoint_is_named(two, tmp_path):
     """One of two shard files gone, the manifest not consulted: the index says how much of which
     tensor the remaining shard covers, instead of loading a half-filled model."""
@@ -238,6 +300,7 @@ def test_a_shard_missing_from_a_two_rank_checkpoint_is_named(two, tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_two_rank_sharded_checkpoint_resumes_on_one_process(two, tmp_path):
     """2 -> 1: resumed in one process for 3 more steps, the sharded checkpoint and the full one of
     the same state end with the same weights, bit for bit; training moved them."""
