@@ -263,6 +263,10 @@ class TrainConfig(_Strict):
     eval_every: int = Field(250, ge=1)
     eval_iters: int = Field(50, ge=1)
     save_every: int | None = Field(None, ge=1, description="default: eval_every")
+    checkpoint_format: Literal["full", "sharded"] = Field(
+        "full", description="full: rank 0 writes the whole model and optimizer state (gathered first under FSDP2); "
+        "sharded: every rank writes its own shards through torch.distributed.checkpoint, nothing is gathered, "
+        "and the run resumes on any number of processes (generate, eval and export read it as well)")
     log_every: int = Field(10, ge=1)
     seed: int = 1337
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

@@ -19,13 +19,13 @@ import os
 import random
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from physlm_graph._errors import CheckpointError, Loc
 
-__all__ = ["read_json", "validate_json", "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "SCHEMAS", "RESUME_KEYS"]
+__all__ = ["read_json", "validate_json", "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "SCHEMAS", "RESUME_KEYS", "ShardIndex"]
 
 MAX_JSON_BYTES = 256 << 20  # config.json carries the blueprint text; optimizer.json one name per tensor
 MAX_JSON_DEPTH = 64
@@ -173,6 +173,7 @@ class TrainerState(BaseModel):
     data: str | None = None
     rng: _Rng | None = None
     batcher: _Batcher | None = None
+    batchers: list[_Batcher] | None = None  # every rank's, in rank order (several processes)
     stage: int | None = Field(None, ge=0)
     growth_stage: int | None = Field(None, ge=0)
 
@@ -194,9 +195,27 @@ class OptimizerMeta(BaseModel):
     scalars: dict[str, dict[str, Any]] = {}
 
 
+class _TensorInfo(BaseModel):
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    shape: list[Annotated[int, Field(ge=0)]]
+    dtype: Literal["float32", "float16", "bfloat16", "float64", "int64", "int32"]
+
+
+class ShardIndex(BaseModel):
+    """``sharded.json`` of a sharded checkpoint (``runtime/sharded_checkpoint.py``): the graph hash,
+    the world size that wrote it, and every stored tensor's full shape and dtype."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    format: int
+    hash: str
+    world_size: int = Field(ge=1)
+    tensors: dict[str, _TensorInfo]
+
+
 #: checkpoint file name -> its model (``trainer_state.json`` of any checkpoint, at any depth)
 SCHEMAS: dict[str, type[BaseModel]] = {"manifest.json": Manifest, "config.json": Config,
-                                        "trainer_state.json": TrainerState, "optimizer.json": OptimizerMeta}
+                                        "trainer_state.json": TrainerState, "optimizer.json": OptimizerMeta,
+                                        "sharded.json": ShardIndex}
 
 
 def _depth(value: Any, limit: int) -> int:

@@ -28,8 +28,9 @@ import torch
 from physlm_graph._errors import CheckpointError, Loc
 
 from ._schedule_checks import resume_horizon
-from .checkpoint import _read_json, load_weights, restore_optimizer, save_checkpoint
+from .checkpoint import OPTIM_META, _flatten_optimizer, _read_json, load_weights, restore_optimizer, save_checkpoint
 from .distributed import barrier, full_state_dict
+from .sharded_checkpoint import is_sharded, load_sharded, save_sharded
 
 __all__ = ["CheckpointCadence", "Interrupts", "rng_state", "set_rng_state", "trainer_state", "save_run", "restore_run",
            "read_state"]
@@ -158,21 +159,40 @@ def trainer_state(t: Any) -> dict[str, Any]:
     return state
 
 
+def _batchers(t: Any) -> list[dict[str, Any]] | None:
+    """Every rank's batcher state, in rank order (a collective with several processes), else None."""
+    if not t.dist.enabled:
+        return None
+    import torch.distributed as tdist
+
+    out: list[Any] = [None] * t.dist.world
+    tdist.all_gather_object(out, t.batches.state_dict())
+    return out
+
+
 def save_run(t: Any, name: str) -> Path:
-    """Rank 0 writes the full weights; with FSDP2 they are gathered first (every rank joins)."""
+    """Save ``OUT/name``; every rank joins. ``train.checkpoint_format: full``: rank 0 writes the full
+    weights and optimizer state (with FSDP2 gathered first); ``sharded``: every rank writes its own
+    shards (``runtime/sharded_checkpoint.py``)."""
     path = t.out_dir / name
+    batchers = _batchers(t)
+    state = t.trainer_state() if t.dist.main else None
+    if state is not None and batchers is not None:
+        state["batchers"] = batchers
+    if t.cfg.checkpoint_format == "sharded":
+        return save_sharded(path, cm=t.cm, model=t.model, optimizer=t.optimizer, tokenizer=t.tokenizer,
+                            trainer_state=state)
     module, optimizer = t.model, t.optimizer
     if t.dist.enabled and t.strategy == "fsdp":
         full = full_state_dict(t.model, t.strategy)
-        optimizer = None  # sharded optimizer state is not gathered: a resumed FSDP run restarts the moments
+        optimizer = _flatten_optimizer(t.optimizer, keep=t.dist.main)  # the moments gathered too (every rank joins)
         if t.dist.main:
             from physlm_graph._compile import compile_blueprint
 
             module = compile_blueprint(t.cm.blueprint, device="cpu", stage=t.cm.resolved.stage).module
             module.load_state_dict(full)
     if t.dist.main:
-        save_checkpoint(path, cm=t.cm, module=module, tokenizer=t.tokenizer,
-                        optimizer=optimizer, trainer_state=t.trainer_state())
+        save_checkpoint(path, cm=t.cm, module=module, tokenizer=t.tokenizer, optimizer=optimizer, trainer_state=state)
     barrier(t.dist)
     return path
 
@@ -186,12 +206,43 @@ def restore_run(t: Any, folder: Path, state: dict[str, Any]) -> None:
     t.schedule_steps, note = resume_horizon(state, steps=t.cfg.steps, schedule=t.cfg.schedule)
     if note:
         t.notes.append(note)
-    load_weights(t.model, folder)
-    restore_optimizer(t.optimizer, folder)
-    t.batches.load_state_dict(state["batcher"])
+    if is_sharded(folder):  # every rank reads the pieces it owns, whatever the world size that wrote them
+        load_sharded(folder, t.model, t.optimizer, cm_hash=t.cm.hash)
+    else:
+        load_weights(t.model, folder)
+        if (folder / OPTIM_META).is_file():
+            restore_optimizer(t.optimizer, folder)
+        else:
+            t.notes.append("the checkpoint holds no optimizer state (FSDP2 checkpoints did not, before they gathered "
+                           "it): the optimizer's moments start again from zero")
+    _restore_batcher(t, state)
     set_rng_state(state["rng"], t.device)
     t.step, t.tokens_seen = state["step"], state["tokens_seen"]
     t.best_val, t.last_val = state.get("best_val_loss"), state.get("last_val_loss")
     t.guard.skipped, t.elapsed = state.get("skipped", 0), state.get("elapsed_s", 0.0)
     for part in t.parts:
         part.restored(t)
+
+
+def _restore_batcher(t: Any, state: dict[str, Any]) -> None:
+    """Each rank continues its own window stream. A checkpoint written on another number of
+    processes: the ranks it had continue theirs, a new rank starts its own (seed + rank)."""
+    saved = state.get("batchers")
+    if saved is None:  # one process wrote it (or an older run, which kept rank 0's position only)
+        if t.dist.main:
+            t.batches.load_state_dict(state["batcher"])
+        if t.dist.enabled:  # only rank 0 prints notes
+            t.notes.append("the checkpoint holds rank 0's data position only: the other ranks start their streams")
+        return
+    if t.dist.rank < len(saved):
+        t.batches.load_state_dict(saved[t.dist.rank])
+    if len(saved) != t.dist.world:
+        kept = min(len(saved), t.dist.world)
+        rest = (f", {_ranks(kept, t.dist.world, 'starts its own', 'start their own')}" if t.dist.world > kept
+                else f"; {_ranks(kept, len(saved), 'ends its stream', 'end theirs')}")
+        t.notes.append(f"resumed on {t.dist.world} process(es) from a checkpoint written on {len(saved)}: "
+                       f"{_ranks(0, kept, 'continues its data stream', 'continue their data streams')}{rest}")
+
+
+def _ranks(first: int, end: int, one: str, many: str) -> str:
+    return f"rank {first} {one}" if end - first == 1 else f"ranks {first}-{end - 1} {many}"

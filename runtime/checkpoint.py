@@ -10,6 +10,10 @@
       trainer_state.json       step, tokens seen, best val loss, RNG states, the batcher's state
       manifest.json            sha256 of every other file, written last
 
+A sharded checkpoint (``train.checkpoint_format: sharded``, ``runtime/sharded_checkpoint.py``)
+holds ``shards/`` and ``sharded.json`` in place of the two ``.safetensors`` files; ``load_checkpoint``
+and ``load_weights`` read either kind.
+
 ``save_checkpoint`` builds the folder next to its target (``.last.tmp-<pid>``), fsyncs it,
 moves the old folder aside (``.last.old``), renames the new one in, and deletes the old one,
 so a crash at any moment leaves the old or the new checkpoint. ``find_checkpoint`` accepts a
@@ -53,6 +57,15 @@ FORMAT = 1
 MODEL, BLUEPRINT, CONFIG, MANIFEST = "model.safetensors", "blueprint.yaml", "config.json", "manifest.json"
 OPTIM, OPTIM_META, STATE, TOKENIZER = "optimizer.safetensors", "optimizer.json", "trainer_state.json", "tokenizer"
 REQUIRED = (MODEL, BLUEPRINT, CONFIG)
+SHARD_INDEX = "sharded.json"  # a sharded checkpoint's (runtime/sharded_checkpoint.py): it replaces MODEL
+
+
+def required_files(folder: Path) -> tuple[str, ...]:
+    """The files a checkpoint folder cannot lack: the weights (``model.safetensors``, or a sharded
+    checkpoint's index), the blueprint and the config."""
+    from .sharded_checkpoint import is_sharded
+
+    return (SHARD_INDEX, BLUEPRINT, CONFIG) if is_sharded(folder) else REQUIRED
 
 
 @dataclass
@@ -133,10 +146,15 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(folder: str | Path) -> dict[str, Any]:
-    """Write ``manifest.json``: the sha256 and size of every file in the folder."""
+def write_manifest(folder: str | Path, known: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Write ``manifest.json``: the sha256 and size of every file in the folder (``known``: entries
+    already computed, by relative path; a sharded save has each rank hash its own shards)."""
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in _files(folder)}
+    known = known or {}
+    files = {}
+    for p in _files(folder):
+        rel = p.relative_to(folder).as_posix()
+        files[rel] = known.get(rel) or {"sha256": _sha256(p), "bytes": p.stat().st_size}
     manifest = {"format": FORMAT, "files": files}
     _write_json(folder / MANIFEST, manifest)
     return manifest
@@ -155,8 +173,18 @@ def _read_json(path: Path) -> Any:
 # ---------------------------------------------------------------- optimizer state
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer state as tensors keyed by parameter name, plus JSON metadata (no pickle)."""
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (every rank must call this for the same tensors), a tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer, *, sharded: bool = False,
+                       keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state as tensors keyed by parameter name, plus JSON metadata (no pickle).
+
+    FSDP2's sharded moments are gathered into full CPU tensors (a collective: every rank calls
+    this; with ``keep`` False a rank joins the gathers but keeps no tensor), or with ``sharded``
+    kept as they are, each rank's pieces (``sharded_checkpoint``)."""
     sd = opt.state_dict()
     names: list[str] = []
     for g in opt.param_groups:
@@ -166,7 +194,9 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     for idx, st in sd["state"].items():
         for key, val in st.items():
             if isinstance(val, torch.Tensor):
-                tensors[f"state.{names[idx]}.{key}"] = val.detach().cpu().contiguous()
+                value = val.detach() if sharded else _full(val.detach())
+                if keep:
+                    tensors[f"state.{names[idx]}.{key}"] = value if sharded else value.cpu().contiguous()
             else:
                 scalars.setdefault(names[idx], {})[key] = val
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
@@ -174,14 +204,20 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, meta
 
 
-def restore_optimizer(opt: torch.optim.Optimizer, folder: str | Path) -> None:
-    """Load ``optimizer.safetensors`` + ``optimizer.json`` into ``opt``, matching parameters by name."""
+def restore_optimizer(opt: torch.optim.Optimizer, folder: str | Path, *,
+                      tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Load ``optimizer.safetensors`` (or ``tensors``, read elsewhere) + ``optimizer.json`` into
+    ``opt``, matching parameters by name. A full moment of a parameter that FSDP2 shards is cut
+    to the rank's piece."""
     folder = Path(folder)
     meta = _read_json(folder / OPTIM_META)
-    tensors = _load_tensors(folder / OPTIM)
+    if tensors is None:
+        tensors = _load_tensors(folder / OPTIM)
     mine: list[str] = []
+    params: list[torch.Tensor] = []
     for g in opt.param_groups:
         mine.extend(g.get("names") or [f"param{len(mine) + i}" for i in range(len(g["params"]))])
+        params.extend(g["params"])
     if meta.get("names") != mine or len(meta.get("param_groups", [])) != len(opt.param_groups):
         missing = sorted(set(mine) - set(meta.get("names", [])))
         extra = sorted(set(meta.get("names", [])) - set(mine))
@@ -196,7 +232,7 @@ def restore_optimizer(opt: torch.optim.Optimizer, folder: str | Path) -> None:
     for i, name in enumerate(mine):
         entry = dict(meta.get("scalars", {}).get(name, {}))
         prefix = f"state.{name}."
-        entry.update({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        entry.update({k[len(prefix):]: _place_like(v, params[i]) for k, v in tensors.items() if k.startswith(prefix)})
         if entry:
             state[i] = entry
     groups = []
@@ -210,6 +246,16 @@ def restore_optimizer(opt: torch.optim.Optimizer, folder: str | Path) -> None:
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
         raise CheckpointError(f"the optimizer state does not fit the optimizer: {err}",
                               loc=Loc(file=str(folder / OPTIM_META)), fix="the file is damaged: use another checkpoint") from None
+
+
+def _place_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` as ``param`` holds it: a full tensor of a DTensor parameter's shape becomes this
+    rank's piece (every rank holds the full value, so nothing is sent)."""
+    if not hasattr(param, "device_mesh") or hasattr(value, "device_mesh") or list(value.shape) != list(param.shape):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
 # ---------------------------------------------------------------- saving
@@ -244,10 +290,15 @@ def _config(cm: Any, tokenizer: Any | None) -> dict[str, Any]:
     return cfg
 
 
-def _fill(folder: Path, cm: Any, module: torch.nn.Module, tokenizer: Any | None, optimizer: Any | None,
-          trainer_state: dict[str, Any] | None, extra_tensors: dict[str, torch.Tensor] | None) -> None:
-    folder.mkdir(parents=True)
-    save_model(module, str(folder / MODEL), metadata={"format": "pt", "physlm_hash": cm.hash})
+def _fill(folder: Path, cm: Any, module: torch.nn.Module | None, tokenizer: Any | None, optimizer: Any | None,
+          trainer_state: dict[str, Any] | None, extra_tensors: dict[str, torch.Tensor] | None,
+          shard_entries: dict[str, dict[str, Any]] | None = None) -> None:
+    """Write the checkpoint's files into ``folder``. ``module`` None: the weights are already there
+    as shards (``sharded_checkpoint``, with their manifest entries in ``shard_entries``);
+    ``optimizer`` is an optimizer or its flattened ``(tensors, meta)``."""
+    folder.mkdir(parents=True, exist_ok=module is None)
+    if module is not None:
+        save_model(module, str(folder / MODEL), metadata={"format": "pt", "physlm_hash": cm.hash})
     (folder / BLUEPRINT).write_text(cm.blueprint_text, encoding="utf-8")
     _write_json(folder / CONFIG, _config(cm, tokenizer))
     if tokenizer is not None:
@@ -257,14 +308,15 @@ def _fill(folder: Path, cm: Any, module: torch.nn.Module, tokenizer: Any | None,
             if (folder / TOKENIZER / name).is_file():
                 shutil.copyfile(folder / TOKENIZER / name, folder / name)
     if optimizer is not None:
-        tensors, meta = _flatten_optimizer(optimizer)
-        save_file(tensors, str(folder / OPTIM))
+        tensors, meta = optimizer if isinstance(optimizer, tuple) else _flatten_optimizer(optimizer)
+        if tensors:
+            save_file(tensors, str(folder / OPTIM))
         _write_json(folder / OPTIM_META, meta)
     if trainer_state is not None:
         _write_json(folder / STATE, trainer_state)
     if extra_tensors:  # for tests and callers that store more (e.g. a padding tensor)
         save_file({k: v.contiguous() for k, v in extra_tensors.items()}, str(folder / "extra.safetensors"))
-    write_manifest(folder)
+    write_manifest(folder, shard_entries)
     for p in [*_files(folder), folder / MANIFEST]:
         _fsync_file(p)
     for d in sorted({p.parent for p in folder.rglob("*")}, key=lambda p: -len(p.parts)):
@@ -282,20 +334,31 @@ def _recover(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Move the finished folder ``tmp`` to ``target``: the old one aside, the new one in, the old one gone."""
+    aside = target.parent / f".{target.name}.old"
+    if target.exists():
+        os.replace(target, aside)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def save_checkpoint(
     path: str | Path,
     *,
     cm: Any,
     module: torch.nn.Module | None = None,
     tokenizer: Any | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
     trainer_state: dict[str, Any] | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint folder at ``path`` atomically; returns ``path``.
 
     ``module`` defaults to ``cm.module`` (pass the uncompiled module, not a ``torch.compile``
-    wrapper). One writer per folder at a time.
+    wrapper); ``optimizer`` may be given already flattened (``_flatten_optimizer``, gathered from
+    FSDP2's shards). One writer per folder at a time.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -304,11 +367,7 @@ def save_checkpoint(
     aside = target.parent / f".{target.name}.old"
     try:
         _fill(tmp, cm, module if module is not None else cm.module, tokenizer, optimizer, trainer_state, extra_tensors)
-        if target.exists():
-            os.replace(target, aside)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-        shutil.rmtree(aside, ignore_errors=True)
+        _swap_in(tmp, target)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if not target.exists() and aside.is_dir():
@@ -326,7 +385,7 @@ def checkpoint_candidates(path: str | Path) -> list[Path]:
     folder's ``last`` then ``best`` (each accepting a folder left aside by a save that crashed
     before its rename)."""
     path = Path(path)
-    if (path / MANIFEST).is_file() or (path / MODEL).is_file():
+    if (path / MANIFEST).is_file() or (path / MODEL).is_file() or (path / SHARD_INDEX).is_file():
         return [path]
     aside = path.parent / f".{path.name}.old"
     if not path.exists() and aside.is_dir():
@@ -376,6 +435,10 @@ def check_checkpoint(folder: str | Path, *, resume: bool = False) -> None:
     for p in sorted(folder.glob("*.json")):
         if p.is_file():
             _read_json(p)
+    from .sharded_checkpoint import check_shards, is_sharded
+
+    if is_sharded(folder):  # every element of every tensor stored once (the shards' headers only)
+        check_shards(folder)
     if (folder / TOKENIZER).is_dir():
         _load_tokenizer(folder / TOKENIZER)
     if resume:
@@ -402,7 +465,7 @@ def _load_tokenizer(folder: Path) -> Any:
 def _verify(folder: Path) -> None:
     manifest = _read_json(folder / MANIFEST)  # its shape checked: "files" maps names to {sha256, bytes}
     files = manifest["files"]
-    for name in REQUIRED:
+    for name in required_files(folder):
         if name not in files:
             raise CheckpointError("required file not listed in the manifest", loc=Loc(file=str(folder / name)),
                                   fix="the checkpoint is incomplete: use another one")
@@ -445,7 +508,8 @@ def _check_weights(module: torch.nn.Module, path: Path) -> None:
     # A tied tensor is stored under one of its names; the others are not missing.
     shared: dict[int, list[str]] = {}
     for k, v in module.state_dict().items():
-        shared.setdefault(v.data_ptr() if v.numel() else id(v), []).append(k)
+        local = getattr(v, "_local_tensor", v)  # a DTensor's own piece: the wrapper has no storage
+        shared.setdefault(local.data_ptr() if local.numel() else id(v), []).append(k)
     missing = [k for k in want if k not in stored and not any(a in stored for a in _aliases(k, shared))]
     unexpected = [k for k in stored if k not in want]
     mismatched = [f"{k} (stored {list(stored[k])}, model {list(want[k])})" for k in stored if k in want and stored[k] != want[k]]
@@ -482,12 +546,24 @@ def stored_dtype(path: Path) -> torch.dtype | None:
     return names.get(floats.pop()) if len(floats) == 1 else None
 
 
-def load_weights(module: torch.nn.Module, path: str | Path, *, verify: bool = True) -> Path:
-    """Load a checkpoint's weights into an existing module (resume); returns the checkpoint folder."""
+def load_weights(module: torch.nn.Module, path: str | Path, *, verify: bool = True, cm_hash: str | None = None) -> Path:
+    """Load a checkpoint's weights into an existing module (resume); returns the checkpoint folder.
+
+    A sharded checkpoint is read through DCP (``sharded_checkpoint.load_sharded``; under a process
+    group every rank calls this); a module that FSDP2 shards takes its rank's piece of each full
+    tensor. ``cm_hash``: the graph the module is, checked against a sharded checkpoint's index."""
     folder = find_checkpoint(path)
+    from .sharded_checkpoint import is_sharded, load_sharded
+
+    if is_sharded(folder):
+        load_sharded(folder, module, cm_hash=cm_hash, verify=verify)
+        return folder
     if verify:
         _verify(folder)
     _check_weights(module, folder / MODEL)
+    if any(hasattr(p, "device_mesh") for p in module.parameters()):
+        _load_into_sharded(module, folder / MODEL)
+        return folder
     try:
         from safetensors.torch import load_model
 
@@ -496,6 +572,22 @@ def load_weights(module: torch.nn.Module, path: str | Path, *, verify: bool = Tr
         raise CheckpointError(f"the weights could not be loaded: {err}", loc=Loc(file=str(folder / MODEL)),
                               fix="the file is damaged: use another checkpoint") from None
     return folder
+
+
+def _load_into_sharded(module: torch.nn.Module, path: Path) -> None:
+    """Full weights from ``path`` into an FSDP2 module: each rank reads the file and keeps its piece."""
+    stored = _load_tensors(path)
+    shared: dict[int, list[str]] = {}
+    state = module.state_dict()
+    for name, p in module.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    weights = {}
+    for key, target in state.items():
+        found = next((a for a in [key, *next((n for n in shared.values() if key in n), [])] if a in stored), None)
+        if found is None:  # _check_weights has named every missing tensor already
+            raise CheckpointError(f"the weights lack {key}", loc=Loc(file=str(path)), fix="use another checkpoint")
+        weights[key] = _place_like(stored[found].to(target.dtype), target)
+    module.load_state_dict(weights, strict=True)
 
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True,
@@ -519,7 +611,7 @@ def _load_folder(folder: Path, *, device: str | torch.device, verify: bool, toke
 
     if verify:
         _verify(folder)
-    for name in REQUIRED:
+    for name in required_files(folder):
         if not (folder / name).is_file():
             raise CheckpointError("file missing from the checkpoint", loc=Loc(file=str(folder / name)),
                                   fix="the checkpoint is incomplete: use another one")
@@ -535,7 +627,7 @@ def _load_folder(folder: Path, *, device: str | torch.device, verify: bool, toke
     half = stored_dtype(folder / MODEL)
     if half is not None:  # an import that kept a checkpoint's bfloat16 (or float16): loaded as stored
         cm.module.to(half)
-    load_weights(cm.module, folder, verify=False)
+    load_weights(cm.module, folder, verify=False, cm_hash=cm.hash)
     cm.module.to(device).eval()
     tok = None
     if tokenizer and (folder / TOKENIZER).is_dir():

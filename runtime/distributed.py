@@ -6,9 +6,10 @@
         -m physlm_graph train BLUEPRINT --data PATH            # several machines
 
 Each rank draws its own random windows (seed + rank), so the data are sharded by sampling;
-gradients are averaged by DDP (or reduce-scattered by FSDP2); only rank 0 prints, logs and
-writes checkpoints. A checkpoint always holds the full, unsharded weights, so it loads on any
-number of GPUs, or on a CPU.
+gradients are averaged by DDP (or reduce-scattered by FSDP2); only rank 0 prints and logs. A
+full checkpoint (rank 0 writes it, gathered first under FSDP2) and a sharded one (every rank
+writes its own pieces, ``runtime/sharded_checkpoint.py``) both load on any number of GPUs, or on
+a CPU.
 """
 
 from __future__ import annotations

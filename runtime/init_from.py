@@ -78,6 +78,13 @@ class InitFrom:
                                   fix=f"import it first: physlm-graph import {path} --out DIR, then --init-from DIR")
         self.folder = checkpoint_candidates(path)[0]  # a run folder: its last, else best
         check_checkpoint(self.folder)  # the manifest's checksums: a damaged file is named here
+        from .sharded_checkpoint import is_sharded
+
+        if is_sharded(self.folder):
+            raise CheckpointError("--init-from reads a full checkpoint's model.safetensors; this one is sharded",
+                                  loc=Loc(file=str(self.folder)),
+                                  fix=f"write it as a full one first: physlm-graph consolidate {self.folder} DIR, "
+                                  "then --init-from DIR")
 
     @property
     def tokenizer(self) -> str | None:

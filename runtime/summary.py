@@ -76,6 +76,8 @@ def describe_run(t: Any) -> None:
     tab.add_row("data", f"{t.data} ({len(t.train_tokens):,} train / {len(t.val_tokens):,} val tokens)")
     tab.add_row("tokenizer", f"{t.tokenizer.name} ({t.tokenizer.vocab_size:,} tokens)")
     tab.add_row("output", str(t.out_dir) + (f" (resumed from {t.resume_from_path})" if t.resume_from_path else ""))
+    if c.checkpoint_format == "sharded":
+        tab.add_row("checkpoints", "sharded: each rank writes its own (train.checkpoint_format)")
     t.console.print(tab)
     for note in t.notes:
         t.console.print(f"[yellow]note:[/] {note}")

@@ -1,4 +1,5 @@
-"""``train``, ``generate`` and ``eval``: the subcommands that run models (through the runtime).
+"""``train``, ``generate``, ``eval`` and ``consolidate``: the subcommands that run models or read
+their checkpoints (through the runtime).
 
 ``physlm_graph.cli`` calls ``add_commands(subparsers)``; each subcommand's handler (stored as
 ``fn`` on the parsed arguments) returns an exit code. ``PhysLMError``s are raised, not
@@ -14,11 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_commands", "cmd_train", "cmd_generate", "cmd_eval"]
+__all__ = ["add_commands", "cmd_train", "cmd_generate", "cmd_eval", "cmd_consolidate"]
 
 
 def add_commands(subparsers: Any) -> None:
-    """Add ``train``, ``generate`` and ``eval`` to an argparse subparsers object."""
+    """Add ``train``, ``generate``, ``eval`` and ``consolidate`` to an argparse subparsers object."""
     from physlm_graph._cliargs import (device, finite_float, nonnegative_float, positive_float, positive_int, seed,
                                        unit_interval)
 
@@ -91,6 +92,17 @@ def add_commands(subparsers: Any) -> None:
     e.add_argument("--exit-threshold", type=finite_float, help="score under the early-exit policy at threshold T")
     e.add_argument("--exit-rule", choices=["top1", "margin", "entropy", "saturation"], help="early exit rule (default: the blueprint's)")
     e.set_defaults(fn=cmd_eval)
+
+    c = subparsers.add_parser("consolidate", help="a sharded checkpoint as one full checkpoint folder",
+                              description="Write a sharded checkpoint (train.checkpoint_format: sharded) as a full "
+                              "checkpoint folder: one model.safetensors, the optimizer state by name, and the same "
+                              "blueprint, config, tokenizer and trainer state. generate, eval and export also read "
+                              "sharded folders directly.")
+    c.add_argument("checkpoint", help="a sharded checkpoint folder, or a run folder (its last, else best)")
+    c.add_argument("out", help="the folder to write: a new one, or a checkpoint folder to replace")
+    c.add_argument("--no-optimizer", action="store_true", help="leave the optimizer state out (weights only)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_consolidate)
 
 
 def _device(name: str) -> str:
@@ -278,3 +290,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     Console().print(t)
     return 0
 
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from physlm_graph.runtime.sharded_checkpoint import consolidate
+
+    t0 = time.perf_counter()
+    out = consolidate(args.checkpoint, args.out, optimizer=not args.no_optimizer)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    size = sum((out / f).stat().st_size for f in files)
+    if args.json:
+        print(json.dumps({"out": str(out), "files": files, "bytes": size}))
+    else:
+        print(f"wrote {out} ({len(files)} files, {size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
+    return 0

@@ -27,6 +27,7 @@ def _train(**train) -> object:
                    "max-autotune-no-cudagraphs (true means default) (got 1)"),
     ("lr", "0.001", "train.lr: expected a number, not text (got '0.001')"),
     ("tokenizer", 5, "train.tokenizer: Input should be a valid string (got 5)"),
+    ("checkpoint_format", "shard", "train.checkpoint_format: Input should be 'full' or 'sharded' (got 'shard')"),
 ])
 def test_wrong_types_are_refused(key, value, message):
     with pytest.raises(PhysLMError) as err:
