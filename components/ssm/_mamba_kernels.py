@@ -68,9 +68,11 @@ def selective_scan(dt: Tensor, A: Tensor, B: Tensor, C: Tensor, x: Tensor, h: Te
     decay = torch.exp(dt.unsqueeze(-1) * A)  # (b, T, Di, N)
     push = (dt * x).unsqueeze(-1) * B.unsqueeze(2)  # (b, T, Di, N)
     ys = []
-    for t in range(x.shape[1]):
-        h = decay[:, t] * h + push[:, t]  # (b, Di, N)
-        ys.append(torch.einsum("bdn,bn->bd", h, C[:, t]))
+    # unbind: one view per step whose backward is one stack, where indexing [:, t] would give
+    # each step's gradient as a zero-filled (b, T, Di, N) tensor, O(T^2 Di N) in the backward
+    for decay_t, push_t, C_t in zip(decay.unbind(1), push.unbind(1), C.unbind(1)):
+        h = decay_t * h + push_t  # (b, Di, N)
+        ys.append(torch.einsum("bdn,bn->bd", h, C_t))
     y = torch.stack(ys, dim=1) if ys else x.new_zeros(x.shape)  # (b, T, Di)
     return y, h
 
@@ -93,30 +95,32 @@ def selective_scan_chunked(
         raise ValueError(f"selective_scan_chunked: chunk_len must be >= 1, not {L}")
     dt, u, B, C = pad_time(L, dt, dt * x, B, C)
     c = dt.shape[1] // L
-    dt = dt.view(b, c, L, Di, 1)
-    u = u.view(b, c, L, Di, 1)
-    B = B.view(b, c, L, 1, N)
-    C = C.view(b, c, L, N, 1)
+    # step j of every chunk side by side, as views whose backward is one stack (as in selective_scan)
+    dt_sums = dt.view(b, c, L, Di, 1).sum(2)  # (b, c, Di, 1): dt summed over each chunk
+    dt = dt.view(b, c, L, Di, 1).unbind(2)  # L x (b, c, Di, 1)
+    u = u.view(b, c, L, Di, 1).unbind(2)  # L x (b, c, Di, 1)
+    B = B.view(b, c, L, 1, N).unbind(2)  # L x (b, c, 1, N)
+    C = C.view(b, c, L, N, 1).unbind(2)  # L x (b, c, N, 1)
 
     # 1. each chunk but the last from a zero state, side by side: the state it leaves behind
     if c > 1:
         S = x.new_zeros(b, c - 1, Di, N)
-        for j in range(L):
-            decay = torch.exp(dt[:, :-1, j] * A)  # (b, c-1, Di, N)
-            S = torch.addcmul(decay * S, u[:, :-1, j], B[:, :-1, j])  # + dt x B, (b, c-1, Di, N)
+        for dt_j, u_j, B_j in zip(dt, u, B):
+            decay = torch.exp(dt_j[:, :-1] * A)  # (b, c-1, Di, N)
+            S = torch.addcmul(decay * S, u_j[:, :-1], B_j[:, :-1])  # + dt x B, (b, c-1, Di, N)
         # 2. across chunks: the state entering chunk z+1 is chunk z's from h_in[z] plus S[z]
-        chunk_decay = torch.exp(dt[:, :-1].sum(2) * A)  # (b, c-1, Di, N): exp(A * dt summed over the chunk)
+        chunk_decay = torch.exp(dt_sums[:, :-1] * A)  # (b, c-1, Di, N): the decay over a whole chunk
         entering = [h]
-        for z in range(c - 1):
-            entering.append(torch.addcmul(S[:, z], chunk_decay[:, z], entering[-1]))  # (b, Di, N)
+        for S_z, decay_z in zip(S.unbind(1), chunk_decay.unbind(1)):
+            entering.append(torch.addcmul(S_z, decay_z, entering[-1]))  # (b, Di, N)
         H = torch.stack(entering, 1)  # (b, c, Di, N)
     else:
         H = h.unsqueeze(1)  # (b, 1, Di, N)
 
     # 3. each chunk again from its entering state, side by side, reading y at every step
     ys = []
-    for j in range(L):
-        H = torch.addcmul(torch.exp(dt[:, :, j] * A) * H, u[:, :, j], B[:, :, j])  # (b, c, Di, N)
-        ys.append(H @ C[:, :, j])  # (b, c, Di, 1): sum_n h C
+    for dt_j, u_j, B_j, C_j in zip(dt, u, B, C):
+        H = torch.addcmul(torch.exp(dt_j * A) * H, u_j, B_j)  # (b, c, Di, N)
+        ys.append(H @ C_j)  # (b, c, Di, 1): sum_n h C
     y = torch.stack(ys, 2).view(b, c * L, Di)[:, :T]  # (b, T, Di)
     return y, H[:, -1]  # the last chunk's end state: the state after token T (padding keeps it)
