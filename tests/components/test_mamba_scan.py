@@ -175,3 +175,19 @@ def test_generation_after_a_long_prompt_equals_the_full_sequence(chunks):
                 start += n
                 ctx.offset += n
     _close(torch.cat(outs, 1), full)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_chunked_scan_on_cuda_equals_the_recurrence_on_cpu():
+    """The CUDA run of the chunked scan, outputs and gradients, against the CPU reference, at T = 1024."""
+    cpu = [t.requires_grad_() for t in _inputs(1024, Di=64, N=16)]
+    cuda = [t.detach().cuda().requires_grad_() for t in cpu]
+    w = torch.randn(2, 1024, 64)
+    results = []
+    for scan, args, wt in ((selective_scan, cpu, w), (selective_scan_chunked, cuda, w.cuda())):
+        y, h = scan(*args)
+        grads = torch.autograd.grad((y * wt).sum() + h.sum(), args)
+        results.append([t.detach().cpu() for t in (y, h, *grads)])
+    for got, want in zip(results[1], results[0]):
+        _close(got, want)
