@@ -222,7 +222,8 @@ def bench_mamba_scan(T: int, batch: int, embed_dim: int, runs: int, device: torc
         return torch.autograd.grad((y * w).sum(), leaves[:5])
 
     fns = {"sequential fwd": lambda: fwd(selective_scan), "chunked fwd": lambda: fwd(selective_scan_chunked),
-           "sequential fwd+bwd": lambda: fwd_bwd(selective_scan), "chunked fwd+bwd": lambda: fwd_bwd(selective_scan_chunked)}
+           "sequential fwd+bwd": lambda: fwd_bwd(selective_scan),
+           "chunked fwd+bwd": lambda: fwd_bwd(selective_scan_chunked)}
     med = time_interleaved(fns, runs, device)
     (y_seq, h_seq), (y_chk, h_chk) = fwd(selective_scan), fwd(selective_scan_chunked)
     g_seq, g_chk = fwd_bwd(selective_scan), fwd_bwd(selective_scan_chunked)
@@ -239,9 +240,11 @@ def bench_mamba_scan(T: int, batch: int, embed_dim: int, runs: int, device: torc
     print(f"sequential / chunked: forward {med['sequential fwd'] / med['chunked fwd']:.2f}x, "
           f"forward + backward {med['sequential fwd+bwd'] / med['chunked fwd+bwd']:.2f}x")
     full = args[4].numel() * N * 4 / 2**20  # one fp32 (B, T, Di, N) tensor, MiB
-    print(f"memory: largest tensor of the forward (no grad) / kept for the backward, MiB; one (B, T, Di, N) is {full:.0f}")
+    print(f"memory, MiB: largest tensor of the forward (no grad), kept for the backward; "
+          f"one (B, T, Di, N) is {full:.1f}")
     for name, scan in (("sequential", selective_scan), ("chunked", selective_scan_chunked)):
-        print(f"  {name:<12}{largest_tensor_mb(lambda: fwd(scan)):>8.1f}{saved_for_backward_mb(lambda: scan(*leaves)):>10.1f}")
+        largest, kept = largest_tensor_mb(lambda: fwd(scan)), saved_for_backward_mb(lambda: scan(*leaves))
+        print(f"  {name:<12}{largest:>8.1f}{kept:>10.1f}")
 
 
 def largest_tensor_mb(fn: Callable[[], object]) -> float:
@@ -296,7 +299,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     torch.manual_seed(0)
-    devices = ([] if args.skip_cpu else [torch.device("cpu")]) + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [] if args.skip_cpu else [torch.device("cpu")]
+    devices += [torch.device("cuda")] if torch.cuda.is_available() else []
     if args.only != "mamba1":
         for device in devices:
             bench_scan(args.T, args.batch, args.embed_dim, args.runs, device, not args.no_compile,

@@ -28,8 +28,12 @@ each on one (b, c, Di, N) tensor, never the (b, T, Di, N) of the whole sequence:
 a step grows with T / L. The decays are computed twice (steps 1 and 3) rather than kept. Step 3
 from the entering state is the sequential recurrence itself, so outputs agree with
 ``selective_scan`` to rounding; a single chunk (T <= L, as in a one-token decode step) skips
-steps 1 and 2. Under autograd each step's tensors are kept for the backward, as the
-token-by-token loop keeps its own: training memory is still of order (b, T, Di, N).
+steps 1 and 2.
+
+The backward (``_ChunkedScan``) is written out rather than left to autograd, which would keep
+every step's decays and states, four (b, T, Di, N) tensors' worth: it keeps the inputs and the
+(b, c, Di, N) entering states, recomputes the chunk states (two (b, T, Di, N) lists while the
+backward runs) and runs the same chunked scheme backwards in time on the state's gradient.
 
 ``selective_scan`` is the token-by-token recurrence, kept as the reference the tests compare
 against. Both run in at least float32 (float64 stays float64, for gradcheck).
@@ -41,6 +45,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._chunks import pad_time
 
@@ -85,42 +90,120 @@ def selective_scan_chunked(
 
     T is padded at the end to a multiple of the chunk with dt = 0 and x = B = C = 0: a step
     that decays by exp(0) = 1 and adds nothing, so the padding changes neither the outputs
-    nor the last state.
+    nor the last state. The backward is written out (``_ChunkedScan``): it keeps only the
+    inputs and the state entering each chunk, and recomputes the rest.
     """
     dt, A, x, B, C, h = (_wide(t) for t in (dt, A, x, B, C, h))
-    b, T, Di = x.shape
-    N = A.shape[1]
+    T = x.shape[1]
     L = default_chunk_len(T) if chunk_len is None else chunk_len
     if L < 1:
         raise ValueError(f"selective_scan_chunked: chunk_len must be >= 1, not {L}")
-    dt, u, B, C = pad_time(L, dt, dt * x, B, C)
-    c = dt.shape[1] // L
-    # step j of every chunk side by side, as views whose backward is one stack (as in selective_scan)
-    dt_sums = dt.view(b, c, L, Di, 1).sum(2)  # (b, c, Di, 1): dt summed over each chunk
-    dt = dt.view(b, c, L, Di, 1).unbind(2)  # L x (b, c, Di, 1)
-    u = u.view(b, c, L, Di, 1).unbind(2)  # L x (b, c, Di, 1)
-    B = B.view(b, c, L, 1, N).unbind(2)  # L x (b, c, 1, N)
-    C = C.view(b, c, L, N, 1).unbind(2)  # L x (b, c, N, 1)
+    y, last = _ChunkedScan.apply(*pad_time(L, dt, x, B, C), A, h, L)
+    return y[:, :T], last
 
-    # 1. each chunk but the last from a zero state, side by side: the state it leaves behind
-    if c > 1:
-        S = x.new_zeros(b, c - 1, Di, N)
-        for dt_j, u_j, B_j in zip(dt, u, B):
-            decay = torch.exp(dt_j[:, :-1] * A)  # (b, c-1, Di, N)
-            S = torch.addcmul(decay * S, u_j[:, :-1], B_j[:, :-1])  # + dt x B, (b, c-1, Di, N)
-        # 2. across chunks: the state entering chunk z+1 is chunk z's from h_in[z] plus S[z]
-        chunk_decay = torch.exp(dt_sums[:, :-1] * A)  # (b, c-1, Di, N): the decay over a whole chunk
-        entering = [h]
-        for S_z, decay_z in zip(S.unbind(1), chunk_decay.unbind(1)):
-            entering.append(torch.addcmul(S_z, decay_z, entering[-1]))  # (b, Di, N)
-        H = torch.stack(entering, 1)  # (b, c, Di, N)
-    else:
-        H = h.unsqueeze(1)  # (b, 1, Di, N)
 
-    # 3. each chunk again from its entering state, side by side, reading y at every step
-    ys = []
-    for dt_j, u_j, B_j, C_j in zip(dt, u, B, C):
-        H = torch.addcmul(torch.exp(dt_j * A) * H, u_j, B_j)  # (b, c, Di, N)
-        ys.append(H @ C_j)  # (b, c, Di, 1): sum_n h C
-    y = torch.stack(ys, 2).view(b, c * L, Di)[:, :T]  # (b, T, Di)
-    return y, H[:, -1]  # the last chunk's end state: the state after token T (padding keeps it)
+def _steps(t: Tensor, L: int, shape: tuple[int, int]) -> tuple[Tensor, ...]:
+    """(b, c*L, F) -> L views (b, c, *shape): step j of every chunk side by side."""
+    b, T = t.shape[:2]
+    return t.reshape(b, T // L, L, *shape).unbind(2)
+
+
+def _entering_states(dt: Tensor, x: Tensor, B: Tensor, A: Tensor, h: Tensor, L: int) -> Tensor:
+    """Steps 1 and 2 of the module docstring: the state entering each chunk, (b, c, Di, N)."""
+    b, T, Di = x.shape
+    N, c = A.shape[1], T // L
+    if c == 1:
+        return h.unsqueeze(1)
+    S = x.new_zeros(b, c - 1, Di, N)
+    for dt_j, u_j, B_j in zip(_steps(dt[:, : T - L], L, (Di, 1)), _steps((dt * x)[:, : T - L], L, (Di, 1)),
+                              _steps(B[:, : T - L], L, (1, N))):
+        S = torch.addcmul(torch.exp(dt_j * A) * S, u_j, B_j)  # (b, c-1, Di, N): + dt x B
+    chunk_decay = torch.exp(dt[:, : T - L].reshape(b, c - 1, L, Di, 1).sum(2) * A)  # (b, c-1, Di, N)
+    entering = [h]
+    for S_z, decay_z in zip(S.unbind(1), chunk_decay.unbind(1)):
+        entering.append(torch.addcmul(S_z, decay_z, entering[-1]))  # (b, Di, N)
+    return torch.stack(entering, 1)  # (b, c, Di, N)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """The chunked scan on padded inputs (T a multiple of L) with its backward written out.
+
+    The backward is the same scan run backwards in time on the adjoint g_t = dLoss/dh_t::
+
+        g_t = gy_t C_t + exp(dt_{t+1} A) g_{t+1}          (from the last state's gradient)
+        dB_t = sum_d g_t dt_t x_t    d(dt_t x_t) = sum_n g_t B_t    dC_t = sum_d gy_t h_t
+        M_t = g_t exp(dt_t A) h_{t-1}:  d dt_t += sum_n M_t A,  dA = sum_t M_t dt_t,  dh_0 = exp(dt_1 A) g_1
+
+    chunked as the forward is: each chunk but the first from a zero adjoint, side by side; the
+    adjoint crosses chunks backwards; then every chunk again from its incoming adjoint, with the
+    chunk's states recomputed from the saved entering states. Held for the backward: the inputs
+    and (b, c, Di, N) entering states, not the (b, T, Di, N) steps autograd would keep.
+    """
+
+    @staticmethod
+    def forward(ctx, dt, x, B, C, A, h, L):
+        b, T, Di = x.shape
+        N = A.shape[1]
+        H_in = _entering_states(dt, x, B, A, h, L)
+        H, ys = H_in, []
+        # 3. each chunk again from its entering state, side by side, reading y at every step
+        for dt_j, u_j, B_j, C_j in zip(_steps(dt, L, (Di, 1)), _steps(dt * x, L, (Di, 1)), _steps(B, L, (1, N)),
+                                       _steps(C, L, (N, 1))):
+            H = torch.addcmul(torch.exp(dt_j * A) * H, u_j, B_j)  # (b, c, Di, N)
+            ys.append(H @ C_j)  # (b, c, Di, 1): sum_n h C
+        ctx.save_for_backward(dt, x, B, C, A, H_in)
+        ctx.L = L
+        # the last chunk's end state is the state after the last token (padding keeps it)
+        return torch.stack(ys, 2).view(b, T, Di), H[:, -1]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, g_last):
+        dt, x, B, C, A, H_in = ctx.saved_tensors
+        L = ctx.L
+        b, T, Di = x.shape
+        N, c = A.shape[1], T // L
+        gy = x.new_zeros(b, T, Di) if gy is None else gy
+        g_last = H_in.new_zeros(b, Di, N) if g_last is None else g_last
+        dts, us, gys = _steps(dt, L, (Di, 1)), _steps(dt * x, L, (Di, 1)), _steps(gy, L, (Di, 1))
+        Bs, Cs = _steps(B, L, (1, N)), _steps(C, L, (1, N))
+
+        # the forward's steps again: each step's decay and the state before it; dC on the way
+        decays, before, dC = [], [], []
+        H = H_in
+        for dt_j, u_j, B_j, gy_j in zip(dts, us, Bs, gys):
+            decays.append(torch.exp(dt_j * A))  # (b, c, Di, N)
+            before.append(H)
+            H = torch.addcmul(decays[-1] * H, u_j, B_j)
+            dC.append(gy_j.transpose(-1, -2) @ H)  # (b, c, 1, N): sum_d gy h
+
+        # the adjoint entering each chunk from its end: each chunk but the first from zero ...
+        incoming = [g_last]  # adjoint of the state a chunk leaves behind, last chunk first
+        if c > 1:
+            q = H_in.new_zeros(b, c - 1, Di, N)
+            for j in reversed(range(L)):
+                q = decays[j][:, 1:] * torch.addcmul(q, gys[j][:, 1:], Cs[j][:, 1:])
+            # ... then across chunks backwards: chunk z+1's adjoint at its start is chunk z's at its end
+            chunk_decay = torch.exp(dt.view(b, c, L, Di, 1)[:, 1:].sum(2) * A)  # (b, c-1, Di, N)
+            for z in reversed(range(c - 1)):
+                incoming.append(torch.addcmul(q[:, z], chunk_decay[:, z], incoming[-1]))
+        G = torch.stack(incoming[::-1], 1)  # (b, c, Di, N)
+
+        # every chunk from its incoming adjoint, backwards, with the gradients of each step
+        du, dB, d_dt, MA = [], [], [], torch.zeros_like(G)
+        for j in reversed(range(L)):
+            G = torch.addcmul(G, gys[j], Cs[j])  # g_t
+            du.append(G @ Bs[j].transpose(-1, -2))  # (b, c, Di, 1): sum_n g B
+            dB.append(us[j].transpose(-1, -2) @ G)  # (b, c, 1, N): sum_d g dt x
+            M = G * decays[j] * before[j]  # dLoss / d(dt_t A)
+            d_dt.append((M * A).sum(-1, keepdim=True))  # (b, c, Di, 1)
+            MA = torch.addcmul(MA, M, dts[j])
+            G = decays[j] * G
+        du, d_dt, dB = (_rows(ts[::-1]) for ts in (du, d_dt, dB))  # gathered last step first
+        return d_dt + du * x, du * dt, dB, _rows(dC), MA.sum((0, 1)), G[:, 0], None
+
+
+def _rows(steps: list[Tensor]) -> Tensor:
+    """L tensors (b, c, ...) of step j of every chunk -> (b, c*L, last axis): ``_steps`` undone."""
+    t = torch.stack(steps, 2)  # (b, c, L, ...)
+    return t.reshape(t.shape[0], t.shape[1] * t.shape[2], t.shape[-2] * t.shape[-1])

@@ -119,6 +119,22 @@ def test_chunked_scan_never_holds_the_whole_sequence_state():
     assert largest["sequential"] == b * T * Di * N
 
 
+def test_chunked_scan_keeps_no_step_states_for_the_backward():
+    """Autograd holds the inputs and the (b, c, Di, N) states entering the chunks, not the
+    per-step decays and states that the token-by-token reference leaves to it."""
+    b, T, Di, N = 2, 256, 6, 8
+    leaves = [t.requires_grad_() for t in _inputs(T, b=b, Di=Di, N=N)]
+    largest = {}
+    for name, scan in (("chunked", selective_scan_chunked), ("sequential", selective_scan)):
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            y, h = scan(*leaves)
+        largest[name] = max(kept)
+        (y.sum() + h.sum()).backward()
+    assert largest["chunked"] == max(b * (T // 16) * Di * N, b * T * Di, b * T * N)
+    assert largest["sequential"] == b * T * Di * N
+
+
 def _mamba(T, **params):
     torch.manual_seed(0)
     m = build_example("ssm.mamba", Example({"d_state": 4, "dt_rank": 3, **params}, {"x": (2, T, 16)})).eval()
