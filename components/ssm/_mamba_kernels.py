@@ -117,7 +117,7 @@ def _entering_states(dt: Tensor, x: Tensor, B: Tensor, A: Tensor, h: Tensor, L: 
     S = x.new_zeros(b, c - 1, Di, N)
     for dt_j, u_j, B_j in zip(_steps(dt[:, : T - L], L, (Di, 1)), _steps((dt * x)[:, : T - L], L, (Di, 1)),
                               _steps(B[:, : T - L], L, (1, N))):
-        S = torch.addcmul(torch.exp(dt_j * A) * S, u_j, B_j)  # (b, c-1, Di, N): + dt x B
+        S.mul_(torch.mul(dt_j, A).exp_()).addcmul_(u_j, B_j)  # (b, c-1, Di, N): + dt x B
     chunk_decay = torch.exp(dt[:, : T - L].reshape(b, c - 1, L, Di, 1).sum(2) * A)  # (b, c-1, Di, N)
     entering = [h]
     for S_z, decay_z in zip(S.unbind(1), chunk_decay.unbind(1)):
@@ -145,11 +145,11 @@ class _ChunkedScan(torch.autograd.Function):
         b, T, Di = x.shape
         N = A.shape[1]
         H_in = _entering_states(dt, x, B, A, h, L)
-        H, ys = H_in, []
+        H, ys = H_in.clone(), []  # updated in place (no autograd in here); H_in is kept
         # 3. each chunk again from its entering state, side by side, reading y at every step
         for dt_j, u_j, B_j, C_j in zip(_steps(dt, L, (Di, 1)), _steps(dt * x, L, (Di, 1)), _steps(B, L, (1, N)),
                                        _steps(C, L, (N, 1))):
-            H = torch.addcmul(torch.exp(dt_j * A) * H, u_j, B_j)  # (b, c, Di, N)
+            H.mul_(torch.mul(dt_j, A).exp_()).addcmul_(u_j, B_j)  # (b, c, Di, N)
             ys.append(H @ C_j)  # (b, c, Di, 1): sum_n h C
         ctx.save_for_backward(dt, x, B, C, A, H_in)
         ctx.L = L
@@ -170,9 +170,9 @@ class _ChunkedScan(torch.autograd.Function):
 
         # the forward's steps again: each step's decay and the state before it; dC on the way
         decays, before, dC = [], [], []
-        H = H_in
+        H = H_in.clone()  # the states in `before` are overwritten below; H_in is the saved one
         for dt_j, u_j, B_j, gy_j in zip(dts, us, Bs, gys):
-            decays.append(torch.exp(dt_j * A))  # (b, c, Di, N)
+            decays.append(torch.mul(dt_j, A).exp_())  # (b, c, Di, N)
             before.append(H)
             H = torch.addcmul(decays[-1] * H, u_j, B_j)
             dC.append(gy_j.transpose(-1, -2) @ H)  # (b, c, 1, N): sum_d gy h
@@ -182,7 +182,7 @@ class _ChunkedScan(torch.autograd.Function):
         if c > 1:
             q = H_in.new_zeros(b, c - 1, Di, N)
             for j in reversed(range(L)):
-                q = decays[j][:, 1:] * torch.addcmul(q, gys[j][:, 1:], Cs[j][:, 1:])
+                q.addcmul_(gys[j][:, 1:], Cs[j][:, 1:]).mul_(decays[j][:, 1:])
             # ... then across chunks backwards: chunk z+1's adjoint at its start is chunk z's at its end
             chunk_decay = torch.exp(dt.view(b, c, L, Di, 1)[:, 1:].sum(2) * A)  # (b, c-1, Di, N)
             for z in reversed(range(c - 1)):
@@ -192,13 +192,13 @@ class _ChunkedScan(torch.autograd.Function):
         # every chunk from its incoming adjoint, backwards, with the gradients of each step
         du, dB, d_dt, MA = [], [], [], torch.zeros_like(G)
         for j in reversed(range(L)):
-            G = torch.addcmul(G, gys[j], Cs[j])  # g_t
+            G.addcmul_(gys[j], Cs[j])  # g_t (G is this backward's own: updated in place)
             du.append(G @ Bs[j].transpose(-1, -2))  # (b, c, Di, 1): sum_n g B
             dB.append(us[j].transpose(-1, -2) @ G)  # (b, c, 1, N): sum_d g dt x
-            M = G * decays[j] * before[j]  # dLoss / d(dt_t A)
+            M = before[j].mul_(decays[j]).mul_(G)  # dLoss / d(dt_t A), in the state's buffer (used last here)
             d_dt.append((M * A).sum(-1, keepdim=True))  # (b, c, Di, 1)
-            MA = torch.addcmul(MA, M, dts[j])
-            G = decays[j] * G
+            MA.addcmul_(M, dts[j])
+            G.mul_(decays[j])
         du, d_dt, dB = (_rows(ts[::-1]) for ts in (du, d_dt, dB))  # gathered last step first
         return d_dt + du * x, du * dt, dB, _rows(dC), MA.sum((0, 1)), G[:, 0], None
 

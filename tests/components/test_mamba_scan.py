@@ -64,16 +64,19 @@ def test_chunked_scan_with_extreme_steps():
         _close(h, h_ref)
 
 
-def test_chunked_scan_gradients_equal_the_recurrence():
+@pytest.mark.parametrize("chunk_len", [1, 4, 23])
+def test_chunked_scan_gradients_equal_the_recurrence(chunk_len):
     leaves = [t.requires_grad_() for t in _inputs(23)]
+    before = [t.detach().clone() for t in leaves]
     w = torch.randn(2, 23, 6)
     grads = []
-    for scan in (lambda *a: selective_scan_chunked(*a, chunk_len=4), selective_scan):
+    for scan in (lambda *a: selective_scan_chunked(*a, chunk_len=chunk_len), selective_scan):
         y, h = scan(*leaves)
         grads.append(torch.autograd.grad((y * w).sum() + h.square().sum(), leaves))
     for got, want in zip(*grads):
         assert torch.isfinite(got).all()
         _close(got, want)
+    assert all(torch.equal(t, t0) for t, t0 in zip(leaves, before))  # the inputs are left as they were
 
 
 def test_chunked_scan_gradcheck_in_float64():
