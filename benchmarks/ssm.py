@@ -232,7 +232,8 @@ def bench_mamba_scan(T: int, batch: int, embed_dim: int, runs: int, device: torc
              "chunked fwd+bwd": "grads " + f"{max(rel(a, b) for a, b in zip(g_chk, g_seq)):.1e}"}
     Di, N = args[4].shape[-1], args[1].shape[-1]
     print(f"\nMamba-1 selective scan, {device.type}, fp32, B={batch} T={T} D={embed_dim} (Di={Di}, N={N}, "
-          f"chunk={default_chunk_len(T)}), median of {runs}, {torch.get_num_threads()} threads")
+          f"chunk={default_chunk_len(T, batch * Di * N, device.type)}), median of {runs}, "
+          f"{torch.get_num_threads()} threads")
     print(f"{'method':<22}{'ms':>10}{'speedup':>10}   max diff / max |reference|")
     for k, s in med.items():
         base = med["sequential fwd+bwd" if "bwd" in k else "sequential fwd"]

@@ -45,10 +45,11 @@ class Mamba(nn.Module):
         y_t       = h_t C_t + D * x_t                       D (Di,), init 1
         out       = W_out(y * silu(z))
 
-    The scan (``_mamba_kernels.selective_scan_chunked``) runs in float32 in chunks of about
-    sqrt(T) tokens, the chunks side by side: about 3 sqrt(T) steps instead of T, each on one
-    (B, T / chunk, Di, N) tensor, never the (B, T, Di, N) of the whole sequence; outputs equal
-    the token-by-token recurrence (``selective_scan``, kept as the reference) to rounding.
+    The scan (``_mamba_kernels.selective_scan_chunked``) runs in float32 in chunks, the chunks
+    side by side (on CUDA about sqrt(T) of them, 3 sqrt(T) steps instead of T; on CPU fewer, so a
+    step stays in cache), each step one (B, chunks, Di, N) tensor, never the (B, T, Di, N) of the
+    whole sequence, with a written-out backward that keeps only the states entering the chunks;
+    outputs equal the token-by-token recurrence (``selective_scan``, the reference) to rounding.
     Causal. Generation (decode="recurrent") keeps the last d_conv - 1 conv inputs and the
     (B, Di, N) state in the decode context, so any chunking of the tokens gives the full
     forward's output.

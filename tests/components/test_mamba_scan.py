@@ -14,7 +14,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import physlm_graph
 from physlm_graph import Example
 from physlm_graph.components.ssm import mamba as mamba_module
-from physlm_graph.components.ssm._mamba_kernels import default_chunk_len, selective_scan, selective_scan_chunked
+from physlm_graph.components.ssm._mamba_kernels import (
+    CPU_STEP_ELEMENTS,
+    default_chunk_len,
+    selective_scan,
+    selective_scan_chunked,
+)
 from physlm_graph.testing import build_example
 
 
@@ -85,6 +90,22 @@ def test_chunked_scan_gradcheck_in_float64():
     assert torch.autograd.gradcheck(lambda *a: selective_scan_chunked(*a, chunk_len=3), leaves)
 
 
+def test_default_chunk_len():
+    """sqrt(T) chunks (of ceil(T / chunks) tokens) on CUDA; on CPU no more chunks than keep one
+    step's (b, chunks, Di, N) tensor within CPU_STEP_ELEMENTS, down to a single chunk."""
+    assert [default_chunk_len(T) for T in (0, 1, 2, 10, 1024, 1025)] == [1, 1, 1, 3, 32, 32]
+    assert default_chunk_len(1024, 2 * 512 * 16, "cuda") == 32
+    assert default_chunk_len(1024, 2 * 512 * 16, "cpu") == 1024 // (CPU_STEP_ELEMENTS // (2 * 512 * 16))
+    assert default_chunk_len(1024, 96, "cpu") == 32
+    assert default_chunk_len(1024, CPU_STEP_ELEMENTS + 1, "cpu") == 1024
+
+
+def test_chunked_scan_of_no_tokens():
+    dt, A, B, C, x, h0 = _inputs(0)
+    y, h = selective_scan_chunked(dt, A, B, C, x, h0)
+    assert y.shape == (2, 0, 6) and torch.equal(h, h0)
+
+
 def test_chunked_scan_refuses_a_chunk_below_one():
     with pytest.raises(ValueError, match="chunk_len must be >= 1, not 0"):
         selective_scan_chunked(*_inputs(4), chunk_len=0)
@@ -111,7 +132,7 @@ def test_chunked_scan_never_holds_the_whole_sequence_state():
     reference builds."""
     b, T, Di, N = 2, 256, 6, 8
     args = _inputs(T, b=b, Di=Di, N=N)
-    L = default_chunk_len(T)
+    L = default_chunk_len(T, b * Di * N, "cpu")
     assert L == 16
     largest = {}
     for name, scan in (("chunked", selective_scan_chunked), ("sequential", selective_scan)):
