@@ -30,12 +30,12 @@ with ``selective_scan`` to rounding; a single chunk (T <= L, as in a one-token d
 skips steps 1 and 2.
 
 The chunk count (``default_chunk_len``): on CUDA c = ceil(sqrt(T)) chunks of ceil(T / c), the
-fewest steps (95 for T = 1024: the launches are the cost); on CPU as many as that, but no more
-than keep one step's (b, c, Di, N) tensor within ``CPU_STEP_ELEMENTS`` (2^17 floats, 512 KiB),
-so a step stays in cache: there the token-by-token loop is slow mostly because its (b, T, Di, N)
-decays go through memory, and one chunk (the loop, with each step's decays made in cache) is
-already several times faster when the width fills the cache (B = 2, Di = 512, N = 16, T = 1024,
-one thread: 8 chunks 54 ms, 32 chunks 78 ms, the reference loop 162 ms).
+fewest steps (95 for T = 1024), for a device where an op's launch costs more than its work; on
+CPU as many, but no more than keep one step's (b, c, Di, N) tensor within ``CPU_STEP_ELEMENTS``
+(2^17 floats, 512 KiB), so a step stays in cache. On CPU the token-by-token reference is slow
+mostly because its (b, T, Di, N) decays go through memory, not because of its T steps (B = 2,
+Di = 512, N = 16, T = 1024, one thread: 32 chunks 78 ms, 8 chunks 54 ms, 2 chunks 48 ms, the
+reference 162 ms).
 
 The backward (``_ChunkedScan``) is written out rather than left to autograd, which would keep
 every step's decays and states, four (b, T, Di, N) tensors' worth: it keeps the inputs and the
