@@ -1,6 +1,8 @@
-"""Benchmark the chunked SSD scan against a sequential time-step scan (and, on CUDA, SDPA).
+"""Benchmark the chunked SSD scan against a sequential time-step scan (and, on CUDA, SDPA), and
+Mamba-1's chunked selective scan against its token-by-token recurrence.
 
     python benchmarks/ssm.py [--T 1024] [--batch 2] [--embed-dim 256] [--runs 5] [--threads N] [--profile]
+                             [--only ssd|mamba1] [--smoke]
 
 1. CPU (always; and on CUDA if present): the chunked SSD kernel (``ssm.ssd``'s scan) in both
    layouts (``folded``, what ``ssm.ssd`` runs on CPU; ``head_major``, what it runs on CUDA), eager
@@ -10,6 +12,13 @@
    differences. Goal: >= 50x at T = 1024.
 2. CUDA only: the whole ``ssm.ssd`` mixer vs causal SDPA attention (qkv + out projections,
    same width) at T = 1024, forward + backward in bf16, per token. Goal: SSD <= 2x attention.
+3. ``--only mamba1`` or both (CPU; and CUDA if present): ``ssm.mamba``'s scan, chunks side by
+   side (``selective_scan_chunked``, what the mixer runs), vs the token-by-token recurrence
+   (``selective_scan``, the reference), fp32, identical inputs from an ``ssm.mamba`` module's
+   projections (Di = 2 * embed-dim, N = 16); forward alone (no grad) and forward + backward;
+   timings interleaved, median of ``--runs``; prints the ratio and the max differences.
+
+``--smoke``: T = 64, B = 1, D = 32, one run, no torch.compile: checks that the script runs.
 """
 
 from __future__ import annotations
@@ -28,6 +37,11 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from physlm_graph import Example  # noqa: E402
+from physlm_graph.components.ssm._mamba_kernels import (  # noqa: E402
+    default_chunk_len,
+    selective_scan,
+    selective_scan_chunked,
+)
 from physlm_graph.components.ssm._ssd_kernels import ssd_chunked  # noqa: E402
 from physlm_graph.testing import build_example  # noqa: E402
 
@@ -179,6 +193,94 @@ def bench_vs_attention(T: int, batch: int, embed_dim: int, runs: int, device: to
     print(f"SSD / attention: {med['ssm.ssd'] / med['causal SDPA']:.2f}x   (goal: <= 2x; ssm.ssd = its default layout on {device.type})")
 
 
+def mamba_scan_inputs(T: int, batch: int, embed_dim: int, device: torch.device):
+    """(dt, A, B, C, x, h0) as an ``ssm.mamba`` module's forward hands them to its scan, for random input."""
+    m = build_example("ssm.mamba", Example({}, {"x": (batch, T, embed_dim)}), device=device)
+    u = torch.randn(batch, T, embed_dim, device=device)
+    with torch.no_grad():
+        x, _ = m.in_proj(u).chunk(2, dim=-1)
+        x, _ = m._conv(x, None)
+        x = F.silu(x)
+        d, B, C = torch.split(m.x_proj(x), [m.dt_rank, m.d_state, m.d_state], dim=-1)
+        dt = F.softplus(m.dt_proj(d))
+        A = -torch.exp(m.A_log.float())
+        h0 = torch.zeros(batch, m.d_inner, m.d_state, device=device)
+    return dt, A, B, C, x, h0
+
+
+def bench_mamba_scan(T: int, batch: int, embed_dim: int, runs: int, device: torch.device) -> None:
+    args = mamba_scan_inputs(T, batch, embed_dim, device)
+    leaves = [t.clone().requires_grad_() for t in args[:5]] + [args[5]]
+    w = torch.randn_like(args[4])
+
+    def fwd(scan):
+        with torch.no_grad():
+            return scan(*args)
+
+    def fwd_bwd(scan):
+        y, h = scan(*leaves)
+        return torch.autograd.grad((y * w).sum(), leaves[:5])
+
+    fns = {"sequential fwd": lambda: fwd(selective_scan), "chunked fwd": lambda: fwd(selective_scan_chunked),
+           "sequential fwd+bwd": lambda: fwd_bwd(selective_scan),
+           "chunked fwd+bwd": lambda: fwd_bwd(selective_scan_chunked)}
+    med = time_interleaved(fns, runs, device)
+    (y_seq, h_seq), (y_chk, h_chk) = fwd(selective_scan), fwd(selective_scan_chunked)
+    g_seq, g_chk = fwd_bwd(selective_scan), fwd_bwd(selective_scan_chunked)
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    diffs = {"chunked fwd": f"y {rel(y_chk, y_seq):.1e}, h {rel(h_chk, h_seq):.1e}",
+             "chunked fwd+bwd": "grads " + f"{max(rel(a, b) for a, b in zip(g_chk, g_seq)):.1e}"}
+    Di, N = args[4].shape[-1], args[1].shape[-1]
+    print(f"\nMamba-1 selective scan, {device.type}, fp32, B={batch} T={T} D={embed_dim} (Di={Di}, N={N}, "
+          f"chunk={default_chunk_len(T, batch * Di * N, device.type)}), median of {runs}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'method':<22}{'ms':>10}{'speedup':>10}   max diff / max |reference|")
+    for k, s in med.items():
+        base = med["sequential fwd+bwd" if "bwd" in k else "sequential fwd"]
+        print(f"{k:<22}{s * 1e3:>10.2f}{base / s:>9.1f}x   {diffs.get(k, '-')}")
+    print(f"sequential / chunked: forward {med['sequential fwd'] / med['chunked fwd']:.2f}x, "
+          f"forward + backward {med['sequential fwd+bwd'] / med['chunked fwd+bwd']:.2f}x")
+    full = args[4].numel() * N * 4 / 2**20  # one fp32 (B, T, Di, N) tensor, MiB
+    print(f"memory, MiB: largest tensor of the forward (no grad), kept for the backward; "
+          f"one (B, T, Di, N) is {full:.1f}")
+    for name, scan in (("sequential", selective_scan), ("chunked", selective_scan_chunked)):
+        largest, kept = largest_tensor_mb(lambda: fwd(scan)), saved_for_backward_mb(lambda: scan(*leaves))
+        print(f"  {name:<12}{largest:>8.1f}{kept:>10.1f}")
+
+
+def largest_tensor_mb(fn: Callable[[], object]) -> float:
+    """MiB of the largest tensor any op returns while ``fn`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor):
+                    Largest.nbytes = max(Largest.nbytes, o.numel() * o.element_size())
+            return out
+
+    with Largest():
+        fn()
+    return Largest.nbytes / 2**20
+
+
+def saved_for_backward_mb(fn: Callable[[], object]) -> float:
+    """MiB that autograd keeps for the backward of ``fn()`` (each storage counted once)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values()) / 2**20
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", type=int, default=1024)
@@ -189,18 +291,28 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd scan")
     ap.add_argument("--skip-cpu", action="store_true", help="only the CUDA measurements")
     ap.add_argument("--profile", action="store_true", help="also profile the compiled CPU scan (its kernels by self time)")
+    ap.add_argument("--only", choices=["ssd", "mamba1"], help="only the SSD measurements, or only Mamba-1's scan")
+    ap.add_argument("--smoke", action="store_true", help="T=64, B=1, D=32, one run, no compile: checks the script")
     args = ap.parse_args()
+    if args.smoke:
+        args.T, args.batch, args.embed_dim, args.runs, args.no_compile = 64, 1, 32, 1, True
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     torch.manual_seed(0)
-    if not args.skip_cpu:
-        bench_scan(args.T, args.batch, args.embed_dim, args.runs, torch.device("cpu"), not args.no_compile, args.profile)
-    if torch.cuda.is_available():
-        bench_scan(args.T, args.batch, args.embed_dim, args.runs, torch.device("cuda"), not args.no_compile)
-        bench_vs_attention(args.T, args.batch, args.embed_dim, args.runs, torch.device("cuda"))
-    else:
-        print("\n(no CUDA: skipping the GPU scan and the SSD vs attention comparison)")
+    devices = [] if args.skip_cpu else [torch.device("cpu")]
+    devices += [torch.device("cuda")] if torch.cuda.is_available() else []
+    if args.only != "mamba1":
+        for device in devices:
+            bench_scan(args.T, args.batch, args.embed_dim, args.runs, device, not args.no_compile,
+                       args.profile and device.type == "cpu")
+        if torch.cuda.is_available():
+            bench_vs_attention(args.T, args.batch, args.embed_dim, args.runs, torch.device("cuda"))
+    if args.only != "ssd":
+        for device in devices:
+            bench_mamba_scan(args.T, args.batch, args.embed_dim, args.runs, device)
+    if not torch.cuda.is_available():
+        print("\n(no CUDA: skipping the GPU measurements)")
 
 
 if __name__ == "__main__":

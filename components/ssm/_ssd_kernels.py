@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._chunks import pad_time
+
 __all__ = ["segsum", "ssd_chunked", "ssd_step"]
 
 Layout = Literal["head_major", "folded"]
@@ -72,12 +74,7 @@ def ssd_chunked(
     function (tested against each other and against a sequential scan).
     """
     T = x.shape[1]
-    pad = (-T) % chunk_size
-    if pad:
-        x = F.pad(x, (0, 0, 0, 0, 0, pad))
-        dt = F.pad(dt, (0, 0, 0, pad))
-        B = F.pad(B, (0, 0, 0, 0, 0, pad))
-        C = F.pad(C, (0, 0, 0, 0, 0, pad))
+    x, dt, B, C = pad_time(chunk_size, x, dt, B, C)
     if layout is None:
         layout = "folded" if x.device.type == "cpu" else "head_major"
     if layout == "folded":

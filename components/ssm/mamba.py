@@ -13,6 +13,7 @@ from physlm_graph import ComponentParams, Example, Inputs, decode_context, regis
 from physlm_graph._registry import HFName
 
 from ._dt import inverse_softplus, log_uniform_dt
+from ._mamba_kernels import selective_scan_chunked
 
 
 class _RMS(nn.Module):
@@ -27,26 +28,6 @@ class _RMS(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
-
-
-def selective_scan(dt: Tensor, A: Tensor, B: Tensor, C: Tensor, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-    """The Mamba-1 recurrence, one token at a time from state ``h``; returns ``(y, last state)``.
-
-    Per channel d and state index n: ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t``,
-    ``y_t = sum_n h_t C_t``. Shapes: dt and x (b, T, Di) (dt already positive), A (Di, N)
-    (negative), B and C (b, T, N), h (b, Di, N). Runs in float32.
-    """
-    dt, x, B, C, h = dt.float(), x.float(), B.float(), C.float(), h.float()
-    decay = torch.exp(dt.unsqueeze(-1) * A.float())  # (b, T, Di, N)
-    push = (dt * x).unsqueeze(-1) * B.unsqueeze(2)  # (b, T, Di, N)
-    if x.is_meta:  # shapes only (the compiler's check): the same products as the loop, without T steps
-        return torch.einsum("btdn,btn->btd", decay * push, C), push[:, -1] + h
-    ys = []
-    for t in range(x.shape[1]):
-        h = decay[:, t] * h + push[:, t]  # (b, Di, N)
-        ys.append(torch.einsum("bdn,bn->bd", h, C[:, t]))
-    y = torch.stack(ys, dim=1) if ys else x.new_zeros(x.shape)  # (b, T, Di)
-    return y, h
 
 
 class Mamba(nn.Module):
@@ -64,7 +45,11 @@ class Mamba(nn.Module):
         y_t       = h_t C_t + D * x_t                       D (Di,), init 1
         out       = W_out(y * silu(z))
 
-    The scan runs token by token (``selective_scan``), in float32: O(T) steps, each O(Di N).
+    The scan (``_mamba_kernels.selective_scan_chunked``) runs in float32 in chunks, the chunks
+    side by side (on CUDA about sqrt(T) of them, 3 sqrt(T) steps instead of T; on CPU fewer, so a
+    step stays in cache), each step one (B, chunks, Di, N) tensor, never the (B, T, Di, N) of the
+    whole sequence, with a written-out backward that keeps only the states entering the chunks;
+    outputs equal the token-by-token recurrence (``selective_scan``, the reference) to rounding.
     Causal. Generation (decode="recurrent") keeps the last d_conv - 1 conv inputs and the
     (B, Di, N) state in the decode context, so any chunking of the tokens gives the full
     forward's output.
@@ -158,7 +143,7 @@ class Mamba(nn.Module):
         A = -torch.exp(self.A_log.float())  # (Di, N)
         if h is None:
             h = u.new_zeros(Bsz, self.d_inner, self.d_state, dtype=torch.float32)
-        y, h = selective_scan(dt, A, Bm, Cm, x, h)
+        y, h = selective_scan_chunked(dt, A, Bm, Cm, x, h)  # one token: the plain recurrent step
         if ctx is not None:
             ctx.set(self, (conv_cache, h))
         y = (y + x.float() * self.D.float()).to(u.dtype)
