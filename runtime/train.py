@@ -204,7 +204,7 @@ class Trainer:
 
     def build_model(self) -> Any:
         """The plan's model for the tokenizer's vocabulary, at the growth stage the run is in."""
-        cm, notes = self.plan.model(vocab=self.tokenizer.vocab_size,
+        cm, notes = self.plan.model(vocab=self.tokenizer.vocab_size, tokenizer=self.tokenizer.name,
                                     stage=self.growth.stage if self.growth is not None else None)
         self.notes.extend(self.plan.notes + notes)
         return cm
