@@ -300,6 +300,10 @@ class TrainConfig(_Strict):
         "auto", description="LM head + cross-entropy as one fused operation (no separate logits pass); auto: on "
         "with compile on a CUDA GPU when the blueprint's logits come straight from a bias-free head.lm; true: "
         "wherever the blueprint allows it (an error if it does not)")
+    data_order: Literal["random", "sequential"] = Field(
+        "random", description="how the training split is read: random windows (each rank its own seed), or "
+        "sequential: in order across the token files, each micro-batch the next batch_size x seq_len + 1 tokens, "
+        "each rank its own slice, starting again at the first file after the last")
     fit_vocab: bool = Field(
         False, description="set params.vocab to the tokenizer's size (rounded up to vocab_multiple) when the run "
         "builds its model; false: params.vocab is kept as written, and must be at least the tokenizer's size "

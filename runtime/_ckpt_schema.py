@@ -19,7 +19,7 @@ import os
 import random
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -156,6 +156,22 @@ class _Batcher(BaseModel):
         return _torch_state(v)
 
 
+class _SequentialBatcher(BaseModel):
+    """``data.SequentialWindows.state_dict()``: the read position in the training split."""
+
+    model_config = _strict
+    order: Literal["sequential"]
+    span: int = Field(ge=0)
+    pos: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+    step: int = Field(ge=0)
+    batch_size: int = Field(ge=1)
+    seq_len: int = Field(ge=1)
+    world: int = Field(ge=1)
+    n_tokens: int = Field(ge=1)
+    spans: int = Field(ge=1)
+
+
 class TrainerState(BaseModel):
     """What a checkpoint's ``trainer_state.json`` may hold; each key present is typed strictly.
     ``RESUME_KEYS`` must be present to resume from it (``generate`` and ``eval`` need none)."""
@@ -172,7 +188,7 @@ class TrainerState(BaseModel):
     config: dict[str, Any] | None = None
     data: str | None = None
     rng: _Rng | None = None
-    batcher: _Batcher | None = None
+    batcher: _Batcher | _SequentialBatcher | None = None
     stage: int | None = Field(None, ge=0)
     growth_stage: int | None = Field(None, ge=0)
 
