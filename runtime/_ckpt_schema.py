@@ -188,9 +188,21 @@ class TrainerState(BaseModel):
     config: dict[str, Any] | None = None
     data: str | None = None
     rng: _Rng | None = None
-    batcher: _Batcher | _SequentialBatcher | None = None
+    batcher: _Batcher | None = None  # or a _SequentialBatcher: see _batcher
     stage: int | None = Field(None, ge=0)
     growth_stage: int | None = Field(None, ge=0)
+
+    @field_validator("batcher", mode="wrap")
+    @classmethod
+    def _batcher(cls, v: Any, handler: Any) -> Any:
+        """Random windows' state (``_Batcher``), or the read position of ``data_order: sequential``."""
+        if not (isinstance(v, dict) and v.get("order") == "sequential"):
+            return handler(v)
+        try:
+            return _SequentialBatcher.model_validate(v)
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise ValueError(f"{_key(first['loc'])}: {first['msg']}") from None
 
 
 RESUME_KEYS = ("step", "tokens_seen", "blueprint_hash", "config", "rng", "batcher")

@@ -138,3 +138,17 @@ def test_data_order_is_checked_like_the_other_options():
     with pytest.raises(TrainingError, match="invalid training option: data_order: Input should be 'random' or "
                                             "'sequential'"):
         make_plan(BABY, data_order="in-order")
+
+
+def test_a_damaged_read_position_is_a_located_checkpoint_error(tmp_path):
+    from physlm_graph import CheckpointError
+    from physlm_graph.runtime._ckpt_schema import validate_json
+
+    good = {"order": "sequential", "span": 0, "pos": 64, "epoch": 0, "step": 2, "batch_size": 2, "seq_len": 16,
+            "world": 1, "n_tokens": 5400, "spans": 1}
+    path = tmp_path / "trainer_state.json"
+    assert validate_json(path, {"batcher": good})
+    with pytest.raises(CheckpointError) as err:
+        validate_json(path, {"batcher": {**good, "pos": -1}})
+    assert str(err.value).startswith(f"checkpoint error: {path}: key `batcher`: pos: Input should be greater "
+                                     "than or equal to 0"), str(err.value)
