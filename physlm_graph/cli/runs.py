@@ -137,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from physlm_graph.runtime.checkpoint import load_checkpoint
     from physlm_graph.runtime.early_exit import generate_with_exits
-    from physlm_graph.runtime.generate import can_cache, generate
+    from physlm_graph.runtime.generate import can_cache, generate, sampling_target
 
     ck = load_checkpoint(args.checkpoint, device=_device(args.device))
     tok = ck.tokenizer
@@ -171,6 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               f"{', '.join(clash)}", fix="use --temperature 0 and drop the others")
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, use_cache=use_cache, eos_id=tok.eos_id)
+    limit = sampling_target(ck)[1]  # a padded vocabulary: only the tokenizer's ids are picked
 
     def run(prompt: str, seed: int | None) -> int:
         ids = tok.encode(prompt)
@@ -195,6 +196,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             from physlm_graph.runtime.speculative import generate_self_speculative
 
             _, spec = generate_self_speculative(ck.model, ids, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id,
+                                                vocab_limit=limit,
                                                 draft_exit=int(args.draft_exit) if (args.draft_exit or "").isdigit()
                                                 else args.draft_exit, draft_len=args.speculate, on_token=stream)
             exits = spec.as_dict()
@@ -206,6 +208,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             generate(ck, ids, seed=seed, on_token=stream, **opts)
         else:  # early exit (runtime/early_exit.py); it always decodes with the KV cache
             _, stats = generate_with_exits(ck.model, ids, seed=seed, on_token=stream, threshold=args.exit_threshold,
+                                           vocab_limit=limit,
                                            rule=args.exit_rule, kv_fill=args.exit_kv or "lazy",
                                            **{k: v for k, v in opts.items() if k != "use_cache"})
             exits = stats.as_dict()

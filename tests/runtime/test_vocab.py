@@ -121,7 +121,8 @@ def test_the_speedrun_blueprint_keeps_50304_under_gpt2s_50257_ids():
     assert any("params.vocab 50304 is kept for the tokenizer's 50257 ids" in n for n in notes), notes
     with pytest.raises(TrainingError, match="params.vocab is 50304, but tokenizer 'big' has 50305 ids") as err:
         plan.model(vocab=50305, device="meta", tokenizer="big")
-    assert str(err.value.diagnostics[0].loc).endswith("speedrun-track3.yaml:20:3")
+    line = (ROOT / "blueprints" / "speedrun-track3.yaml").read_text().splitlines().index("  vocab: 50304") + 1
+    assert str(err.value.diagnostics[0].loc).endswith(f"speedrun-track3.yaml:{line}:3")
 
 
 def _favour_padding(ck) -> None:
@@ -185,3 +186,42 @@ def test_a_hugging_face_export_suppresses_the_padding_ids(padded, tmp_path):
         next(p for n, p in model.named_parameters() if n.endswith("head.bias"))[256:] = 50.0
     out = model.generate(torch.tensor([[72, 105]]), max_new_tokens=20, do_sample=False)
     assert out.shape[1] == 22 and int(out[0, 2:].max()) < 256, out
+
+
+@pytest.fixture(scope="module")
+def padded_exits(tmp_path_factory, text) -> Path:
+    """A baby GPT with an exit after each block, vocab 300 under the bytes tokenizer, its padding
+    ids made every head's first choice (a head bias of 50), saved as a checkpoint."""
+    from safetensors.torch import save_file
+
+    from physlm_graph.runtime.checkpoint import MANIFEST, write_manifest
+
+    out = tmp_path_factory.mktemp("exits") / "run"
+    ov = {"params.layers": 2, "params.dim": 16, "params.heads": 2, "params.context": 16, "train.seq_len": 16,
+          "params.dropout": 0.0, "params.vocab": 300, "train.fit_vocab": False, "nodes.head.bias": True,
+          "nodes.head.tie": None, "exits": {"every": 1, "block": "trunk"}}
+    train(ROOT / "blueprints" / "baby-gpt.yaml", data=str(text), overrides=ov, out_dir=out, tokenizer="bytes", steps=2,
+          batch_size=2, eval_every=2, eval_iters=1, warmup=0, **RUN)
+    ck = load_checkpoint(out / "last")
+    _favour_padding(ck)
+    save_file({k: v.contiguous() for k, v in ck.module.state_dict().items()}, str(ck.path / "model.safetensors"))
+    (ck.path / MANIFEST).unlink()
+    write_manifest(ck.path)
+    return ck.path
+
+
+@pytest.mark.parametrize("how", [["--exit-threshold", "0.0"], ["--speculate", "2"]])
+def test_early_exit_and_self_speculative_generation_pick_no_padding_id(padded_exits, capsys, how):
+    from physlm_graph.runtime.early_exit import generate_with_exits
+    from physlm_graph.runtime.speculative import generate_self_speculative
+
+    model = load_checkpoint(padded_exits).model
+    unmasked = (generate_with_exits(model, [72, 105], max_new_tokens=6, threshold=0.0)[0] if how[0] == "--exit-threshold"
+                else generate_self_speculative(model, [72, 105], max_new_tokens=6)[0])
+    assert min(unmasked[2:]) >= 256  # unmasked, the padding ids win
+    code = main(["generate", str(padded_exits), "--prompt", "Hi", "--max-new-tokens", "12", "--temperature", "0",
+                 "--json", *how])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    ids = json.loads(out.out.strip().splitlines()[-1])["ids"]
+    assert len(ids) == 12 and max(ids) < 256, ids
