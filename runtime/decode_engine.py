@@ -424,8 +424,8 @@ def generate_static(
     plan, unstatic = static_plan(cm)
     if len(set(map(len, rows))) > 1 and (unstatic or "state" in plan.values()):
         # a padded prompt would disturb a carried state: one row at a time, cut where all have ended
-        outs = [_engine_for(cm, 1, len(r) + max_new_tokens, context, compile, check_every, limit).generate([r], **sample)[0]
-                for r in rows]
+        outs = [_engine_for(cm, 1, len(r) + max_new_tokens, context, compile, check_every, limit)
+                .generate([r], **sample)[0] for r in rows]
         new = [o[len(r):] for o, r in zip(outs, rows)]
         kept = _first_all_ended(new, eos_id)
         for step in zip(*(n[:kept] for n in new)):

@@ -197,8 +197,9 @@ def generate(
                           fix="use use_cache='auto' or False")
     context = model_context(cm) or 1 << 62
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
-    pick = lambda logits: sample_next(logits[:, :limit], ids, temperature=temperature, top_k=top_k, top_p=top_p,  # noqa: E731
-                                      repetition_penalty=repetition_penalty, generator=gen)
+    pick = lambda logits: sample_next(  # noqa: E731  (only the tokenizer's ids of a padded vocabulary)
+        logits[:, :limit], ids, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, generator=gen)
     was_training = module.training
     module.eval()
     try:

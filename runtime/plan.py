@@ -262,7 +262,8 @@ class RunPlan:
                    "or add `fit_vocab: true` under train: to take the tokenizer's size")
         else:
             what = f"the model's logits cover {model} ids, but {name} has {vocab}"
-            fix = f"add `vocab: {vocab}` to params and use ${{vocab}} in the embedding and head, or --set the vocab_size of both"
+            fix = (f"add `vocab: {vocab}` to params and use ${{vocab}} in the embedding and head, or --set the "
+                   "vocab_size of both")
         return TrainingError(what, loc=loc or self.where, fix=fix)
 
 

@@ -179,7 +179,8 @@ class SelfSpeculativeDecoder:
                 rows.append({b: env[b] for b in self.handoff})
                 if j < k:
                     self._run(cut.heads[e], env)
-                    x = env[cut.exit_logits[e]][:, -1, : self.vocab_limit].argmax(-1, keepdim=True)  # (B, 1), on the device
+                    logits = env[cut.exit_logits[e]][:, -1, : self.vocab_limit]  # (B, V): the tokenizer's ids
+                    x = logits.argmax(-1, keepdim=True)  # (B, 1), stays on the device
                     drafts.append(x)
             chunk: dict[fx.Node, Any] = {b: torch.cat([r[b] for r in rows], dim=1) for b in self.handoff}
             self.ctx.offset = pos

@@ -216,8 +216,10 @@ def test_early_exit_and_self_speculative_generation_pick_no_padding_id(padded_ex
     from physlm_graph.runtime.speculative import generate_self_speculative
 
     model = load_checkpoint(padded_exits).model
-    unmasked = (generate_with_exits(model, [72, 105], max_new_tokens=6, threshold=0.0)[0] if how[0] == "--exit-threshold"
-                else generate_self_speculative(model, [72, 105], max_new_tokens=6)[0])
+    if how[0] == "--exit-threshold":
+        unmasked = generate_with_exits(model, [72, 105], max_new_tokens=6, threshold=0.0)[0]
+    else:
+        unmasked = generate_self_speculative(model, [72, 105], max_new_tokens=6)[0]
     assert min(unmasked[2:]) >= 256  # unmasked, the padding ids win
     code = main(["generate", str(padded_exits), "--prompt", "Hi", "--max-new-tokens", "12", "--temperature", "0",
                  "--json", *how])
