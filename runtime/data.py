@@ -569,6 +569,17 @@ class SequentialWindows:
         self.span, self.pos, self.epoch, self.step = state["span"], state["pos"], state["epoch"], state["step"]
 
 
+def passes_note(batches: SequentialWindows, reads: int) -> list[str]:
+    """What a run of ``reads`` micro-batches in order says before step 0 when it passes over the
+    data more than once; nothing otherwise."""
+    per_pass = batches.reads_per_pass()
+    if reads <= per_pass:
+        return []
+    return [f"train.data_order sequential: {reads:,} micro-batches of {batches.stride:,} tokens over all ranks, "
+            f"{per_pass:,} in one pass over the training split: the run reads it {reads / per_pass:.2f} times, "
+            "from the first file again after the last"]
+
+
 def shard_spans(tokens: np.ndarray | ShardTokens) -> list[tuple[int, int]]:
     """The (start, stop) of each token file within ``tokens`` (a split of shards), in order; one
     span for tokens of one file or of encoded text."""

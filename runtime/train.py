@@ -37,7 +37,7 @@ from ._progress import CompileMonitor, Metrics, Progress
 from .cadence import CheckpointCadence, Interrupts, read_state, restore_run, rng_state, save_run, set_rng_state, trainer_state
 from ._schedule_checks import warmup_note
 from .checkpoint import checkpoint_candidates, find_checkpoint
-from .data import RandomWindows, TokenCache, load_text, split, train_batches
+from .data import RandomWindows, TokenCache, load_text, passes_note, split, train_batches
 from .distributed import grad_sync, init_distributed
 from .growth_part import GrowthPart
 from .guard import NonFiniteGuard
@@ -169,6 +169,8 @@ class Trainer:
         try:
             self.batches = self.make_batches()
             RandomWindows(self.val_tokens, batch_size=1, seq_len=self.seq_len, seed=0)
+            if self.cfg.data_order == "sequential":
+                self.notes.extend(passes_note(self.batches, self.cfg.steps * self.cfg.accumulate))
         except RuntimeDataError as err:  # too little text for one window: name the file
             raise RuntimeDataError([Diagnostic(d.message, loc=Loc(file=str(self.data)), fix=d.fix)
                                     for d in err.diagnostics]) from None
@@ -180,16 +182,8 @@ class Trainer:
         """This rank's training batches from the start, as ``train.data_order`` says (random windows,
         each rank its own seed; or in order, each rank its own slice): what ``fit`` reads."""
         c = self.cfg
-        batches = train_batches(self.train_tokens, order=c.data_order, batch_size=c.batch_size, seq_len=self.seq_len,
-                                seed=c.seed, rank=self.dist.rank, world=self.dist.world, device=self.device)
-        if c.data_order == "sequential":
-            per_pass = batches.reads_per_pass()
-            reads = c.steps * c.accumulate
-            if reads > per_pass:
-                self.notes.append(f"train.data_order sequential: {reads:,} micro-batches of {batches.stride:,} tokens "
-                                  f"over all ranks, {per_pass:,} in one pass over the training split: the run reads "
-                                  f"it {reads / per_pass:.2f} times, from the first file again after the last")
-        return batches
+        return train_batches(self.train_tokens, order=c.data_order, batch_size=c.batch_size, seq_len=self.seq_len,
+                             seed=c.seed, rank=self.dist.rank, world=self.dist.world, device=self.device)
 
     def find_resume(self) -> Path:
         try:
