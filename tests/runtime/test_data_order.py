@@ -152,3 +152,14 @@ def test_a_damaged_read_position_is_a_located_checkpoint_error(tmp_path):
         validate_json(path, {"batcher": {**good, "pos": -1}})
     assert str(err.value).startswith(f"checkpoint error: {path}: key `batcher`: pos: Input should be greater "
                                      "than or equal to 0"), str(err.value)
+
+
+def test_the_read_position_carries_over_to_another_batch_size_or_rank_count():
+    first = SequentialWindows(np.arange(1000), batch_size=2, seq_len=5)
+    next(first), next(first)  # tokens 0..19 read
+    later = SequentialWindows(np.arange(1000), batch_size=4, seq_len=5, rank=1, world=2)
+    later.load_state_dict(first.state_dict())
+    x, _ = next(later)
+    assert x.flatten().tolist() == list(range(40, 60))  # rank 1's slice of the micro-batch that starts at 20
+    with pytest.raises(RuntimeDataError, match=r"saved for n_tokens, files = \(1000, 1\), this run has \(999, 1\)"):
+        SequentialWindows(np.arange(999), batch_size=2, seq_len=5).load_state_dict(first.state_dict())
