@@ -14,13 +14,15 @@ the steps after ``--warmup`` (which hold the compilation), read for the trainer 
 (the device synchronised). The ratio is trainer / hand (goal <= 1.02).
 
 (b) Losses: both start from the same weights (the trainer's plan builds the model and its init
-rules; the hand model takes a copy) and read the same batches (the trainer's ``RandomWindows`` over
-the same tokens, with its seed), so their per-step training losses compare; the table gives the
-largest absolute difference over the run, and the step where it happens.
+rules; the hand model takes a copy) and read the same batches (``Trainer.make_batches``: the
+trainer's own batches from the start, the shard in order as the blueprint's ``data_order:
+sequential`` says), so their per-step training losses compare; the table gives the largest
+absolute difference over the run, and the step where it happens.
 
 Data: random token ids (uniform over the vocabulary, ``--tokens`` of them, seed 0) written as a
-token shard in a temporary folder, with a 50,304-symbol character tokenizer saved beside it so the
-trainer keeps the program's vocabulary of 50,304 (nothing is downloaded; no data set is needed).
+token shard in a temporary folder, with a character tokenizer of as many symbols as the model has
+ids (50,304; 512 for the smoke, whose model is that small), so the random ids reach every row of
+the table on both sides (nothing is downloaded; no data set is needed).
 """
 
 from __future__ import annotations
@@ -42,14 +44,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _handspeedrun import HandSpeedrun, hand_optimizers, hand_step, load_blueprint_state  # noqa: E402
 
-from physlm_graph.runtime.data import RandomWindows  # noqa: E402
 from physlm_graph.runtime.plan import make_plan  # noqa: E402
 from physlm_graph.runtime.shards import write_shard  # noqa: E402
 from physlm_graph.runtime.tokenizers import CharTokenizer  # noqa: E402
 from physlm_graph.runtime.train import Trainer  # noqa: E402
 
 BLUEPRINT = ROOT / "blueprints" / "speedrun-track3.yaml"
-SMOKE = {"params.layers": 2, "params.dim": 64, "params.head_dim": 32, "params.context": 32, "train.seq_len": 32}
+SMOKE = {"params.vocab": 512, "params.layers": 2, "params.dim": 64, "params.head_dim": 32, "params.context": 32,
+         "train.seq_len": 32}
 
 
 def make_data(folder: Path, *, vocab: int, tokens: int) -> tuple[Path, Path]:
@@ -122,7 +124,7 @@ def run_hand(args: argparse.Namespace, t: Trainer, start: dict[str, torch.Tensor
     load_blueprint_state(hand, {k: v.to(dev) for k, v in start.items()})
     opts = hand_optimizers(hand, compiled=bool(cfg.compile))
     fwd = torch.compile(hand.loss, dynamic=False) if cfg.compile else hand.loss
-    batches = RandomWindows(t.train_tokens, batch_size=cfg.batch_size, seq_len=t.seq_len, seed=cfg.seed, device=dev)
+    batches = t.make_batches()  # the trainer's batches from the start (train.data_order)
     tokens = cfg.batch_size * t.seq_len * cfg.accumulate
     bf16 = cfg.dtype == "bfloat16"
 
@@ -174,7 +176,7 @@ def main() -> None:
         shard, tok = make_data(folder, vocab=vocab, tokens=args.tokens)
         # the trainer's first weights: its plan builds the model (seeded, init rules) as the trainer will
         plan = make_plan(BLUEPRINT, overrides=opts.get("overrides"), steps=args.steps)
-        cm, _ = plan.model(vocab=vocab)
+        cm, _ = plan.model(vocab=vocab)  # the blueprint's vocabulary (SMOKE: 512), the tokenizer's size
         start = {k: v.detach().clone() for k, v in cm.module.state_dict().items()}
         del cm, plan
         t0 = time.perf_counter()

@@ -97,9 +97,12 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> HFExport:
 
         model = PhysLMForCausalLM.from_compiled(ck.model)
         boundary = None
+        padding = _padding_ids(ck)
         if (ck.path / TOKENIZER / "tokenizer.json").is_file():
             model.__dict__["tokenizer_folder"] = ck.path / TOKENIZER
             boundary = _reserve_boundary(model, ck.path / TOKENIZER)
+        if padding:
+            model.generation_config.suppress_tokens = padding
         model.save_pretrained(out)
         if boundary is not None:
             from physlm_graph.runtime.tokenizers import add_boundary_token
@@ -113,8 +116,28 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> HFExport:
         return HFExport(out, "physlm", sorted(p.name for p in out.iterdir()), why,
                         (out / "tokenizer.json").is_file())
     _write_native(fam, config, ck.model, out)
+    padding = _padding_ids(ck)
+    if padding:
+        from transformers import GenerationConfig
+
+        GenerationConfig(suppress_tokens=padding).save_pretrained(str(out))
     tok = _copy_tokenizer(ck.path / TOKENIZER, out)
     return HFExport(out, fam.model_type, sorted(p.name for p in out.iterdir()), tokenizer=tok)
+
+
+def _padding_ids(ck: Any) -> list[int]:
+    """The ids of a padded vocabulary (``params.vocab`` kept above the tokenizer's size, so the
+    table has rows no token uses): they go into the export's ``generation_config.suppress_tokens``,
+    so ``generate`` in transformers never produces one, as ours does not. Empty when the
+    checkpoint's tokenizer covers every logit (or it has none)."""
+    from physlm_graph.runtime.checkpoint import TOKENIZER, model_vocab
+    from physlm_graph.runtime.tokenizers import load_tokenizer
+
+    folder = ck.path / TOKENIZER
+    total = model_vocab(ck.model)
+    if total is None or not folder.is_dir():
+        return []
+    return list(range(load_tokenizer(folder).vocab_size, total))
 
 
 def _reserve_boundary(model: Any, folder: Path) -> int | None:

@@ -304,8 +304,16 @@ class TrainConfig(_Strict):
         "auto", description="LM head + cross-entropy as one fused operation (no separate logits pass); auto: on "
         "with compile on a CUDA GPU when the blueprint's logits come straight from a bias-free head.lm; true: "
         "wherever the blueprint allows it (an error if it does not)")
+    data_order: Literal["random", "sequential"] = Field(
+        "random", description="how the training split is read: random windows (each rank its own seed), or "
+        "sequential: in order across the token files, each micro-batch the next batch_size x seq_len + 1 tokens, "
+        "each rank its own slice, starting again at the first file after the last")
+    fit_vocab: bool = Field(
+        False, description="set params.vocab to the tokenizer's size (rounded up to vocab_multiple) when the run "
+        "builds its model; false: params.vocab is kept as written, and must be at least the tokenizer's size "
+        "(the ids past it are padding: never a target, never sampled)")
     vocab_multiple: int = Field(
-        1, ge=1, description="round the model's vocabulary (params.vocab) up to a multiple of this (64 suits GPU "
+        1, ge=1, description="with fit_vocab: round the tokenizer's size up to a multiple of this (64 suits GPU "
         "matmuls); the padded ids get -inf logits through head.lm's logit_limit, so the function is unchanged")
     ddp_bucket_mb: float = Field(250.0, gt=0.0, description="DDP gradient bucket size in MiB (torch's default: 25)")
     ddp_bucket_view: bool = Field(True, description="DDP gradient_as_bucket_view: gradients live in the buckets, one copy less")
@@ -364,6 +372,10 @@ class TrainConfig(_Strict):
             twice = sorted({n for n in names if names.count(n) > 1})
             if twice:
                 raise ValueError(f"optimizer group name(s) {', '.join(twice)} used twice")
+        if self.vocab_multiple != 1 and not self.fit_vocab:
+            raise ValueError(f"vocab_multiple {self.vocab_multiple} rounds the tokenizer's size that fit_vocab: true "
+                             "gives params.vocab; without fit_vocab params.vocab is kept as written: add fit_vocab: "
+                             "true, or write the padded size in params.vocab and drop vocab_multiple")
         return self
 
     @field_validator("val_fraction", "lr", "min_lr", "weight_decay", "grad_clip", "ddp_bucket_mb", mode="before")

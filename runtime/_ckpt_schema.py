@@ -156,6 +156,22 @@ class _Batcher(BaseModel):
         return _torch_state(v)
 
 
+class _SequentialBatcher(BaseModel):
+    """``data.SequentialWindows.state_dict()``: the read position in the training split."""
+
+    model_config = _strict
+    order: Literal["sequential"]
+    span: int = Field(ge=0)
+    pos: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+    step: int = Field(ge=0)
+    batch_size: int = Field(ge=1)
+    seq_len: int = Field(ge=1)
+    world: int = Field(ge=1)
+    n_tokens: int = Field(ge=1)
+    spans: int = Field(ge=1)
+
+
 class TrainerState(BaseModel):
     """What a checkpoint's ``trainer_state.json`` may hold; each key present is typed strictly.
     ``RESUME_KEYS`` must be present to resume from it (``generate`` and ``eval`` need none)."""
@@ -172,10 +188,33 @@ class TrainerState(BaseModel):
     config: dict[str, Any] | None = None
     data: str | None = None
     rng: _Rng | None = None
-    batcher: _Batcher | None = None
-    batchers: list[_Batcher] | None = None  # every rank's, in rank order (several processes)
+    batcher: _Batcher | None = None  # or a _SequentialBatcher: see _batcher
+    batchers: list[Any] | None = None  # every rank's, in rank order (several processes); each as batcher
     stage: int | None = Field(None, ge=0)
     growth_stage: int | None = Field(None, ge=0)
+
+    @field_validator("batcher", mode="wrap")
+    @classmethod
+    def _batcher(cls, v: Any, handler: Any) -> Any:
+        """Random windows' state (``_Batcher``), or the read position of ``data_order: sequential``."""
+        if not (isinstance(v, dict) and v.get("order") == "sequential"):
+            return handler(v)
+        return _one_batcher(v)
+
+    @field_validator("batchers")
+    @classmethod
+    def _batchers(cls, v: list[Any] | None) -> list[Any] | None:
+        return None if v is None else [_one_batcher(b) for b in v]
+
+
+def _one_batcher(v: Any) -> Any:
+    """One rank's batcher state: ``_SequentialBatcher`` when it says ``order: sequential``, else ``_Batcher``."""
+    kind = _SequentialBatcher if isinstance(v, dict) and v.get("order") == "sequential" else _Batcher
+    try:
+        return kind.model_validate(v)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ValueError(f"{_key(first['loc'])}: {first['msg']}") from None
 
 
 RESUME_KEYS = ("step", "tokens_seen", "blueprint_hash", "config", "rng", "batcher")

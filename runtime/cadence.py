@@ -226,8 +226,13 @@ def restore_run(t: Any, folder: Path, state: dict[str, Any]) -> None:
 
 def _restore_batcher(t: Any, state: dict[str, Any]) -> None:
     """Each rank continues its own window stream. A checkpoint written on another number of
-    processes: the ranks it had continue theirs, a new rank starts its own (seed + rank)."""
+    processes: the ranks it had continue theirs, a new rank starts its own (seed + rank). Data
+    read in order (``data_order: sequential``) has one position for all ranks: every rank goes on
+    from it, whatever the number of processes."""
     saved = state.get("batchers")
+    if state["batcher"].get("order") == "sequential":  # one position in the data, the same on every rank
+        t.batches.load_state_dict(state["batcher"])
+        return
     if saved is None:  # one process wrote it (or an older run, which kept rank 0's position only)
         if t.dist.main:
             t.batches.load_state_dict(state["batcher"])

@@ -6,8 +6,10 @@
     batches = RandomWindows(train, batch_size=12, seq_len=256, seed=1337)
     x, y = next(batches)                                 # (B, T) int64 each, y = x shifted by one
 
-``RandomWindows.state_dict()`` is plain ints and lists (JSON-able), so a checkpoint resumes the
-exact batch sequence. ``strided_windows`` + ``window_batch`` cover a split for evaluation so
+    batches = SequentialWindows(train, batch_size=12, seq_len=256)   # or in order (train.data_order)
+
+``RandomWindows.state_dict()`` and ``SequentialWindows.state_dict()`` are plain ints and lists
+(JSON-able), so a checkpoint resumes the exact batch sequence. ``strided_windows`` + ``window_batch`` cover a split for evaluation so
 that every target token is scored exactly once (Hugging Face's strided perplexity).
 
 Every problem with the user's data is a ``RuntimeDataError`` naming the file and the fix.
@@ -32,7 +34,7 @@ import torch
 
 from physlm_graph._errors import Loc, RuntimeDataError
 
-from .shards import ShardText, read_shards, shard_files
+from .shards import ShardText, ShardTokens, read_shards, shard_files
 from .tokenizers import Tokenizer, text_fingerprint
 
 __all__ = [
@@ -40,6 +42,8 @@ __all__ = [
     "TokenCache",
     "split",
     "RandomWindows",
+    "SequentialWindows",
+    "train_batches",
     "Batcher",
     "Window",
     "strided_windows",
@@ -469,6 +473,9 @@ class RandomWindows:
                 "batch_size": self.batch_size, "seq_len": self.seq_len, "n_tokens": len(self.tokens)}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("order", "random") != "random":
+            raise RuntimeDataError(f"the checkpoint read its data in {state['order']} order; this run draws random "
+                                   "windows", fix=f"resume with train.data_order: {state['order']}")
         mine = (self.batch_size, self.seq_len, len(self.tokens))
         saved = (state["batch_size"], state["seq_len"], state["n_tokens"])
         if saved != mine:
@@ -478,6 +485,118 @@ class RandomWindows:
             )
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         self.seed, self.step = state["seed"], state["step"]
+
+
+class SequentialWindows:
+    """(x, y) batches read in order, as the speedrun program's loader reads its shards.
+
+    Each micro-batch over all ``world`` ranks takes the next ``world * B * T`` tokens; rank ``r``
+    reads its own ``B * T + 1`` of them from offset ``r * B * T`` (so the ranks' slices touch and
+    no token is read twice), row b of ``x`` is tokens ``[b T, (b + 1) T)`` of that slice and ``y``
+    is ``x`` shifted by one. ``spans`` are the token files of the split (``shard_spans``): a read
+    never crosses from one file into the next: when the file cannot hold it (the program's test,
+    ``pos + world B T + 1 >= len(file)``) the read moves to the start of the next file, and the
+    file's tail is skipped, as the program does. After the last file reading starts again at the
+    first one (``epoch`` counts the passes), where the program would run out of data.
+
+    The state is the position in the data (file, offset, pass), the same on every rank; batch
+    size, window and rank count may change on resume: reading goes on at the next unread token.
+    """
+
+    def __init__(self, tokens: np.ndarray | ShardTokens, *, batch_size: int, seq_len: int, rank: int = 0,
+                 world: int = 1, spans: list[tuple[int, int]] | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        self.tokens, self.batch_size, self.seq_len, self.rank, self.world = tokens, batch_size, seq_len, rank, world
+        self.spans = spans if spans is not None else [(0, len(tokens))]
+        self.device = torch.device(device)
+        stride = world * batch_size * seq_len
+        if not any(b - a > stride + 1 for a, b in self.spans):
+            longest = max(b - a for a, b in self.spans)
+            what = "the longest file of the split" if len(self.spans) > 1 else "the split"
+            raise RuntimeDataError(
+                f"reading in order, a micro-batch over {world} rank(s) takes {stride + 1} tokens "
+                f"({world} x {batch_size} x {seq_len} + 1), but {what} has {longest}",
+                fix="use more data, a smaller batch_size or seq_len, or train.data_order: random")
+        self.span, self.pos, self.epoch, self.step = 0, 0, 0, 0
+
+    @property
+    def stride(self) -> int:
+        """Tokens one micro-batch takes over all ranks."""
+        return self.world * self.batch_size * self.seq_len
+
+    def reads_per_pass(self) -> int:
+        """Micro-batches in one pass over the data (files too short for one read give none)."""
+        S = self.stride
+        return sum(max(0, -(-(b - a - S - 1) // S)) for a, b in self.spans)
+
+    def __iter__(self) -> SequentialWindows:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = self.batch_size, self.seq_len
+        while self.pos + self.stride + 1 >= self.spans[self.span][1] - self.spans[self.span][0]:
+            self.span, self.pos = self.span + 1, 0  # the next file, from its first token
+            if self.span == len(self.spans):
+                self.span, self.epoch = 0, self.epoch + 1
+        start = self.spans[self.span][0] + self.pos + self.rank * B * T
+        buf = np.asarray(self.tokens[start : start + B * T + 1], dtype=np.int64)  # (B T + 1,)
+        x = torch.from_numpy(buf[:-1].reshape(B, T).copy())  # (B, T)
+        y = torch.from_numpy(buf[1:].reshape(B, T).copy())  # (B, T): x shifted by one
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+            y = y.pin_memory().to(self.device, non_blocking=True)
+        self.pos += self.stride
+        self.step += 1
+        return x, y
+
+    def state_dict(self) -> dict:
+        return {"order": "sequential", "span": self.span, "pos": self.pos, "epoch": self.epoch, "step": self.step,
+                "batch_size": self.batch_size, "seq_len": self.seq_len, "world": self.world,
+                "n_tokens": len(self.tokens), "spans": len(self.spans)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("order") != "sequential":
+            raise RuntimeDataError("the checkpoint drew random windows; this run reads its data in order",
+                                   fix="resume with train.data_order: random (the default)")
+        mine, saved = (len(self.tokens), len(self.spans)), (state["n_tokens"], state["spans"])
+        if saved != mine:
+            raise RuntimeDataError(
+                f"the read position was saved for n_tokens, files = {saved}, this run has {mine}",
+                fix="resume with the same data and tokenizer")
+        if not 0 <= state["span"] < len(self.spans):
+            raise RuntimeDataError(f"the saved file index {state['span']} is outside 0..{len(self.spans) - 1}",
+                                   fix="the checkpoint is damaged: use another one")
+        self.span, self.pos, self.epoch, self.step = state["span"], state["pos"], state["epoch"], state["step"]
+
+
+def passes_note(batches: SequentialWindows, reads: int) -> list[str]:
+    """What a run of ``reads`` micro-batches in order says before step 0 when it passes over the
+    data more than once; nothing otherwise."""
+    per_pass = batches.reads_per_pass()
+    if reads <= per_pass:
+        return []
+    return [f"train.data_order sequential: {reads:,} micro-batches of {batches.stride:,} tokens over all ranks, "
+            f"{per_pass:,} in one pass over the training split: the run reads it {reads / per_pass:.2f} times, "
+            "from the first file again after the last"]
+
+
+def shard_spans(tokens: np.ndarray | ShardTokens) -> list[tuple[int, int]]:
+    """The (start, stop) of each token file within ``tokens`` (a split of shards), in order; one
+    span for tokens of one file or of encoded text."""
+    return tokens.spans() if isinstance(tokens, ShardTokens) else [(0, len(tokens))]
+
+
+def train_batches(tokens: np.ndarray | ShardTokens, *, order: str, batch_size: int, seq_len: int, seed: int,
+                  rank: int = 0, world: int = 1,
+                  device: str | torch.device = "cpu") -> RandomWindows | SequentialWindows:
+    """The training batches of rank ``rank`` of ``world`` as ``train.data_order`` says: random
+    windows (each rank its own seed, ``seed + rank``) or the data in order (each rank its slice)."""
+    if order == "sequential":
+        return SequentialWindows(tokens, batch_size=batch_size, seq_len=seq_len, rank=rank, world=world,
+                                 spans=shard_spans(tokens), device=device)
+    if order != "random":
+        raise ValueError(f"unknown data order {order!r}")
+    return RandomWindows(tokens, batch_size=batch_size, seq_len=seq_len, seed=seed + rank, device=device)
 
 
 Batcher = RandomWindows

@@ -43,7 +43,7 @@ from physlm_graph._registry import REGISTRY
 from physlm_graph.components._static_cache import StaticCache, StaticDecodeContext
 
 from .checkpoint import model_context
-from .generate import (NonFiniteLogits, _as_compiled, _logit_nodes, _not_incremental, check_sampling, filter_top,
+from .generate import (NonFiniteLogits, _logit_nodes, _not_incremental, check_sampling, filter_top, sampling_target,
                        generate, nonfinite_parameter, prompt_tensor)
 
 __all__ = ["DecodeEngine", "generate_static", "static_plan", "sample_on_device", "logits_only"]
@@ -113,8 +113,8 @@ class DecodeEngine:
 
     def __init__(self, model: Any, *, batch: int, max_len: int, device: str | torch.device | None = None,
                  compile: bool = False, cuda_graph: bool | None = None, prefill_chunk: int = 256,
-                 check_every: int = 16) -> None:
-        cm = _as_compiled(model, device)
+                 check_every: int = 16, vocab_limit: int | None = None) -> None:
+        cm, self.vocab_limit = sampling_target(model, device, vocab_limit)  # picks only ids below it
         if _not_incremental(cm):
             raise PhysLMError(f"the decode engine needs every node to decode incrementally; these cannot: "
                               f"{', '.join(_not_incremental(cm))}", fix="use generate() without the engine")
@@ -213,7 +213,7 @@ class DecodeEngine:
         """The step's tensor work: fixed shapes, every value read from a device buffer, no host
         sync (the test traces it as one graph)."""
         self.static.begin(self.pos, 1)
-        logits = self._run(self.tok)[:, -1, :]  # (B, V)
+        logits = self._run(self.tok)[:, -1, : self.vocab_limit]  # (B, V): the real ids of a padded vocabulary
         self._keep_states()
         top, pick = logits.max(dim=-1)  # NaN, +inf, or -inf everywhere show in the max
         self.bad |= ~torch.isfinite(top)
@@ -269,7 +269,7 @@ class DecodeEngine:
             inside = ((last >= a) & (last < b))[:, None]  # (B, 1)
             out = here if out is None else torch.where(inside, here, out)
         self._adopt_states()
-        return out
+        return out[:, : self.vocab_limit]
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -368,7 +368,8 @@ def _say_once(message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def _engine_for(cm: Any, batch: int, need: int, context: int | None, compile: bool, check_every: int) -> DecodeEngine:
+def _engine_for(cm: Any, batch: int, need: int, context: int | None, compile: bool, check_every: int,
+                vocab_limit: int | None = None) -> DecodeEngine:
     """A cached engine that fits ``batch`` rows of ``need`` tokens (its max_len rounded up to 64
     positions, so the next prompt of about the same size reuses the captured step)."""
     max_len = -(-need // 64) * 64
@@ -377,9 +378,10 @@ def _engine_for(cm: Any, batch: int, need: int, context: int | None, compile: bo
     dev = next(cm.module.parameters()).device
     old = _ENGINES.get(cm.module)
     if old is not None and old.batch == batch and old.max_len >= need and old.compiled == compile \
-            and old.device == dev and old.check_every == check_every:
+            and old.device == dev and old.check_every == check_every and old.vocab_limit == vocab_limit:
         return old
-    engine = DecodeEngine(cm, batch=batch, max_len=max_len, compile=compile, check_every=check_every)
+    engine = DecodeEngine(cm, batch=batch, max_len=max_len, compile=compile, check_every=check_every,
+                          vocab_limit=vocab_limit)
     _ENGINES[cm.module] = engine
     return engine
 
@@ -400,6 +402,7 @@ def generate_static(
     device: str | torch.device | None = None,
     compile: bool = True,
     check_every: int = 16,
+    vocab_limit: int | None = None,
 ) -> list[int] | list[list[int]] | Tensor:
     """``generate.generate`` on the decode engine; the same arguments and the same greedy output.
 
@@ -412,7 +415,7 @@ def generate_static(
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                    max_new_tokens=max_new_tokens)
-    cm = _as_compiled(model_or_ckpt, device)
+    cm, limit = sampling_target(model_or_ckpt, device, vocab_limit)
     dev = next(cm.module.parameters()).device if device is None else torch.device(device)
     cm.module.to(dev)
     ragged = isinstance(prompt_ids, list) and bool(prompt_ids) and isinstance(prompt_ids[0], (list, tuple))
@@ -431,7 +434,8 @@ def generate_static(
     if why is not None:
         _say_once(f"decode engine: {why}; generating without it")
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                  repetition_penalty=repetition_penalty, seed=seed, eos_id=eos_id, on_token=on_token, device=dev)
+                  repetition_penalty=repetition_penalty, seed=seed, eos_id=eos_id, on_token=on_token, device=dev,
+                  vocab_limit=limit)
         if ragged:
             return [generate(cm, r, **kw) for r in rows]
         return generate(cm, prompt_ids, **kw)
@@ -439,8 +443,8 @@ def generate_static(
     plan, unstatic = static_plan(cm)
     if len(set(map(len, rows))) > 1 and (unstatic or "state" in plan.values()):
         # a padded prompt would disturb a carried state: one row at a time, cut where all have ended
-        outs = [_engine_for(cm, 1, len(r) + max_new_tokens, context, compile, check_every).generate([r], **sample)[0]
-                for r in rows]
+        outs = [_engine_for(cm, 1, len(r) + max_new_tokens, context, compile, check_every, limit)
+                .generate([r], **sample)[0] for r in rows]
         new = [o[len(r):] for o, r in zip(outs, rows)]
         kept = _first_all_ended(new, eos_id)
         for step in zip(*(n[:kept] for n in new)):
@@ -448,7 +452,7 @@ def generate_static(
                 on_token(list(step))
         out = [r + n[:kept] for r, n in zip(rows, new)]
     else:
-        engine = _engine_for(cm, len(rows), need, context, compile, check_every)
+        engine = _engine_for(cm, len(rows), need, context, compile, check_every, limit)
         out = engine.generate(rows, eos_id=eos_id, on_token=on_token, **sample)
     if ragged:
         return out

@@ -266,6 +266,7 @@ def generate_with_exits(
     on_token: Callable[[list[int]], None] | None = None,
     kv_fill: str = "lazy",
     executor: Callable[..., SegmentExecutor] | None = None,
+    vocab_limit: int | None = None,
 ) -> tuple[list[int] | Tensor, ExitStats]:
     """Generate with the KV cache, exiting per token by the blueprint's rule (or ``rule``) at
     ``threshold`` (default: the blueprint's); returns the ids (as ``generate`` does) and the stats.
@@ -273,6 +274,7 @@ def generate_with_exits(
     K/V from the exit state (CALM; saves compute, approximate). ``executor``: what builds the
     executor from ``(cm, rule=, threshold=, kv_fill=)`` (default ``SegmentExecutor``;
     ``exit_engine.generate_with_exits_static`` passes one on the decode engine's static caches).
+    ``vocab_limit``: pick only ids below it (a padded vocabulary's tokenizer size, as ``generate``'s).
 
     A batch exits only where every row's rule fires. Past the model's context the cache is
     cleared and the last ``context`` tokens are run again at full depth, as ``generate`` does.
@@ -298,7 +300,7 @@ def generate_with_exits(
         with torch.inference_mode():
             logits = ex.prefill(ids[:, -context:])
             for i in range(max_new_tokens):
-                nxt = sample_next(logits, ids, temperature=temperature, top_k=top_k, top_p=top_p,
+                nxt = sample_next(logits[:, :vocab_limit], ids, temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty, generator=gen)  # (B,)
                 ids = torch.cat([ids, nxt[:, None]], dim=1)
                 if on_token is not None:

@@ -12,6 +12,10 @@ again, so both paths see exactly the same tokens and greedy decoding agrees betw
 
 ``decode_engine.generate_static`` is the fast path on the same models (preallocated caches, a
 CUDA-graph step); its greedy output equals this one's.
+
+A padded vocabulary (``params.vocab`` above the tokenizer's size, kept as the blueprint wrote it)
+has logits for ids no token uses. Only the first ``vocab_limit`` logits are sampled from (greedy
+included): by default the size of a checkpoint's tokenizer; for a bare ``CompiledModel`` pass it.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from physlm_graph._registry import REGISTRY
 
 from .checkpoint import Checkpoint, load_checkpoint, model_context
 
-__all__ = ["generate", "can_cache", "check_sampling", "sample_next", "filter_top", "NonFiniteLogits"]
+__all__ = ["generate", "can_cache", "check_sampling", "sample_next", "filter_top", "NonFiniteLogits", "sampling_target"]
 
 
 class NonFiniteLogits(PhysLMError):
@@ -87,14 +91,34 @@ def can_cache(cm: Any) -> bool:
     return not _not_incremental(cm)
 
 
-def _as_compiled(model_or_ckpt: Any, device: str | torch.device | None) -> Any:
-    if isinstance(model_or_ckpt, (str, os.PathLike)):
-        return load_checkpoint(Path(model_or_ckpt), device=device or "cpu").model
-    if isinstance(model_or_ckpt, Checkpoint):
-        return model_or_ckpt.model
-    if hasattr(model_or_ckpt, "resolved") and hasattr(model_or_ckpt, "module"):
-        return model_or_ckpt
-    raise TypeError(f"generate() takes a CompiledModel, a Checkpoint or a checkpoint path, got {type(model_or_ckpt).__name__}")
+def sampling_target(model_or_ckpt: Any, device: str | torch.device | None = None,
+                    vocab_limit: int | None = None) -> tuple[Any, int | None]:
+    """The CompiledModel to sample from, and how many of its logits are real ids (None: all).
+
+    ``vocab_limit`` as given, else the tokenizer's size of a checkpoint (or checkpoint path) whose
+    model has more logits than its tokenizer has ids (a padded vocabulary); a bare CompiledModel
+    knows no tokenizer, so all its logits count unless ``vocab_limit`` is given."""
+    from .checkpoint import model_vocab
+
+    ck = model_or_ckpt
+    if isinstance(ck, (str, os.PathLike)):
+        ck = load_checkpoint(Path(ck), device=device or "cpu")
+    if isinstance(ck, Checkpoint):
+        cm = ck.model
+        if vocab_limit is None and ck.tokenizer is not None:
+            vocab_limit = ck.tokenizer.vocab_size
+    elif hasattr(ck, "resolved") and hasattr(ck, "module"):
+        cm = ck
+    else:
+        raise TypeError(f"generate() takes a CompiledModel, a Checkpoint or a checkpoint path, got {type(ck).__name__}")
+    total = model_vocab(cm)
+    if vocab_limit is not None and total is not None:
+        if not 1 <= vocab_limit <= total:
+            raise PhysLMError(f"vocab_limit {vocab_limit} is outside 1..{total}, the model's logits",
+                              fix="pass the tokenizer's size (at most the model's vocabulary), or leave it out")
+        if vocab_limit == total:
+            vocab_limit = None
+    return cm, vocab_limit
 
 
 def filter_top(logits: Tensor, *, top_k: int | None, top_p: float | None) -> Tensor:
@@ -150,16 +174,18 @@ def generate(
     eos_id: int | None = None,
     on_token: Callable[[list[int]], None] | None = None,
     device: str | torch.device | None = None,
+    vocab_limit: int | None = None,
 ) -> list[int] | Tensor:
     """Continue ``prompt_ids``; returns prompt + new ids (a list for a list or 1-D prompt, else (B, T + n)).
 
     ``temperature=0`` is greedy. ``top_k``/``top_p`` filter before sampling, ``repetition_penalty``
     > 1 discourages tokens already in the sequence. ``seed`` makes sampling reproducible.
     ``eos_id`` stops when every row has emitted it; ``on_token`` receives each step's new ids.
+    ``vocab_limit``: sample only ids below it (see the module docstring; default from a checkpoint).
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                    max_new_tokens=max_new_tokens)
-    cm = _as_compiled(model_or_ckpt, device)
+    cm, limit = sampling_target(model_or_ckpt, device, vocab_limit)
     module = cm.module
     dev = next(module.parameters()).device if device is None else torch.device(device)
     module.to(dev)
@@ -171,8 +197,9 @@ def generate(
                           fix="use use_cache='auto' or False")
     context = model_context(cm) or 1 << 62
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
-    pick = lambda logits: sample_next(logits, ids, temperature=temperature, top_k=top_k, top_p=top_p,  # noqa: E731
-                                      repetition_penalty=repetition_penalty, generator=gen)
+    pick = lambda logits: sample_next(  # noqa: E731  (only the tokenizer's ids of a padded vocabulary)
+        logits[:, :limit], ids, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, generator=gen)
     was_training = module.training
     module.eval()
     try:

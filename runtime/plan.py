@@ -2,7 +2,7 @@
 
     plan = make_plan("blueprints/baby-gpt.yaml", overrides=["layers=4"], steps=2000, compile="default")
     plan.config.steps, plan.stages, plan.exits, plan.loss_weights   # everything the trainer follows
-    cm, notes = plan.model(vocab=tok.vocab_size, stage=0)          # the model, built for a tokenizer
+    cm, notes = plan.model(vocab=tok.vocab_size, stage=0)          # the model, for a tokenizer (train.fit_vocab)
     groups = plan.optimizer_groups(cm.module)                      # train.optimizers' groups of its parameters
 
 The blueprint is read once (``compile_blueprint(..., build=False)``: loaded, merged with its
@@ -225,14 +225,27 @@ class RunPlan:
             raise self._recipe_error(err, "init_rules") from None
 
     # -- the model
-    def model(self, *, vocab: int, stage: int | None = None, device: str = "cpu") -> tuple[Any, list[str]]:
-        """The model for a tokenizer of ``vocab`` ids (at growth ``stage``), seeded by
-        ``train.seed``, from the merged document; returns (CompiledModel, notes)."""
+    def model(self, *, vocab: int, stage: int | None = None, device: str = "cpu",
+              tokenizer: str | None = None) -> tuple[Any, list[str]]:
+        """The model for a tokenizer of ``vocab`` ids (named ``tokenizer`` in errors; at growth
+        ``stage``), seeded by ``train.seed``, from the merged document; returns (CompiledModel, notes).
+
+        With ``train.fit_vocab`` ``params.vocab`` becomes the tokenizer's size (``vocab_overrides``);
+        without it the blueprint's vocabulary is kept: more logits than ids is a padded vocabulary
+        (ids no token uses: never a target, masked when sampling), fewer is a TrainingError at
+        ``params.vocab`` in the blueprint file."""
         from physlm_graph._compile import compile_blueprint
 
         from .checkpoint import model_vocab
 
-        extra, notes = vocab_overrides(self.blueprint, vocab, self.config.vocab_multiple)
+        if self.config.fit_vocab and "vocab" not in (self.blueprint.get("params") or {}):
+            doc = self.compiled.resolved.doc
+            raise TrainingError("train.fit_vocab is true, but the blueprint has no params.vocab to set",
+                                loc=(doc.loc(("train", "fit_vocab")) if doc is not None else None) or self.where,
+                                fix="add `vocab: N` to params and use ${vocab} in the embedding and head, or drop "
+                                "fit_vocab")
+        extra, notes = vocab_overrides(self.blueprint, vocab, self.config.vocab_multiple) \
+            if self.config.fit_vocab else ({}, [])
         if stage is None and self.stages:
             stage = 0
         try:
@@ -246,12 +259,29 @@ class RunPlan:
             notes.append(f"train.init_rules take no rule for {shown}: they keep their component's init")
         mv = model_vocab(cm)
         if mv is not None and mv < vocab:
-            raise TrainingError(
-                f"the tokenizer has {vocab} tokens but the model's logits cover {mv}", loc=self.where,
-                fix=f"add `vocab: {vocab}` to params and use ${{vocab}} in the embedding and head, or --set the "
-                "vocab_size of both",
-            )
+            raise self.vocab_error(mv, vocab, tokenizer)
+        if mv is not None and mv > vocab and not self.config.fit_vocab:
+            notes.append(f"params.vocab {mv} is kept for the tokenizer's {vocab} ids: ids {vocab}..{mv - 1} are "
+                         "padding (never a target, never sampled)")
         return cm, notes
+
+    def vocab_error(self, model: int, vocab: int, tokenizer: str | None) -> TrainingError:
+        """The model's ``model`` logits cannot cover a tokenizer of ``vocab`` ids: where params.vocab
+        is written, both numbers and the fixes."""
+        doc = self.compiled.resolved.doc
+        has_param = isinstance((self.blueprint.get("params") or {}).get("vocab"), int)
+        loc = (doc.loc(("params", "vocab")) if has_param else doc.loc(("outputs", "logits"))) if doc is not None \
+            else None
+        name = f"tokenizer {tokenizer!r}" if tokenizer else "the tokenizer"
+        if has_param:
+            what = f"params.vocab is {model}, but {name} has {vocab} ids"
+            fix = (f"write `vocab: {vocab}` (or more: the extra ids are padding) in params, or --set vocab={vocab}; "
+                   "or add `fit_vocab: true` under train: to take the tokenizer's size")
+        else:
+            what = f"the model's logits cover {model} ids, but {name} has {vocab}"
+            fix = (f"add `vocab: {vocab}` to params and use ${{vocab}} in the embedding and head, or --set the "
+                   "vocab_size of both")
+        return TrainingError(what, loc=loc or self.where, fix=fix)
 
 
 def make_plan(source: str | os.PathLike[str] | dict[str, Any], *, overrides: dict[str, Any] | list[str] | None = None,

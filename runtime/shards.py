@@ -128,6 +128,15 @@ class ShardTokens:
     def __len__(self) -> int:
         return self.stop - self.start
 
+    def spans(self) -> list[tuple[int, int]]:
+        """Where each shard's tokens lie in this view: (start, stop) pairs in order, empty ones left out."""
+        out = []
+        for end, shard in zip(self._ends, self._shards):
+            lo, hi = max(self.start, int(end) - len(shard)), min(self.stop, int(end))
+            if lo < hi:
+                out.append((lo - self.start, hi - self.start))
+        return out
+
     def __getitem__(self, key: int | slice) -> ShardTokens | int:
         if isinstance(key, slice):
             start, stop, step = key.indices(len(self))

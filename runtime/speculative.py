@@ -94,7 +94,8 @@ class SelfSpeculativeDecoder:
     default the shallowest); ``draft_len``: tokens drafted per round (k >= 1).
     """
 
-    def __init__(self, cm: Any, *, draft_exit: str | int | None = None, draft_len: int = 4) -> None:
+    def __init__(self, cm: Any, *, draft_exit: str | int | None = None, draft_len: int = 4,
+                 vocab_limit: int | None = None) -> None:
         if draft_len < 1:
             raise PhysLMError(f"draft_len must be at least 1, got {draft_len}", fix="draft 2 to 6 tokens per round")
         self.cm = cm
@@ -103,6 +104,7 @@ class SelfSpeculativeDecoder:
         self.cut = cut = cut_for(cm)
         self.e = _draft_index(points, draft_exit)
         self.k = draft_len
+        self.vocab_limit = vocab_limit  # drafts and picks only ids below it (a padded vocabulary)
         # what the verifying segments read from the drafting ones (and the tokens)
         later = {b for bs in cut.boundary[self.e + 1 :] for b in bs}
         self.handoff: list[fx.Node] = [n for n in self.gm.graph.nodes if n in later and
@@ -177,13 +179,14 @@ class SelfSpeculativeDecoder:
                 rows.append({b: env[b] for b in self.handoff})
                 if j < k:
                     self._run(cut.heads[e], env)
-                    x = env[cut.exit_logits[e]][:, -1].argmax(-1, keepdim=True)  # (B, 1), stays on the device
+                    logits = env[cut.exit_logits[e]][:, -1, : self.vocab_limit]  # (B, V): the tokenizer's ids
+                    x = logits.argmax(-1, keepdim=True)  # (B, 1), stays on the device
                     drafts.append(x)
             chunk: dict[fx.Node, Any] = {b: torch.cat([r[b] for r in rows], dim=1) for b in self.handoff}
             self.ctx.offset = pos
             for s in range(e + 1, len(cut.segments)):
                 self._run(cut.segments[s], chunk)
-        full = chunk[cut.final].argmax(-1)  # (B, k + 1): full depth's choice after each row
+        full = chunk[cut.final][..., : self.vocab_limit].argmax(-1)  # (B, k + 1): full depth's choice after each row
         bad = _nonfinite(chunk[cut.final]).long()
         if k:
             d = torch.cat(drafts, dim=1)  # (B, k)
@@ -225,18 +228,20 @@ def generate_self_speculative(
     draft_len: int = 4,
     eos_id: int | None = None,
     on_token: Callable[[list[int]], None] | None = None,
+    vocab_limit: int | None = None,
 ) -> tuple[list[int] | Tensor, SpeculativeStats]:
     """Greedy decoding with self-speculation (see the module doc): the same tokens as
     ``generate(..., temperature=0)`` up to floating-point ties. Returns the ids (as ``generate``
     does: a list for a 1-D prompt, else (B, T)) and the stats. Past the model's context the
-    cache is cleared and the last ``context`` tokens are run again at full depth."""
+    cache is cleared and the last ``context`` tokens are run again at full depth. ``vocab_limit``:
+    draft and pick only ids below it (a padded vocabulary's tokenizer size, as ``generate``'s)."""
     from .checkpoint import model_context
     from .generate import _done, can_cache, nonfinite_parameter, prompt_tensor
 
     if not can_cache(cm):
         raise PhysLMError("self-speculative decoding needs incremental decoding, but some components cannot decode "
                           "incrementally", fix="generate without exits (runtime.generate with use_cache=False)")
-    dec = SelfSpeculativeDecoder(cm, draft_exit=draft_exit, draft_len=draft_len)
+    dec = SelfSpeculativeDecoder(cm, draft_exit=draft_exit, draft_len=draft_len, vocab_limit=vocab_limit)
     module = cm.module
     dev = next(module.parameters()).device
     ids, flat = prompt_tensor(prompt_ids, dev)
@@ -262,10 +267,10 @@ def generate_self_speculative(
         with torch.inference_mode():
             if max_new_tokens <= 0:
                 return (ids[0].tolist() if flat else ids), dec.stats
-            done = emit(_checked(dec.prefill(ids[:, -context:])).argmax(-1, keepdim=True))
+            done = emit(_checked(dec.prefill(ids[:, -context:]))[..., :vocab_limit].argmax(-1, keepdim=True))
             while not done:
                 if dec.ctx.offset + 1 > context:  # the pending token has no position left: re-prefill
-                    done = emit(_checked(dec.prefill(ids[:, -context:])).argmax(-1, keepdim=True))
+                    done = emit(_checked(dec.prefill(ids[:, -context:]))[..., :vocab_limit].argmax(-1, keepdim=True))
                     continue
                 remaining = max_new_tokens - (ids.size(1) - start)
                 k = max(0, min(dec.k, context - 1 - dec.ctx.offset, remaining - 1))

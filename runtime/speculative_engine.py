@@ -43,7 +43,7 @@ from physlm_graph._errors import PhysLMError
 
 from .checkpoint import model_context
 from .decode_engine import DecodeEngine, _say_once, static_plan
-from .generate import NonFiniteLogits, _as_compiled, _not_incremental, nonfinite_parameter, prompt_tensor
+from .generate import NonFiniteLogits, _not_incremental, nonfinite_parameter, prompt_tensor, sampling_target
 from .speculative import SelfSpeculativeDecoder, SpeculativeStats, _nonfinite, generate_self_speculative
 
 __all__ = ["SpeculativeEngine", "generate_speculative_static"]
@@ -57,8 +57,8 @@ class SpeculativeEngine:
 
     def __init__(self, model: Any, *, batch: int, max_len: int, draft_exit: str | int | None = None,
                  draft_len: int = 4, device: str | torch.device | None = None, compile: bool = False,
-                 cuda_graph: bool | None = None, prefill_chunk: int = 256) -> None:
-        cm = _as_compiled(model, device)
+                 cuda_graph: bool | None = None, prefill_chunk: int = 256, vocab_limit: int | None = None) -> None:
+        cm, self.vocab_limit = sampling_target(model, device, vocab_limit)  # drafts and picks only ids below it
         spec = SelfSpeculativeDecoder(cm, draft_exit=draft_exit, draft_len=draft_len)  # checks exits, k
         unstatic = static_plan(cm)[1] if not _not_incremental(cm) else []
         if unstatic:
@@ -66,7 +66,7 @@ class SpeculativeEngine:
                               f"keep caches that grow: {', '.join(unstatic)}",
                               fix="decode without --compile (runtime.speculative.generate_self_speculative)")
         self.engine = eng = DecodeEngine(cm, batch=batch, max_len=max_len, device=device,
-                                         cuda_graph=False, prefill_chunk=prefill_chunk)
+                                         cuda_graph=False, prefill_chunk=prefill_chunk, vocab_limit=self.vocab_limit)
         self.cut, self.e, self.k, self.handoff = spec.cut, spec.e, draft_len, spec.handoff
         self.stats = spec.stats
         self.batch, self.max_len, self.device = batch, max_len, eng.device
@@ -113,7 +113,7 @@ class SpeculativeEngine:
                     self._run(seg, env)
                 if b - a > 1:
                     self._check_handoff(env, b - a)
-                logits = env[cut.final]  # (B, T, V)
+                logits = env[cut.final][..., : self.vocab_limit]  # (B, T, V): the tokenizer's ids
                 here = logits[torch.arange(B, device=self.device), (last - a).clamp(0, b - a - 1)]  # (B, V)
                 inside = ((last >= a) & (last < b))[:, None]  # (B, 1)
                 out = here if out is None else torch.where(inside, here, out)
@@ -155,14 +155,14 @@ class SpeculativeEngine:
                 rows.append([env[b] for b in self.handoff])
                 if j < k:
                     self._run(cut.heads[e], env)
-                    x = env[cut.exit_logits[e]][:, -1].argmax(-1, keepdim=True)  # (B, 1)
+                    x = env[cut.exit_logits[e]][:, -1, : self.vocab_limit].argmax(-1, keepdim=True)  # (B, 1)
                     drafts.append(x)
             chunk: dict[fx.Node, Any] = {b: torch.cat([r[i] for r in rows], dim=1) if k else rows[0][i]
                                          for i, b in enumerate(self.handoff)}
             eng.static.begin(eng.pos, k + 1)
             for s in range(e + 1, len(cut.segments)):
                 self._run(cut.segments[s], chunk)
-        logits = chunk[cut.final]  # (B, k+1, V)
+        logits = chunk[cut.final][..., : self.vocab_limit]  # (B, k+1, V)
         full = logits.argmax(-1)  # (B, k+1): full depth's pick after each row
         eng.bad |= _nonfinite(logits)
         fed = torch.cat([eng.tok, *drafts], dim=1)  # (B, k+1)
@@ -331,7 +331,7 @@ _SPEC: weakref.WeakKeyDictionary[torch.nn.Module, SpeculativeEngine] = weakref.W
 
 
 def _spec_for(cm: Any, batch: int, need: int, context: int | None, compile: bool, draft_exit: str | int | None,
-              draft_len: int) -> SpeculativeEngine:
+              draft_len: int, vocab_limit: int | None = None) -> SpeculativeEngine:
     """A cached speculative engine for ``batch`` rows of ``need`` positions (max_len rounded up to
     64, so that a similar prompt reuses the captured round)."""
     max_len = -(-need // 64) * 64
@@ -340,10 +340,11 @@ def _spec_for(cm: Any, batch: int, need: int, context: int | None, compile: bool
     dev = next(cm.module.parameters()).device
     old = _SPEC.get(cm.module)
     if old is not None and old.batch == batch and old.max_len >= need and old.compiled == compile \
-            and old.device == dev and old.k == draft_len and old.stats.draft_exit == _exit_name(cm, draft_exit):
+            and old.device == dev and old.k == draft_len and old.stats.draft_exit == _exit_name(cm, draft_exit) \
+            and old.vocab_limit == vocab_limit:
         return old
     spec = SpeculativeEngine(cm, batch=batch, max_len=max_len, draft_exit=draft_exit, draft_len=draft_len,
-                             compile=compile)
+                             compile=compile, vocab_limit=vocab_limit)
     _SPEC[cm.module] = spec
     return spec
 
@@ -368,13 +369,15 @@ def generate_speculative_static(
     on_token: Callable[[list[int]], None] | None = None,
     device: str | torch.device | None = None,
     compile: bool = True,
+    vocab_limit: int | None = None,
 ) -> tuple[list[int] | Tensor, SpeculativeStats]:
     """``speculative.generate_self_speculative`` on the decode engine: the same arguments, the same
     greedy output (full depth's) and stats. ``prompt_ids``: a list or 1-D tensor (returns a list)
     or a (B, T) tensor (returns (B, T + n)). Where the engine cannot serve the call (a node off its
     static path, more tokens than the model's context) it runs ``generate_self_speculative`` and
-    says why once on stderr."""
-    cm = _as_compiled(model_or_ckpt, device)
+    says why once on stderr. ``vocab_limit``: draft and pick only ids below it (default: a
+    checkpoint's tokenizer size), as ``generate``'s."""
+    cm, vocab_limit = sampling_target(model_or_ckpt, device, vocab_limit)
     dev = next(cm.module.parameters()).device if device is None else torch.device(device)
     cm.module.to(dev)
     ids, flat = prompt_tensor(prompt_ids, dev)
@@ -391,10 +394,10 @@ def generate_speculative_static(
     if why is not None:
         _say_once(f"decode engine: self-speculative decoding with {why} runs without the engine")
         return generate_self_speculative(cm, prompt_ids, max_new_tokens=max_new_tokens, draft_exit=draft_exit,
-                                         draft_len=draft_len, eos_id=eos_id, on_token=on_token)
+                                         draft_len=draft_len, eos_id=eos_id, on_token=on_token, vocab_limit=vocab_limit)
     if context is not None:
         need = min(need, context)
-    spec = _spec_for(cm, ids.size(0), need, context, compile, draft_exit, draft_len)
+    spec = _spec_for(cm, ids.size(0), need, context, compile, draft_exit, draft_len, vocab_limit)
     out = spec.generate(ids, max_new_tokens=max_new_tokens, eos_id=eos_id, on_token=on_token)
     result = out[0] if flat else torch.tensor(out, dtype=torch.long, device=dev)
     return result, spec.stats

@@ -73,7 +73,8 @@ def describe_run(t: Any) -> None:
         tab.add_row("growth", t.growth.describe())
     if t.plan.extensions:
         tab.add_row("extensions", ", ".join(t.plan.extensions))
-    tab.add_row("data", f"{t.data} ({len(t.train_tokens):,} train / {len(t.val_tokens):,} val tokens)")
+    order = "read in order" if t.cfg.data_order == "sequential" else "random windows"
+    tab.add_row("data", f"{t.data} ({len(t.train_tokens):,} train / {len(t.val_tokens):,} val tokens; {order})")
     tab.add_row("tokenizer", f"{t.tokenizer.name} ({t.tokenizer.vocab_size:,} tokens)")
     tab.add_row("output", str(t.out_dir) + (f" (resumed from {t.resume_from_path})" if t.resume_from_path else ""))
     if c.checkpoint_format == "sharded":

@@ -37,7 +37,7 @@ from ._progress import CompileMonitor, Metrics, Progress
 from .cadence import CheckpointCadence, Interrupts, read_state, restore_run, rng_state, save_run, set_rng_state, trainer_state
 from ._schedule_checks import warmup_note
 from .checkpoint import checkpoint_candidates, find_checkpoint
-from .data import RandomWindows, TokenCache, load_text, split
+from .data import RandomWindows, TokenCache, load_text, passes_note, split, train_batches
 from .distributed import grad_sync, init_distributed
 from .growth_part import GrowthPart
 from .guard import NonFiniteGuard
@@ -166,17 +166,24 @@ class Trainer:
         self.load_data()
         self.set_model(carry_weights(self, self.build_model()))  # --init-from: after the blueprint's init
         self.optimizer = self.build_optimizer()
-        # each rank samples its own windows: the data are sharded by sampling
         try:
-            self.batches = RandomWindows(self.train_tokens, batch_size=self.cfg.batch_size, seq_len=self.seq_len,
-                                         seed=self.cfg.seed + self.dist.rank, device=self.device)
+            self.batches = self.make_batches()
             RandomWindows(self.val_tokens, batch_size=1, seq_len=self.seq_len, seed=0)
+            if self.cfg.data_order == "sequential":
+                self.notes.extend(passes_note(self.batches, self.cfg.steps * self.cfg.accumulate))
         except RuntimeDataError as err:  # too little text for one window: name the file
             raise RuntimeDataError([Diagnostic(d.message, loc=Loc(file=str(self.data)), fix=d.fix)
                                     for d in err.diagnostics]) from None
         torch.manual_seed(self.cfg.seed)  # dropout; the model's init used its own seed
         if state is not None:
             self.restore(self.resume_from_path, state)
+
+    def make_batches(self) -> Any:
+        """This rank's training batches from the start, as ``train.data_order`` says (random windows,
+        each rank its own seed; or in order, each rank its own slice): what ``fit`` reads."""
+        c = self.cfg
+        return train_batches(self.train_tokens, order=c.data_order, batch_size=c.batch_size, seq_len=self.seq_len,
+                             seed=c.seed, rank=self.dist.rank, world=self.dist.world, device=self.device)
 
     def find_resume(self) -> Path:
         try:
@@ -204,7 +211,7 @@ class Trainer:
 
     def build_model(self) -> Any:
         """The plan's model for the tokenizer's vocabulary, at the growth stage the run is in."""
-        cm, notes = self.plan.model(vocab=self.tokenizer.vocab_size,
+        cm, notes = self.plan.model(vocab=self.tokenizer.vocab_size, tokenizer=self.tokenizer.name,
                                     stage=self.growth.stage if self.growth is not None else None)
         self.notes.extend(self.plan.notes + notes)
         return cm

@@ -151,7 +151,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from physlm_graph.runtime.checkpoint import load_checkpoint
     from physlm_graph.runtime.early_exit import generate_with_exits
-    from physlm_graph.runtime.generate import can_cache, generate
+    from physlm_graph.runtime.generate import can_cache, generate, sampling_target
 
     ck = load_checkpoint(args.checkpoint, device=_device(args.device))
     tok = ck.tokenizer
@@ -182,6 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               f"{', '.join(clash)}", fix="use --temperature 0 and drop the others")
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, use_cache=use_cache, eos_id=tok.eos_id)
+    limit = sampling_target(ck)[1]  # a padded vocabulary: only the tokenizer's ids are picked
 
     def run(prompt: str, seed: int | None) -> int:
         ids = tok.encode(prompt)
@@ -210,14 +211,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
             speculate = generate_speculative_static if args.compile else generate_self_speculative
             _, spec = speculate(ck.model, ids, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id,
                                 draft_exit=int(args.draft_exit) if (args.draft_exit or "").isdigit()
-                                else args.draft_exit, draft_len=args.speculate, on_token=stream)
+                                else args.draft_exit, draft_len=args.speculate, on_token=stream,
+                                vocab_limit=limit)
             exits = spec.as_dict()
         elif args.exit_threshold is not None:  # early exit (runtime/early_exit.py; on the engine with --compile)
             from physlm_graph.runtime.exit_engine import generate_with_exits_static
 
             run_exits = generate_with_exits_static if args.compile else generate_with_exits
             _, stats = run_exits(ck.model, ids, seed=seed, on_token=stream, threshold=args.exit_threshold,
-                                 rule=args.exit_rule, kv_fill=args.exit_kv or "lazy", **cached)
+                                 rule=args.exit_rule, kv_fill=args.exit_kv or "lazy", vocab_limit=limit, **cached)
             exits = stats.as_dict()
         elif args.compile:  # the decode engine (runtime/decode_engine.py)
             from physlm_graph.runtime.decode_engine import generate_static

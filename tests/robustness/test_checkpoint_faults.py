@@ -235,7 +235,7 @@ def test_full_disk_during_training_is_a_clear_error(tmp_path, monkeypatch):
     out = tmp_path / "run"
     with pytest.raises(CheckpointError, match="No space left on device") as err:
         train(TINY, data=str(data), out_dir=out, device="cpu", steps=4, save_every=2, eval_every=100, eval_iters=1,
-              batch_size=2, warmup=0, progress=False)
+              batch_size=2, warmup=0, progress=False, fit_vocab=True)
     _names(err, out / "best")  # step 4 saves best first (the run ends there), then last
     monkeypatch.undo()
     ck = load_checkpoint(out / "last")

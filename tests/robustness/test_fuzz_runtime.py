@@ -244,7 +244,7 @@ def _cli_argv(rng: random.Random, run: Path, text: Path, tmp: Path) -> list[str]
         opts = {"-o": ["c.txt", str(tmp), "", "x.pdf.txt"], "runs": BAD_PATHS}
     elif command == "train":
         argv = ["train", tiny, "--data", str(text), "--out", str(tmp / "new"), "--steps", "1", "--no-progress",
-                "--device", "cpu", "--batch-size", "1"]
+                "--device", "cpu", "--batch-size", "1", "--set", "train.fit_vocab=true"]
         opts = {"--steps": BAD_NUMBERS, "--batch-size": BAD_NUMBERS, "--lr": BAD_NUMBERS, "--seed": BAD_NUMBERS,
                 "--gpus": BAD_NUMBERS, "--device": ["tpu", "cuda", ""], "--data": BAD_PATHS,
                 "--tokenizer": ["bpe:0", "bpe:-3", "bpe:x", "nope", "/dev/zero", ""], "--set": BAD_SET,

@@ -110,7 +110,7 @@ def test_resume_without_data_uses_the_saved_text(tiny_run, tmp_path, capsys):
     run = _copy(tiny_run, tmp_path)
     code = main(["train", str(Path(__file__).parents[1] / "assets" / "blueprints" / "valid" / "tiny.yaml"),
                  "--out", str(run), "--resume", "--steps", "4", "--device", "cpu", "--no-progress",
-                 "--batch-size", "2"])
+                 "--batch-size", "2", "--set", "train.fit_vocab=true"])
     assert code == 0, capsys.readouterr().err
     assert _state(run / "last")["step"] == 4
 
@@ -140,7 +140,7 @@ def test_resumed_learning_rate_does_not_jump(tiny_run, tmp_path):
     run = _copy(tiny_run, tmp_path)
     t = Trainer(Path(__file__).parents[1] / "assets" / "blueprints" / "valid" / "tiny.yaml", out_dir=run,
                 resume=True, device="cpu", steps=30, progress=False, batch_size=2, eval_every=3, eval_iters=1,
-                warmup=0)
+                warmup=0, fit_vocab=True)
     t.setup()
     assert t.step == 3 and t.schedule_steps == 3
     floor = t.cfg.lr / 10

@@ -30,7 +30,8 @@ from physlm_graph.runtime.train import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "assets" / "blueprints" / "valid" / "tiny.yaml"
-FAST = dict(device="cpu", batch_size=2, eval_every=1000, eval_iters=1, warmup=0, log_every=1, progress=False)
+FAST = dict(device="cpu", batch_size=2, eval_every=1000, eval_iters=1, warmup=0, log_every=1, progress=False,
+            fit_vocab=True)  # tiny.yaml's vocab 50 -> the bytes tokenizer's 256
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,7 +102,7 @@ def test_too_little_data_names_the_file(tmp_path, capsys):
     path = tmp_path / "short.txt"
     path.write_text("ab", encoding="utf-8")
     code = main(["train", str(TINY), "--data", str(path), "--out", str(tmp_path / "run"), "--steps", "1",
-                 "--no-progress", "--device", "cpu"])
+                 "--no-progress", "--device", "cpu", "--set", "train.fit_vocab=true"])
     err = capsys.readouterr().err
     assert code == 2
     assert str(path) in err, err
@@ -262,7 +263,7 @@ def _damage(last: Path, kind: str) -> tuple[Path, str]:
 @pytest.mark.parametrize("kind", ["state", "weights"])
 def test_resume_from_damaged_last_falls_back_to_best(tmp_path, text, capsys, kind):
     args = ["train", str(TINY), "--data", str(text), "--out", str(tmp_path / "run"), "--no-progress",
-            "--device", "cpu", "--batch-size", "2"]
+            "--device", "cpu", "--batch-size", "2", "--set", "train.fit_vocab=true"]
     assert main(args + ["--steps", "2"]) == 0
     last, best = tmp_path / "run" / "last", tmp_path / "run" / "best"
     bad, why = _damage(last, kind)
@@ -277,7 +278,7 @@ def test_resume_from_damaged_last_falls_back_to_best(tmp_path, text, capsys, kin
 @pytest.mark.parametrize("kind", ["state", "weights"])
 def test_resume_from_damaged_last_without_best_is_a_clear_error(tmp_path, text, capsys, kind):
     args = ["train", str(TINY), "--data", str(text), "--out", str(tmp_path / "run"), "--no-progress",
-            "--device", "cpu", "--batch-size", "2"]
+            "--device", "cpu", "--batch-size", "2", "--set", "train.fit_vocab=true"]
     assert main(args + ["--steps", "2"]) == 0
     import shutil
 

@@ -18,7 +18,7 @@ from physlm_graph.runtime.train import train
 ROOT = Path(__file__).resolve().parents[2]
 BASE = yaml.safe_load((ROOT / "blueprints" / "baby-gpt.yaml").read_text(encoding="utf-8"))
 BASE["params"].update(layers=3, dim=16, heads=2, context=16, dropout=0.0)
-BASE["train"] = {"seq_len": 16}
+BASE["train"] = {"seq_len": 16, "fit_vocab": True}  # baby-gpt's vocab 65 -> the bytes tokenizer's 256
 RUN = dict(steps=4, batch_size=2, eval_every=4, eval_iters=1, log_every=1, warmup=1, progress=False, device="cpu")
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -26,7 +26,7 @@ from physlm_graph.runtime.train import train
 ROOT = Path(__file__).resolve().parents[2]
 BASE = yaml.safe_load((ROOT / "blueprints" / "baby-gpt.yaml").read_text(encoding="utf-8"))
 BASE["params"].update(layers=2, dim=16, heads=2, context=16, dropout=0.1)
-BASE["train"] = {"seq_len": 16}
+BASE["train"] = {"seq_len": 16, "fit_vocab": True}  # baby-gpt's vocab 65 -> the bytes tokenizer's 256
 GROWTH = [{"until": 3, "params": {"layers": 1}}, {"params": {"layers": 2}, "grow": "zero_init"}]
 EXITS = {"every": 1, "block": "trunk"}
 EXTENSIONS = {"memory": {"use": "memory.hcw", "at": "trunk.*.ln2", "memory_size": 8, "memory_key_dim": 8}}

@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 
 from physlm_graph import TrainingError
-from physlm_graph.runtime.data import RandomWindows
 from physlm_graph.runtime.objective import Objective
 from physlm_graph.runtime.plan import make_plan
 from physlm_graph.runtime.recipe import OptimizerSet, describe_optimizers
@@ -26,8 +25,8 @@ from _handspeedrun import HandSpeedrun, hand_optimizers, hand_step, load_bluepri
 
 BLUEPRINT = ROOT / "blueprints" / "speedrun-track3.yaml"
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-SMALL = {"params.layers": 2, "params.dim": 64, "params.head_dim": 32, "params.context": 32, "train.seq_len": 32,
-         "params.embed_dtype": "float32"}
+SMALL = {"params.vocab": 256, "params.layers": 2, "params.dim": 64, "params.head_dim": 32, "params.context": 32,
+         "train.seq_len": 32, "params.embed_dtype": "float32"}
 RUN = dict(tokenizer="bytes", overrides=SMALL, device="cpu", compile=False, progress=False, dtype="float32",
            batch_size=2, accumulate=3, eval_iters=1)
 
@@ -48,7 +47,7 @@ def _hand_losses(t: Trainer, steps: int, *, cooldown: float = 0.7) -> list[float
     hand = HandSpeedrun(vocab=256, dim=64, layers=2, head_dim=32, embed_dtype=torch.float32)
     load_blueprint_state(hand, {k: v.detach().clone() for k, v in t.model.state_dict().items()})
     opts = hand_optimizers(hand)
-    batches = RandomWindows(t.train_tokens, batch_size=2, seq_len=32, seed=t.cfg.seed, device="cpu")  # the trainer's
+    batches = t.make_batches()  # the trainer's, from the start: the shard in order (train.data_order)
     tokens = 3 * 2 * 32
     return [float(hand_step(hand, opts, batches, step=s, steps=steps, accumulate=3, cooldown=cooldown)) / tokens
             for s in range(steps)]
@@ -74,9 +73,11 @@ def _trained_alike(tmp_path: Path, shard: Path) -> tuple[np.ndarray, np.ndarray]
 def test_trainer_trains_the_blueprint_as_the_hand_written_program(tmp_path, shard):
     """Same weights, data and recipe: 6 steps of the trainer (torch.optim.Muon on proj and MLP
     matrices, runtime/muon.py on the split q, k, v) give the hand-written program's losses; torch's
-    Newton-Schulz rounds its bf16 products apart from the program's, hence 5e-5 and not less."""
+    Newton-Schulz rounds its bf16 products apart from the program's, hence 2e-4 and not less (1.3e-4
+    at step 6 on the shard read in order; the next test, with the program's Newton-Schulz, agrees
+    to 5e-6 on the same batches)."""
     good, bad = _trained_alike(tmp_path, shard)
-    assert good.max() < 5e-5, good
+    assert good.max() < 2e-4, good
     assert bad.max() > 1e-3, bad  # the comparison sees a schedule that differs
 
 
@@ -151,25 +152,25 @@ HEAD = "params: [head.weight], optimizer: adamw"
 
 @pytest.mark.parametrize(("old", "new", "message"), [
     (HEAD, "params: [head.weights], optimizer: adamw",
-     "bp.yaml:79:20: train.optimizers: optimizer group 'head': params ['head.weights'] match no parameter\n"
+     "bp.yaml:82:20: train.optimizers: optimizer group 'head': params ['head.weights'] match no parameter\n"
      "  fix: did you mean 'head.weight', 'x0.weight'?"),
     (HEAD, "params: [head.weight, tok.weight], optimizer: adamw",
-     "bp.yaml:79:20: train.optimizers: parameter tok.weight is in two optimizer groups: 'embed' and 'head'\n"
+     "bp.yaml:82:20: train.optimizers: parameter tok.weight is in two optimizer groups: 'embed' and 'head'\n"
      "  fix: narrow the patterns (or `shape`) so each parameter is in one group"),
     ('params: ["**"], shape: vector, optimizer: adamw', 'params: ["trunk.**"], shape: vector, optimizer: adamw',
-     "bp.yaml:72:3: train.optimizers: no optimizer group takes parameter(s) x0.weight, norm.weight, head.bias\n"
+     "bp.yaml:75:3: train.optimizers: no optimizer group takes parameter(s) x0.weight, norm.weight, head.bias\n"
      "  fix: add a group for them (a last group with params ['**'] takes the rest)"),
     ('params: ["trunk.*.attn.proj.weight", "trunk.*.mlp.*.weight"], optimizer: muon',
      'params: ["trunk.*.attn.proj.weight", "trunk.*.mlp.*.weight"], shape: vector, optimizer: muon',
-     "bp.yaml:75:84: train.optimizers: optimizer group 'blocks': params ['trunk.*.attn.proj.weight', "
+     "bp.yaml:78:84: train.optimizers: optimizer group 'blocks': params ['trunk.*.attn.proj.weight', "
      "'trunk.*.mlp.*.weight'] match trunk.0.attn.proj.weight, trunk.0.mlp.fc.weight, trunk.0.mlp.proj.weight, "
      "trunk.1.attn.proj.weight, trunk.1.mlp.fc.weight, ... (6 in all), but no vector\n"
      "  fix: drop `shape`, or change the patterns"),
     ("{params: [tok.weight], init: normal", "{params: [embed.weight], init: normal",
-     "bp.yaml:85:8: train.init_rules: init rule 1: params ['embed.weight'] match no parameter\n"
+     "bp.yaml:88:8: train.init_rules: init rule 1: params ['embed.weight'] match no parameter\n"
      "  fix: did you mean 'head.weight', 'norm.weight'?"),
     ('{params: ["**.bias"], init: zeros}', '{params: [head.weight], init: zeros}',
-     "bp.yaml:86:8: train.init_rules: init rule 2 takes no parameter: earlier rules took head.weight\n"
+     "bp.yaml:89:8: train.init_rules: init rule 2 takes no parameter: earlier rules took head.weight\n"
      "  fix: remove the rule, or put it before the rules that take its parameters"),
 ])
 def test_a_rule_that_does_not_fit_the_model_is_refused_where_it_is_written(tmp_path, old, new, message):
@@ -180,16 +181,16 @@ def test_a_rule_that_does_not_fit_the_model_is_refused_where_it_is_written(tmp_p
 
 @pytest.mark.parametrize(("old", "new", "message"), [
     ("lr: 0.004, betas", "lr: 0.004, momentum: 0.9, betas",
-     "bp.yaml:79:7: train.optimizers.3: momentum is not a setting of adamw (its settings: lr, weight_decay, betas, eps)"),
+     "bp.yaml:82:7: train.optimizers.3: momentum is not a setting of adamw (its settings: lr, weight_decay, betas, eps)"),
     ("lr: 0.004, betas", "lr: 0.004, beta: [0.9, 0.9], betas",
-     "bp.yaml:79:72: train.optimizers.3.beta: unknown key 'beta'\n  fix: did you mean betas?"),
+     "bp.yaml:82:72: train.optimizers.3.beta: unknown key 'beta'\n  fix: did you mean betas?"),
     ("schedule: wsd ", "schedule: cosine",
-     "bp.yaml:59:1: train: decay_frac is a setting of schedule: wsd, not cosine"),
+     "bp.yaml:61:1: train: decay_frac is a setting of schedule: wsd, not cosine"),
     ("  warmup: 0\n", "  warmup: 0\n  lr: 0.1\n",
-     "bp.yaml:59:1: train: lr is for the default AdamW; with optimizers each group has its own lr and weight_decay "
+     "bp.yaml:61:1: train: lr is for the default AdamW; with optimizers each group has its own lr and weight_decay "
      "(and its schedule ends at the default floor), so leave them out"),
     ("init: fan_in, scale: 0.33", "init: fan_in, std: 0.33",
-     "bp.yaml:88:7: train.init_rules.4: std is a setting of init: normal, not fan_in"),
+     "bp.yaml:91:7: train.init_rules.4: std is a setting of init: normal, not fan_in"),
 ])
 def test_a_malformed_group_or_rule_is_a_located_schema_error(tmp_path, old, new, message):
     from physlm_graph import PhysLMError
