@@ -163,3 +163,21 @@ def test_the_read_position_carries_over_to_another_batch_size_or_rank_count():
     assert x.flatten().tolist() == list(range(40, 60))  # rank 1's slice of the micro-batch that starts at 20
     with pytest.raises(RuntimeDataError, match=r"saved for n_tokens, files = \(1000, 1\), this run has \(999, 1\)"):
         SequentialWindows(np.arange(999), batch_size=2, seq_len=5).load_state_dict(first.state_dict())
+
+
+@pytest.mark.parametrize("rank, world", [(0, 1), (1, 2), (3, 4)])
+def test_every_rank_resumes_an_in_order_position_whatever_the_world_size(rank, world):
+    """A checkpoint of data read in order holds one position for all ranks (and, written by
+    several processes, each rank's copy): every rank of the resumed run, a rank the checkpoint did
+    not have included, goes on from that position, not from the start of the data."""
+    from types import SimpleNamespace
+
+    from physlm_graph.runtime.cadence import _restore_batcher
+
+    position = {"order": "sequential", "span": 1, "pos": 4096, "epoch": 0, "step": 7, "batch_size": 2,
+                "seq_len": 8, "world": 2, "n_tokens": 100_000, "spans": 3}
+    loaded = []
+    t = SimpleNamespace(dist=SimpleNamespace(enabled=world > 1, main=rank == 0, rank=rank, world=world),
+                        batches=SimpleNamespace(load_state_dict=loaded.append), notes=[])
+    _restore_batcher(t, {"batcher": position, "batchers": [position, position]})
+    assert loaded == [position] and not t.notes
