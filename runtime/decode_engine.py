@@ -108,6 +108,25 @@ def sample_on_device(logits: Tensor, *, temperature: float, top_k: int | None, t
     return (probs / race).argmax(dim=-1)  # (B,): row b picks v with probability probs[b, v]
 
 
+
+def checked_prompts(prompts: list[list[int]] | Tensor, batch: int, max_len: int, max_new_tokens: int,
+                    engine: str) -> tuple[list[list[int]], list[int]]:
+    """The prompts as id lists and their lengths, checked against an engine of ``batch`` rows and
+    ``max_len`` positions (``engine``: its class, named in the fix)."""
+    rows = [list(map(int, r)) for r in (prompts.tolist() if isinstance(prompts, Tensor) else prompts)]
+    if len(rows) != batch:
+        raise PhysLMError(f"the engine was built for batch {batch}, got {len(rows)} prompts",
+                          fix=f"build a {engine} with batch={len(rows)}")
+    if any(not r for r in rows):
+        raise PhysLMError("a prompt is empty", fix="give at least one token (e.g. a newline)")
+    if max_new_tokens < 1:
+        raise PhysLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    lengths = [len(r) for r in rows]
+    if max(lengths) + max_new_tokens > max_len:
+        raise PhysLMError(f"prompt ({max(lengths)}) + max_new_tokens ({max_new_tokens}) is more than the "
+                          f"engine's max_len {max_len}", fix="build the engine with a larger max_len")
+    return rows, lengths
+
 class DecodeEngine:
     """Static-buffer generation for ``batch`` rows of at most ``max_len`` tokens (prompt + new)."""
 
@@ -281,18 +300,7 @@ class DecodeEngine:
         returns prompt + new ids per row, every row as long as the others (as ``generate.generate``
         does). With ``eos_id`` generation stops after the step at which every row has emitted it.
         ``on_token`` receives each step's ids, in bursts of ``check_every`` steps."""
-        rows = [list(map(int, r)) for r in (prompts.tolist() if isinstance(prompts, Tensor) else prompts)]
-        if len(rows) != self.batch:
-            raise PhysLMError(f"the engine was built for batch {self.batch}, got {len(rows)} prompts",
-                              fix=f"build a DecodeEngine with batch={len(rows)}")
-        if any(not r for r in rows):
-            raise PhysLMError("a prompt is empty", fix="give at least one token (e.g. a newline)")
-        if max_new_tokens < 1:
-            raise PhysLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        lengths = [len(r) for r in rows]
-        if max(lengths) + max_new_tokens > self.max_len:
-            raise PhysLMError(f"prompt ({max(lengths)}) + max_new_tokens ({max_new_tokens}) is more than the "
-                              f"engine's max_len {self.max_len}", fix="build the engine with a larger max_len")
+        rows, lengths = checked_prompts(prompts, self.batch, self.max_len, max_new_tokens, "DecodeEngine")
         if len(set(lengths)) > 1 and (self.unstatic or self._has_state_nodes()):
             raise PhysLMError("prompts of different lengths need every stateful node on static buffers; "
                               f"this model has {', '.join(self.unstatic) or 'fixed-state (recurrent) nodes'}",

@@ -42,7 +42,7 @@ from physlm_graph._context import decoding
 from physlm_graph._errors import PhysLMError
 
 from .checkpoint import model_context
-from .decode_engine import DecodeEngine, _say_once, static_plan
+from .decode_engine import DecodeEngine, _say_once, checked_prompts, static_plan
 from .generate import NonFiniteLogits, _not_incremental, nonfinite_parameter, prompt_tensor, sampling_target
 from .speculative import SelfSpeculativeDecoder, SpeculativeStats, _nonfinite, generate_self_speculative
 
@@ -233,18 +233,7 @@ class SpeculativeEngine:
         returns prompt + new ids per row, all rows as long as each other, stopping after the step
         at which every row has emitted ``eos_id``. ``on_token`` receives each step's ids."""
         eng = self.engine
-        rows = [list(map(int, r)) for r in (prompts.tolist() if isinstance(prompts, Tensor) else prompts)]
-        if len(rows) != self.batch:
-            raise PhysLMError(f"the engine was built for batch {self.batch}, got {len(rows)} prompts",
-                              fix=f"build a SpeculativeEngine with batch={len(rows)}")
-        if any(not r for r in rows):
-            raise PhysLMError("a prompt is empty", fix="give at least one token (e.g. a newline)")
-        if max_new_tokens < 1:
-            raise PhysLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        lengths = [len(r) for r in rows]
-        if max(lengths) + max_new_tokens > self.max_len:
-            raise PhysLMError(f"prompt ({max(lengths)}) + max_new_tokens ({max_new_tokens}) is more than the "
-                              f"engine's max_len {self.max_len}", fix="build the engine with a larger max_len")
+        rows, lengths = checked_prompts(prompts, self.batch, self.max_len, max_new_tokens, "SpeculativeEngine")
         if len(set(lengths)) > 1 and self._snaps_needed():
             raise PhysLMError("prompts of different lengths cannot share fixed-state (recurrent) nodes",
                               fix="generate each prompt on its own (batch 1)")
