@@ -63,7 +63,7 @@ SHARD_INDEX = "sharded.json"  # a sharded checkpoint's (runtime/sharded_checkpoi
 def required_files(folder: Path) -> tuple[str, ...]:
     """The files a checkpoint folder cannot lack: the weights (``model.safetensors``, or a sharded
     checkpoint's index), the blueprint and the config."""
-    from .sharded_checkpoint import is_sharded
+    from .sharded_read import is_sharded
 
     return (SHARD_INDEX, BLUEPRINT, CONFIG) if is_sharded(folder) else REQUIRED
 
@@ -435,7 +435,7 @@ def check_checkpoint(folder: str | Path, *, resume: bool = False) -> None:
     for p in sorted(folder.glob("*.json")):
         if p.is_file():
             _read_json(p)
-    from .sharded_checkpoint import check_shards, is_sharded
+    from .sharded_read import check_shards, is_sharded
 
     if is_sharded(folder):  # every element of every tensor stored once (the shards' headers only)
         check_shards(folder)
@@ -549,14 +549,16 @@ def stored_dtype(path: Path) -> torch.dtype | None:
 def load_weights(module: torch.nn.Module, path: str | Path, *, verify: bool = True, cm_hash: str | None = None) -> Path:
     """Load a checkpoint's weights into an existing module (resume); returns the checkpoint folder.
 
-    A sharded checkpoint is read through DCP (``sharded_checkpoint.load_sharded``; under a process
+    A sharded checkpoint is read through DCP (``sharded_read.read_sharded``; under a process
     group every rank calls this); a module that FSDP2 shards takes its rank's piece of each full
     tensor. ``cm_hash``: the graph the module is, checked against a sharded checkpoint's index."""
     folder = find_checkpoint(path)
-    from .sharded_checkpoint import is_sharded, load_sharded
+    from .sharded_read import is_sharded, read_sharded
 
     if is_sharded(folder):
-        load_sharded(folder, module, cm_hash=cm_hash, verify=verify)
+        if verify:
+            _verify(folder)
+        read_sharded(folder, module, cm_hash=cm_hash)
         return folder
     if verify:
         _verify(folder)
