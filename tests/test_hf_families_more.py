@@ -19,6 +19,8 @@ from physlm_graph._hf_families import FAMILIES, HFError  # noqa: E402
 from physlm_graph._hf_import import import_hf  # noqa: E402
 from physlm_graph.cli import main  # noqa: E402
 from physlm_graph.runtime.checkpoint import load_checkpoint  # noqa: E402
+from test_hf_families_moe import decoded_in_pieces_error  # noqa: E402
+from test_hf_families_attn import _at  # noqa: E402  (a config.json key's file:line:col)
 
 VOCAB = 97
 X = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -96,10 +98,6 @@ def _edit(tmp_path: Path, model, **changes) -> Path:
     return path
 
 
-def _at(path: Path, key: str) -> str:
-    lines = path.read_text().splitlines()
-    n = next(i for i, ln in enumerate(lines) if f'"{key}"' in ln)
-    return f"{path}:{n + 1}:{lines[n].index(chr(34) + key) + 1}"
 
 
 def _embedding(model):
@@ -424,20 +422,10 @@ def test_qwen_layer_types_other_than_derived_are_refused_by_name(tmp_path, capsy
 
 
 def test_qwen_sliding_layers_decode_token_by_token_as_the_full_forward(tmp_path):
-    from physlm_graph._context import DecodeContext, decoding
-
     model = _tiny("qwen2", num_hidden_layers=3, use_sliding_window=True, sliding_window=5, max_window_layers=1)
     model.save_pretrained(tmp_path / "hf")
     cm = import_hf(tmp_path / "hf", tmp_path / "ckpt")
-    cm.module.eval()
-    with torch.no_grad():
-        full = cm.module(X)["logits"]
-        ctx, pieces = DecodeContext(), []
-        with decoding(ctx):
-            for a, b in zip([0, *range(9, 24)], [9, *range(10, 25)]):
-                ctx.offset = a
-                pieces.append(cm.module(X[:, a:b])["logits"])
-    assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-5
+    assert decoded_in_pieces_error(cm, X) < 1e-5
 
 
 def test_a_qwen2_checkpoint_from_before_ties_scaling_and_windows_still_exports(tmp_path):
