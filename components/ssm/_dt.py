@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import model_validator
 from torch import Tensor
+
+from physlm_graph import ComponentParams
 
 
 def log_uniform_dt(n: int, dt_min: float, dt_max: float, *, device: torch.device | str | None = None) -> Tensor:
@@ -17,3 +20,14 @@ def log_uniform_dt(n: int, dt_min: float, dt_max: float, *, device: torch.device
 def inverse_softplus(y: Tensor) -> Tensor:
     """x with softplus(x) = y: the bias that makes softplus(dt_bias) start at ``y``."""
     return y + torch.log(-torch.expm1(-y))
+
+
+class StepInitParams(ComponentParams):
+    """Parameters of a mixer with a log-uniform step init: its ``dt_min`` must not exceed its
+    ``dt_max`` (each subclass declares both fields, where they belong in its list)."""
+
+    @model_validator(mode="after")
+    def _check_dt_range(self) -> "StepInitParams":
+        if self.dt_min > self.dt_max:  # type: ignore[attr-defined]
+            raise ValueError(f"dt_min {self.dt_min} must be <= dt_max {self.dt_max}")  # type: ignore[attr-defined]
+        return self

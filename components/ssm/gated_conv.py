@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
-from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
+from physlm_graph import Example, Inputs, decode_context, register
 
-from ._dt import log_uniform_dt
+from ._dt import StepInitParams, log_uniform_dt
 
 
 class GatedConv(nn.Module):
@@ -91,18 +91,12 @@ class GatedConv(nn.Module):
         return self.out_proj(y * F.silu(z))
 
 
-class GatedConvParams(ComponentParams):
+class GatedConvParams(StepInitParams):
     d_state: int = Field(16, gt=0, description="size of the (discarded) B and C projections")
     d_conv: int = Field(4, ge=1, description="taps of the causal depthwise conv (the receptive field)")
     expand: int = Field(2, gt=0, description="inner width Di = expand * embed_dim")
     dt_min: float = Field(1e-3, gt=0.0, description="lower end of the log-uniform dt init")
     dt_max: float = Field(0.1, gt=0.0, description="upper end of the log-uniform dt init")
-
-    @model_validator(mode="after")
-    def _check(self) -> "GatedConvParams":
-        if self.dt_min > self.dt_max:
-            raise ValueError(f"dt_min {self.dt_min} must be <= dt_max {self.dt_max}")
-        return self
 
 
 @register(

@@ -6,13 +6,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
-from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
+from physlm_graph import Example, Inputs, decode_context, register
 from physlm_graph._registry import HFName
 
-from ._dt import inverse_softplus, log_uniform_dt
+from ._dt import StepInitParams, inverse_softplus, log_uniform_dt
 from ._mamba_kernels import selective_scan_chunked
 
 
@@ -154,7 +154,7 @@ class Mamba(nn.Module):
         return f"d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, dt_rank={self.dt_rank}{norm}"
 
 
-class MambaParams(ComponentParams):
+class MambaParams(StepInitParams):
     d_state: int = Field(16, gt=0, description="SSM state size N per channel (Mamba, Jamba: 16)")
     d_conv: int = Field(4, ge=1, description="taps of the causal depthwise conv over x")
     expand: int = Field(2, gt=0, description="inner width Di = expand * embed_dim")
@@ -166,12 +166,6 @@ class MambaParams(ComponentParams):
                                          "learned weights on dt, B and C with this eps (Jamba: rms_norm_eps)")
     dt_min: float = Field(1e-3, gt=0.0, description="lower end of the log-uniform dt init")
     dt_max: float = Field(0.1, gt=0.0, description="upper end of the log-uniform dt init")
-
-    @model_validator(mode="after")
-    def _check(self) -> "MambaParams":
-        if self.dt_min > self.dt_max:
-            raise ValueError(f"dt_min {self.dt_min} must be <= dt_max {self.dt_max}")
-        return self
 
 
 # transformers' names (JambaMambaMixer; MambaMixer has the same without the three norms)

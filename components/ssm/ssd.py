@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from physlm_graph import ComponentParams, Example, Inputs, decode_context, register
+from physlm_graph import Example, Inputs, decode_context, register
 from physlm_graph._registry import HFName
 
-from ._dt import inverse_softplus, log_uniform_dt
+from ._dt import StepInitParams, inverse_softplus, log_uniform_dt
 from ._ssd_kernels import ssd_chunked, ssd_step
 
 
@@ -147,7 +147,7 @@ class SSD(nn.Module):
         return self.out_proj(y)
 
 
-class SSDParams(ComponentParams):
+class SSDParams(StepInitParams):
     d_state: int = Field(64, gt=0, description="SSM state size N per head (Mamba-2: 64 or 128)")
     d_conv: int = Field(4, ge=1, description="taps of the causal depthwise conv over [x, B, C]")
     expand: int = Field(2, gt=0, description="inner width Di = expand * embed_dim")
@@ -165,8 +165,6 @@ class SSDParams(ComponentParams):
 
     @model_validator(mode="after")
     def _check(self) -> "SSDParams":
-        if self.dt_min > self.dt_max:
-            raise ValueError(f"dt_min {self.dt_min} must be <= dt_max {self.dt_max}")
         lo, hi = self.A_init_range
         if not 0.0 < lo <= hi:
             raise ValueError(f"A_init_range {self.A_init_range} must satisfy 0 < low <= high")
