@@ -83,9 +83,10 @@ def hf_gpt2(cm, dtype: torch.dtype, device: torch.device):
     return model.to(device=device, dtype=dtype)
 
 
-def profile_engine(fn, tokens: int, device: torch.device, top: int = 12) -> None:
+def profile_engine(fn, tokens: int, device: torch.device, top: int = 12) -> dict:
     """One more engine run under torch.profiler: kernels per generated token, the GPU time they
-    take against the wall time, and the kernels that take most of it."""
+    take against the wall time, and the kernels that take most of it (printed, and returned as
+    ``kernels`` per token, ``busy_ms`` and ``wall_ms`` of the run)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -108,6 +109,7 @@ def profile_engine(fn, tokens: int, device: torch.device, top: int = 12) -> None
         by.setdefault(name, []).append(us)
     for k, v in sorted(by.items(), key=lambda kv: -sum(kv[1]))[:top]:
         say(f"    {sum(v) / 1e3:8.2f} ms  {len(v) / tokens:5.1f}/token  {sum(v) / len(v):7.1f} us each  {k[:90]}")
+    return dict(kernels=len(gpu) / tokens, busy_ms=busy, wall_ms=wall * 1e3)
 
 
 def run_model(args, name: str, blueprint: Path, overrides: dict, device: torch.device, dtype: torch.dtype,

@@ -26,13 +26,21 @@ from torch import Tensor
 
 from physlm_graph._context import DecodeContext, decode_context
 
-__all__ = ["StaticCache", "StaticDecodeContext", "static_cache"]
+__all__ = ["ATTENTION", "StaticCache", "StaticDecodeContext", "static_cache"]
+
+# How an attention node attends over the buffers: "sdpa" calls scaled_dot_product_attention with
+# the length mask; "math" writes it out (q k^T, the masked softmax in float32, times v), which the
+# compiler can fuse around a one-token query instead of calling a fixed kernel.
+ATTENTION = ("sdpa", "math")
 
 
 class StaticCache:
     """Key/value buffers of a fixed size per attention module, and the chunk's positions and mask."""
 
-    def __init__(self, *, batch: int, max_len: int, device: torch.device | str) -> None:
+    def __init__(self, *, batch: int, max_len: int, device: torch.device | str, attention: str = "sdpa") -> None:
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+        self.attention = attention  # how attention nodes attend over the buffers (ATTENTION)
         self.batch = batch
         self.max_len = max_len
         self.device = torch.device(device)

@@ -132,7 +132,8 @@ class DecodeEngine:
 
     def __init__(self, model: Any, *, batch: int, max_len: int, device: str | torch.device | None = None,
                  compile: bool = False, cuda_graph: bool | None = None, prefill_chunk: int = 256,
-                 check_every: int = 16, vocab_limit: int | None = None) -> None:
+                 check_every: int = 16, vocab_limit: int | None = None,
+                 compile_options: dict[str, Any] | None = None, attention: str = "sdpa") -> None:
         cm, self.vocab_limit = sampling_target(model, device, vocab_limit)  # picks only ids below it
         if _not_incremental(cm):
             raise PhysLMError(f"the decode engine needs every node to decode incrementally; these cannot: "
@@ -162,12 +163,13 @@ class DecodeEngine:
         self.cuda_graph = (on_cuda if cuda_graph is None else cuda_graph) and not self.unstatic
         if compile and not on_cuda:
             _say_once(f"decode engine: on {self.device.type} the step runs eagerly (compile and CUDA graphs need CUDA)")
-        self.static = StaticCache(batch=batch, max_len=max_len, device=self.device)
+        self.static = StaticCache(batch=batch, max_len=max_len, device=self.device, attention=attention)
         self.ctx = StaticDecodeContext(self.static)
         self.compiled = compile
         if compile and on_cuda and not self.unstatic:  # the whole step: the mask and the pick fuse too
             # (with nodes off the static path a cache grows each token: nothing to compile once)
-            self._device_step = torch.compile(self._device_step, dynamic=False)  # type: ignore[method-assign]
+            self._device_step = torch.compile(self._device_step, dynamic=False,  # type: ignore[method-assign]
+                                              options=compile_options)
         self._offset = 0
         new = lambda dtype: torch.zeros(batch, dtype=dtype, device=self.device)  # noqa: E731
         self.tok = new(torch.long).view(batch, 1)  # (B, 1): the token each row feeds next

@@ -168,20 +168,22 @@ class CausalSelfAttention(nn.Module):
             seen = seen & (kpos > qpos - W)  # the key is one of the W latest positions
         return seen, False  # (T, S)
 
-    def _attend_capped(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        """softmax(mask(c tanh(scale q k^T / c))) v, the softmax in float32 (Gemma 2's order)."""
-        H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        if H != Hkv:
-            k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, hd)
-            v = v.repeat_interleave(H // Hkv, dim=1)
+    def _attend_math(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """softmax(mask(scale q k^T)) v written out, the softmax in float32; with ``softcap`` c the
+        scores are c tanh(s / c) first (Gemma 2's order). Grouped heads attend through a reshape
+        (each group of H / H_kv query heads against its key/value head), not copies of k and v.
+        ``mask`` (T, S) or (B, 1, T, S) bool, True where the key is seen."""
+        B, H, T, hd = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        g = H // Hkv
         scale = self.scale if self.scale is not None else hd**-0.5
-        c = self.softcap
-        s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, T, S)
-        s = c * torch.tanh(s / c)
-        s = s.masked_fill(~mask, float("-inf"))
+        s = torch.matmul(q.reshape(B, Hkv, g * T, hd), k.transpose(-2, -1)) * scale  # (B, H_kv, g T, S)
+        if self.softcap is not None:
+            s = self.softcap * torch.tanh(s / self.softcap)
+        s = s.view(B, Hkv, g, T, S).masked_fill(~mask.unsqueeze(-3), float("-inf"))
         w = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
         w = F.dropout(w, p=self.dropout, training=self.training)
-        return torch.matmul(w, v)  # (B, H, T, hd)
+        return torch.matmul(w.view(B, Hkv, g * T, S), v).view(B, H, T, v.shape[-1])  # (B, H, T, hd)
 
     def forward(self, x: Tensor, rope: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
@@ -204,8 +206,8 @@ class CausalSelfAttention(nn.Module):
             mask, is_causal = static.window_mask(self.sliding_window), False  # (B, 1, T, max_len)
         else:
             mask, is_causal = self._mask(T, S, x.device, explicit=self.softcap is not None)
-        if self.softcap is not None:
-            y = self._attend_capped(q, k, v, mask)  # (B, H, T, hd)
+        if self.softcap is not None or (static is not None and static.attention == "math"):
+            y = self._attend_math(q, k, v, mask)  # (B, H, T, hd)
         else:
             kw = {}
             if H != Hkv:

@@ -84,6 +84,29 @@ def test_engine_greedy_equals_generate_and_full_recompute(models, name, chunk):
     assert engine.generate([PROMPT], max_new_tokens=40)[0] == want  # buffers reused, stale tails hidden
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_written_out_attention_decodes_as_sdpa_does(models, name):
+    """``attention="math"`` (q k^T, masked softmax, times v; grouped heads by reshape) gives the
+    same logits as the SDPA path over the same buffers, for ragged rows and chunked prefill."""
+    cm = models[name]
+    rows = [PROMPT, SHORT]
+    runs = {}
+    for attention in ("sdpa", "math"):
+        engine = DecodeEngine(cm, batch=2, max_len=40, prefill_chunk=4, attention=attention)
+        runs[attention] = engine.generate(rows, max_new_tokens=16, temperature=0)
+        ids = torch.tensor([PROMPT])
+        with torch.inference_mode():
+            first = engine._prefill(torch.tensor([PROMPT, PROMPT]), torch.tensor([len(PROMPT)] * 2))
+        runs[attention + " logits"] = first
+    assert runs["math"] == runs["sdpa"] == [generate(cm, r, max_new_tokens=16, temperature=0) for r in rows]
+    torch.testing.assert_close(runs["math logits"], runs["sdpa logits"], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        full = cm.module(ids)["logits"][:, -1]
+    torch.testing.assert_close(runs["math logits"][:1], full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        DecodeEngine(cm, batch=1, max_len=40, attention="flash")
+
+
 def test_the_step_is_one_graph_with_no_host_sync(models):
     """The one-token step traced whole (``fullgraph``: an ``.item()``, a ``bool(tensor)`` or a
     shape that changes from token to token would fail or recompile), for rows of two lengths."""
