@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -191,14 +191,39 @@ def rope_table(
     return torch.stack([cos, sin, partner], dim=1).unsqueeze(0)  # (1, T, 3, hd)
 
 
+class _Partners(torch.autograd.Function):
+    """``x.index_select(-1, partner)`` for a ``partner`` that is a permutation of the channels
+    (every table ``rope_table`` makes), differentiated as the inverse permutation's gather.
+
+    Autograd would take index_select's backward, an ``index_add`` into zeros: on a GPU a scatter
+    with atomic adds over every q and k, in each layer, that the compiler cannot fuse. The
+    gradient of a permutation is the same numbers gathered the other way (each channel receives
+    exactly one term), so this backward is one more fused read."""
+
+    @staticmethod
+    def forward(x: Tensor, partner: Tensor) -> Tensor:  # type: ignore[override]
+        return x.index_select(-1, partner)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+        _, partner = inputs
+        inverse = torch.empty_like(partner).scatter_(0, partner, torch.arange(partner.numel(), device=partner.device))
+        ctx.save_for_backward(inverse)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(-1, inverse), None
+
+
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
     """Rotate ``x`` (B, H, T, head_dim) by ``table`` (1, T, 3, head_dim); returns x's shape and dtype.
 
     ``out = x * cos + x[..., partner] * sin_signed``; cos and sin are cast to ``x.dtype`` first
     (as Hugging Face LLaMA does under bf16). The partner row is read from the first position:
-    it is the same at every position.
+    it is the same at every position, and a permutation of the channels (``_Partners``).
     """
     cos = table[:, :, 0].unsqueeze(1).to(x.dtype)  # (1, 1, T, hd)
     sin = table[:, :, 1].unsqueeze(1).to(x.dtype)  # (1, 1, T, hd)
     partner = table[0, 0, 2].long()  # (hd,)
-    return x * cos + x.index_select(-1, partner) * sin
+    return x * cos + _Partners.apply(x, partner) * sin

@@ -102,8 +102,9 @@ Inputs = dict[str, TensorSpec]
 class Example:
     """A small configuration the conformance suite builds and probes.
 
-    ``inputs`` maps each port to a shape (float32) or to ``(shape, dtype)``; integer inputs are
-    drawn from ``[0, int_high)``. ``no_grad`` lists parameter-name globs that legitimately get
+    ``inputs`` maps each port to a shape (float32), to ``(shape, dtype)`` or to a tensor given as
+    it is (an input with a structure random numbers lack, such as a rope table); integer inputs
+    are drawn from ``[0, int_high)``. ``no_grad`` lists parameter-name globs that legitimately get
     no gradient in this configuration (an untrainable gate in a ``faithful`` mode, say), each
     with the reason in ``no_grad_why``. ``probe_training`` runs the causality probe in training
     mode, for a leak that only training has (a halting step decided from the whole batch).

@@ -27,6 +27,8 @@ __all__ = [
 
 
 def _shape_dtype(v: Any) -> tuple[tuple[int, ...], torch.dtype]:
+    if isinstance(v, torch.Tensor):
+        return tuple(v.shape), v.dtype
     if isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], torch.dtype):
         return tuple(v[0]), v[1]
     return tuple(v), torch.float32
@@ -65,7 +67,9 @@ def make_inputs(ex: Example, seed: int = 0, device: str = "cpu") -> list[torch.T
     out = []
     for v in ex.inputs.values():
         shape, dtype = _shape_dtype(v)
-        if dtype.is_floating_point:
+        if isinstance(v, torch.Tensor):  # a fixed input (a rope table: its partner row must be a permutation)
+            t = v.clone()
+        elif dtype.is_floating_point:
             t = torch.randn(shape, generator=g, dtype=dtype)
         elif dtype == torch.bool:
             t = torch.ones(shape, dtype=torch.bool)

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from physlm_graph import ComponentError, ComponentParams, Example, Inputs, PhysLMError, decode_context, register
 from physlm_graph._registry import HFName
-from physlm_graph.components._rope import apply_rope
+from physlm_graph.components._rope import apply_rope, rope_table
 from physlm_graph.components._static_cache import static_cache
 from physlm_graph.components.norm.rms import RMSNorm
 
@@ -296,17 +296,15 @@ _HF = {
         Example({"num_heads": 4}, {"x": (2, 8, 32)}),
         Example({"num_heads": 4, "num_kv_heads": 2, "bias": False}, {"x": (2, 8, 32)}),
         Example({"num_heads": 4, "num_kv_heads": 2, "proj_bias": False}, {"x": (2, 8, 32)}),
-        # With a rope input. The suite feeds random inputs; an integer table drawn from
-        # [0, head_dim) keeps its partner-index channel a valid index.
+        # With a rope input: a real table (its partner row is a permutation of the channels).
         Example(
             {"num_heads": 4, "num_kv_heads": 1, "head_dim": 6, "bias": False},
-            {"x": (2, 8, 32), "rope": ((1, 8, 3, 6), torch.long)},
-            int_high=6,
+            {"x": (2, 8, 32), "rope": rope_table(0, 8, head_dim=6, base=10000.0, style="half")},
         ),
         Example(
             {"num_heads": 2, "head_dim": 8, "scale": 0.12, "qk_norm": "rms"},
-            {"x": (2, 8, 32), "rope": ((1, 8, 3, 8), torch.long)},
-            int_high=8,
+            {"x": (2, 8, 32), "rope": rope_table(0, 8, head_dim=8, base=1024.0, style="half",
+                                                 frequencies="truncated", sign=-1)},
         ),
         Example({"num_heads": 4, "num_kv_heads": 2, "qk_norm": "rms_head", "qk_norm_eps": 1e-5}, {"x": (2, 8, 32)}),
         Example({"num_heads": 4, "num_kv_heads": 2, "qk_norm": "rms_proj"}, {"x": (2, 8, 32)}),

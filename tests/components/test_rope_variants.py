@@ -90,3 +90,33 @@ def test_bad_settings_are_refused_with_the_reason(params, msg):
         compile_blueprint(doc, device="meta", build=False)
     assert msg in str(err.value)
     assert "rope" in str(err.value)
+
+
+@pytest.mark.parametrize("style,rotary_dim", [("half", None), ("interleaved", None), ("half", 4), ("interleaved", 4)])
+def test_rotation_gradient_is_a_gather_not_a_scatter(style, rotary_dim):
+    """``apply_rope``'s gradient equals index_select's own (the partner row is a permutation), and
+    the backward graph holds no ``index_add``/``scatter_add``: on a GPU those are atomic adds over
+    every q and k of every layer that the compiler cannot fuse."""
+    from torch._functorch.aot_autograd import aot_function
+
+    from physlm_graph.components._rope import apply_rope, rope_table
+
+    table = rope_table(3, 5, head_dim=8, base=100.0, style=style, rotary_dim=rotary_dim)
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    (apply_rope(x, table) * g).sum().backward()
+    ours, x.grad = x.grad, None
+    cos, sin, partner = table[:, :, 0].unsqueeze(1), table[:, :, 1].unsqueeze(1), table[0, 0, 2].long()
+    ((x * cos + x.index_select(-1, partner) * sin) * g).sum().backward()
+    assert torch.equal(ours, x.grad)
+    torch.autograd.gradcheck(lambda x: apply_rope(x, table), (x,))
+
+    backward_ops = []
+
+    def keep(gm, _):
+        backward_ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    aot_function(apply_rope, fw_compiler=lambda gm, _: gm, bw_compiler=keep)(x, table).sum().backward()
+    assert backward_ops and "aten.index_select.default" in backward_ops
+    assert not [op for op in backward_ops if "index_add" in op or "scatter" in op], backward_ops
