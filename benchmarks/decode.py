@@ -112,6 +112,28 @@ def profile_engine(fn, tokens: int, device: torch.device, top: int = 12) -> dict
     return dict(kernels=len(gpu) / tokens, busy_ms=busy, wall_ms=wall * 1e3)
 
 
+def profile_host(fn, tokens: int, device: torch.device, top: int = 14) -> None:
+    """``fn`` under cProfile, the device synchronised after: the host functions that take most of
+    the wall time (cumulative and own time per generated token), and the GPU's busy share (CUDA)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    sync(device)
+    t = time.perf_counter()
+    prof.enable()
+    fn()
+    sync(device)
+    prof.disable()
+    wall = time.perf_counter() - t
+    say(f"  host profile of generate(): {wall / tokens * 1e3:.2f} ms per token of wall time")
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # by own time
+    for (file, line, func), (_, calls, own, cum, _) in rows:
+        say(f"    own {own / tokens * 1e3:7.3f} ms/token  cum {cum / tokens * 1e3:7.3f}  {calls / tokens:6.1f} calls/token  "
+            f"{func} ({Path(file).name}:{line})")
+
+
 def run_model(args, name: str, blueprint: Path, overrides: dict, device: torch.device, dtype: torch.dtype,
               with_hf: bool, old_tokens: int) -> list[tuple[str, float | None, str]]:
     say(f"{name}: building {blueprint.name} with random weights")
@@ -170,6 +192,8 @@ def run_model(args, name: str, blueprint: Path, overrides: dict, device: torch.d
             generate(cm, prompt, max_new_tokens=4, temperature=0)
             seconds = timed(lambda: generate(cm, prompt, max_new_tokens=old_tokens, temperature=0), device)
         result.append((f"{name} generate()", old_tokens / seconds, f"{old_tokens} tokens"))
+        if args.profile:  # where generate()'s time goes on the host
+            profile_host(lambda: generate(cm, prompt, max_new_tokens=old_tokens, temperature=0), old_tokens, device)
         old = generate(cm, prompt, max_new_tokens=old_tokens, temperature=0)[args.prompt:]
         same = next((i for i, (a, b) in enumerate(zip(mine, old)) if a != b), len(old))
         say(f"  engine's greedy tokens equal generate()'s for the first {same} of {len(old)}")
