@@ -362,7 +362,7 @@ class Trainer:
                         bar.log(f"step {self.step}: train loss {last['loss']:.4f}, val loss {self.last_val:.4f}"
                                 f" (best {self.best_val:.4f})")
                     if cad.log(self.step):
-                        logger.write({**last, "tokens": self.tokens_seen, "tokens_per_s": tps})
+                        logger.write({**last, "tokens": self.tokens_seen, "tokens_per_s": tps, **self._peak_memory()})
                         t_log, tok_log = now, self.tokens_seen
                     if cad.save(self.step):
                         self.elapsed += time.perf_counter() - t_run
@@ -400,7 +400,16 @@ class Trainer:
             "last": str(self.out_dir / "last"),
             "best": str(self.out_dir / "best") if (self.out_dir / "best").exists() else None,
             **({"compile": monitor.counts()} if monitor is not None else {}),
+            **self._peak_memory(),
         }
+
+    def _peak_memory(self) -> dict[str, int]:
+        """``peak_memory_bytes``: the most CUDA memory this process's tensors have held since the
+        run began (``torch.cuda.max_memory_allocated``; under FSDP2 or DDP, the main rank's
+        device); nothing on other devices."""
+        if self.device.type != "cuda":
+            return {}
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(self.device))}
 
 
 def train(

@@ -335,3 +335,23 @@ def test_compile_monitor_reports_the_eager_fallback(monkeypatch):
     assert any("recompile limit hit: this code now runs eagerly" in ln for ln in lines), lines
     assert mon.counts()["recompile_limit_hits"] >= 1 and mon.check() == []  # said once
     torch._dynamo.reset()
+
+
+def test_metrics_carry_no_peak_memory_off_cuda(text_file, tmp_path):
+    summary = train(BLUEPRINT, data=str(text_file), out_dir=tmp_path / "cpu", steps=2, device="cpu",
+                    overrides=TINY, **{**FAST, "log_every": 1})
+    rows = [json.loads(line) for line in (tmp_path / "cpu" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all("peak_memory_bytes" not in r for r in rows) and "peak_memory_bytes" not in summary
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_metrics_log_the_peak_cuda_memory(text_file, tmp_path):
+    """Every logged step and the summary carry the main rank's ``max_memory_allocated``."""
+    torch.cuda.reset_peak_memory_stats()
+    summary = train(BLUEPRINT, data=str(text_file), out_dir=tmp_path / "gpu", steps=2, device="cuda",
+                    overrides=TINY, **{**FAST, "log_every": 1})
+    rows = [json.loads(line) for line in (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()]
+    weights = sum(p.numel() * 4 for p in load_checkpoint(summary["last"]).model.module.parameters())
+    assert all(r["peak_memory_bytes"] >= 3 * weights for r in rows)  # weights, gradients, Adam's moments at least
+    assert rows[-1]["peak_memory_bytes"] <= summary["peak_memory_bytes"] <= torch.cuda.max_memory_allocated()
