@@ -206,13 +206,12 @@ class _Partners(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
-        _, partner = inputs
-        inverse = torch.empty_like(partner).scatter_(0, partner, torch.arange(partner.numel(), device=partner.device))
-        ctx.save_for_backward(inverse)
+        ctx.save_for_backward(inputs[1])  # the inverse is made in backward: inference never pays for it
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (inverse,) = ctx.saved_tensors
+        (partner,) = ctx.saved_tensors
+        inverse = torch.empty_like(partner).scatter_(0, partner, torch.arange(partner.numel(), device=partner.device))
         return grad.index_select(-1, inverse), None
 
 
