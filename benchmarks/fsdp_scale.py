@@ -2,7 +2,7 @@
 ``build --memory``'s estimate, in one run (issue 29's 7B row).
 
     python benchmarks/fsdp_scale.py --gpus 8                         # llama2-7b, seq 2048, batch 2 per GPU
-    python benchmarks/fsdp_scale.py --gpus 8 --batch 4 --checkpointing all
+    python benchmarks/fsdp_scale.py --gpus 8 --batch 4 --checkpointing blocks
     python benchmarks/fsdp_scale.py --smoke                          # CPU: 2 gloo processes, a tiny llama
 
 Each configuration runs ``physlm-graph train BLUEPRINT --gpus N --strategy fsdp`` (bf16 autocast,
@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=2, help="micro-batch rows per GPU")
     ap.add_argument("--accumulate", type=int, default=1)
-    ap.add_argument("--checkpointing", default="none", help="train.checkpointing: none, all, every:K, ...")
+    ap.add_argument("--checkpointing", default="none", help="train.checkpointing: none, blocks, \"{every: K}\" or \"{nodes: [PATTERNS]}\"")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--skip", type=int, default=10, help="steps left out of the median (compilation)")
     ap.add_argument("--peak", type=float, default=None, help="dense bf16 FLOP/s of one GPU (default: by name)")
