@@ -1,0 +1,97 @@
+"""Bad inputs to the newer entry points, from the command line: each is refused with exit 2 and a
+message naming the file and the reason, and whatever was at an output path is left as it was.
+
+The checkpoint is the shared ``tiny_run`` (conftest.py); the Hugging Face folder is a one-layer
+GPT-2 written by transformers.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from physlm_graph.cli import main
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err, err
+    return code, err
+
+
+def _snapshot(path: Path) -> dict[str, bytes] | bytes:
+    if path.is_file():
+        return path.read_bytes()
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2(tmp_path_factory) -> Path:
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("hf") / "gpt2"
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+def _output(kind: str, tmp_path: Path, ckpt: Path, hf: Path) -> Path:
+    """The output path a case names, made as the case needs it."""
+    if kind == "file":
+        (tmp_path / "notes.txt").write_text("my notes\n")
+        return tmp_path / "notes.txt"
+    if kind == "other-folder":
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "keep.txt").write_text("keep me\n")
+        return tmp_path / "mine"
+    return {"the-checkpoint": ckpt, "inside-the-checkpoint": ckpt / "hf", "the-hf-folder": hf}[kind]
+
+
+EXPORT_CASES = [
+    ("file", "the output exists and is a file, not a folder"),
+    ("other-folder", "the output folder holds other files and is not a Hugging Face folder"),
+    ("the-checkpoint", "the output is inside the checkpoint being exported"),
+    ("inside-the-checkpoint", "the output is inside the checkpoint being exported"),
+]
+
+
+@pytest.mark.parametrize("kind,message", EXPORT_CASES, ids=[c[0] for c in EXPORT_CASES])
+def test_export_refuses_an_output_it_would_clobber(kind, message, tiny_run, hf_gpt2, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_run / "last", ckpt)
+    out = _output(kind, tmp_path, ckpt, hf_gpt2)
+    before, ckpt_before = (_snapshot(out) if out.exists() else None), _snapshot(ckpt)
+    code, err = _run(["export", ckpt, "--out", out], capsys)
+    assert code == 2
+    assert f"hugging face error: {out}: {message}" in err, err
+    assert (_snapshot(out) if out.exists() else None) == before
+    assert _snapshot(ckpt) == ckpt_before
+
+
+def test_export_over_an_earlier_export_replaces_it_whole(tiny_run, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert _run(["export", tiny_run / "last", "--out", out], capsys)[0] == 0
+    (out / "stale.bin").write_bytes(b"from an older export")
+    assert _run(["export", tiny_run / "last", "--out", out], capsys)[0] == 0
+    assert not (out / "stale.bin").exists() and (out / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary folder left beside it
+
+
+IMPORT_CASES = [
+    ("file", "the output exists and is not a checkpoint folder"),
+    ("other-folder", "the output exists and is not a checkpoint folder"),
+    ("the-hf-folder", "the output is the Hugging Face folder being imported"),
+]
+
+
+@pytest.mark.parametrize("kind,message", IMPORT_CASES, ids=[c[0] for c in IMPORT_CASES])
+def test_import_refuses_an_output_it_would_clobber(kind, message, tiny_run, hf_gpt2, tmp_path, capsys):
+    out = _output(kind, tmp_path, tiny_run / "last", hf_gpt2)
+    before, hf_before = _snapshot(out), _snapshot(hf_gpt2)
+    code, err = _run(["import", hf_gpt2, "--out", out], capsys)
+    assert code == 2
+    assert f"hugging face error: {out}: {message}" in err, err
+    assert _snapshot(out) == before and _snapshot(hf_gpt2) == hf_before
