@@ -95,3 +95,31 @@ def test_import_refuses_an_output_it_would_clobber(kind, message, tiny_run, hf_g
     assert code == 2
     assert f"hugging face error: {out}: {message}" in err, err
     assert _snapshot(out) == before and _snapshot(hf_gpt2) == hf_before
+
+
+TINY = Path(__file__).resolve().parents[1] / "assets" / "blueprints" / "valid" / "tiny.yaml"
+
+BETAS = [
+    ("train.betas=[0.9,1.5]", "train.betas.1: Input should be less than 1 (got 1.5)"),
+    ("train.betas=[-0.1,0.9]", "train.betas.0: Input should be greater than or equal to 0 (got -0.1)"),
+    ("train.optimizers=[{name: all, params: ['*'], optimizer: adamw, lr: 0.1, betas: [0.9, 1.0]}]",
+     "train.optimizers.0.betas.1: Input should be less than 1 (got 1.0)"),
+]
+
+
+@pytest.mark.parametrize("override,message", BETAS, ids=["beta2-above-1", "beta1-negative", "group-beta2-is-1"])
+def test_adam_betas_outside_0_1_are_a_validate_error(override, message, capsys):
+    # torch.optim.AdamW refused these only once training started, as an internal error
+    code, err = _run(["validate", TINY, "--set", override], capsys)
+    assert code == 2
+    assert f"validate error: {TINY}:1:1: {message}" in err, err
+
+
+def test_train_out_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("It was the best of times, it was the worst of times.\n" * 20)
+    code, err = _run(["train", TINY, "--data", text, "--out", text, "--steps", "1", "--device", "cpu",
+                      "--no-progress"], capsys)
+    assert code == 2
+    assert f"train error: {text}: the output exists and is a file, not a run folder" in err, err
+    assert text.read_text().startswith("It was the best of times")
