@@ -123,3 +123,33 @@ def test_train_out_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
     assert code == 2
     assert f"train error: {text}: the output exists and is a file, not a run folder" in err, err
     assert text.read_text().startswith("It was the best of times")
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tiny_run, tmp_path_factory) -> Path:
+    """tiny.yaml trained one step with train.checkpoint_format=sharded."""
+    import torch
+
+    from physlm_graph.runtime.train import train
+
+    root = tmp_path_factory.mktemp("sharded")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(TINY, data=str(tiny_run / "text.txt"), out_dir=root / "run", device="cpu", steps=1, batch_size=2,
+              eval_every=1, eval_iters=1, warmup=0, log_every=1, progress=False, fit_vocab=True,
+              overrides=["train.checkpoint_format=sharded"])
+    finally:
+        torch.set_num_threads(threads)
+    return root / "run"
+
+
+@pytest.mark.parametrize("where", ["itself", "inside"])
+def test_consolidate_refuses_an_output_in_the_checkpoint(where, sharded_run, capsys):
+    ckpt = sharded_run / "last"
+    out = ckpt if where == "itself" else ckpt / "full"
+    before = _snapshot(ckpt)
+    code, err = _run(["consolidate", ckpt, out], capsys)
+    assert code == 2
+    assert f"checkpoint error: {out}: the output is the checkpoint itself or a folder inside it" in err, err
+    assert _snapshot(ckpt) == before
