@@ -158,6 +158,8 @@ COMPILE_MODES: tuple[str, ...] = CompileMode.__args__
 
 ParamShape = Literal["any", "matrix", "vector"]
 
+# a random seed, as torch.manual_seed takes it and the command line's --seed allows
+Seed = Annotated[int, Field(ge=0, lt=1 << 63)]
 # an Adam moment decay: torch.optim.AdamW refuses one outside [0, 1)
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 _MUON_KEYS = ("momentum", "nesterov", "ns_coefficients", "ns_steps", "split")
@@ -270,7 +272,7 @@ class TrainConfig(_Strict):
         "sharded: every rank writes its own shards through torch.distributed.checkpoint, nothing is gathered, "
         "and the run resumes on any number of processes (generate, eval and export read it as well)")
     log_every: int = Field(10, ge=1)
-    seed: int = 1337
+    seed: Seed = 1337
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: Union[bool, CompileMode] = Field(
         False, description="torch.compile the model and loss: false, or the mode (default, reduce-overhead: each "

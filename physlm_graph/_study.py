@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from physlm_graph._errors import Diagnostic, Loc, PhysLMError
+from physlm_graph._schema import Seed
 
 __all__ = ["StudyDoc", "Variant", "Budget", "StudySpec", "VariantSpec", "load_study", "variant_source", "StudyError",
            "is_study_document"]
@@ -70,7 +71,7 @@ class StudyDoc(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict, description="--set overrides applied to every variant")
     variants: list[Variant] = Field(min_length=1)
     baseline: str | None = Field(None, description="the variant the others are tested against (default: the first)")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     budget: Budget | None = Field(None, description="default: each blueprint's train.steps")
     data: str | None = Field(None, description="default: each blueprint's train.data")
     tokenizer: str | None = Field(None, description="default: each blueprint's train.tokenizer")

@@ -153,3 +153,25 @@ def test_consolidate_refuses_an_output_in_the_checkpoint(where, sharded_run, cap
     assert code == 2
     assert f"checkpoint error: {out}: the output is the checkpoint itself or a folder inside it" in err, err
     assert _snapshot(ckpt) == before
+
+
+SEEDS = [("99999999999999999999", "Input should be less than 9223372036854775808"),
+         ("-1", "Input should be greater than or equal to 0")]
+
+
+@pytest.mark.parametrize("value,message", SEEDS, ids=["above-2**63", "negative"])
+def test_train_seed_has_the_command_lines_range(value, message, capsys):
+    # torch.manual_seed overflowed on the big one at the start of training (an internal error)
+    code, err = _run(["validate", TINY, "--set", f"train.seed={value}"], capsys)
+    assert code == 2
+    assert f"validate error: {TINY}:1:1: train.seed: {message} (got {value})" in err, err
+
+
+@pytest.mark.parametrize("value,message", SEEDS, ids=["above-2**63", "negative"])
+def test_study_seeds_have_the_command_lines_range(value, message, tmp_path, capsys):
+    study = tmp_path / "study.yaml"
+    study.write_text(f"study: s\nbase: {TINY}\nvariants:\n  - name: a\nseeds: [{value}]\n")
+    code, err = _run(["ablate", study, "--out", tmp_path / "out", "--no-progress"], capsys)
+    assert code == 2
+    assert f"study error: {study}:5:9: seeds.0: {message}" in err, err
+    assert not (tmp_path / "out").exists()
