@@ -15,7 +15,7 @@ does not import the runtime.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +189,14 @@ class VariantSpec:
     tokenizer: str
 
 
+def _in_variant(d: Diagnostic, name: str, file: str) -> Diagnostic:
+    """A variant's compile error; one located in the variant's own keys (compiled from a dict,
+    so ``<dict>``) is located in the study file instead."""
+    if d.loc is not None and d.loc.file != "<dict>":
+        return Diagnostic(f"variant {name!r}: {d.render()}")
+    return Diagnostic(f"variant {name!r}: {replace(d, loc=None).render()}", loc=Loc(file=file))
+
+
 class StudySpec:
     """A checked study with every variant compiled (meta device) and its train: defaults taken."""
 
@@ -213,7 +221,7 @@ class StudySpec:
             try:
                 cm = compile_blueprint(src, overrides=self.overrides or None, device="meta", build=False)
             except PhysLMError as exc:
-                errors += [Diagnostic(f"variant {v.name!r}: {d.render()}") for d in exc.diagnostics]
+                errors += [_in_variant(d, v.name, self.file) for d in exc.diagnostics]
                 continue
             bp_file = Path(src["extends"])
             cfg = cm.train_config

@@ -175,3 +175,13 @@ def test_study_seeds_have_the_command_lines_range(value, message, tmp_path, caps
     assert code == 2
     assert f"study error: {study}:5:9: seeds.0: {message}" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_variants_bad_replace_path_is_located_in_the_study_file(tmp_path, capsys):
+    study = tmp_path / "study.yaml"
+    study.write_text(f"study: s\nbase: {TINY}\nvariants:\n  - name: a\n"
+                     "    replace:\n      blocks.block.nodes.nothere: {use: norm.rms, in: x}\n")
+    code, err = _run(["ablate", study, "--out", tmp_path / "out", "--no-progress"], capsys)
+    assert code == 2
+    assert err.splitlines()[0] == (f"study error: {study}: variant 'a': cannot replace blocks.block.nodes.nothere: "
+                                   "blocks.block.nodes has no key 'nothere'"), err
