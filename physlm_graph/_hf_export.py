@@ -15,6 +15,7 @@ identical (``diff_models``): every node, component, parameter value and output.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from physlm_graph._errors import Loc
 from physlm_graph._hf_families import (
     FAMILIES,
     Family,
@@ -86,11 +88,42 @@ def match_family(cm: Any) -> tuple[Family | None, dict[str, Any] | None, str]:
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> HFExport:
     """Write the checkpoint at ``checkpoint`` (or a run folder's last/best) as a Hugging Face folder."""
-    from physlm_graph.runtime.checkpoint import TOKENIZER, load_checkpoint
+    from physlm_graph.runtime import checkpoint as ckpt
 
-    ck = load_checkpoint(checkpoint, tokenizer=False)
+    ck = ckpt.load_checkpoint(checkpoint, tokenizer=False)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out, ck.path)
+    # written beside ``out`` and swapped in whole: a failed export keeps the folder that was there,
+    # and a new one leaves none of an older export's files behind
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ckpt._recover(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        tmp.mkdir()
+        r = _export_into(ck, tmp)
+        ckpt._swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return HFExport(out, r.model_type, r.files, r.why_physlm, r.tokenizer)
+
+
+def _check_out(out: Path, source: Path) -> None:
+    """Refuse an output that would overwrite the checkpoint or anything that is not an HF folder."""
+    if out.resolve() == source.resolve() or out.resolve().is_relative_to(source.resolve()):
+        raise HFError(f"the output is inside the checkpoint being exported ({source})", loc=Loc(file=str(out)),
+                      fix="pass a folder outside the checkpoint")
+    if out.exists() and not out.is_dir():
+        raise HFError("the output exists and is a file, not a folder", loc=Loc(file=str(out)),
+                      fix="pass a new folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise HFError("the output folder holds other files and is not a Hugging Face folder", loc=Loc(file=str(out)),
+                      fix="pass a new or empty folder (an earlier export there would be replaced)")
+
+
+def _export_into(ck: Any, out: Path) -> HFExport:
+    """Write the loaded checkpoint ``ck`` into the empty folder ``out``."""
+    from physlm_graph.runtime.checkpoint import TOKENIZER
+
     fam, config, why = match_family(ck.model)
     if fam is None:
         from physlm_graph._hf import PhysLMForCausalLM

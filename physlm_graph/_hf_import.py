@@ -134,13 +134,26 @@ def import_hf(folder: str | Path, out: str | Path, *, name: str | None = None, d
     from physlm_graph._compile import compile_blueprint
     from physlm_graph.runtime.checkpoint import save_checkpoint
 
-    folder = Path(folder)
+    folder, out = Path(folder), Path(out)
+    _check_out(out, folder)
     want = import_dtype(folder, dtype)
     cm = compile_blueprint(hf_blueprint(folder, name=name), device="cpu")
     load_hf_weights(cm, folder, dtype=want)
     tokenizer = _tokenizer(folder)
     save_checkpoint(out, cm=cm, tokenizer=tokenizer)
     return cm
+
+
+def _check_out(out: Path, folder: Path) -> None:
+    """Refuse an output that is the model folder itself or anything but a checkpoint (which is replaced)."""
+    from physlm_graph.runtime.checkpoint import MANIFEST
+
+    if out.resolve() == folder.resolve():
+        raise HFError("the output is the Hugging Face folder being imported", loc=Loc(file=str(out)),
+                      fix="pass another folder")
+    if out.exists() and not (out / MANIFEST).is_file():  # a checkpoint there is replaced; anything else is kept
+        raise HFError("the output exists and is not a checkpoint folder", loc=Loc(file=str(out)),
+                      fix="pass a new folder (an existing checkpoint folder there would be replaced)")
 
 
 def is_hf_folder(path: Any) -> bool:

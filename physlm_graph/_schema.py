@@ -7,7 +7,7 @@ component's own model, and the wiring by the graph checks in ``_validate``.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -158,6 +158,10 @@ COMPILE_MODES: tuple[str, ...] = CompileMode.__args__
 
 ParamShape = Literal["any", "matrix", "vector"]
 
+# a random seed, as torch.manual_seed takes it and the command line's --seed allows
+Seed = Annotated[int, Field(ge=0, lt=1 << 63)]
+# an Adam moment decay: torch.optim.AdamW refuses one outside [0, 1)
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 _MUON_KEYS = ("momentum", "nesterov", "ns_coefficients", "ns_steps", "split")
 _ADAMW_KEYS = ("betas", "eps")
 
@@ -177,7 +181,7 @@ class OptimizerGroupDoc(StrictScalars):
     optimizer: Literal["muon", "adamw"]
     lr: float = Field(gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] | None = Field(None, description="adamw: default (0.9, 0.95)")
+    betas: tuple[Beta, Beta] | None = Field(None, description="adamw: default (0.9, 0.95)")
     eps: float | None = Field(None, gt=0.0, description="adamw: default 1e-8")
     momentum: float | None = Field(None, ge=0.0, lt=1.0, description="muon: default 0.95")
     nesterov: bool | None = Field(None, description="muon: default true")
@@ -258,7 +262,7 @@ class TrainConfig(_Strict):
     decay_frac: float | None = Field(None, ge=0.0, le=1.0, description="wsd: the decaying share of the steps "
                                      "(default 0.7)")
     weight_decay: float = Field(0.1, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.99)
+    betas: tuple[Beta, Beta] = (0.9, 0.99)
     grad_clip: float = Field(1.0, ge=0.0)
     eval_every: int = Field(250, ge=1)
     eval_iters: int = Field(50, ge=1)
@@ -268,7 +272,7 @@ class TrainConfig(_Strict):
         "sharded: every rank writes its own shards through torch.distributed.checkpoint, nothing is gathered, "
         "and the run resumes on any number of processes (generate, eval and export read it as well)")
     log_every: int = Field(10, ge=1)
-    seed: int = 1337
+    seed: Seed = 1337
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: Union[bool, CompileMode] = Field(
         False, description="torch.compile the model and loss: false, or the mode (default, reduce-overhead: each "

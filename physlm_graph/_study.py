@@ -15,13 +15,14 @@ does not import the runtime.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from physlm_graph._errors import Diagnostic, Loc, PhysLMError
+from physlm_graph._schema import Seed
 
 __all__ = ["StudyDoc", "Variant", "Budget", "StudySpec", "VariantSpec", "load_study", "variant_source", "StudyError",
            "is_study_document"]
@@ -70,7 +71,7 @@ class StudyDoc(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict, description="--set overrides applied to every variant")
     variants: list[Variant] = Field(min_length=1)
     baseline: str | None = Field(None, description="the variant the others are tested against (default: the first)")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     budget: Budget | None = Field(None, description="default: each blueprint's train.steps")
     data: str | None = Field(None, description="default: each blueprint's train.data")
     tokenizer: str | None = Field(None, description="default: each blueprint's train.tokenizer")
@@ -188,6 +189,14 @@ class VariantSpec:
     tokenizer: str
 
 
+def _in_variant(d: Diagnostic, name: str, file: str) -> Diagnostic:
+    """A variant's compile error; one located in the variant's own keys (compiled from a dict,
+    so ``<dict>``) is located in the study file instead."""
+    if d.loc is not None and d.loc.file != "<dict>":
+        return Diagnostic(f"variant {name!r}: {d.render()}")
+    return Diagnostic(f"variant {name!r}: {replace(d, loc=None).render()}", loc=Loc(file=file))
+
+
 class StudySpec:
     """A checked study with every variant compiled (meta device) and its train: defaults taken."""
 
@@ -212,7 +221,7 @@ class StudySpec:
             try:
                 cm = compile_blueprint(src, overrides=self.overrides or None, device="meta", build=False)
             except PhysLMError as exc:
-                errors += [Diagnostic(f"variant {v.name!r}: {d.render()}") for d in exc.diagnostics]
+                errors += [_in_variant(d, v.name, self.file) for d in exc.diagnostics]
                 continue
             bp_file = Path(src["extends"])
             cfg = cm.train_config

@@ -165,8 +165,9 @@ def consolidate(path: str | Path, out: str | Path, *, optimizer: bool = True) ->
         raise CheckpointError("not a sharded checkpoint (no sharded.json or shards/ folder)", loc=Loc(file=str(folder)),
                               fix="a full checkpoint needs no consolidating: use it as it is")
     out = Path(out)
-    if out.resolve() == folder.resolve():
-        raise CheckpointError("the output is the checkpoint itself", loc=Loc(file=str(out)), fix="pass another folder")
+    if out.resolve().is_relative_to(folder.resolve()):  # inside it, the next save of the run would delete it
+        raise CheckpointError("the output is the checkpoint itself or a folder inside it", loc=Loc(file=str(out)),
+                              fix="pass a folder outside the checkpoint")
     if out.exists() and not (out / ck.MANIFEST).is_file():  # a checkpoint there is replaced; anything else is kept
         raise CheckpointError("the output exists and is not a checkpoint folder", loc=Loc(file=str(out)),
                               fix="pass a new folder (an existing checkpoint folder there would be replaced)")

@@ -155,6 +155,9 @@ class Trainer:
         note = warmup_note(warmup=self.cfg.warmup, steps=self.cfg.steps, lr=self.cfg.lr)
         if note:
             self.notes.append(note)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise TrainingError("the output exists and is a file, not a run folder", loc=Loc(file=str(self.out_dir)),
+                                fix="pass another --out (a new or run folder)")
         self.resume_from_path = self.find_resume() if self.resume else None
         if not self.resume and (self.out_dir / "last").exists():
             raise TrainingError("the output folder already holds a run", loc=Loc(file=str(self.out_dir)),
