@@ -75,7 +75,9 @@ class GrowthPart(Part):
     def grow_now(self, trainer: Any) -> Growth:
         """Enter the next stage now: grow ``trainer``'s model, rebuild its optimizer."""
         old_cm, old_opt = trainer.cm, trainer.optimizer
-        g = grow(old_cm, self.stage + 1, seed=trainer.cfg.seed + self.stage + 1)
+        seed = trainer.cfg.seed + self.stage + 1
+        g = grow(old_cm, self.stage + 1, seed=seed,  # train.init_rules draw the fresh layers too
+                 init_fresh=lambda m, names: trainer.plan.apply_init_rules(m, only=names, seed=seed))
         if self.check and growth_op(g.grow).exact:
             probe = trainer.val_tokens[: min(16, trainer.seq_len)].astype("int64")
             tokens = torch.from_numpy(probe).to(trainer.device).reshape(1, -1)

@@ -212,15 +212,16 @@ class RunPlan:
             self.optimizer_groups(cm.module)
         self.apply_init_rules(cm.module)  # meta parameters: checked, not drawn
 
-    def apply_init_rules(self, model: Any) -> list[str]:
-        """``train.init_rules`` applied to ``model`` (seeded by ``train.seed``); the names no rule took."""
+    def apply_init_rules(self, model: Any, *, only: set[str] | None = None, seed: int | None = None) -> list[str]:
+        """``train.init_rules`` applied to ``model`` (seeded by ``seed``, default ``train.seed``); the
+        names no rule took. ``only``: draw just these parameters (a growth step's fresh layers)."""
         from .recipe import RecipeError, apply_init_rules, init_rules_from_config
 
         if not self.config.init_rules:
             return []
         try:
-            return apply_init_rules(model, init_rules_from_config(self.config.init_rules), seed=self.config.seed,
-                                    complete=False)
+            return apply_init_rules(model, init_rules_from_config(self.config.init_rules),
+                                    seed=self.config.seed if seed is None else seed, complete=False, only=only)
         except RecipeError as err:
             raise self._recipe_error(err, "init_rules") from None
 
