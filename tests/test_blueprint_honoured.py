@@ -50,3 +50,28 @@ def test_init_rules_draw_the_layers_growth_adds(tmp_path, text_file):
     assert w["trunk.0.ln1.weight"].std() > 3.0
     assert w["trunk.1.ln1.weight"].std() > 3.0  # was LayerNorm's ones (std 0) before growth honoured the rules
     assert w["trunk.1.attn.proj.weight"].abs().max() < 1e-2  # zero_init's zeroed projection, 1 step of lr 1e-4
+
+
+MUON_AND_ADAMW = [{"name": "mat", "params": ["**"], "shape": "matrix", "optimizer": "muon", "lr": 0.02},
+                  {"name": "vec", "params": ["**"], "shape": "vector", "optimizer": "adamw", "lr": 0.001}]
+
+
+def test_build_memory_counts_the_state_of_train_optimizers(tmp_path, capsys):
+    """train.optimizers under ``build --memory``: Muon keeps one number per parameter, AdamW two;
+    the estimate counted AdamW for every parameter whatever the groups said."""
+    import json
+
+    from physlm_graph.cli import main
+
+    path = tmp_path / "muon.yaml"
+    path.write_text(yaml.safe_dump(blueprint(train={"optimizers": MUON_AND_ADAMW}), sort_keys=False), encoding="utf-8")
+    assert main(["build", str(path), "--memory", "--json"]) == 0
+    mem = json.loads(capsys.readouterr().out)["memory"]
+    from physlm_graph import compile_blueprint
+
+    params = dict(compile_blueprint(str(path), device="meta").module.named_parameters())
+    matrices = sum(p.numel() for p in params.values() if p.ndim >= 2)
+    assert mem["optimizer"] == "muon + adamw"
+    assert mem["optimizer_state"] == 4 * (matrices + 2 * (mem["params"] - matrices))
+    assert main(["build", str(path), "--memory", "--json", "--optimizer", "adamw"]) == 0  # the flag: one for all
+    assert json.loads(capsys.readouterr().out)["memory"]["optimizer_state"] == 8 * mem["params"]
