@@ -243,6 +243,16 @@ def apply_init_rules(model: nn.Module, rules: tuple[InitRule, ...] | list[InitRu
     return missing
 
 
+def init_rule_takes(model: nn.Module, rules: tuple[InitRule, ...] | list[InitRule]) -> list[list[str]]:
+    """The parameter names each init rule takes (the first rule matching a parameter takes it)."""
+    taken: list[list[str]] = [[] for _ in rules]
+    for name, p in model.named_parameters():
+        i = next((i for i, r in enumerate(rules) if _matches(r, name, p)), None)
+        if i is not None:
+            taken[i].append(name)
+    return taken
+
+
 def rules_from_config(groups: list[Any]) -> list[GroupRule]:
     """``train.optimizers`` (``OptimizerGroupDoc`` items) as rules, each setting filled in."""
     out = []

@@ -75,3 +75,34 @@ def test_build_memory_counts_the_state_of_train_optimizers(tmp_path, capsys):
     assert mem["optimizer_state"] == 4 * (matrices + 2 * (mem["params"] - matrices))
     assert main(["build", str(path), "--memory", "--json", "--optimizer", "adamw"]) == 0  # the flag: one for all
     assert json.loads(capsys.readouterr().out)["memory"]["optimizer_state"] == 8 * mem["params"]
+
+
+def _line_of(text: str, needle: str, after: str = "") -> int:
+    """1-based line of the first ``needle`` after the line holding ``after``."""
+    lines = text.splitlines()
+    start = next(i for i, l in enumerate(lines) if after in l) if after else 0
+    return next(i for i, l in enumerate(lines) if i > start and needle in l) + 1
+
+
+def test_init_rules_over_carried_weights_are_refused_before_step_0(tmp_path, text_file, capfd):
+    """train.init_rules under --init-from: a rule whose parameters all come from the checkpoint was
+    drawn, then overwritten (it did nothing); now it is refused at its line, before step 0."""
+    from physlm_graph._errors import TrainingError
+
+    train(blueprint(), data=str(text_file), out_dir=tmp_path / "a", steps=1, **RUN)
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump(blueprint(train={"init_rules": [WIDE_LN1]}), sort_keys=False), encoding="utf-8")
+    with pytest.raises(TrainingError) as err:
+        train(str(path), data=str(text_file), out_dir=tmp_path / "b", steps=1, init_from=tmp_path / "a", **RUN)
+    msg = str(err.value)
+    line = _line_of(path.read_text(encoding="utf-8"), "params", after="init_rules")
+    assert f"{path}:{line}:" in msg and "train.init_rules: init rule 0 draws only parameters that --init-from carries" in msg
+    assert "trunk.0.ln1.weight" in msg and "drop the rule" in msg
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
+    # a rule that also draws fresh parameters runs, and says which of them the checkpoint keeps
+    bp = blueprint(train={"init_rules": [WIDE_LN1]}, params={**BASE["params"], "layers": 2})
+    capfd.readouterr()
+    train(bp, data=str(text_file), out_dir=tmp_path / "c", steps=1, init_from=tmp_path / "a", **RUN)
+    assert "rule 0: 1 of its 2 parameters are carried by --init-from" in " ".join(capfd.readouterr().out.split())
+    w = load_file(tmp_path / "c" / "last" / "model.safetensors")
+    assert w["trunk.1.ln1.weight"].std() > 3.0 and w["trunk.0.ln1.weight"].std() < 0.1
