@@ -106,3 +106,24 @@ def test_init_rules_over_carried_weights_are_refused_before_step_0(tmp_path, tex
     assert "rule 0: 1 of its 2 parameters are carried by --init-from" in " ".join(capfd.readouterr().out.split())
     w = load_file(tmp_path / "c" / "last" / "model.safetensors")
     assert w["trunk.1.ln1.weight"].std() > 3.0 and w["trunk.0.ln1.weight"].std() < 0.1
+
+
+def test_a_blueprint_seed_a_study_never_runs_is_refused(tmp_path):
+    """train.seed under ``ablate``: a study without `seeds` ran every variant at seed 0, whatever
+    seed its blueprint wrote; now that is an error at the key, and listed seeds that replace it say so."""
+    from physlm_graph._study import StudyError, StudySpec, load_study
+
+    bp = tmp_path / "bp.yaml"
+    bp.write_text(yaml.safe_dump(blueprint(train={"seed": 7}), sort_keys=False), encoding="utf-8")
+    study = {"study": "s", "base": "bp.yaml", "variants": [{"name": "a"}], "budget": {"steps": 1}, "data": "x.txt"}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
+    with pytest.raises(StudyError) as err:
+        StudySpec(*load_study(path), path)
+    line = _line_of(bp.read_text(encoding="utf-8"), "seed: 7", after="train:")
+    assert str(err.value).startswith(f"study error: {bp}:{line}:3: variant 'a': train.seed 7 is never run: a study "
+                                     "runs every variant at its `seeds`, [0] when it lists none")
+    path.write_text(yaml.safe_dump({**study, "seeds": [0, 1]}, sort_keys=False), encoding="utf-8")
+    assert StudySpec(*load_study(path), path).notes == ["variant 'a': the study's seeds [0, 1] replace its train.seed 7"]
+    path.write_text(yaml.safe_dump({**study, "seeds": [7]}, sort_keys=False), encoding="utf-8")
+    assert StudySpec(*load_study(path), path).notes == []
