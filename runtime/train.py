@@ -165,6 +165,8 @@ class Trainer:
                 part.load_state(state)
         self.load_data()
         self.set_model(carry_weights(self, self.build_model()))  # --init-from: after the blueprint's init
+        if self.growth is not None:
+            self.growth.check_reached(self)  # a stage past the last step: refused before step 0
         self.optimizer = self.build_optimizer()
         try:
             self.batches = self.make_batches()

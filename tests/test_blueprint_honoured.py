@@ -127,3 +127,24 @@ def test_a_blueprint_seed_a_study_never_runs_is_refused(tmp_path):
     assert StudySpec(*load_study(path), path).notes == ["variant 'a': the study's seeds [0, 1] replace its train.seed 7"]
     path.write_text(yaml.safe_dump({**study, "seeds": [7]}, sort_keys=False), encoding="utf-8")
     assert StudySpec(*load_study(path), path).notes == []
+
+
+@pytest.mark.parametrize("bound, steps, message", [
+    ({"until": 5}, 5, "growth stage 1 starts at step 5, but the run's last step is 4 (train.steps 5): stage 1 would "
+                      "never train"),
+    ({"until_tokens": 200}, 4, "growth stage 1 starts at 200 tokens (step 7 at 32 a step), but the run's last step "
+                               "is 3 (train.steps 4): stage 1 would never train"),
+])
+def test_a_growth_stage_past_the_last_step_is_refused_before_step_0(tmp_path, text_file, bound, steps, message):
+    """growth under ``train``: a run shorter than the schedule stopped in an early stage, never
+    growing into the later ones; now the stage's bound is refused at its line."""
+    from physlm_graph._growth_ops import GrowthError
+
+    bp = blueprint(growth=[{**bound, "params": {"layers": 1}}, {"params": {"layers": 2}, "grow": "zero_init"}])
+    path = tmp_path / "bp.yaml"
+    path.write_text(yaml.safe_dump(bp, sort_keys=False), encoding="utf-8")
+    with pytest.raises(GrowthError) as err:
+        train(str(path), data=str(text_file), out_dir=tmp_path / "run", steps=steps, **RUN)
+    line = _line_of(path.read_text(encoding="utf-8"), next(iter(bound)), after="growth:")
+    assert str(err.value).startswith(f"growth error: {path}:{line}:") and message in str(err.value)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
