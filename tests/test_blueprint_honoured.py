@@ -148,3 +148,23 @@ def test_a_growth_stage_past_the_last_step_is_refused_before_step_0(tmp_path, te
     line = _line_of(path.read_text(encoding="utf-8"), next(iter(bound)), after="growth:")
     assert str(err.value).startswith(f"growth error: {path}:{line}:") and message in str(err.value)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_ddp_settings_under_fsdp_are_refused_and_on_one_process_noted(tmp_path, text_file):
+    """train.ddp_bucket_mb and ddp_bucket_view under FSDP2: not read (only ddp_reduce_dtype was
+    refused); now each is an error at its line. On one process none of them applies: a note says so."""
+    from physlm_graph.runtime.train import Trainer, TrainingError
+
+    path = tmp_path / "bp.yaml"
+    path.write_text(yaml.safe_dump(blueprint(train={"ddp_bucket_mb": 50.0}), sort_keys=False), encoding="utf-8")
+    fsdp = Trainer(str(path), data=str(text_file), out_dir=tmp_path / "a", device="cpu", strategy="fsdp")
+    with pytest.raises(TrainingError) as err:
+        fsdp.setup()
+    line = _line_of(path.read_text(encoding="utf-8"), "ddp_bucket_mb", after="train:")
+    assert str(err.value).startswith(f"train error: {path}:{line}:3: train.ddp_bucket_mb: 50 sizes DDP's gradient "
+                                     "buckets; FSDP2 has none")
+    one = Trainer(str(path), data=str(text_file), out_dir=tmp_path / "b", device="cpu", ddp_reduce_dtype="bfloat16",
+                  steps=1, **{k: v for k, v in RUN.items() if k not in ("device", "progress")})
+    one.setup()
+    assert ("train.ddp_reduce_dtype, train.ddp_bucket_mb have no effect: the run is one process, with no gradient "
+            "all-reduce (they apply under torchrun with DDP)") in one.notes
