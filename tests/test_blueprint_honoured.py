@@ -168,3 +168,19 @@ def test_ddp_settings_under_fsdp_are_refused_and_on_one_process_noted(tmp_path, 
     one.setup()
     assert ("train.ddp_reduce_dtype, train.ddp_bucket_mb have no effect: the run is one process, with no gradient "
             "all-reduce (they apply under torchrun with DDP)") in one.notes
+
+
+def test_build_memory_says_a_fitted_vocabulary_is_not_the_estimated_one(tmp_path, capsys):
+    """train.fit_vocab under ``build --memory``: the run's logits are the tokenizer's size, the
+    estimate's are params.vocab; the estimate now says which vocabulary it counted."""
+    from physlm_graph.cli import main
+
+    path = tmp_path / "bp.yaml"
+    path.write_text(yaml.safe_dump(blueprint(), sort_keys=False), encoding="utf-8")
+    assert main(["build", str(path), "--memory", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert ("note: train.fit_vocab: a run sets params.vocab to its tokenizer's size; this estimate is at params.vocab "
+            "65 (--set vocab=N estimates another)") in " ".join(err.split())
+    path.write_text(yaml.safe_dump(blueprint(train={"fit_vocab": False}), sort_keys=False), encoding="utf-8")
+    assert main(["build", str(path), "--memory", "--json"]) == 0
+    assert "fit_vocab" not in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """``build``, ``validate``, ``components`` and ``schema``: the subcommands about blueprints.
 
-They compile on the meta device (no weights) and never import the runtime.
+They compile on the meta device (no weights); only ``build --memory`` of a blueprint with
+``train.optimizers`` imports the runtime, to match the groups as ``train`` does.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         return _build_stages(args)
     cm = _compile(args, build=bool(args.code or args.memory), stage=args.stage)
     mem = _memory(cm, args) if args.memory else None
+    vocab = (cm.blueprint.get("params") or {}).get("vocab")
+    if mem is not None and cm.train_config.fit_vocab and vocab is not None:  # the run's vocabulary is not known here
+        print(f"note: train.fit_vocab: a run sets params.vocab to its tokenizer's size; this estimate is at "
+              f"params.vocab {vocab} (--set vocab=N estimates another)", file=sys.stderr)
     if args.json:
         out = cm.to_json()
         if args.code:
