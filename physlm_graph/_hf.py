@@ -129,6 +129,7 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
         from physlm_graph.runtime.generate import _not_incremental
 
         cm = compile_blueprint(config.blueprint, device="cpu", stage=getattr(config, "growth_stage", None))
+        _apply_init_rules(cm)
         self.model = cm.module
         self.__dict__["compiled"] = cm  # the CompiledModel (report, blueprint); not a submodule
         self.__dict__["tokenizer_folder"] = None
@@ -376,6 +377,21 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
         model = cls(PhysLMConfig.from_compiled(cm))
         model.model.load_state_dict(cm.module.state_dict())
         return model
+
+
+def _apply_init_rules(cm: Any) -> None:
+    """``train.init_rules`` over a fresh model, as a training run applies them (from the global
+    generator, which the compile drew from too); loaded weights then replace them as they replace
+    the components' init."""
+    from physlm_graph._errors import TrainingError
+    from physlm_graph.runtime.recipe import RecipeError, apply_init_rules, init_rules_from_config
+
+    rules = cm.train_config.init_rules
+    if rules:
+        try:
+            apply_init_rules(cm.module, init_rules_from_config(rules), complete=False)
+        except RecipeError as err:
+            raise TrainingError(f"train.init_rules: {err}", fix=err.fix) from None
 
 
 def _refuse(given: bool, what: str, fix: str) -> None:

@@ -184,3 +184,18 @@ def test_build_memory_says_a_fitted_vocabulary_is_not_the_estimated_one(tmp_path
     path.write_text(yaml.safe_dump(blueprint(train={"fit_vocab": False}), sort_keys=False), encoding="utf-8")
     assert main(["build", str(path), "--memory", "--json"]) == 0
     assert "fit_vocab" not in capsys.readouterr().err
+
+
+def test_a_fresh_hugging_face_model_follows_train_init_rules():
+    """train.init_rules under ``PhysLMForCausalLM(config)``: a model built fresh from a config (to
+    train with transformers' Trainer) started from the components' init; now the rules draw it."""
+    pytest.importorskip("transformers")
+    from physlm_graph import compile_blueprint
+    from physlm_graph._hf import PhysLMConfig, PhysLMForCausalLM
+
+    cm = compile_blueprint(blueprint(train={"init_rules": [WIDE_LN1]}), device="meta", build=False)
+    fresh = PhysLMForCausalLM(PhysLMConfig(blueprint=cm.blueprint_text))
+    assert fresh.model.get_parameter("trunk.0.ln1.weight").std() > 3.0
+    # weights copied in replace the draw: compile_blueprint alone leaves LayerNorm's ones
+    loaded = PhysLMForCausalLM.from_compiled(compile_blueprint(blueprint(train={"init_rules": [WIDE_LN1]}), device="cpu"))
+    assert torch.equal(loaded.model.get_parameter("trunk.0.ln1.weight"), torch.ones(16))
