@@ -199,3 +199,31 @@ def test_a_fresh_hugging_face_model_follows_train_init_rules():
     # weights copied in replace the draw: compile_blueprint alone leaves LayerNorm's ones
     loaded = PhysLMForCausalLM.from_compiled(compile_blueprint(blueprint(train={"init_rules": [WIDE_LN1]}), device="cpu"))
     assert torch.equal(loaded.model.get_parameter("trunk.0.ln1.weight"), torch.ones(16))
+
+
+def test_hugging_face_training_loss_is_the_blueprints_objective():
+    """exits (and losses) under ``PhysLMForCausalLM(labels=...)`` in training mode: the loss was the
+    cross-entropy alone, so transformers' Trainer never trained the exits; now it is the objective
+    ``physlm-graph train`` optimizes. Left-padded rows (run apart) are refused."""
+    pytest.importorskip("transformers")
+    import torch.nn.functional as F
+
+    from physlm_graph import PhysLMError, compile_blueprint
+    from physlm_graph._hf import PhysLMForCausalLM
+    from physlm_graph.runtime.objective import Objective
+
+    torch.manual_seed(0)
+    cm = compile_blueprint(blueprint(exits={"every": 1, "block": "trunk"}, params={**BASE["params"], "layers": 2}))
+    model = PhysLMForCausalLM.from_compiled(cm).train()
+    ids = torch.randint(0, 65, (2, 8))
+    loss = model(input_ids=ids, labels=ids).loss
+    y = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    want, terms = Objective(cm.loss_weights)(cm, cm.module(ids), y)
+    assert any(k.startswith("exit/") for k in terms) and torch.allclose(loss, want)
+    ce = F.cross_entropy(cm.module(ids)["logits"][:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert loss > ce + 1e-3
+    assert torch.allclose(model.eval()(input_ids=ids, labels=ids).loss, ce)  # eval: the cross-entropy
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :2] = 0
+    with pytest.raises(PhysLMError, match="left-padded rows run apart"):
+        model.train()(input_ids=ids, attention_mask=mask, labels=ids)
