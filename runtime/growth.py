@@ -143,7 +143,8 @@ def _under(name: str, prefixes: dict[str, Any]) -> str | None:
     return None
 
 
-def grow(cm: Any, stage: int, *, seed: int = 0, init_fresh: Callable[[nn.Module, set[str]], Any] | None = None) -> Growth:
+def grow(cm: Any, stage: int, *, seed: int = 0,
+         init_fresh: Callable[[nn.Module, set[str]], Any] | None = None) -> Growth:
     """Grow ``cm`` (compiled at stage ``stage - 1``) into ``stage``: build the new stage from
     ``cm.blueprint``, copy every surviving tensor by its renamed path, initialise the new block
     instances per the stage's operator. ``init_fresh(module, names)`` re-initialises the fresh

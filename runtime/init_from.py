@@ -9,7 +9,8 @@ a name found with another shape stops the run (one located error per tensor, bot
 since a silent fresh start there would hide a changed width. Names the checkpoint does not have
 start as the blueprint's init made them. This happens once, before step 0; the optimizer starts
 fresh. A ``train.init_rules`` rule whose every parameter is carried would draw nothing the run
-keeps: it is refused at the rule's line (a rule with some carried parameters gets a note). A node is *carried* when all its tensors came from the checkpoint, *fresh* when none did.
+keeps: it is refused at the rule's line (a rule with some carried parameters gets a note). A node
+is *carried* when all its tensors came from the checkpoint, *fresh* when none did.
 
 The report (carried and fresh nodes, the checkpoint's unused tensors) is printed before the run
 and written to ``OUT/init_from.json``: the run's record of where its weights came from. Without

@@ -135,7 +135,8 @@ class Trainer:
         shards in fp32, in its own buckets) they are an error at the key; in a run of one process
         (no all-reduce at all) a note says they have no effect."""
         c, fields = self.cfg, type(self.cfg).model_fields
-        given = [k for k in ("ddp_reduce_dtype", "ddp_bucket_mb", "ddp_bucket_view") if getattr(c, k) != fields[k].default]
+        keys = ("ddp_reduce_dtype", "ddp_bucket_mb", "ddp_bucket_view")
+        given = [k for k in keys if getattr(c, k) != fields[k].default]
         if not given:
             return
         if self.strategy == "fsdp":

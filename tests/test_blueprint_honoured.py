@@ -96,7 +96,8 @@ def test_init_rules_over_carried_weights_are_refused_before_step_0(tmp_path, tex
         train(str(path), data=str(text_file), out_dir=tmp_path / "b", steps=1, init_from=tmp_path / "a", **RUN)
     msg = str(err.value)
     line = _line_of(path.read_text(encoding="utf-8"), "params", after="init_rules")
-    assert f"{path}:{line}:" in msg and "train.init_rules: init rule 0 draws only parameters that --init-from carries" in msg
+    assert f"{path}:{line}:" in msg
+    assert "train.init_rules: init rule 0 draws only parameters that --init-from carries" in msg
     assert "trunk.0.ln1.weight" in msg and "drop the rule" in msg
     assert not (tmp_path / "b" / "metrics.jsonl").exists()
     # a rule that also draws fresh parameters runs, and says which of them the checkpoint keeps
@@ -124,7 +125,8 @@ def test_a_blueprint_seed_a_study_never_runs_is_refused(tmp_path):
     assert str(err.value).startswith(f"study error: {bp}:{line}:3: variant 'a': train.seed 7 is never run: a study "
                                      "runs every variant at its `seeds`, [0] when it lists none")
     path.write_text(yaml.safe_dump({**study, "seeds": [0, 1]}, sort_keys=False), encoding="utf-8")
-    assert StudySpec(*load_study(path), path).notes == ["variant 'a': the study's seeds [0, 1] replace its train.seed 7"]
+    notes = StudySpec(*load_study(path), path).notes
+    assert notes == ["variant 'a': the study's seeds [0, 1] replace its train.seed 7"]
     path.write_text(yaml.safe_dump({**study, "seeds": [7]}, sort_keys=False), encoding="utf-8")
     assert StudySpec(*load_study(path), path).notes == []
 
@@ -197,7 +199,8 @@ def test_a_fresh_hugging_face_model_follows_train_init_rules():
     fresh = PhysLMForCausalLM(PhysLMConfig(blueprint=cm.blueprint_text))
     assert fresh.model.get_parameter("trunk.0.ln1.weight").std() > 3.0
     # weights copied in replace the draw: compile_blueprint alone leaves LayerNorm's ones
-    loaded = PhysLMForCausalLM.from_compiled(compile_blueprint(blueprint(train={"init_rules": [WIDE_LN1]}), device="cpu"))
+    ruled = compile_blueprint(blueprint(train={"init_rules": [WIDE_LN1]}), device="cpu")
+    loaded = PhysLMForCausalLM.from_compiled(ruled)
     assert torch.equal(loaded.model.get_parameter("trunk.0.ln1.weight"), torch.ones(16))
 
 
