@@ -109,7 +109,8 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
 
     ``forward(input_ids, attention_mask=None, position_ids=None, past_key_values=None,
     use_cache=None, labels=None)`` returns ``logits`` (B, T, V), with labels the next-token
-    cross-entropy (labels shifted inside, -100 ignored, as in HF models), and with ``use_cache``
+    cross-entropy (labels shifted inside, -100 ignored, as in HF models; in training mode, the
+    blueprint's objective: that plus its weighted ``losses`` and exit losses), and with ``use_cache``
     the ``PhysLMCache`` to pass back with the next tokens. Left padding is run per padding group
     (``_hf_cache``), so a padded row gives what its prompt gives alone.
     """
@@ -129,6 +130,7 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
         from physlm_graph.runtime.generate import _not_incremental
 
         cm = compile_blueprint(config.blueprint, device="cpu", stage=getattr(config, "growth_stage", None))
+        _apply_init_rules(cm)
         self.model = cm.module
         self.__dict__["compiled"] = cm  # the CompiledModel (report, blueprint); not a submodule
         self.__dict__["tokenizer_folder"] = None
@@ -204,9 +206,18 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
                 _warn_no_cache(self.not_incremental)
         if cache is not None and self.training and torch.is_grad_enabled():
             raise PhysLMError("use_cache in training mode", fix="call model.eval() to decode, or pass use_cache=False")
-        logits = self._logits(input_ids, attention_mask, position_ids, cache, cache_position)
+        objective = labels is not None and self.training and self.has_objective_terms
+        outs: list[dict[str, Any]] = []  # the graph's whole output (aux losses, exit logits), for the objective
+        hook = self.model.register_forward_hook(lambda m, a, o: outs.append(o)) if objective else None
+        try:
+            logits = self._logits(input_ids, attention_mask, position_ids, cache, cache_position)
+        finally:
+            if hook is not None:
+                hook.remove()
         loss = None
-        if labels is not None:  # num_items_in_batch (transformers' Trainer): the tokens of all accumulated batches
+        if objective:
+            loss = self._objective(outs, input_ids, labels, num_items_in_batch)
+        elif labels is not None:  # num_items_in_batch (transformers' Trainer): the tokens of all accumulated batches
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
                                    ignore_index=-100, reduction="mean" if num_items_in_batch is None else "sum")
             if num_items_in_batch is not None:
@@ -218,6 +229,28 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
         return out if (return_dict if return_dict is not None else getattr(self.config, "return_dict", True)) \
             else out.to_tuple()
+
+    @property
+    def has_objective_terms(self) -> bool:
+        """Whether the blueprint trains more than the cross-entropy: ``losses`` or ``exits``."""
+        return bool(self.compiled.loss_weights) or bool(self.compiled.resolved.exit_points)
+
+    def _objective(self, outs: list[dict[str, Any]], input_ids: torch.Tensor, labels: torch.Tensor,
+                   num_items_in_batch: Any) -> torch.Tensor:
+        """The blueprint's training objective (``runtime/objective.py``: the cross-entropy plus the
+        weighted ``losses`` and exit losses) over the batch's labels, shifted inside as in HF."""
+        from physlm_graph.runtime.objective import Objective
+
+        if len(outs) != 1 or tuple(outs[0]["logits"].shape[:2]) != tuple(input_ids.shape):
+            raise PhysLMError("the blueprint's losses and exits are added to the loss from one run of the whole "
+                              "batch, but left-padded rows run apart", fix="pad on the right in training "
+                              "(tokenizer.padding_side = 'right'), or pack the batches without padding")
+        y = torch.full_like(labels, -100)
+        y[:, :-1] = labels[:, 1:]  # (B, T): position t predicts token t + 1
+        total, _ = Objective(self.compiled.loss_weights)(self.compiled, outs[0], y.to(input_ids.device))
+        if num_items_in_batch is not None:  # the sum over this batch's tokens, over all accumulated ones
+            total = total * (y != -100).sum() / num_items_in_batch
+        return total
 
     def _logits(self, input_ids: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor | None,
                 cache: PhysLMCache | None, cache_position: torch.Tensor | None) -> torch.Tensor:
@@ -376,6 +409,21 @@ class PhysLMForCausalLM(PreTrainedModel, GenerationMixin):
         model = cls(PhysLMConfig.from_compiled(cm))
         model.model.load_state_dict(cm.module.state_dict())
         return model
+
+
+def _apply_init_rules(cm: Any) -> None:
+    """``train.init_rules`` over a fresh model, as a training run applies them (from the global
+    generator, which the compile drew from too); loaded weights then replace them as they replace
+    the components' init."""
+    from physlm_graph._errors import TrainingError
+    from physlm_graph.runtime.recipe import RecipeError, apply_init_rules, init_rules_from_config
+
+    rules = cm.train_config.init_rules
+    if rules:
+        try:
+            apply_init_rules(cm.module, init_rules_from_config(rules), complete=False)
+        except RecipeError as err:
+            raise TrainingError(f"train.init_rules: {err}", fix=err.fix) from None
 
 
 def _refuse(given: bool, what: str, fix: str) -> None:

@@ -249,15 +249,20 @@ def _largest_block(cm: Any, module: torch.nn.Module) -> int:
 
 
 def estimate_memory(cm: Any, *, batch: int, seq: int, dtype: str = "bfloat16", world: int = 1,
-                    optimizer: str = "adamw", bucket_view: bool = True, checkpointing: Any = "none") -> MemoryEstimate:
+                    optimizer: str | dict[str, int] = "adamw", bucket_view: bool = True,
+                    checkpointing: Any = "none") -> MemoryEstimate:
     """Estimate one training step's memory for compiled blueprint ``cm`` (built on meta): static
     memory plus the largest of the forward, backward and step phases (the module's docstring).
 
+    ``optimizer`` is one optimizer for every parameter, or the parameter count each optimizer
+    trains (``train.optimizers``' groups: ``{"muon": n1, "adamw": n2}``).
+
     ``checkpointing`` (``train.checkpointing``) is applied to ``cm.module`` in place before the
     count; its recomputation is then part of the backward phase."""
-    if optimizer not in OPTIMIZER_STATE:
-        raise PhysLMError(f"unknown optimizer {optimizer!r} for the memory estimate",
-                          expected=", ".join(OPTIMIZER_STATE))
+    for name in optimizer if isinstance(optimizer, dict) else [optimizer]:
+        if name not in OPTIMIZER_STATE:
+            raise PhysLMError(f"unknown optimizer {name!r} for the memory estimate",
+                              expected=", ".join(OPTIMIZER_STATE))
     if cm.module is None:
         raise PhysLMError("the memory estimate needs a built module (compile with build=True)")
     module = cm.module
@@ -286,7 +291,9 @@ def estimate_memory(cm: Any, *, batch: int, seq: int, dtype: str = "bfloat16", w
     weights = sum(p.numel() * p.element_size() for p in module.parameters())
     buffers = sum(b.numel() * b.element_size() for b in module.buffers())
     grads = 4 * n  # fp32 gradients (autocast keeps the parameters fp32)
-    opt = OPTIMIZER_STATE[optimizer] * 4 * n
+    counts = optimizer if isinstance(optimizer, dict) else {optimizer: n}
+    opt = sum(OPTIMIZER_STATE[o] * 4 * k for o, k in counts.items())
+    label = " + ".join(counts) if isinstance(optimizer, dict) else optimizer
     static = weights + buffers + opt
     phases = {"forward": live.peak("forward"), "backward": live.peak("backward"),
               "step": full.grads}  # fused AdamW: every gradient, no temporaries
@@ -303,7 +310,7 @@ def estimate_memory(cm: Any, *, batch: int, seq: int, dtype: str = "bfloat16", w
     gathered = 2 * block * (2 if half is not None else 4)
     fsdp = ((weights + opt) // w + buffers + gathered
             + max(live.peak("forward", 2), live.peak("backward", 2) + full.grads // w + 4 * block, full.grads // w))
-    return MemoryEstimate(dtype=dtype, optimizer=optimizer, batch=batch, seq=seq, world=world, params=n,
+    return MemoryEstimate(dtype=dtype, optimizer=label, batch=batch, seq=seq, world=world, params=n,
                           weights=weights, buffers=buffers, gradients=grads, optimizer_state=opt, static=static,
                           activations_per_token=per_row / seq, activations_fixed=max(one - per_row, 0),
                           activations=full.saved, weight_casts=full.casts, logits_grad=full.logits,

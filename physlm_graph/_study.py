@@ -215,6 +215,7 @@ class StudySpec:
             raise StudyError([Diagnostic(f"the base blueprint does not compile: {d.render()}", loc=Loc(file=base_path))
                               for d in exc.diagnostics]) from None
         self.variants: dict[str, VariantSpec] = {}
+        self.notes: list[str] = []  # what the study decides over its blueprints, said before the runs
         errors: list[Diagnostic] = []
         for v in study.variants:
             src = variant_source(study, root, v)
@@ -243,8 +244,23 @@ class StudySpec:
                 diff = note if diff == "identical" else f"{diff}; {note}"
             self.variants[v.name] = VariantSpec(name=v.name, source=src, blueprint_file=bp_file, model=cm,
                                                 diff=diff, data=data, tokenizer=tok)
+            errors += self._seed_written(v.name, cm)
         if errors:
             raise StudyError(errors)
+
+    def _seed_written(self, name: str, cm: Any) -> list[Diagnostic]:
+        """A blueprint's own ``train.seed``: the study's ``seeds`` replace it, which a note says; a
+        seed no run uses because the study lists no seeds (the default [0]) is an error at the key."""
+        seed = (cm.blueprint.get("train") or {}).get("seed")
+        if seed is None or seed in self.study.seeds:
+            return []
+        if "seeds" in self.study.model_fields_set:
+            self.notes.append(f"variant {name!r}: the study's seeds {self.study.seeds} replace its train.seed {seed}")
+            return []
+        loc = cm.resolved.doc.loc(("train", "seed")) if cm.resolved.doc is not None else None
+        return [Diagnostic(f"variant {name!r}: train.seed {seed} is never run: a study runs every variant at its "
+                           "`seeds`, [0] when it lists none", loc=loc or Loc(file=self.file),
+                           fix=f"list the seeds in the study (seeds: [{seed}]), or drop train.seed from the blueprint")]
 
     def runs(self) -> list[tuple[str, int]]:
         return [(v.name, s) for v in self.study.variants for s in self.study.seeds]

@@ -20,9 +20,10 @@ passes and carries the optimizer state over with ``carry_optimizer_state``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from physlm_graph._growth_ops import (
     MASK_BUFFER,
@@ -142,10 +143,14 @@ def _under(name: str, prefixes: dict[str, Any]) -> str | None:
     return None
 
 
-def grow(cm: Any, stage: int, *, seed: int = 0) -> Growth:
+def grow(cm: Any, stage: int, *, seed: int = 0,
+         init_fresh: Callable[[nn.Module, set[str]], Any] | None = None) -> Growth:
     """Grow ``cm`` (compiled at stage ``stage - 1``) into ``stage``: build the new stage from
     ``cm.blueprint``, copy every surviving tensor by its renamed path, initialise the new block
-    instances per the stage's operator. The new module is on ``cm.module``'s device."""
+    instances per the stage's operator. ``init_fresh(module, names)`` re-initialises the fresh
+    parameters (those of new instances copied from none: ``train.init_rules``) before the operator
+    prepares them, so a function-preserving operator still has the last word. The new module is
+    on ``cm.module``'s device."""
     from physlm_graph._compile import compile_blueprint
 
     here = cm.resolved.stage
@@ -195,6 +200,11 @@ def grow(cm: Any, stage: int, *, seed: int = 0) -> Growth:
     with torch.no_grad():
         for key, old in {**names, **copied}.items():
             new_sd[key].copy_(old_sd[old])
+        if init_fresh is not None:
+            fresh_params = {n for n, _ in new_cm.module.named_parameters()
+                            if (inst := _under(n, fresh)) is not None and fresh[inst] is None}
+            if fresh_params:
+                init_fresh(new_cm.module, fresh_params)
     g = Growth(model=new_cm, stage=stage, grow=st.grow, names=names, copied=copied, new_instances=sorted(fresh),
                renamed={k: v for k, v in moves.items() if k != v})
     device = next((t.device for t in cm.module.parameters()), torch.device("cpu"))

@@ -57,6 +57,22 @@ class GrowthPart(Part):
     def state(self) -> dict[str, Any]:
         return {"stage": self.stage, "growth_stage": self.stage, "growth_history": self.history}
 
+    def check_reached(self, trainer: Any) -> None:
+        """Every stage must start within the run (``train.steps``): a boundary the last step never
+        passes would leave the later stages untrained, so it is refused before step 0 at its key."""
+        steps, tps = trainer.cfg.steps, trainer.tokens_per_step
+        for i, st in enumerate(self.stages[:-1]):
+            key = "until" if st.until is not None else "until_tokens"
+            at = st.until if st.until is not None else -(-st.until_tokens // tps)  # the step it grows before
+            if at <= steps - 1:
+                continue
+            bound = f"step {at:,}" if key == "until" else f"{st.until_tokens:,} tokens (step {at:,} at {tps:,} a step)"
+            later = f"stage {i + 1}" if i + 2 == len(self.stages) else f"stages {i + 1}..{len(self.stages) - 1}"
+            raise GrowthError(f"growth stage {i + 1} starts at {bound}, but the run's last step is {steps - 1:,} "
+                              f"(train.steps {steps:,}): {later} would never train", loc=_loc(trainer.cm, i, key),
+                              fix=f"train for {at + 1:,} steps or more (--steps, train.steps), or end the schedule "
+                              f"sooner (a smaller growth[{i}].{key}, or fewer stages)")
+
     # -- growing
     def boundary_passed(self, step: int, tokens: int) -> bool:
         if self.stage >= len(self.stages) - 1:
@@ -75,7 +91,9 @@ class GrowthPart(Part):
     def grow_now(self, trainer: Any) -> Growth:
         """Enter the next stage now: grow ``trainer``'s model, rebuild its optimizer."""
         old_cm, old_opt = trainer.cm, trainer.optimizer
-        g = grow(old_cm, self.stage + 1, seed=trainer.cfg.seed + self.stage + 1)
+        seed = trainer.cfg.seed + self.stage + 1
+        g = grow(old_cm, self.stage + 1, seed=seed,  # train.init_rules draw the fresh layers too
+                 init_fresh=lambda m, names: trainer.plan.apply_init_rules(m, only=names, seed=seed))
         if self.check and growth_op(g.grow).exact:
             probe = trainer.val_tokens[: min(16, trainer.seq_len)].astype("int64")
             tokens = torch.from_numpy(probe).to(trainer.device).reshape(1, -1)

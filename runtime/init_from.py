@@ -8,7 +8,9 @@ The run's model is built and seeded by its own blueprint first. Then every tenso
 a name found with another shape stops the run (one located error per tensor, both shapes named),
 since a silent fresh start there would hide a changed width. Names the checkpoint does not have
 start as the blueprint's init made them. This happens once, before step 0; the optimizer starts
-fresh. A node is *carried* when all its tensors came from the checkpoint, *fresh* when none did.
+fresh. A ``train.init_rules`` rule whose every parameter is carried would draw nothing the run
+keeps: it is refused at the rule's line (a rule with some carried parameters gets a note). A node
+is *carried* when all its tensors came from the checkpoint, *fresh* when none did.
 
 The report (carried and fresh nodes, the checkpoint's unused tensors) is printed before the run
 and written to ``OUT/init_from.json``: the run's record of where its weights came from. Without
@@ -141,6 +143,7 @@ class InitFrom:
             for names, stored in plan:
                 target = state[names[0]]
                 target.copy_(f.get_tensor(stored).to(device=target.device, dtype=target.dtype))
+        self.carried_names = {n for names, _ in plan for n in names}
         return self.report(cm, state, plan, shapes)
 
     def report(self, cm: Any, state: dict[str, Any], plan: list[tuple[list[str], str]],
@@ -181,6 +184,7 @@ def carry_weights(t: Any, cm: Any) -> Any:
         return cm
     report = init.apply(cm)
     t.notes.extend(report.lines())
+    t.notes.extend(t.plan.check_init_rules_carried(cm.module, init.carried_names))  # train.init_rules carried over
     if t.dist.main:
         t.out_dir.mkdir(parents=True, exist_ok=True)
         (t.out_dir / RECORD).write_text(json.dumps(asdict(report), indent=1) + "\n", encoding="utf-8")

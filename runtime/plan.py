@@ -212,17 +212,41 @@ class RunPlan:
             self.optimizer_groups(cm.module)
         self.apply_init_rules(cm.module)  # meta parameters: checked, not drawn
 
-    def apply_init_rules(self, model: Any) -> list[str]:
-        """``train.init_rules`` applied to ``model`` (seeded by ``train.seed``); the names no rule took."""
+    def apply_init_rules(self, model: Any, *, only: set[str] | None = None, seed: int | None = None) -> list[str]:
+        """``train.init_rules`` applied to ``model`` (seeded by ``seed``, default ``train.seed``); the
+        names no rule took. ``only``: draw just these parameters (a growth step's fresh layers)."""
         from .recipe import RecipeError, apply_init_rules, init_rules_from_config
 
         if not self.config.init_rules:
             return []
         try:
-            return apply_init_rules(model, init_rules_from_config(self.config.init_rules), seed=self.config.seed,
-                                    complete=False)
+            return apply_init_rules(model, init_rules_from_config(self.config.init_rules),
+                                    seed=self.config.seed if seed is None else seed, complete=False, only=only)
         except RecipeError as err:
             raise self._recipe_error(err, "init_rules") from None
+
+    def check_init_rules_carried(self, model: Any, carried: set[str]) -> list[str]:
+        """``train.init_rules`` against ``--init-from``'s carried tensors (``carried``: names of
+        ``model``'s state): a rule whose every parameter the checkpoint replaces would do nothing,
+        a TrainingError at the rule; a rule with some carried parameters gets a note (returned)."""
+        from .recipe import RecipeError, init_rule_takes, init_rules_from_config
+
+        if not self.config.init_rules:
+            return []
+        notes = []
+        for i, names in enumerate(init_rule_takes(model, init_rules_from_config(self.config.init_rules))):
+            over = [n for n in names if n in carried]
+            if over and len(over) == len(names):
+                shown = ", ".join(over[:4]) + (f", ... ({len(over)} in all)" if len(over) > 4 else "")
+                raise self._recipe_error(RecipeError(
+                    f"init rule {i} draws only parameters that --init-from carries from the checkpoint ({shown}), "
+                    "whose values replace the draw: the rule would do nothing", rule=i,
+                    fix="drop the rule (the checkpoint's values are kept), or drop --init-from, or rename the nodes "
+                    "the rule should draw so they start fresh"), "init_rules")
+            if over:
+                notes.append(f"train.init_rules rule {i}: {len(over)} of its {len(names)} parameters are carried by "
+                             "--init-from (the checkpoint's values), the others are drawn by the rule")
+        return notes
 
     # -- the model
     def model(self, *, vocab: int, stage: int | None = None, device: str = "cpu",

@@ -214,10 +214,11 @@ def lr_factor(step: int, *, schedule: str, steps: int, warmup: int, decay_frac: 
 
 @torch.no_grad()
 def apply_init_rules(model: nn.Module, rules: tuple[InitRule, ...] | list[InitRule], *, seed: int | None = None,
-                     complete: bool = True) -> list[str]:
+                     complete: bool = True, only: set[str] | None = None) -> list[str]:
     """Initialise the parameters of ``model`` by the first rule matching each; a rule that takes
     no parameter is an error, and so is a parameter no rule takes when ``complete`` (else it keeps
-    its init). Returns the names no rule took.
+    its init). Returns the names no rule took. With ``only`` the rules are matched against every
+    parameter but only the named ones are drawn (the fresh layers of a grown model).
 
     Random values are drawn in float32 (a bf16 table gets the rounded float32 draw), in parameter
     order, from the global generator or from ``seed``."""
@@ -229,8 +230,8 @@ def apply_init_rules(model: nn.Module, rules: tuple[InitRule, ...] | list[InitRu
         raise RecipeError(f"no init rule takes parameter(s) {_listed(missing)}",
                           fix="add a rule for them (a last rule with params ['**'] takes the rest)")
     _check_rules_take(rules, [[n for n, _, i in plan if i == k] for k in range(len(rules))], params, "init rule")
-    for _, p, i in plan:
-        if i is None or p.is_meta:
+    for name, p, i in plan:
+        if i is None or p.is_meta or (only is not None and name not in only):
             continue
         rule = rules[i]
         if rule.init in ("zeros", "ones"):
@@ -240,6 +241,16 @@ def apply_init_rules(model: nn.Module, rules: tuple[InitRule, ...] | list[InitRu
         draw = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
         p.copy_(draw)
     return missing
+
+
+def init_rule_takes(model: nn.Module, rules: tuple[InitRule, ...] | list[InitRule]) -> list[list[str]]:
+    """The parameter names each init rule takes (the first rule matching a parameter takes it)."""
+    taken: list[list[str]] = [[] for _ in rules]
+    for name, p in model.named_parameters():
+        i = next((i for i, r in enumerate(rules) if _matches(r, name, p)), None)
+        if i is not None:
+            taken[i].append(name)
+    return taken
 
 
 def rules_from_config(groups: list[Any]) -> list[GroupRule]:

@@ -347,6 +347,8 @@ def run_study(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | Non
               f"{len(every)} runs; {len(every) - len(pending)} reused (definition unchanged), "
               f"{sum(status[r] == 'resume' for r in pending)} to resume, "
               f"{sum(status[r] == 'new' for r in pending)} to run -> {out_dir} ({exe.backend} backend)")
+    for note in runs.spec.notes:
+        con.print(f"note: {note}")
 
     def on_done(name: str, seed: int) -> None:
         _track(tracking, runs, name, seed)

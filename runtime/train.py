@@ -130,6 +130,27 @@ class Trainer:
             return self.source
         return make_plan(self.source, overrides=self.overrides, **self.updates)
 
+    def check_ddp_settings(self) -> None:
+        """``train.ddp_*`` set DDP's gradient all-reduce: under FSDP2 (which reduce-scatters its
+        shards in fp32, in its own buckets) they are an error at the key; in a run of one process
+        (no all-reduce at all) a note says they have no effect."""
+        c, fields = self.cfg, type(self.cfg).model_fields
+        keys = ("ddp_reduce_dtype", "ddp_bucket_mb", "ddp_bucket_view")
+        given = [k for k in keys if getattr(c, k) != fields[k].default]
+        if not given:
+            return
+        if self.strategy == "fsdp":
+            doc = self.plan.compiled.resolved.doc
+            loc = (doc.loc(("train", given[0])) if doc is not None else None) or self.plan.where
+            what = {"ddp_reduce_dtype": f"{c.ddp_reduce_dtype} is for DDP; FSDP2 reduce-scatters its gradients in fp32",
+                    "ddp_bucket_mb": f"{c.ddp_bucket_mb:g} sizes DDP's gradient buckets; FSDP2 has none",
+                    "ddp_bucket_view": f"{c.ddp_bucket_view} is DDP's gradient_as_bucket_view; FSDP2 has no buckets"}
+            raise TrainingError(f"train.{given[0]}: {what[given[0]]}", loc=loc,
+                                fix=f"drop train.{given[0]}, or train with --strategy ddp")
+        if not self.dist.enabled:
+            self.notes.append(f"train.{', train.'.join(given)} {'has' if len(given) == 1 else 'have'} no effect: the "
+                              "run is one process, with no gradient all-reduce (they apply under torchrun with DDP)")
+
     @property
     def skipped(self) -> int:
         return self.guard.skipped
@@ -137,9 +158,7 @@ class Trainer:
     def setup(self) -> None:
         self.plan = self.make_plan()
         self.cfg = self.plan.config
-        if self.strategy == "fsdp" and self.cfg.ddp_reduce_dtype != "float32":
-            raise TrainingError(f"train.ddp_reduce_dtype: {self.cfg.ddp_reduce_dtype} is for DDP; FSDP2 reduce-scatters "
-                                "its gradients in fp32", fix="drop train.ddp_reduce_dtype, or train with --strategy ddp")
+        self.check_ddp_settings()
         if self.plan.stages and self.dist.enabled and self.strategy == "fsdp":
             from physlm_graph._growth_ops import GrowthError
 
@@ -168,6 +187,8 @@ class Trainer:
                 part.load_state(state)
         self.load_data()
         self.set_model(carry_weights(self, self.build_model()))  # --init-from: after the blueprint's init
+        if self.growth is not None:
+            self.growth.check_reached(self)  # a stage past the last step: refused before step 0
         self.optimizer = self.build_optimizer()
         try:
             self.batches = self.make_batches()

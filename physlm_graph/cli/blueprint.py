@@ -1,6 +1,7 @@
 """``build``, ``validate``, ``components`` and ``schema``: the subcommands about blueprints.
 
-They compile on the meta device (no weights) and never import the runtime.
+They compile on the meta device (no weights); only ``build --memory`` of a blueprint with
+``train.optimizers`` imports the runtime, to match the groups as ``train`` does.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         return _build_stages(args)
     cm = _compile(args, build=bool(args.code or args.memory), stage=args.stage)
     mem = _memory(cm, args) if args.memory else None
+    vocab = (cm.blueprint.get("params") or {}).get("vocab")
+    if mem is not None and cm.train_config.fit_vocab and vocab is not None:  # the run's vocabulary is not known here
+        print(f"note: train.fit_vocab: a run sets params.vocab to its tokenizer's size; this estimate is at "
+              f"params.vocab {vocab} (--set vocab=N estimates another)", file=sys.stderr)
     if args.json:
         out = cm.to_json()
         if args.code:
@@ -76,14 +81,23 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def _memory(cm: Any, args: argparse.Namespace) -> Any:
     """The training-memory estimate at the run's batch and window (the blueprint's ``train:``
-    unless the options say), bf16 unless ``train.dtype`` is float32."""
+    unless the options say), bf16 unless ``train.dtype`` is float32, with the optimizer state of
+    ``train.optimizers``' groups unless ``--optimizer`` names one for every parameter."""
     from physlm_graph._memory import estimate_memory
 
     tc = cm.train_config
     batch = args.batch or tc.batch_size
     seq = args.seq or tc.seq_len or cm.inferred.sample["seq"]
     dtype = "float32" if tc.dtype == "float32" else "bfloat16"
-    return estimate_memory(cm, batch=batch, seq=seq, dtype=dtype, world=args.world, optimizer=args.optimizer,
+    optimizer: Any = args.optimizer or "adamw"
+    if args.optimizer is None and tc.optimizers is not None:
+        from physlm_graph.runtime.plan import make_plan
+
+        plan = make_plan(args.blueprint, overrides=list(args.set or []))  # a wrong group: located, as in train
+        optimizer = {}
+        for g in plan.optimizer_groups(cm.module):
+            optimizer[g["optimizer"]] = optimizer.get(g["optimizer"], 0) + sum(p.numel() for p in g["params"])
+    return estimate_memory(cm, batch=batch, seq=seq, dtype=dtype, world=args.world, optimizer=optimizer,
                            bucket_view=tc.ddp_bucket_view, checkpointing=tc.checkpointing)
 
 
@@ -245,8 +259,9 @@ def add_commands(sub: Any) -> None:
     b.add_argument("--batch", type=positive_int, default=None, help="--memory: micro-batch rows (default train.batch_size)")
     b.add_argument("--seq", type=positive_int, default=None, help="--memory: window (default train.seq_len or context)")
     b.add_argument("--world", type=positive_int, default=8, help="--memory: FSDP world size (default 8)")
-    b.add_argument("--optimizer", choices=("adamw", "muon", "sgd"), default="adamw",
-                   help="--memory: optimizer whose state to count (default adamw)")
+    b.add_argument("--optimizer", choices=("adamw", "muon", "sgd"), default=None,
+                   help="--memory: optimizer whose state to count for every parameter (default: train.optimizers' "
+                   "groups, else adamw)")
     b.set_defaults(fn=cmd_build)
 
     v = sub.add_parser("validate", help="check blueprints; exit 2 listing every error")
