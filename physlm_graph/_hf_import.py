@@ -146,14 +146,12 @@ def import_hf(folder: str | Path, out: str | Path, *, name: str | None = None, d
 
 def _check_out(out: Path, folder: Path) -> None:
     """Refuse an output that is the model folder itself or anything but a checkpoint (which is replaced)."""
-    from physlm_graph.runtime.checkpoint import MANIFEST
+    from physlm_graph.runtime.checkpoint import refuse_foreign_output
 
     if out.resolve() == folder.resolve():
         raise HFError("the output is the Hugging Face folder being imported", loc=Loc(file=str(out)),
                       fix="pass another folder")
-    if out.exists() and not (out / MANIFEST).is_file():  # a checkpoint there is replaced; anything else is kept
-        raise HFError("the output exists and is not a checkpoint folder", loc=Loc(file=str(out)),
-                      fix="pass a new folder (an existing checkpoint folder there would be replaced)")
+    refuse_foreign_output(out, HFError)
 
 
 def is_hf_folder(path: Any) -> bool:

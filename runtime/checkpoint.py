@@ -323,6 +323,14 @@ def _fill(folder: Path, cm: Any, module: torch.nn.Module | None, tokenizer: Any 
         _fsync_dir(d)
 
 
+def refuse_foreign_output(out: Path, error: type[PhysLMError] = CheckpointError) -> None:
+    """Refuse an ``out`` that exists and is not a checkpoint folder: a checkpoint there is replaced
+    whole by the next write, anything else is kept (``consolidate``, ``import``)."""
+    if out.exists() and not (out / MANIFEST).is_file():
+        raise error("the output exists and is not a checkpoint folder", loc=Loc(file=str(out)),
+                    fix="pass a new folder (an existing checkpoint folder there would be replaced)")
+
+
 def _recover(target: Path) -> None:
     """Tidy after a crashed save: bring an aside folder back if the target is gone, drop temps."""
     aside = target.parent / f".{target.name}.old"

@@ -168,9 +168,7 @@ def consolidate(path: str | Path, out: str | Path, *, optimizer: bool = True) ->
     if out.resolve().is_relative_to(folder.resolve()):  # inside it, the next save of the run would delete it
         raise CheckpointError("the output is the checkpoint itself or a folder inside it", loc=Loc(file=str(out)),
                               fix="pass a folder outside the checkpoint")
-    if out.exists() and not (out / ck.MANIFEST).is_file():  # a checkpoint there is replaced; anything else is kept
-        raise CheckpointError("the output exists and is not a checkpoint folder", loc=Loc(file=str(out)),
-                              fix="pass a new folder (an existing checkpoint folder there would be replaced)")
+    ck.refuse_foreign_output(out)
     loaded = ck.load_checkpoint(folder, tokenizer=True)
     opt_state = None
     if optimizer and (folder / ck.OPTIM_META).is_file():
